@@ -1,0 +1,287 @@
+"""The bundle: a folder every stage reads and writes, described completely by its manifest.
+
+    model.onnx        the graph, weights in external data
+    model.onnx.data   the weights (one file, tied weights stored once)
+    tokenizer.json    a `tokenizers` tokenizer
+    onnxlm.json       this manifest (written last)
+
+Nothing here imports torch, transformers or onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+FORMAT = "onnxlm-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "onnxlm.json"
+MODEL = "model.onnx"
+MODEL_DATA = "model.onnx.data"
+TOKENIZER = "tokenizer.json"
+
+
+class BundleError(Exception):
+    """A bundle that cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class ModelFacts:
+    """Architecture facts the runtime needs; written by the exporter, never guessed."""
+
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    context_length: int
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    pad_token_id: int | None = None
+    add_bos_token: bool = False
+
+
+@dataclass
+class GraphIO:
+    """Names and layout of the graph's inputs and outputs: declared once, used by export and runtime.
+
+    KV tensors are (batch, kv_heads, seq, head_dim); `{i}` in a template is the layer index.
+    """
+
+    input_ids: str = "input_ids"
+    attention_mask: str = "attention_mask"
+    position_ids: str | None = "position_ids"
+    logits: str = "logits"
+    past_key: str = "past_key_values.{i}.key"
+    past_value: str = "past_key_values.{i}.value"
+    present_key: str = "present.{i}.key"
+    present_value: str = "present.{i}.value"
+    kv_layout: str = "batch,kv_heads,seq,head_dim"
+    kv_dtype: str = "float32"
+    logits_dtype: str = "float32"
+
+    def input_names(self, num_layers: int) -> list[str]:
+        names = [self.input_ids, self.attention_mask]
+        if self.position_ids:
+            names.append(self.position_ids)
+        for i in range(num_layers):
+            names += [self.past_key.format(i=i), self.past_value.format(i=i)]
+        return names
+
+    def output_names(self, num_layers: int) -> list[str]:
+        names = [self.logits]
+        for i in range(num_layers):
+            names += [self.present_key.format(i=i), self.present_value.format(i=i)]
+        return names
+
+    def dynamic_axes(self, num_layers: int) -> dict[str, dict[int, str]]:
+        """Symbolic axes of every input and output (the ONNX exporter's `dynamic_axes`)."""
+        axes: dict[str, dict[int, str]] = {
+            self.input_ids: {0: "batch", 1: "seq"},
+            self.attention_mask: {0: "batch", 1: "total_seq"},
+            self.logits: {0: "batch", 1: "seq"},
+        }
+        if self.position_ids:
+            axes[self.position_ids] = {0: "batch", 1: "seq"}
+        for i in range(num_layers):
+            for t in (self.past_key, self.past_value):
+                axes[t.format(i=i)] = {0: "batch", 2: "past_seq"}
+            for t in (self.present_key, self.present_value):
+                axes[t.format(i=i)] = {0: "batch", 2: "total_seq"}
+        return axes
+
+
+@dataclass
+class Manifest:
+    model: ModelFacts
+    io: GraphIO = field(default_factory=GraphIO)
+    dtype: str = "float32"
+    quantization: dict[str, Any] | None = None
+    chat_template: str | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+    validation: dict[str, Any] = field(default_factory=dict)
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+        d = dict(d)
+        try:
+            d["model"] = ModelFacts(**d["model"])
+            d["io"] = GraphIO(**d.get("io", {}))
+            return cls(**d)
+        except (KeyError, TypeError) as e:
+            raise BundleError(f"{MANIFEST}: malformed manifest ({e})") from None
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
+    path = Path(bundle_dir) / MANIFEST
+    if not Path(bundle_dir).is_dir():
+        raise BundleError(f"{bundle_dir}: not a bundle folder (it does not exist or is not a folder)")
+    if not path.is_file():
+        raise BundleError(f"{path}: missing; this folder is not a complete onnxlm bundle")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BundleError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise BundleError(f"{path}: not an onnxlm manifest (format is not {FORMAT!r})")
+    version = raw.get("format_version")
+    if version != FORMAT_VERSION:
+        raise BundleError(
+            f"{path}: unknown format version {version!r}; this onnxlm reads version {FORMAT_VERSION}"
+        )
+    return Manifest.from_dict(raw)
+
+
+def _inside(root: Path, location: str) -> Path:
+    """Resolve an external-data location, refusing any that leaves the bundle."""
+    if os.path.isabs(location) or location.startswith(("/", "\\")):
+        raise BundleError(f"{MODEL}: external data location {location!r} is an absolute path")
+    target = root / location
+    if target.is_symlink():
+        raise BundleError(f"{MODEL}: external data {location!r} is a symbolic link")
+    resolved = target.resolve()
+    if resolved.parent != root.resolve() and root.resolve() not in resolved.parents:
+        raise BundleError(f"{MODEL}: external data location {location!r} leaves the bundle")
+    return resolved
+
+
+def external_locations(model_path: Path) -> set[str]:
+    """Every external-data location the graph names (read without loading the weights)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(model_path), load_external_data=False)
+    except Exception as e:  # onnx raises DecodeError, ValueError, ... on damaged files
+        raise BundleError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    locations = set()
+    tensors = list(proto.graph.initializer)
+    for node in proto.graph.node:
+        for attr in node.attribute:
+            if attr.t is not None and attr.t.data_location == onnx.TensorProto.EXTERNAL:
+                tensors.append(attr.t)
+    for t in tensors:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            for entry in t.external_data:
+                if entry.key == "location":
+                    locations.add(entry.value)
+    return locations
+
+
+def check_bundle(bundle_dir: str | os.PathLike, verify_hashes: bool = False) -> Manifest:
+    """Read the manifest and check every file it lists: present, right size, (optionally) right hash."""
+    root = Path(bundle_dir)
+    manifest = read_manifest(root)
+    for name in (MODEL, TOKENIZER):
+        if name not in manifest.files:
+            raise BundleError(f"{root / MANIFEST}: lists no {name}")
+    for name, meta in manifest.files.items():
+        path = _inside(root, name)
+        if not path.is_file():
+            raise BundleError(f"{root / name}: missing (the manifest lists it)")
+        size = path.stat().st_size
+        if size != meta.get("size"):
+            raise BundleError(
+                f"{root / name}: {size} bytes, the manifest says {meta.get('size')} "
+                "(truncated or replaced)"
+            )
+        if verify_hashes and sha256_file(path) != meta.get("sha256"):
+            raise BundleError(f"{root / name}: sha256 differs from the manifest (corrupt or replaced)")
+    for location in external_locations(root / MODEL):
+        path = _inside(root, location)
+        if not path.is_file():
+            raise BundleError(f"{root / MODEL}: external data {location!r} is missing")
+        if location not in manifest.files:
+            raise BundleError(f"{root / MODEL}: external data {location!r} is not listed in the manifest")
+    return manifest
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BundleWriter:
+    """Write a bundle atomically: files go into a temporary folder beside the target,
+    the manifest is written last, everything is fsynced, then the folder is renamed into place.
+
+        with BundleWriter(out) as tmp:
+            ...write files into tmp...
+            writer.commit(manifest)
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False):
+        self.out = Path(out_dir).absolute()
+        self.overwrite = overwrite
+        if self.out.exists() and not overwrite:
+            raise BundleError(f"{self.out}: already exists (pass overwrite to replace it)")
+        if self.out.exists() and not (self.out / MANIFEST).is_file() and any(self.out.iterdir()):
+            raise BundleError(f"{self.out}: exists and is not a bundle; refusing to replace it")
+        self.tmp: Path | None = None
+
+    def __enter__(self) -> Path:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+        return self.tmp
+
+    def commit(self, manifest: Manifest) -> Path:
+        assert self.tmp is not None
+        manifest.files = {}
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is ordinary files
+        for path in sorted(self.tmp.iterdir()):
+            if path.name == MANIFEST or not path.is_file():
+                continue
+            os.chmod(path, 0o666 & ~umask)
+            manifest.files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        mpath = self.tmp / MANIFEST
+        with open(mpath, "w", encoding="utf-8") as f:
+            f.write(manifest.to_json())
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(mpath, 0o666 & ~umask)
+        _fsync_dir(self.tmp)
+        if self.out.exists():
+            old = self.out.with_name(f".{self.out.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.rename(self.out, old)
+            os.rename(self.tmp, self.out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(self.tmp, self.out)
+        _fsync_dir(self.out.parent)
+        self.tmp = None
+        return self.out
+
+    def __exit__(self, *exc) -> None:
+        if self.tmp is not None:  # not committed: leave nothing behind
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            self.tmp = None

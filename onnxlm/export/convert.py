@@ -1,0 +1,287 @@
+"""source -> family module -> ONNX -> validated bundle.
+
+torch and transformers are imported here, lazily, and nowhere in the runtime.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .. import bundle as B
+from . import sources
+
+log = logging.getLogger("onnxlm")
+
+OPSET = 17
+VALIDATION_PROMPT = "The capital of France is Paris. The capital of Germany is"
+
+
+class ExportError(Exception):
+    pass
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+    import transformers
+
+    from .. import __version__
+
+    return {
+        "onnxlm": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+    }
+
+
+def _source_sha256(src: sources.Source) -> str:
+    if src.kind == "gguf":
+        return B.sha256_file(src.path)
+    h = hashlib.sha256()  # folder: a hash over its config and weight files, in name order
+    for f in sorted(src.path.iterdir()):
+        if f.is_file() and (f.suffix in (".safetensors", ".json") or f.suffix in sources.PICKLE_SUFFIXES):
+            h.update(f.name.encode())
+            h.update(B.sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def load_source(src: sources.Source, allow_pickle: bool = False, trust_remote_code: bool = False):
+    """Load (transformers model in fp32, fast tokenizer) from a resolved source."""
+    import torch
+    import transformers
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if src.kind == "gguf":
+        folder, kwargs["gguf_file"] = str(src.path.parent), src.path.name
+    else:
+        folder = str(src.path)  # sources.resolve already refused pickle-only folders unless allowed
+    config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
+    from .registry import family_for
+
+    family_for(config.model_type)  # fail before loading weights for an unsupported family
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
+    except Exception as e:
+        raise ExportError(f"{src.path}: could not load a tokenizer ({type(e).__name__}: {e})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ExportError(f"{src.path}: needs a fast (tokenizers) tokenizer; found {type(tokenizer).__name__}")
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="eager", **kwargs
+    ).eval()
+    return config, model, tokenizer
+
+
+def special_tokens(config, model, tokenizer) -> dict[str, Any]:
+    """bos / eos / pad ids from the config, generation config and tokenizer, and whether the runtime
+    must prepend BOS itself (the HF tokenizer adds it but tokenizer.json alone does not)."""
+    eos: list[int] = []
+    for cfg in (getattr(model, "generation_config", None), config):
+        value = getattr(cfg, "eos_token_id", None)
+        for v in value if isinstance(value, list) else [value]:
+            if isinstance(v, int) and v not in eos:
+                eos.append(v)
+    if not eos and tokenizer.eos_token_id is not None:
+        eos.append(int(tokenizer.eos_token_id))
+    bos = config.bos_token_id if config.bos_token_id is not None else tokenizer.bos_token_id
+    pad = getattr(config, "pad_token_id", None)
+    if pad is None:
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    hf_ids = tokenizer("hello world")["input_ids"]
+    raw_ids = tokenizer.backend_tokenizer.encode("hello world").ids
+    add_bos = bos is not None and hf_ids == [bos] + raw_ids
+    return {"bos_token_id": bos, "eos_token_ids": eos, "pad_token_id": pad, "add_bos_token": add_bos}
+
+
+def chat_template(tokenizer) -> str | None:
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, dict):
+        template = template.get("default") or next(iter(template.values()), None)
+    return template
+
+
+def context_length(family_module, config) -> int:
+    if hasattr(family_module, "context_length"):
+        return int(family_module.context_length(config))
+    for attr in ("max_position_embeddings", "n_positions", "seq_length"):
+        if getattr(config, attr, None):
+            return int(getattr(config, attr))
+    raise ExportError(f"the {config.model_type} config gives no context length")
+
+
+def tie_transposed_weights(model) -> int:
+    """Store a tied output head once: a MatMul whose weight is the transpose of another initializer
+    (the exporter folds `x @ embedding.T` into a second copy) becomes Gemm(x, embedding, transB=1).
+
+        Gather(embedding, ids) ... MatMul(x2d, embedding.T)  ->  Gather(embedding, ids) ... Gemm(x2d, embedding)ᵀ
+    """
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    by_shape: dict[tuple, list[str]] = {}
+    for t in graph.initializer:
+        if len(t.dims) == 2:
+            by_shape.setdefault(tuple(t.dims), []).append(t.name)
+    ranks = {}
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
+        if vi.type.tensor_type.HasField("shape"):
+            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
+    tied = 0
+    for i, node in enumerate(list(graph.node)):
+        if node.op_type != "MatMul" or node.input[1] not in inits or ranks.get(node.input[0]) != 2:
+            continue
+        w = inits[node.input[1]]
+        if len(w.dims) != 2:
+            continue
+        candidates = [n for n in by_shape.get((w.dims[1], w.dims[0]), []) if n != w.name]
+        if not candidates:
+            continue
+        wt = numpy_helper.to_array(w).T
+        for name in candidates:
+            if np.array_equal(numpy_helper.to_array(inits[name]), wt):
+                gemm = onnx.helper.make_node("Gemm", [node.input[0], name], list(node.output), name=node.name + "_tied", transB=1)
+                graph.node.remove(node)
+                graph.node.insert(i, gemm)
+                if not any(w.name in n.input for n in graph.node):
+                    graph.initializer.remove(w)
+                tied += 1
+                break
+    return tied
+
+
+def export_module(module, io: B.GraphIO, num_layers: int, kv_heads: int, head_dim: int, path: Path) -> None:
+    """Trace the module to ONNX at `path` (weights inline; the caller moves them to external data)."""
+    import torch
+
+    batch, seq, past = 2, 3, 4
+    vocab = module.a.vocab_size
+    args: list[Any] = [
+        torch.randint(0, vocab, (batch, seq)),
+        torch.ones(batch, past + seq, dtype=torch.int64),
+    ]
+    if io.position_ids:
+        args.append(torch.arange(past, past + seq).expand(batch, seq).contiguous())
+    args += [torch.zeros(batch, kv_heads, past, head_dim) for _ in range(2 * num_layers)]
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            tuple(args),
+            str(path),
+            input_names=io.input_names(num_layers),
+            output_names=io.output_names(num_layers),
+            dynamic_axes=io.dynamic_axes(num_layers),
+            opset_version=OPSET,
+            dynamo=False,
+            do_constant_folding=True,
+        )
+
+
+def write_graph(raw_path: Path, bundle_tmp: Path) -> None:
+    """Move every weight into one external data file beside model.onnx, tied weights once."""
+    import onnx
+
+    model = onnx.load(str(raw_path))
+    tie_transposed_weights(model)
+    onnx.save_model(
+        model,
+        str(bundle_tmp / B.MODEL),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=B.MODEL_DATA,
+        size_threshold=1024,
+    )
+
+
+def export(
+    source: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    via: str = "onnxlm",
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    overwrite: bool = False,
+    validate: bool = True,
+    progress: bool = True,
+) -> Path:
+    """Export a model (HF folder, .gguf file or default name) to a validated bundle at `out_dir`."""
+    from tqdm.auto import tqdm
+
+    from .registry import get_family
+    from .validate import check_figures, compare
+
+    if via not in ("onnxlm", "optimum"):
+        raise ExportError(f"unknown exporter {via!r}; choose onnxlm or optimum")
+    writer = B.BundleWriter(out_dir, overwrite=overwrite)  # refuse a bad target before any work
+    steps = tqdm(total=5, desc="export", disable=not progress, unit="step")
+    steps.set_postfix_str("loading")
+    src = sources.resolve(source, allow_pickle=allow_pickle)
+    config, hf_model, tokenizer = load_source(src, allow_pickle, trust_remote_code)
+    steps.update()
+    with writer as tmp, tempfile.TemporaryDirectory(prefix="onnxlm-export-") as work:
+        raw = Path(work) / "raw.onnx"
+        if via == "optimum":
+            from .optimum import export_with_optimum
+
+            steps.set_postfix_str("optimum export")
+            io, facts = export_with_optimum(src, config, raw, trust_remote_code)
+            steps.update()
+        else:
+            family = get_family(config.model_type)
+            steps.set_postfix_str(f"building {family.name}")
+            module = family.build(config, hf_model.state_dict())
+            a = module.a
+            io = B.GraphIO(position_ids="position_ids" if module.uses_position_ids else None)
+            facts = dict(
+                num_layers=a.num_layers, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
+                head_dim=a.head_dim, hidden_size=a.hidden_size, vocab_size=a.vocab_size,
+                context_length=context_length(family.module, config),
+            )
+            steps.update()
+            steps.set_postfix_str("tracing to ONNX")
+            export_module(module, io, a.num_layers, a.num_kv_heads, a.head_dim, raw)
+            del module
+        steps.update()
+        steps.set_postfix_str("writing")
+        write_graph(raw, tmp)
+        tokenizer.backend_tokenizer.save(str(tmp / B.TOKENIZER))
+        steps.update()
+        model_facts = B.ModelFacts(model_type=config.model_type, **facts, **special_tokens(config, hf_model, tokenizer))
+        figures: dict[str, Any] = {}
+        if validate:
+            steps.set_postfix_str("validating against PyTorch")
+            prompt = tokenizer(VALIDATION_PROMPT)["input_ids"]
+            figures = compare(tmp / B.MODEL, io, model_facts, hf_model, prompt, steps=8)
+            check_figures(figures)
+        steps.update()
+        steps.close()
+        manifest = B.Manifest(
+            model=model_facts,
+            io=io,
+            dtype="float32",
+            chat_template=chat_template(tokenizer),
+            provenance={
+                "source": f"{src.kind}:{Path(src.name).name}",
+                "source_kind": src.kind,
+                "source_sha256": _source_sha256(src),
+                "exporter": via,
+                "opset": OPSET,
+                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "versions": _versions(),
+            },
+            validation=figures,
+        )
+        return writer.commit(manifest)

@@ -1,0 +1,138 @@
+"""Pieces shared by the family modules: masks, rotary embedding, attention, tied output head.
+
+Every module takes explicit past KV tensors and returns the present ones (gpt-fast style), so the
+traced graph has no cache objects: (batch, kv_heads, seq, head_dim) in, the same with seq grown out.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+def causal_mask(attention_mask: torch.Tensor, seq: int, dtype: torch.dtype, window: int | None = None):
+    """Additive mask (batch, 1, seq, total) from the padding mask (batch, total).
+
+    Query i sits at absolute slot past + i, where past = total - seq; it may see slot j when j <= past + i,
+    the slot is not padding, and (with a sliding window) past + i - j < window.
+    """
+    total = attention_mask.shape[1]
+    past = total - seq
+    q_pos = torch.arange(seq, device=attention_mask.device).unsqueeze(1) + past  # (seq, 1)
+    k_pos = torch.arange(total, device=attention_mask.device).unsqueeze(0)  # (1, total)
+    allowed = k_pos <= q_pos  # (seq, total)
+    if window is not None:
+        allowed = allowed & (q_pos - k_pos < window)
+    allowed = allowed.unsqueeze(0).unsqueeze(0) & attention_mask.bool()[:, None, None, :]
+    zero = torch.zeros((), dtype=dtype)
+    neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
+    return torch.where(allowed, zero, neg)  # (batch, 1, seq, total)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding over the first `rotary_dim` channels (half-split layout)."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0):
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.scaling = scaling
+        self.rotary_dim = inv_freq.shape[0] * 2
+
+    def cos_sin(self, position_ids: torch.Tensor):
+        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # (batch, seq, rot/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (batch, seq, rot)
+        cos = (emb.cos() * self.scaling).unsqueeze(1)  # (batch, 1, seq, rot)
+        sin = (emb.sin() * self.scaling).unsqueeze(1)
+        return cos, sin
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]  # (batch, heads, seq, *)
+        half = self.rotary_dim // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + rotated * sin
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
+
+
+def rotary_from_config(config, head_dim: int) -> Rotary:
+    """Build inv_freq with transformers' own rope initialisers, so every rope_type it knows is covered."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    params = getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type in ("dynamic", "longrope"):
+        raise NotImplementedError(
+            f"rope_type {rope_type!r} changes with sequence length and is not exported yet"
+        )
+    if rope_type == "default":
+        factor = getattr(config, "partial_rotary_factor", 1.0)
+        dim = int(head_dim * factor)
+        base = getattr(config, "rope_theta", 10000.0)
+        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+        return Rotary(inv_freq, 1.0)
+    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return Rotary(inv_freq, float(scaling))
+
+
+def attend(q, k, v, mask, scale: float | None = None):
+    """Scaled dot-product attention with grouped KV heads.
+
+    q: (batch, heads, seq, d); k, v: (batch, kv_heads, total, d); mask: (batch, 1, seq, total) additive.
+    """
+    batch, heads, seq, d = q.shape
+    kv_heads = k.shape[1]
+    if heads != kv_heads:
+        group = heads // kv_heads
+        k = k.unsqueeze(2).expand(batch, kv_heads, group, k.shape[2], d).reshape(batch, heads, k.shape[2], d)
+        v = v.unsqueeze(2).expand(batch, kv_heads, group, v.shape[2], d).reshape(batch, heads, v.shape[2], d)
+    scale = scale if scale is not None else 1.0 / math.sqrt(d)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask  # (batch, heads, seq, total)
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v)  # (batch, heads, seq, d)
+
+
+def split_heads(x: torch.Tensor, heads: int, head_dim: int) -> torch.Tensor:
+    batch, seq, _ = x.shape
+    return x.view(batch, seq, heads, head_dim).transpose(1, 2)  # (batch, heads, seq, d)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    batch, heads, seq, d = x.shape
+    return x.transpose(1, 2).reshape(batch, seq, heads * d)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        # fp32 throughout: the exporter mishandles no-op casts, and fp16 is a later graph rewrite
+        var = x.pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(var + self.eps))
+
+
+def output_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits through a (vocab, hidden) weight, as a 2-D Gemm with transB, so a weight tied to the
+    token embedding stays one initializer (a 3-D MatMul would make the exporter store its transpose)."""
+    batch, seq, hidden = x.shape
+    logits = F.linear(x.reshape(batch * seq, hidden), weight, bias)  # (batch*seq, vocab)
+    return logits.reshape(batch, seq, weight.shape[0])
+
+
+def load_state(module: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy named tensors into the module, failing loudly on anything missing or left over."""
+    own = dict(module.named_parameters())
+    missing = sorted(set(own) - set(tensors))
+    extra = sorted(set(tensors) - set(own))
+    if missing or extra:
+        raise ValueError(f"weights do not match the module: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, param in own.items():
+            src = tensors[name]
+            if src.shape != param.shape:
+                raise ValueError(f"weight {name}: shape {tuple(src.shape)}, expected {tuple(param.shape)}")
+            param.copy_(src.to(param.dtype))

@@ -1,0 +1,56 @@
+"""Phi-3: the llama module; the checkpoint's fused projections are split at load time.
+
+    qkv_proj     (heads*d + 2*kv_heads*d, hidden) -> q_proj, k_proj, v_proj   (rows in that order)
+    gate_up_proj (2*intermediate, hidden)         -> gate_proj, up_proj       (gate first, as transformers' chunk)
+
+partial_rotary_factor is honoured by common.rotary_from_config; longrope scaling (which changes with the
+sequence length) is refused there with NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+
+from .llama import LlamaArgs, LlamaDecoder, _load, hf_to_ours
+
+
+def context_length(config) -> int:
+    return config.max_position_embeddings
+
+
+def args_from_config(config) -> LlamaArgs:
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise NotImplementedError(f"phi3 with hidden_act {act!r} is not supported (only silu)")
+    return dataclasses.replace(LlamaArgs.from_config(config), qkv_bias=False, o_bias=False, mlp_bias=False)
+
+
+def split_fused(state: dict[str, torch.Tensor], a: LlamaArgs) -> dict[str, torch.Tensor]:
+    """Replace every qkv_proj / gate_up_proj weight by its parts, under the llama names."""
+    q_rows = a.num_heads * a.head_dim
+    kv_rows = a.num_kv_heads * a.head_dim
+    out = {}
+    for name, t in state.items():
+        if name.endswith("qkv_proj.weight"):
+            if t.shape[0] != q_rows + 2 * kv_rows:
+                raise ValueError(f"{name}: {t.shape[0]} rows, expected {q_rows + 2 * kv_rows}")
+            prefix = name.removesuffix("qkv_proj.weight")
+            q, k, v = torch.split(t, [q_rows, kv_rows, kv_rows], dim=0)
+            out[prefix + "q_proj.weight"], out[prefix + "k_proj.weight"], out[prefix + "v_proj.weight"] = q, k, v
+        elif name.endswith("gate_up_proj.weight"):
+            if t.shape[0] != 2 * a.intermediate_size:
+                raise ValueError(f"{name}: {t.shape[0]} rows, expected {2 * a.intermediate_size}")
+            prefix = name.removesuffix("gate_up_proj.weight")
+            out[prefix + "gate_proj.weight"], out[prefix + "up_proj.weight"] = torch.chunk(t, 2, dim=0)
+        else:
+            out[name] = t
+    return out
+
+
+def build(config, state) -> nn.Module:
+    args = args_from_config(config)
+    module = LlamaDecoder(args, config)  # builds the rotary first: refuses longrope before any weight work
+    return _load(module, hf_to_ours(split_fused(state, args), args))

@@ -1,0 +1,53 @@
+"""model_type -> family module. Each family module exposes `build(config, state_dict) -> nn.Module`.
+
+The built module's forward is `(input_ids, attention_mask, [position_ids,] *past) -> (logits, *present)`,
+past/present as (batch, kv_heads, seq, head_dim) per layer, key then value; `uses_position_ids` on the
+module says whether the middle input exists. `facts(config)` gives what the manifest records.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+# family module name -> the Hugging Face model_types it serves
+FAMILIES: dict[str, tuple[str, ...]] = {
+    "llama": ("llama", "mistral"),
+    "qwen2": ("qwen2",),
+    "phi3": ("phi3",),
+    "gpt2": ("gpt2",),
+    "bloom": ("bloom",),
+}
+
+
+class UnsupportedModel(Exception):
+    pass
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for types in FAMILIES.values() for t in types)
+
+
+def family_for(model_type: str) -> str:
+    for family, types in FAMILIES.items():
+        if model_type in types:
+            return family
+    raise UnsupportedModel(
+        f"model_type {model_type!r} is not supported; supported: {', '.join(supported_model_types())}. "
+        "Other families can be exported through optimum's exporter: --via optimum "
+        "(pip install 'onnxlm[optimum]')"
+    )
+
+
+@dataclass
+class Family:
+    name: str
+    module: object
+
+    def build(self, config, state_dict):
+        return self.module.build(config, state_dict)
+
+
+def get_family(model_type: str) -> Family:
+    name = family_for(model_type)
+    return Family(name, importlib.import_module(f"onnxlm.export.models.{name}"))

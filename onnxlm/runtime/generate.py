@@ -1,0 +1,333 @@
+"""The decode loop, in layers (mlx-lm style):
+
+    Model.forward          one graph call: tokens + mask + positions + past -> last logits, cache updated
+    prefill / decode_step  the whole prompt (in chunks) / one token per sequence
+    generate_steps         a generator: one Step per token, per live sequence its token id, text delta,
+                           logprob and finish reason; everything else (Engine.generate, stream, batch)
+                           is built on it.
+
+Batches are left-padded: attention_mask (batch, past + seq) is 1 on real tokens, 0 on padding, and
+position_ids = cumsum(mask) - 1 with padding at 1 (transformers' convention). A sequence that
+finishes leaves the batch (its rows are dropped from the cache), so the others run on unchanged.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnxruntime as ort
+
+from ..bundle import Manifest
+from .kv_cache import KVCache
+from .sampling import apply_processors, log_softmax, make_logits_processors, make_sampler
+from .session import kv_device, run_bound, run_numpy
+from .tokenizer import Detokenizer, Tokenizer
+
+_ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+@dataclass
+class GenerationParams:
+    """A request's generation parameters; validated on construction (ValueError / TypeError)."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        n = self.max_new_tokens
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+        self.max_new_tokens = int(n)
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        if not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+        ids = list(self.stop_token_ids or [])
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in ids):
+            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        self.stop_token_ids = [int(t) for t in ids]
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        self.sampler()  # validates temperature, top_k, top_p, min_p, seed
+        make_logits_processors(self.repetition_penalty)
+
+    @classmethod
+    def from_kwargs(cls, **params) -> GenerationParams:
+        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(
+                f"unknown generation parameter(s) {', '.join(unknown)}; "
+                f"known: {', '.join(cls.__dataclass_fields__)}"
+            )
+        return cls(**params)
+
+    def sampler(self):
+        return make_sampler(self.temperature, self.top_k, self.top_p, self.min_p, self.seed)
+
+
+class Model:
+    """One bundle's graph: the session, the manifest's IO names, and one forward call."""
+
+    def __init__(self, session: ort.InferenceSession, manifest: Manifest, io_binding: bool = True):
+        self.session = session
+        self.manifest = manifest
+        self.io = manifest.io
+        self.facts = manifest.model
+        self.io_binding = io_binding
+        self.device = kv_device(session) if io_binding else "cpu"
+        graph_inputs = {i.name: i.type for i in session.get_inputs()}
+        graph_outputs = {o.name for o in session.get_outputs()}
+        n = self.facts.num_layers
+        missing = [x for x in self.io.input_names(n) if x not in graph_inputs]
+        missing += [x for x in self.io.output_names(n) if x not in graph_outputs]
+        if missing:
+            raise ValueError(f"the graph lacks the inputs/outputs the manifest names: {', '.join(missing)}")
+        self._int = {name: _ORT_INT.get(t, np.int64) for name, t in graph_inputs.items()}
+
+    def new_cache(self, batch: int) -> KVCache:
+        return KVCache.from_manifest(self.manifest, batch=batch, device=self.device)
+
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache
+    ) -> np.ndarray:
+        """input_ids, position_ids (batch, seq); attention_mask (batch, past + seq). Returns the last
+        position's logits (batch, vocab) as float32 and moves the cache forward by seq."""
+        io = self.io
+        feeds = {
+            io.input_ids: input_ids.astype(self._int[io.input_ids], copy=False),
+            io.attention_mask: attention_mask.astype(self._int[io.attention_mask], copy=False),
+            **cache.feeds(),
+        }
+        if io.position_ids:
+            feeds[io.position_ids] = position_ids.astype(self._int[io.position_ids], copy=False)
+        names = [io.logits, *cache.output_names()]
+        if self.io_binding:
+            out = run_bound(self.session, feeds, names, device=self.device, host_outputs=(io.logits,))
+            logits = out[io.logits].numpy()
+        else:
+            out = run_numpy(self.session, feeds, names)
+            logits = out[io.logits]
+        cache.update(out)
+        return np.asarray(logits[:, -1, :], dtype=np.float32)  # (batch, vocab)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids, attention_mask, position_ids, each (batch, longest prompt), left-padded."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, p in enumerate(prompts):
+        if len(p):
+            ids[row, width - len(p) :] = p
+            mask[row, width - len(p) :] = 1
+    pos = np.cumsum(mask, axis=1) - 1
+    pos[mask == 0] = 1
+    return ids, mask, pos
+
+
+def prefill(
+    model: Model,
+    cache: KVCache,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    position_ids: np.ndarray,
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """Run the prompt (batch, seq) through the graph, `chunk_size` positions per call; last logits."""
+    seq = input_ids.shape[1]
+    step = seq if not chunk_size else chunk_size
+    past = cache.offset  # mask covers past + prompt
+    logits = None
+    for start in range(0, seq, step):
+        end = min(seq, start + step)
+        logits = model.forward(
+            input_ids[:, start:end], attention_mask[:, : past + end], position_ids[:, start:end], cache
+        )
+    assert logits is not None, "empty prompt"
+    return logits
+
+
+def decode_step(
+    model: Model, cache: KVCache, tokens: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray
+) -> np.ndarray:
+    """One token per sequence: tokens, positions (batch,); attention_mask (batch, past + 1)."""
+    return model.forward(tokens[:, None], attention_mask, positions[:, None], cache)
+
+
+class StopText:
+    """Cut text before the first stop string; hold back a tail that could still become one."""
+
+    def __init__(self, stops: Sequence[str]):
+        self.stops = list(stops)
+        self.held = ""
+
+    def push(self, delta: str) -> tuple[str, bool]:
+        """Add text; return (text safe to release, whether a stop string was hit)."""
+        if not self.stops:
+            return delta, False
+        self.held += delta
+        hits = [i for i in (self.held.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.held = self.held[: min(hits)], ""
+            return out, True
+        keep = 0
+        for s in self.stops:
+            for k in range(min(len(s) - 1, len(self.held)), keep, -1):
+                if self.held.endswith(s[:k]):
+                    keep = k
+                    break
+        out = self.held[: len(self.held) - keep]
+        self.held = self.held[len(self.held) - keep :]
+        return out, False
+
+    def release(self) -> str:
+        out, self.held = self.held, ""
+        return out
+
+
+@dataclass
+class SeqOutput:
+    """One sequence's result for one step."""
+
+    seq: int  # index of the sequence in the request's prompt list
+    token_id: int
+    text: str  # text delta (may be "" while a character or a possible stop string is held back)
+    logprob: float  # log-probability of token_id under the model's distribution (before sampling)
+    finish_reason: str | None = None  # "stop" | "length" on the sequence's last step
+
+
+@dataclass
+class Step:
+    outputs: list[SeqOutput]
+    index: int  # 0 for the token sampled from the prefill's logits
+    forward_s: float  # model time that produced this step's logits (the prefill for step 0)
+    sample_s: float
+
+
+@dataclass
+class _Seq:
+    prompt: list[int]
+    limit: int
+    sampler: object
+    processors: list
+    detok: Detokenizer | None
+    stop: StopText
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+
+def _check_prompts(prompts: Sequence[Sequence[int]], facts) -> list[list[int]]:
+    if not prompts:
+        raise ValueError("no prompts given")
+    out = []
+    for i, p in enumerate(prompts):
+        p = [int(t) for t in p]
+        if not p:
+            raise ValueError(f"prompt {i} is empty; at least one token is needed")
+        bad = [t for t in p if not 0 <= t < facts.vocab_size]
+        if bad:
+            raise ValueError(f"prompt {i} has token ids outside the vocabulary (size {facts.vocab_size}): {bad[:5]}")
+        if len(p) >= facts.context_length:
+            raise ValueError(
+                f"prompt {i} is {len(p)} tokens, the context window is {facts.context_length} tokens; "
+                f"shorten the prompt to at most {facts.context_length - 1} tokens"
+            )
+        out.append(p)
+    return out
+
+
+def generate_steps(
+    model: Model,
+    tokenizer: Tokenizer | None,
+    prompts: Sequence[Sequence[int]],
+    params: GenerationParams,
+    prefill_chunk: int | None = 512,
+) -> Iterator[Step]:
+    """Generate for a batch of token-id prompts; yield one Step per generated position."""
+    facts = model.facts
+    prompts = _check_prompts(prompts, facts)
+    if params.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    stop_ids = set(params.stop_token_ids or [])
+    if not params.ignore_eos:
+        stop_ids |= set(facts.eos_token_ids)
+    seqs = [
+        _Seq(
+            prompt=p,
+            # never run past the context window: prompt + generated <= context_length
+            limit=min(params.max_new_tokens, facts.context_length - len(p)),
+            sampler=params.sampler(),  # one per sequence: a seeded batch row equals the prompt run alone
+            processors=make_logits_processors(params.repetition_penalty),
+            detok=Detokenizer(tokenizer) if tokenizer is not None else None,
+            stop=StopText(params.stop),
+        )
+        for p in prompts
+    ]
+    pad = facts.pad_token_id if facts.pad_token_id is not None else (facts.eos_token_ids or [0])[0]
+    ids, mask, pos = left_pad(prompts, pad)
+    cache = model.new_cache(len(prompts))
+    active = list(range(len(prompts)))  # sequence index of each cache row
+    t0 = time.perf_counter()
+    logits = prefill(model, cache, ids, mask, pos, prefill_chunk)
+    forward_s = time.perf_counter() - t0
+    next_pos = mask.sum(axis=1)  # (batch,) position of the next token = real tokens so far
+    index = 0
+    try:
+        while True:
+            t1 = time.perf_counter()
+            outputs = [_advance(seqs[s], s, logits[row], stop_ids) for row, s in enumerate(active)]
+            yield Step(outputs, index, forward_s, time.perf_counter() - t1)
+            keep = [row for row, s in enumerate(active) if seqs[s].finish_reason is None]
+            if not keep:
+                return
+            tokens = np.array([seqs[active[row]].tokens[-1] for row in keep], dtype=np.int64)
+            if len(keep) < len(active):
+                cache.select(keep)
+                mask, next_pos = mask[keep], next_pos[keep]
+                active = [active[row] for row in keep]
+            mask = np.concatenate([mask, np.ones((len(active), 1), dtype=mask.dtype)], axis=1)
+            t0 = time.perf_counter()
+            logits = decode_step(model, cache, tokens, mask, next_pos)
+            forward_s = time.perf_counter() - t0
+            next_pos = next_pos + 1
+            index += 1
+    finally:
+        cache.free()
+
+
+def _advance(seq: _Seq, index: int, logits: np.ndarray, stop_ids: set[int]) -> SeqOutput:
+    """Sample one token for `seq` from its logits (vocab,), update its text and finish state."""
+    row = logits[None, :]  # (1, vocab)
+    processed = apply_processors(seq.processors, [seq.prompt + seq.tokens], row)
+    token = int(seq.sampler(processed)[0])
+    logprob = float(log_softmax(row)[0, token])
+    seq.tokens.append(token)
+    text, reason, hit = "", None, False
+    if token in stop_ids:
+        reason = "stop"
+    else:
+        if seq.detok is not None:
+            text, hit = seq.stop.push(seq.detok.add(token))
+        if hit:
+            reason = "stop"
+        elif len(seq.tokens) >= seq.limit:
+            reason = "length"
+    if reason is not None and not hit and seq.detok is not None:
+        # finishing without a stop string: release what was held back (a partial character or stop)
+        more, hit = seq.stop.push(seq.detok.flush())
+        text += more if hit else more + seq.stop.release()
+        reason = "stop" if hit else reason
+    seq.finish_reason = reason
+    return SeqOutput(index, token, text, logprob, reason)

@@ -1,0 +1,137 @@
+"""Sampling: a function built once from a request's parameters, then called on every step's logits.
+
+    sampler = make_sampler(temperature=0.7, top_p=0.9, seed=1)
+    processors = make_logits_processors(repetition_penalty=1.1)
+    for p in processors:
+        logits = p(tokens, logits)      # tokens: per row, the prompt and generated ids so far
+    next_ids = sampler(logits)          # (batch, vocab) -> (batch,)
+
+Temperature 0 means argmax. Truncation order: top-k, then top-p, then min-p (as vLLM).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+Sampler = Callable[[np.ndarray], np.ndarray]
+LogitsProcessor = Callable[[Sequence[Sequence[int]], np.ndarray], np.ndarray]
+
+
+def _number(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
+        lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be in {lb}{lo:g}, {hi:g}{rb}, got {value:g}")
+    return value
+
+
+def _integer(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < lo:
+        raise ValueError(f"{name} must be >= {lo}, got {value}")
+    return int(value)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    x = logits.astype(np.float64, copy=False)
+    m = np.max(x, axis=-1, keepdims=True)
+    return x - m - np.log(np.sum(np.exp(x - m), axis=-1, keepdims=True))
+
+
+def make_sampler(
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    min_p: float = 0.0,
+    seed: int | None = None,
+) -> Sampler:
+    """A closure over logits (batch, vocab) -> token ids (batch,).
+
+    temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 disable their truncation. A seeded sampler
+    draws the same tokens for the same logits every time it is rebuilt with that seed.
+    """
+    temperature = _number("temperature", temperature, 0.0, math.inf)
+    top_k = _integer("top_k", top_k, 0)
+    top_p = _number("top_p", top_p, 0.0, 1.0, lo_open=True)
+    min_p = _number("min_p", min_p, 0.0, 1.0)
+    if seed is not None:
+        seed = _integer("seed", seed, 0)
+
+    if temperature == 0.0:
+
+        def greedy(logits: np.ndarray) -> np.ndarray:
+            return np.argmax(logits, axis=-1)
+
+        return greedy
+
+    rng = np.random.default_rng(seed)
+
+    def sample(logits: np.ndarray) -> np.ndarray:
+        x = np.asarray(logits, dtype=np.float64) / temperature  # (batch, vocab)
+        if x.ndim != 2:
+            raise ValueError(f"sampler expects logits of shape (batch, vocab), got {x.shape}")
+        if 0 < top_k < x.shape[-1]:
+            kth = np.partition(x, -top_k, axis=-1)[:, -top_k, None]  # (batch, 1)
+            x = np.where(x < kth, -np.inf, x)
+        probs = np.exp(x - x.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        if top_p < 1.0:
+            order = np.argsort(-probs, axis=-1, kind="stable")
+            sorted_p = np.take_along_axis(probs, order, axis=-1)
+            before = np.cumsum(sorted_p, axis=-1) - sorted_p  # mass of strictly more likely tokens
+            drop_sorted = before >= top_p  # keeps the smallest prefix reaching top_p (at least one token)
+            drop = np.zeros_like(drop_sorted)
+            np.put_along_axis(drop, order, drop_sorted, axis=-1)
+            probs = np.where(drop, 0.0, probs)
+        if min_p > 0.0:
+            probs = np.where(probs < min_p * probs.max(axis=-1, keepdims=True), 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        cdf = np.cumsum(probs, axis=-1)
+        u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]
+        ids = (cdf <= u).sum(axis=-1)  # first index whose cdf exceeds u
+        return np.minimum(ids, probs.shape[-1] - 1)
+
+    return sample
+
+
+def repetition_penalty_processor(penalty: float) -> LogitsProcessor:
+    """transformers' rule: for tokens already seen, divide positive logits and multiply negative ones."""
+    penalty = _number("repetition_penalty", penalty, 0.0, math.inf, lo_open=True)
+
+    def process(tokens: Sequence[Sequence[int]], logits: np.ndarray) -> np.ndarray:
+        out = np.array(logits, copy=True)
+        for row, seen in enumerate(tokens):
+            if len(seen) == 0:
+                continue
+            idx = np.unique(np.asarray(seen, dtype=np.int64))
+            vals = out[row, idx]
+            out[row, idx] = np.where(vals < 0, vals * penalty, vals / penalty)
+        return out
+
+    return process
+
+
+def make_logits_processors(repetition_penalty: float | None = None) -> list[LogitsProcessor]:
+    """The processors a request asks for, in the order they apply; none for default parameters."""
+    processors: list[LogitsProcessor] = []
+    if repetition_penalty is not None:
+        _number("repetition_penalty", repetition_penalty, 0.0, math.inf, lo_open=True)
+        if repetition_penalty != 1.0:
+            processors.append(repetition_penalty_processor(repetition_penalty))
+    return processors
+
+
+def apply_processors(
+    processors: Sequence[LogitsProcessor], tokens: Sequence[Sequence[int]], logits: np.ndarray
+) -> np.ndarray:
+    for p in processors:
+        logits = p(tokens, logits)
+    return logits

@@ -1,0 +1,124 @@
+"""onnxruntime sessions: execution providers in order of preference, session options, IO binding.
+
+Providers are tried TensorRT -> CUDA -> CPU among those this onnxruntime build has; a requested
+provider that is missing is skipped with one log line, never an error. CPU is always last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+log = logging.getLogger("onnxlm.runtime")
+
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+PREFERENCE = (TENSORRT, CUDA, CPU)
+
+# short names accepted in `providers=` (the CLI's --provider)
+ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "gpu": CUDA, "cpu": CPU}
+
+
+def available_providers() -> list[str]:
+    return list(ort.get_available_providers())
+
+
+def cpu_count() -> int:
+    """CPUs this process may run on (its affinity mask, not the machine's total)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
+    """The providers to use, best first; missing ones are logged and skipped, CPU always ends the list."""
+    available = set(available_providers())
+    if requested is None:
+        wanted = list(PREFERENCE)
+        quiet = True  # the default list is a wish list: skipping silently is expected
+    else:
+        if isinstance(requested, str):
+            requested = [requested]
+        wanted = [ALIASES.get(p.lower(), p) for p in requested]
+        quiet = False
+    chosen: list[str] = []
+    for name in wanted:
+        if name in chosen:
+            continue
+        if name in available:
+            chosen.append(name)
+        elif not quiet:
+            log.warning(
+                "onnxruntime has no %s here; skipping it (available: %s)", name, ", ".join(sorted(available))
+            )
+    if CPU not in chosen:
+        chosen.append(CPU)
+    return chosen
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or cpu_count()
+    opts.inter_op_num_threads = 1  # one graph at a time; parallelism lives inside the ops
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3  # errors only; onnxruntime's warnings are mostly noise here
+    return opts
+
+
+def make_session(
+    model_path: str | os.PathLike,
+    providers: Sequence[str] | str | None = None,
+    threads: int | None = None,
+) -> ort.InferenceSession:
+    """An InferenceSession over `model_path` (external data resolved beside it)."""
+    path = Path(model_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    chosen = choose_providers(providers)
+    session = ort.InferenceSession(str(path), sess_options=session_options(threads), providers=chosen)
+    log.info("onnxruntime session on %s", ", ".join(session.get_providers()))
+    return session
+
+
+def kv_device(session: ort.InferenceSession) -> str:
+    """Where the KV cache should live: on the GPU for CUDA/TensorRT sessions, else in host memory."""
+    first = session.get_providers()[0]
+    return "cuda" if first in (TENSORRT, CUDA) else "cpu"
+
+
+def run_bound(
+    session: ort.InferenceSession,
+    inputs: Mapping[str, np.ndarray | ort.OrtValue],
+    output_names: Sequence[str],
+    device: str = "cpu",
+    host_outputs: Sequence[str] = (),
+) -> dict[str, ort.OrtValue]:
+    """Run with IO binding: OrtValue inputs are bound as they are (no copy), outputs come back as
+    OrtValues on `device` (those named in `host_outputs` in host memory), ready to bind next step."""
+    binding = session.io_binding()
+    for name, value in inputs.items():
+        if isinstance(value, ort.OrtValue):
+            binding.bind_ortvalue_input(name, value)
+        else:
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+    for name in output_names:
+        binding.bind_output(name, "cpu" if name in host_outputs else device)
+    session.run_with_iobinding(binding)
+    return dict(zip(output_names, binding.get_outputs()))
+
+
+def run_numpy(
+    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The plain path: numpy in, numpy out (every step copies the cache; for debugging and parity)."""
+    feeds = {k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in inputs.items()}
+    return dict(zip(output_names, session.run(list(output_names), feeds)))

@@ -1,0 +1,190 @@
+"""Tokenizer, chat template and streaming detokenizer, driven by the bundle's tokenizer.json and manifest.
+
+The chat template is untrusted code from a model repository: it runs in jinja2's immutable sandbox
+with transformers' settings (trim_blocks, lstrip_blocks, loopcontrols, raise_exception, strftime_now),
+and any reach for an unsafe attribute (`__class__`, `__globals__`, ...) is an error, not an empty string.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+from jinja2 import nodes
+from jinja2.ext import Extension
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
+from tokenizers import Tokenizer as HFTokenizer
+
+from ..bundle import TOKENIZER, Manifest
+
+REPLACEMENT = "\ufffd"
+
+
+class ChatTemplateError(ValueError):
+    """The chat template could not be rendered (missing, refused by the sandbox, or raised an error)."""
+
+
+class _Sandbox(ImmutableSandboxedEnvironment):
+    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+        # jinja2 would return an Undefined that prints as ""; a template probing internals is refused
+        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
+
+
+class _GenerationTag(Extension):
+    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): render the body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message: str):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
+    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    env = _Sandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, "jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateSyntaxError as e:
+        raise ChatTemplateError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
+
+
+def render_chat_template(template: jinja2.Template, **variables: Any) -> str:
+    try:
+        return template.render(**variables)
+    except SecurityError as e:
+        raise ChatTemplateError(f"chat template refused by the sandbox: {e}") from None
+    except jinja2.TemplateError as e:
+        raise ChatTemplateError(f"chat template: {e}") from None
+
+
+class Tokenizer:
+    """encode / decode / chat template for one bundle."""
+
+    def __init__(self, tok: HFTokenizer, manifest: Manifest):
+        self.tok = tok
+        self.manifest = manifest
+        facts = manifest.model
+        self.bos_token_id = facts.bos_token_id
+        self.eos_token_ids = list(facts.eos_token_ids)
+        self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.bos_token = self._token(self.bos_token_id)
+        self.eos_token = self._token(self.eos_token_ids[0] if self.eos_token_ids else None)
+        # prepend BOS ourselves only when the manifest asks and the tokenizer's post-processor does not
+        with_special = tok.encode("a", add_special_tokens=True).ids
+        plain = tok.encode("a", add_special_tokens=False).ids
+        adds_bos = len(with_special) > len(plain) and with_special[0] == self.bos_token_id
+        self.prepend_bos = bool(facts.add_bos_token and self.bos_token_id is not None and not adds_bos)
+        self._template: jinja2.Template | None = None
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: str | os.PathLike, manifest: Manifest) -> Tokenizer:
+        return cls(HFTokenizer.from_file(str(Path(bundle_dir) / TOKENIZER)), manifest)
+
+    def _token(self, token_id: int | None) -> str | None:
+        return None if token_id is None else self.tok.id_to_token(token_id)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; with special tokens, BOS first when the model expects one."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.prepend_bos and (not ids or ids[0] != self.bos_token_id):
+            ids = [self.bos_token_id, *ids]
+        return ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    # --- chat ----------------------------------------------------------------------------------
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.manifest.chat_template)
+
+    def apply_chat_template(
+        self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
+    ) -> str:
+        """Render OpenAI-style messages to the prompt text (special tokens included as text)."""
+        if not self.manifest.chat_template:
+            raise ChatTemplateError(
+                "this bundle has no chat template (the manifest's chat_template is empty); "
+                "use generate() with a plain prompt instead"
+            )
+        if self._template is None:
+            self._template = compile_chat_template(self.manifest.chat_template)
+        return render_chat_template(
+            self._template,
+            messages=list(messages),
+            add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "",
+            **extra,
+        )
+
+
+class Detokenizer:
+    """Turn a growing list of token ids into text deltas that are always complete characters.
+
+    Byte-level BPE can split one character across tokens, and SentencePiece-style decoders drop the
+    leading space of the first token they see; so each step decodes a small anchor window (the tokens
+    since the last-but-one emission) with and without the new tokens and emits the difference, holding
+    back anything that ends in U+FFFD (an unfinished UTF-8 sequence). The concatenated deltas equal
+    `decode(all ids)` once `flush()` has run.
+    """
+
+    def __init__(self, tokenizer: Tokenizer | HFTokenizer, skip_special_tokens: bool = True):
+        self._decode_fn = tokenizer.decode
+        self.skip = skip_special_tokens
+        self.ids: list[int] = []
+        self.prefix = 0  # window start: tokens before it are settled and emitted
+        self.read = 0  # tokens before it have been emitted
+        self.text = ""  # everything emitted so far
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._decode_fn(list(ids), skip_special_tokens=self.skip)
+
+    def add(self, token_ids: int | Iterable[int]) -> str:
+        """Append token(s); return the new complete text (possibly "")."""
+        if isinstance(token_ids, int):
+            self.ids.append(token_ids)
+        else:
+            self.ids.extend(int(t) for t in token_ids)
+        prefix_text = self._decode(self.ids[self.prefix : self.read])
+        new_text = self._decode(self.ids[self.prefix :])
+        if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
+            delta = new_text[len(prefix_text) :]
+            self.prefix, self.read = self.read, len(self.ids)
+            self.text += delta
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        """Emit whatever is held back (an unfinished character decodes as U+FFFD, as a full decode would)."""
+        if self.read == len(self.ids):
+            return ""
+        prefix_text = self._decode(self.ids[self.prefix : self.read])
+        new_text = self._decode(self.ids[self.prefix :])
+        delta = new_text[len(prefix_text) :]
+        self.prefix, self.read = self.read, len(self.ids)
+        self.text += delta
+        return delta

@@ -1,0 +1,185 @@
+"""Every family module against transformers on tiny random-weight models:
+
+(a) prefill logits at batch 2 with left padding, (b) prefill then one-token decode steps through our
+explicit past/present against a full no-cache forward, (c) greedy generation against `generate`,
+(d) ONNX export (TorchScript exporter) run by onnxruntime against torch, at other shapes than traced.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+from onnxlm.bundle import GraphIO  # noqa: E402
+from onnxlm.export.registry import get_family  # noqa: E402
+
+VOCAB = 1000
+TOL = 1e-4
+# no eos (a random model may emit it and stop generate early), no pad row in the embeddings
+NO_SPECIAL = dict(bos_token_id=1, eos_token_id=None, pad_token_id=None)
+LLAMA_LIKE = dict(
+    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, **NO_SPECIAL,
+)
+
+
+def _configs():
+    T = transformers
+    return {
+        "llama_bias": lambda: T.LlamaConfig(attention_bias=True, mlp_bias=True, tie_word_embeddings=False, **LLAMA_LIKE),
+        "mistral_window": lambda: T.MistralConfig(sliding_window=4, tie_word_embeddings=False, **LLAMA_LIKE),
+        "qwen2": lambda: T.Qwen2Config(tie_word_embeddings=True, **LLAMA_LIKE),
+        "qwen2_mixed_window": lambda: T.Qwen2Config(
+            use_sliding_window=True, sliding_window=4, max_window_layers=1, **LLAMA_LIKE
+        ),
+        "phi3_partial_rotary": lambda: T.Phi3Config(partial_rotary_factor=0.5, **LLAMA_LIKE),
+        "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=VOCAB, **NO_SPECIAL),
+        "gpt2_inverse_idx": lambda: T.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=VOCAB, scale_attn_by_inverse_layer_idx=True,
+            reorder_and_upcast_attn=True, tie_word_embeddings=False, **NO_SPECIAL,
+        ),
+        "bloom": lambda: T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB, **NO_SPECIAL),
+        "bloom_6heads_post_ln": lambda: T.BloomConfig(
+            hidden_size=48, n_layer=2, n_head=6, vocab_size=VOCAB, apply_residual_connection_post_layernorm=True,
+            **NO_SPECIAL,
+        ),
+    }
+
+
+CASES = list(_configs())
+EXPORT_CASES = ["llama_bias", "mistral_window", "qwen2_mixed_window", "phi3_partial_rotary", "gpt2_inverse_idx", "bloom"]
+
+
+def randomize(model, std=0.2):
+    """Every parameter random, norms' scales and all biases included (the default init leaves them 1 and 0,
+    which would hide a swapped norm or bias), and livelier than the 0.02-std init, so greedy decoding
+    varies and has no near-ties."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if p.dim() == 1 and name.endswith("weight"):  # a norm's scale
+                p.copy_(1 + 0.3 * noise)
+            else:
+                p.copy_(noise * (0.3 if p.dim() == 1 else std))
+
+
+@functools.cache
+def models(case):
+    """(transformers model, our module, config), both fp32 eval, from one seeded random init."""
+    config = _configs()[case]()
+    torch.manual_seed(0)
+    hf = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    randomize(hf)
+    ours = get_family(config.model_type).build(config, hf.state_dict())
+    return hf, ours, config
+
+
+def positions(mask):
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def empty_past(m, batch, length=0):
+    a = m.a
+    return [torch.zeros(batch, a.num_kv_heads, length, a.head_dim) for _ in range(2 * a.num_layers)]
+
+
+def run_ours(m, ids, mask, pos, past):
+    with torch.no_grad():
+        out = m(ids, mask, pos, *past) if m.uses_position_ids else m(ids, mask, *past)
+    return out[0], list(out[1:])
+
+
+def run_hf(hf, ids, mask, pos):
+    kwargs = {"position_ids": pos} if hf.config.model_type != "bloom" else {}
+    with torch.no_grad():
+        return hf(input_ids=ids, attention_mask=mask, use_cache=False, **kwargs).logits
+
+
+def padded_batch(seq=9, pad=3, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, VOCAB, (2, seq), generator=g)
+    mask = torch.ones(2, seq, dtype=torch.long)
+    mask[1, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_prefill_left_padding(case):
+    hf, m, _ = models(case)
+    ids, mask = padded_batch()
+    ref = run_hf(hf, ids, mask, positions(mask))
+    got, presents = run_ours(m, ids, mask, positions(mask), empty_past(m, 2))
+    keep = mask.bool()  # padding slots' logits are meaningless in both
+    assert (got[keep] - ref[keep]).abs().max().item() < TOL
+    assert all(p.shape == (2, m.a.num_kv_heads, ids.shape[1], m.a.head_dim) for p in presents)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_decode_steps_match_full_forward(case):
+    hf, m, _ = models(case)
+    ids, mask = padded_batch()
+    new = torch.randint(2, VOCAB, (2, 3), generator=torch.Generator().manual_seed(2))
+    full_ids = torch.cat([ids, new], dim=1)
+    full_mask = torch.cat([mask, torch.ones(2, 3, dtype=torch.long)], dim=1)
+    ref = run_hf(hf, full_ids, full_mask, positions(full_mask))[:, -3:]
+    _, past = run_ours(m, ids, mask, positions(mask), empty_past(m, 2))
+    for step in range(3):
+        total = ids.shape[1] + step + 1
+        step_mask = full_mask[:, :total]
+        logits, past = run_ours(m, new[:, step : step + 1], step_mask, positions(step_mask)[:, -1:], past)
+        assert (logits[:, 0] - ref[:, step]).abs().max().item() < TOL, f"decode step {step}"
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_matches_generate(case):
+    hf, m, _ = models(case)
+    prompt = torch.randint(2, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(prompt)
+    with torch.no_grad():
+        ref = hf.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=16, pad_token_id=0)
+    ref = ref[0, prompt.shape[1] :].tolist()
+    logits, past = run_ours(m, prompt, mask, positions(mask), empty_past(m, 1))
+    tokens = []
+    for _ in range(16):
+        tok = logits[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        tokens.append(tok.item())
+        mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+        logits, past = run_ours(m, tok, mask, positions(mask)[:, -1:], past)
+    assert tokens == ref
+
+
+@pytest.mark.parametrize("case", EXPORT_CASES)
+def test_onnx_export_matches_torch(case, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    _, m, _ = models(case)
+    layers = m.a.num_layers
+    io = GraphIO() if m.uses_position_ids else GraphIO(position_ids=None)
+    # trace at batch 2, seq 4 after 3 past slots
+    ids, mask = padded_batch(seq=7, pad=2, seed=4)
+    trace_inputs = [ids[:, 3:], mask] + ([positions(mask)[:, 3:]] if m.uses_position_ids else [])
+    trace_past = [torch.randn(p.shape) for p in empty_past(m, 2, 3)]
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(
+        m, (*trace_inputs, *trace_past), path, dynamo=False, opset_version=17,
+        input_names=io.input_names(layers), output_names=io.output_names(layers),
+        dynamic_axes=io.dynamic_axes(layers),
+    )
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    # run at other shapes: batch 3, 2 new tokens after 5 past slots, one row left-padded
+    ids, mask = torch.randint(2, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5)), torch.ones(3, 7, dtype=torch.long)
+    mask[2, :3] = 0
+    past = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(empty_past(m, 3, 5))]
+    inputs = [ids[:, 5:], mask] + ([positions(mask)[:, 5:]] if m.uses_position_ids else [])
+    logits, presents = run_ours(m, inputs[0], mask, inputs[2] if m.uses_position_ids else None, past)
+    feeds = {name: t.numpy() for name, t in zip(io.input_names(layers), inputs + past)}
+    outs = session.run(io.output_names(layers), feeds)
+    assert np.abs(outs[0] - logits.numpy()).max() < TOL
+    for got, want in zip(outs[1:], presents):
+        assert got.shape == tuple(want.shape)
+        assert np.abs(got - want.numpy()).max() < TOL
