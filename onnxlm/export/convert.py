@@ -55,7 +55,7 @@ def _source_sha256(src: sources.Source) -> str:
     return h.hexdigest()
 
 
-def load_source(src: sources.Source, allow_pickle: bool = False, trust_remote_code: bool = False):
+def load_source(src: sources.Source, trust_remote_code: bool = False, check_family: bool = True):
     """Load (transformers model in fp32, fast tokenizer) from a resolved source."""
     import torch
     import transformers
@@ -68,7 +68,8 @@ def load_source(src: sources.Source, allow_pickle: bool = False, trust_remote_co
     config = transformers.AutoConfig.from_pretrained(folder, **kwargs)
     from .registry import family_for
 
-    family_for(config.model_type)  # fail before loading weights for an unsupported family
+    if check_family:
+        family_for(config.model_type)  # fail before loading weights for an unsupported family
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **kwargs)
     except Exception as e:
@@ -229,7 +230,7 @@ def export(
     steps = tqdm(total=5, desc="export", disable=not progress, unit="step")
     steps.set_postfix_str("loading")
     src = sources.resolve(source, allow_pickle=allow_pickle)
-    config, hf_model, tokenizer = load_source(src, allow_pickle, trust_remote_code)
+    config, hf_model, tokenizer = load_source(src, trust_remote_code, check_family=via == "onnxlm")
     steps.update()
     with writer as tmp, tempfile.TemporaryDirectory(prefix="onnxlm-export-") as work:
         raw = Path(work) / "raw.onnx"
@@ -237,7 +238,7 @@ def export(
             from .optimum import export_with_optimum
 
             steps.set_postfix_str("optimum export")
-            io, facts = export_with_optimum(src, config, raw, trust_remote_code)
+            io, facts = export_with_optimum(hf_model, tokenizer, config, raw, trust_remote_code)
             steps.update()
         else:
             family = get_family(config.model_type)

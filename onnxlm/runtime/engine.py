@@ -1,0 +1,264 @@
+"""Engine: a loaded bundle and the public ways to generate with it.
+
+    engine = Engine.load("bundle/")
+    engine.generate("Once upon a time", max_new_tokens=32).text
+    for chunk in engine.stream_chat([{"role": "user", "content": "Hi"}]):
+        print(chunk.text, end="")
+
+Three layers: `steps` (the token-step generator) -> `stream` (small chunks) -> `generate` (the text).
+Generation parameters (keywords of every method): max_new_tokens=256, temperature=0 (greedy), top_k=0,
+top_p=1, min_p=0, repetition_penalty=1, seed=None, stop=None (str or list), stop_token_ids=None,
+ignore_eos=False.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import MODEL, Manifest, check_bundle
+from .generate import GenerationParams, Model, Step, generate_steps
+from .session import make_session
+from .tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+@dataclass
+class Timings:
+    prefill_s: float = 0.0  # the prompt's forward pass(es)
+    decode_s: float = 0.0  # every later forward pass
+    sample_s: float = 0.0
+    ttft_s: float = 0.0  # time to first token: prefill + first sample
+    prompt_tokens_per_s: float = 0.0
+    tokens_per_s: float = 0.0  # generated tokens after the first, per second of decode
+
+    def _finish(self, prompt_tokens: int, steps: int) -> Timings:
+        self.prompt_tokens_per_s = prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+        self.tokens_per_s = (steps - 1) / self.decode_s if self.decode_s and steps > 1 else 0.0
+        return self
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # generated tokens only; the stop/eos token that ended generation included
+    finish_reason: str  # "stop" (eos, stop token or stop string) or "length"
+    usage: Usage
+    logprobs: list[float] = field(default_factory=list)
+    timings: Timings = field(default_factory=Timings)
+
+
+@dataclass
+class Chunk:
+    text: str  # text delta; "" while a partial character or possible stop string is held back
+    token_id: int
+    logprob: float
+    finish_reason: str | None = None  # set on the last chunk
+    usage: Usage | None = None  # set on the last chunk
+    timings: Timings | None = None  # set on the last chunk
+
+
+def _params(params: dict[str, Any]) -> GenerationParams:
+    return GenerationParams.from_kwargs(**params)
+
+
+def check_messages(messages: Any) -> list[dict[str, Any]]:
+    """Validate OpenAI-style chat messages; text-part lists become strings. Raises ValueError."""
+    if isinstance(messages, (str, bytes, dict)) or not isinstance(messages, Sequence):
+        raise ValueError("messages must be a list of {'role': ..., 'content': ...} dicts")
+    if not messages:
+        raise ValueError("messages is empty; give at least one message")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ValueError(f"messages[{i}] must be a dict, got {type(m).__name__}")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ValueError(f"messages[{i}]: role must be one of {', '.join(ROLES)}; got {role!r}")
+        if "content" not in m:
+            raise ValueError(f"messages[{i}] ({role}) has no 'content'")
+        content = m["content"]
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ValueError(
+                        f"messages[{i}].content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) are supported"
+                    )
+                texts.append(part["text"])
+            content = "\n".join(texts)
+        elif content is None and role == "assistant" and m.get("tool_calls"):
+            pass  # an assistant turn that only calls tools
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{i}] ({role}): content must be a string, got {type(content).__name__}")
+        out.append({**m, "content": content})
+    return out
+
+
+class Engine:
+    """One bundle, ready to generate. Build with `Engine.load(bundle_dir)`."""
+
+    def __init__(self, model: Model, tokenizer: Tokenizer, manifest: Manifest, bundle_dir: Path | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.manifest = manifest
+        self.bundle_dir = bundle_dir
+
+    @classmethod
+    def load(
+        cls,
+        bundle_dir: str | os.PathLike,
+        providers: Sequence[str] | str | None = None,
+        threads: int | None = None,
+        verify_hashes: bool = False,
+        io_binding: bool = True,
+    ) -> Engine:
+        """Check the bundle (sizes; hashes on request), open a session and the tokenizer."""
+        root = Path(bundle_dir)
+        manifest = check_bundle(root, verify_hashes=verify_hashes)
+        session = make_session(root / MODEL, providers=providers, threads=threads)
+        return cls(Model(session, manifest, io_binding=io_binding), Tokenizer.from_bundle(root, manifest), manifest, root)
+
+    @property
+    def context_length(self) -> int:
+        return self.manifest.model.context_length
+
+    def __repr__(self) -> str:
+        m = self.manifest.model
+        return (
+            f"Engine({self.bundle_dir}, {m.model_type}, {m.num_layers} layers, context {m.context_length}, "
+            f"{self.manifest.dtype}, providers={self.model.session.get_providers()})"
+        )
+
+    # --- prompts -------------------------------------------------------------------------------
+    def encode_prompt(self, prompt: Prompt) -> list[int]:
+        """A str is tokenized (BOS added when the model expects one); a list of ids is used as is."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (bytes, dict)) or not isinstance(prompt, Sequence):
+            raise TypeError(f"prompt must be a str or a list of token ids, got {type(prompt).__name__}")
+        if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) for t in prompt):
+            raise TypeError("a token-id prompt must contain only integers")
+        return [int(t) for t in prompt]
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], **template_vars: Any) -> str:
+        """The prompt text the chat template makes of `messages` (add_generation_prompt=True)."""
+        return self.tokenizer.apply_chat_template(check_messages(messages), add_generation_prompt=True, **template_vars)
+
+    def _chat_ids(self, messages, template_vars: dict[str, Any] | None) -> list[int]:
+        text = self.render_chat(messages, **(template_vars or {}))
+        return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote any BOS itself
+
+    # --- layer 1: token steps ------------------------------------------------------------------
+    def steps(self, prompts: Sequence[Prompt], **params: Any) -> Iterator[Step]:
+        """The token-step generator over a batch of prompts (see generate.generate_steps)."""
+        p = _params(params)
+        ids = [self.encode_prompt(x) for x in prompts]
+        return generate_steps(self.model, self.tokenizer, ids, p)
+
+    # --- layer 2: streaming --------------------------------------------------------------------
+    def stream(self, prompt: Prompt, **params: Any) -> Iterator[Chunk]:
+        """Yield one Chunk per generated token; the last carries finish_reason, usage and timings."""
+        p = _params(params)
+        ids = self.encode_prompt(prompt)
+        return self._stream(ids, p)
+
+    def _stream(self, ids: list[int], p: GenerationParams) -> Iterator[Chunk]:
+        timings = Timings()
+        n = 0
+        for step in generate_steps(self.model, self.tokenizer, [ids], p):
+            _account(timings, step)
+            out = step.outputs[0]
+            n += 1
+            chunk = Chunk(out.text, out.token_id, out.logprob, out.finish_reason)
+            if out.finish_reason is not None:
+                chunk.usage = Usage(len(ids), n, len(ids) + n)
+                chunk.timings = timings._finish(len(ids), n)
+            yield chunk
+
+    def stream_chat(
+        self, messages: Sequence[dict[str, Any]], template_vars: dict[str, Any] | None = None, **params: Any
+    ) -> Iterator[Chunk]:
+        p = _params(params)
+        return self._stream(self._chat_ids(messages, template_vars), p)
+
+    # --- layer 3: whole completions ------------------------------------------------------------
+    def generate(self, prompt: Prompt, **params: Any) -> Completion:
+        return _collect(self.stream(prompt, **params))
+
+    def chat(
+        self, messages: Sequence[dict[str, Any]], template_vars: dict[str, Any] | None = None, **params: Any
+    ) -> Completion:
+        return _collect(self.stream_chat(messages, template_vars, **params))
+
+    def generate_batch(self, prompts: Sequence[Prompt], **params: Any) -> list[Completion]:
+        """Generate for several prompts at once (left-padded); each result equals running it alone."""
+        if isinstance(prompts, str) or not isinstance(prompts, Sequence):
+            raise TypeError("generate_batch expects a list of prompts")
+        p = _params(params)
+        ids = [self.encode_prompt(x) for x in prompts]
+        texts = [[] for _ in ids]
+        tokens: list[list[int]] = [[] for _ in ids]
+        logprobs: list[list[float]] = [[] for _ in ids]
+        reasons: list[str | None] = [None] * len(ids)
+        timings = Timings()
+        steps = 0
+        for step in generate_steps(self.model, self.tokenizer, ids, p):
+            _account(timings, step)
+            steps += 1
+            for out in step.outputs:
+                texts[out.seq].append(out.text)
+                tokens[out.seq].append(out.token_id)
+                logprobs[out.seq].append(out.logprob)
+                reasons[out.seq] = out.finish_reason
+        timings._finish(sum(len(x) for x in ids), steps)
+        return [
+            Completion("".join(t), tok, r or "length", Usage(len(i), len(tok), len(i) + len(tok)), lp, timings)
+            for t, tok, lp, r, i in zip(texts, tokens, logprobs, reasons, ids)
+        ]
+
+
+def _account(timings: Timings, step: Step) -> None:
+    if step.index == 0:
+        timings.prefill_s += step.forward_s
+        timings.ttft_s = step.forward_s + step.sample_s
+    else:
+        timings.decode_s += step.forward_s
+    timings.sample_s += step.sample_s
+
+
+def _collect(chunks: Iterator[Chunk]) -> Completion:
+    texts, tokens, logprobs = [], [], []
+    last = None
+    for last in chunks:
+        texts.append(last.text)
+        tokens.append(last.token_id)
+        logprobs.append(last.logprob)
+    assert last is not None and last.usage is not None and last.timings is not None
+    return Completion("".join(texts), tokens, last.finish_reason or "length", last.usage, logprobs, last.timings)
+
+
+def load(
+    bundle_dir: str | os.PathLike,
+    providers: Sequence[str] | str | None = None,
+    threads: int | None = None,
+    verify_hashes: bool = False,
+    io_binding: bool = True,
+) -> Engine:
+    """Engine.load, at module level: `onnxlm.runtime.load(bundle_dir)`."""
+    return Engine.load(bundle_dir, providers, threads, verify_hashes, io_binding)
+
