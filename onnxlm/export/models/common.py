@@ -119,6 +119,8 @@ def output_head(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     """Logits through a (vocab, hidden) weight, as a 2-D Gemm with transB, so a weight tied to the
     token embedding stays one initializer (a 3-D MatMul would make the exporter store its transpose)."""
     batch, seq, hidden = x.shape
+    if bias is None:  # without a bias the exporter emits MatMul and folds in a transposed copy of the weight
+        bias = torch.zeros(weight.shape[0], dtype=weight.dtype)
     logits = F.linear(x.reshape(batch * seq, hidden), weight, bias)  # (batch*seq, vocab)
     return logits.reshape(batch, seq, weight.shape[0])
 

@@ -38,7 +38,7 @@ def args_from_config(config) -> LlamaArgs:
     windows = set(layer_windows(config))
     return dataclasses.replace(
         LlamaArgs.from_config(config),
-        qkv_bias=True, o_bias=True,
+        qkv_bias=True,
         o_bias=False,
         mlp_bias=False,
         sliding_window=windows.pop() if len(windows) == 1 else None,

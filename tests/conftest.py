@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_folder(tmp_path_factory):
+    from fixtures import make_hf_folder
+
+    return make_hf_folder(tmp_path_factory.mktemp("hf") / "llama", "llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_bundle(tmp_path_factory, tiny_llama_folder):
+    """A validated bundle of a tiny llama, exported once per session (read-only for tests)."""
+    from onnxlm.export.convert import export
+
+    return export(tiny_llama_folder, tmp_path_factory.mktemp("bundles") / "llama", progress=False)
+
+
+@pytest.fixture
+def bundle_copy(tiny_llama_bundle, tmp_path):
+    """A private copy of the tiny bundle that a test may damage."""
+    import shutil
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_llama_bundle, dst)
+    return dst

@@ -1,0 +1,159 @@
+"""Damaged and hostile bundles: each a clear error naming the file, never a crash or a silent load."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import onnx
+import pytest
+
+from onnxlm import bundle as B
+
+
+def resign(path):
+    """Rewrite the manifest's sizes and hashes so only the damage under test remains."""
+    m = json.loads((path / B.MANIFEST).read_text())
+    for name in list(m["files"]):
+        f = path / name
+        if f.is_file():
+            m["files"][name] = {"size": f.stat().st_size, "sha256": B.sha256_file(f)}
+    (path / B.MANIFEST).write_text(json.dumps(m))
+
+
+def set_location(path, location):
+    model = onnx.load(str(path / B.MODEL), load_external_data=False)
+    for t in model.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = location
+    onnx.save(model, str(path / B.MODEL))
+    resign(path)
+
+
+def test_good_bundle_loads_and_verifies(tiny_llama_bundle):
+    m = B.check_bundle(tiny_llama_bundle, verify_hashes=True)
+    assert m.model.model_type == "llama" and m.model.num_layers == 2
+    assert set(m.files) == {B.MODEL, B.MODEL_DATA, B.TOKENIZER}
+    assert m.validation["greedy_agreement"] == 1.0
+    assert m.validation["prefill_max_abs_diff"] < 1e-3
+    assert m.chat_template and m.provenance["source_sha256"]
+
+
+def test_model_missing(bundle_copy):
+    (bundle_copy / B.MODEL).unlink()
+    with pytest.raises(B.BundleError, match=r"model\.onnx: missing"):
+        B.check_bundle(bundle_copy)
+
+
+def test_model_empty(bundle_copy):
+    (bundle_copy / B.MODEL).write_bytes(b"")
+    with pytest.raises(B.BundleError, match=r"model\.onnx: 0 bytes"):
+        B.check_bundle(bundle_copy)
+
+
+def test_model_corrupt_same_size(bundle_copy):
+    size = (bundle_copy / B.MODEL).stat().st_size
+    (bundle_copy / B.MODEL).write_bytes(b"\xff" * size)
+    with pytest.raises(B.BundleError, match="not a readable ONNX model"):
+        B.check_bundle(bundle_copy)
+    resign(bundle_copy)  # even with a manifest that agrees, the graph itself is refused
+    with pytest.raises(B.BundleError, match="not a readable ONNX model"):
+        B.check_bundle(bundle_copy)
+
+
+def test_data_truncated(bundle_copy):
+    data = bundle_copy / B.MODEL_DATA
+    with open(data, "r+b") as f:
+        f.truncate(data.stat().st_size // 2)
+    with pytest.raises(B.BundleError, match=r"model\.onnx\.data: \d+ bytes, the manifest says"):
+        B.check_bundle(bundle_copy)
+
+
+def test_hash_mismatch_found_on_verify(bundle_copy):
+    data = bundle_copy / B.MODEL_DATA
+    with open(data, "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    B.check_bundle(bundle_copy)  # sizes agree: the cheap check passes
+    with pytest.raises(B.BundleError, match="sha256 differs"):
+        B.check_bundle(bundle_copy, verify_hashes=True)
+
+
+@pytest.mark.parametrize("location,match", [("../outside.data", "leaves the bundle"),
+                                            ("/etc/passwd", "absolute path")])
+def test_external_data_outside(bundle_copy, location, match):
+    set_location(bundle_copy, location)
+    with pytest.raises(B.BundleError, match=match):
+        B.check_bundle(bundle_copy)
+
+
+def test_external_data_symlink(bundle_copy, tmp_path):
+    outside = tmp_path / "elsewhere.data"
+    os.replace(bundle_copy / B.MODEL_DATA, outside)
+    os.symlink(outside, bundle_copy / B.MODEL_DATA)
+    with pytest.raises(B.BundleError, match="symbolic link"):
+        B.check_bundle(bundle_copy)
+
+
+def test_tokenizer_missing(bundle_copy):
+    (bundle_copy / B.TOKENIZER).unlink()
+    with pytest.raises(B.BundleError, match=r"tokenizer\.json: missing"):
+        B.check_bundle(bundle_copy)
+
+
+def test_manifest_not_json(bundle_copy):
+    (bundle_copy / B.MANIFEST).write_text("{ not json")
+    with pytest.raises(B.BundleError, match="not valid JSON"):
+        B.check_bundle(bundle_copy)
+
+
+def test_manifest_unknown_version(bundle_copy):
+    m = json.loads((bundle_copy / B.MANIFEST).read_text())
+    m["format_version"] = 99
+    (bundle_copy / B.MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(B.BundleError, match="unknown format version 99"):
+        B.check_bundle(bundle_copy)
+
+
+def test_manifest_missing_means_not_a_bundle(bundle_copy):
+    (bundle_copy / B.MANIFEST).unlink()
+    with pytest.raises(B.BundleError, match="not a complete onnxlm bundle"):
+        B.check_bundle(bundle_copy)
+
+
+def test_writer_leaves_nothing_on_failure(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with B.BundleWriter(out) as tmp:
+            (tmp / "model.onnx").write_bytes(b"x")
+            raise RuntimeError("boom")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_to_clobber_a_non_bundle(tmp_path):
+    victim = tmp_path / "precious"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("keep me")
+    with pytest.raises(B.BundleError, match="not a bundle"):
+        B.BundleWriter(victim, overwrite=True)
+    assert (victim / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("damage", ["missing_model", "truncated_data", "bad_manifest"])
+def test_cli_reports_one_line(bundle_copy, damage):
+    if damage == "missing_model":
+        (bundle_copy / B.MODEL).unlink()
+    elif damage == "truncated_data":
+        with open(bundle_copy / B.MODEL_DATA, "r+b") as f:
+            f.truncate(10)
+    else:
+        (bundle_copy / B.MANIFEST).write_text("[]")
+    for args in (["info", str(bundle_copy)], ["generate", str(bundle_copy), "hello", "-n", "2"]):
+        r = subprocess.run([sys.executable, "-m", "onnxlm", *args], capture_output=True, text=True)
+        assert r.returncode == 1, r.stderr
+        assert "Traceback" not in r.stderr
+        errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
+        assert len(errors) == 1 and str(bundle_copy) in errors[0], r.stderr

@@ -1,0 +1,76 @@
+"""The CLI behaves like one binary: light imports, one-line errors, every command present."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from click.testing import CliRunner
+
+from onnxlm.cli import cli
+
+PROBE = (
+    "import sys, runpy; sys.argv = ['onnxlm'] + sys.argv[1:]\n"
+    "try:\n    runpy.run_module('onnxlm', run_name='__main__')\nexcept SystemExit: pass\n"
+    "heavy = sorted(m for m in ('torch', 'transformers', 'onnxruntime') if m in sys.modules)\n"
+    "print('HEAVY=' + ','.join(heavy))\n"
+)
+
+
+def _heavy(*args):
+    r = subprocess.run([sys.executable, "-c", PROBE, *args], capture_output=True, text=True)
+    return r.stdout.strip().splitlines()[-1].removeprefix("HEAVY=")
+
+
+def test_help_loads_nothing_heavy():
+    assert _heavy("--help") == ""
+    assert _heavy("export", "--help") == ""
+
+
+def test_runtime_commands_never_import_torch(tiny_llama_bundle):
+    assert _heavy("info", str(tiny_llama_bundle)) == ""
+    assert "torch" not in _heavy("generate", str(tiny_llama_bundle), "hello", "-n", "3")
+
+
+def test_import_runtime_loads_no_torch_or_transformers():
+    code = "import onnxlm, onnxlm.runtime, sys; print([m for m in ('torch', 'transformers') if m in sys.modules])"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert r.stdout.strip() == "[]"
+
+
+def test_commands_listed():
+    out = CliRunner().invoke(cli, ["--help"]).output
+    for cmd in ("pull", "export", "generate", "chat", "info"):
+        assert cmd in out
+
+
+def test_generate_streams_and_info_reports(tiny_llama_bundle):
+    r = CliRunner().invoke(cli, ["generate", str(tiny_llama_bundle), "The quick", "-n", "8", "--ignore-eos"])
+    assert r.exit_code == 0, r.output
+    assert r.output.strip()
+    r = CliRunner().invoke(cli, ["info", str(tiny_llama_bundle)])
+    assert r.exit_code == 0 and "greedy agreement 100%" in r.output and "model.onnx.data" in r.output
+
+
+def test_chat_multi_turn_from_stdin(tiny_llama_bundle):
+    r = subprocess.run([sys.executable, "-m", "onnxlm", "chat", str(tiny_llama_bundle), "-n", "4", "--ignore-eos"],
+                       input="hello\n/reset\nsecond question\n", capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("4 tokens") == 2  # two answers, one per user turn
+
+
+def test_overlong_prompt_is_one_clear_error(tiny_llama_bundle):
+    prompt = "fox " * 400  # the tiny model's window is 256 tokens
+    r = subprocess.run([sys.executable, "-m", "onnxlm", "generate", str(tiny_llama_bundle), prompt],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    line = [x for x in r.stderr.splitlines() if x.startswith("error")][0]
+    assert "256" in line and "prompt" in line
+
+
+def test_missing_bundle_and_bad_option():
+    r = subprocess.run([sys.executable, "-m", "onnxlm", "info", "/nonexistent/bundle"], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "onnxlm", "generate", "x", "y", "--temperature", "abc"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
