@@ -18,8 +18,8 @@ def __getattr__(name):  # lazy: `import onnxlm` stays light, and never imports t
         from . import runtime
 
         return getattr(runtime, name)
-    if name == "export":
-        from .export.convert import export
+    if name == "export":  # the subpackage, callable as onnxlm.export(source, out_dir, **options)
+        from . import export
 
         return export
     raise AttributeError(f"module 'onnxlm' has no attribute {name!r}")

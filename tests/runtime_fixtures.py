@@ -84,7 +84,12 @@ def _export(module, path: Path, num_layers: int, kv_heads: int, head_dim: int) -
     proto = onnx.load(str(raw))
     raw.unlink()
     onnx.save_model(
-        proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=MODEL_DATA, size_threshold=0
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=MODEL_DATA,
+        size_threshold=0,
     )
 
 

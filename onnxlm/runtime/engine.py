@@ -44,7 +44,7 @@ class Timings:
     sample_s: float = 0.0
     ttft_s: float = 0.0  # time to first token: prefill + first sample
     prompt_tokens_per_s: float = 0.0
-    tokens_per_s: float = 0.0  # generated tokens after the first, per second of decode
+    tokens_per_s: float = 0.0  # decode steps per second (each step gives every live sequence a token)
 
     def _finish(self, prompt_tokens: int, steps: int) -> Timings:
         self.prompt_tokens_per_s = prompt_tokens / self.prefill_s if self.prefill_s else 0.0
@@ -95,7 +95,11 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
         if isinstance(content, list):
             texts = []
             for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                if (
+                    not isinstance(part, dict)
+                    or part.get("type") != "text"
+                    or not isinstance(part.get("text"), str)
+                ):
                     raise ValueError(
                         f"messages[{i}].content[{j}]: only text parts ({{'type': 'text', 'text': ...}}) are supported"
                     )
@@ -104,7 +108,9 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
         elif content is None and role == "assistant" and m.get("tool_calls"):
             pass  # an assistant turn that only calls tools
         elif not isinstance(content, str):
-            raise ValueError(f"messages[{i}] ({role}): content must be a string, got {type(content).__name__}")
+            raise ValueError(
+                f"messages[{i}] ({role}): content must be a string, got {type(content).__name__}"
+            )
         out.append({**m, "content": content})
     return out
 
@@ -112,7 +118,9 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
 class Engine:
     """One bundle, ready to generate. Build with `Engine.load(bundle_dir)`."""
 
-    def __init__(self, model: Model, tokenizer: Tokenizer, manifest: Manifest, bundle_dir: Path | None = None):
+    def __init__(
+        self, model: Model, tokenizer: Tokenizer, manifest: Manifest, bundle_dir: Path | None = None
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.manifest = manifest
@@ -131,7 +139,12 @@ class Engine:
         root = Path(bundle_dir)
         manifest = check_bundle(root, verify_hashes=verify_hashes)
         session = make_session(root / MODEL, providers=providers, threads=threads)
-        return cls(Model(session, manifest, io_binding=io_binding), Tokenizer.from_bundle(root, manifest), manifest, root)
+        return cls(
+            Model(session, manifest, io_binding=io_binding),
+            Tokenizer.from_bundle(root, manifest),
+            manifest,
+            root,
+        )
 
     @property
     def context_length(self) -> int:
@@ -157,7 +170,9 @@ class Engine:
 
     def render_chat(self, messages: Sequence[dict[str, Any]], **template_vars: Any) -> str:
         """The prompt text the chat template makes of `messages` (add_generation_prompt=True)."""
-        return self.tokenizer.apply_chat_template(check_messages(messages), add_generation_prompt=True, **template_vars)
+        return self.tokenizer.apply_chat_template(
+            check_messages(messages), add_generation_prompt=True, **template_vars
+        )
 
     def _chat_ids(self, messages, template_vars: dict[str, Any] | None) -> list[int]:
         text = self.render_chat(messages, **(template_vars or {}))
@@ -178,17 +193,7 @@ class Engine:
         return self._stream(ids, p)
 
     def _stream(self, ids: list[int], p: GenerationParams) -> Iterator[Chunk]:
-        timings = Timings()
-        n = 0
-        for step in generate_steps(self.model, self.tokenizer, [ids], p):
-            _account(timings, step)
-            out = step.outputs[0]
-            n += 1
-            chunk = Chunk(out.text, out.token_id, out.logprob, out.finish_reason)
-            if out.finish_reason is not None:
-                chunk.usage = Usage(len(ids), n, len(ids) + n)
-                chunk.timings = timings._finish(len(ids), n)
-            yield chunk
+        return _chunks(generate_steps(self.model, self.tokenizer, [ids], p), len(ids))
 
     def stream_chat(
         self, messages: Sequence[dict[str, Any]], template_vars: dict[str, Any] | None = None, **params: Any
@@ -227,9 +232,25 @@ class Engine:
                 reasons[out.seq] = out.finish_reason
         timings._finish(sum(len(x) for x in ids), steps)
         return [
-            Completion("".join(t), tok, r or "length", Usage(len(i), len(tok), len(i) + len(tok)), lp, timings)
-            for t, tok, lp, r, i in zip(texts, tokens, logprobs, reasons, ids)
+            Completion(
+                "".join(t), tok, r or "length", Usage(len(i), len(tok), len(i) + len(tok)), lp, timings
+            )
+            for t, tok, lp, r, i in zip(texts, tokens, logprobs, reasons, ids, strict=True)
         ]
+
+
+def _chunks(steps: Iterator[Step], prompt_tokens: int) -> Iterator[Chunk]:
+    timings = Timings()
+    n = 0
+    for step in steps:
+        _account(timings, step)
+        out = step.outputs[0]
+        n += 1
+        chunk = Chunk(out.text, out.token_id, out.logprob, out.finish_reason)
+        if out.finish_reason is not None:
+            chunk.usage = Usage(prompt_tokens, n, prompt_tokens + n)
+            chunk.timings = timings._finish(prompt_tokens, n)
+        yield chunk
 
 
 def _account(timings: Timings, step: Step) -> None:
@@ -249,7 +270,9 @@ def _collect(chunks: Iterator[Chunk]) -> Completion:
         tokens.append(last.token_id)
         logprobs.append(last.logprob)
     assert last is not None and last.usage is not None and last.timings is not None
-    return Completion("".join(texts), tokens, last.finish_reason or "length", last.usage, logprobs, last.timings)
+    return Completion(
+        "".join(texts), tokens, last.finish_reason or "length", last.usage, logprobs, last.timings
+    )
 
 
 def load(
@@ -261,4 +284,3 @@ def load(
 ) -> Engine:
     """Engine.load, at module level: `onnxlm.runtime.load(bundle_dir)`."""
     return Engine.load(bundle_dir, providers, threads, verify_hashes, io_binding)
-

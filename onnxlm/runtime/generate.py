@@ -238,7 +238,9 @@ def _check_prompts(prompts: Sequence[Sequence[int]], facts) -> list[list[int]]:
             raise ValueError(f"prompt {i} is empty; at least one token is needed")
         bad = [t for t in p if not 0 <= t < facts.vocab_size]
         if bad:
-            raise ValueError(f"prompt {i} has token ids outside the vocabulary (size {facts.vocab_size}): {bad[:5]}")
+            raise ValueError(
+                f"prompt {i} has token ids outside the vocabulary (size {facts.vocab_size}): {bad[:5]}"
+            )
         if len(p) >= facts.context_length:
             raise ValueError(
                 f"prompt {i} is {len(p)} tokens, the context window is {facts.context_length} tokens; "
@@ -275,6 +277,12 @@ def generate_steps(
         )
         for p in prompts
     ]
+    return _run(model, seqs, stop_ids, prefill_chunk)  # errors above are raised on the call, not on iteration
+
+
+def _run(model: Model, seqs: list[_Seq], stop_ids: set[int], prefill_chunk: int | None) -> Iterator[Step]:
+    facts = model.facts
+    prompts = [s.prompt for s in seqs]
     pad = facts.pad_token_id if facts.pad_token_id is not None else (facts.eos_token_ids or [0])[0]
     ids, mask, pos = left_pad(prompts, pad)
     cache = model.new_cache(len(prompts))

@@ -84,7 +84,9 @@ class KVCache:
         return self._batch
 
     def _empty(self, batch: int) -> np.ndarray:
-        return np.zeros((batch, self.kv_heads, 0, self.head_dim), self.dtype)  # (batch, kv_heads, 0, head_dim)
+        return np.zeros(
+            (batch, self.kv_heads, 0, self.head_dim), self.dtype
+        )  # (batch, kv_heads, 0, head_dim)
 
     def free(self) -> None:
         """Drop every tensor; the cache is empty (offset 0) and may be reused for the same batch size."""
@@ -95,7 +97,7 @@ class KVCache:
     def feeds(self) -> dict[str, Tensor]:
         """Past inputs for the next step, by graph input name (OrtValues pass through unconverted)."""
         out: dict[str, Tensor] = {}
-        for (kname, vname), k, v in zip(self._past_names, self.keys, self.values):
+        for (kname, vname), k, v in zip(self._past_names, self.keys, self.values, strict=True):
             out[kname], out[vname] = k, v
         return out
 
@@ -116,13 +118,19 @@ class KVCache:
         expect = (self._batch, self.kv_heads, None, self.head_dim)
         for t in keys + values:
             shape = _shape(t)
-            if len(shape) != 4 or shape[2] != want[2] or any(e is not None and e != s for e, s in zip(expect, shape)):
+            if (
+                len(shape) != 4
+                or shape[2] != want[2]
+                or any(e is not None and e != s for e, s in zip(expect, shape, strict=True))
+            ):
                 raise ValueError(
                     f"KVCache.update: present tensor of shape {shape}, expected "
                     f"({self._batch}, {self.kv_heads}, {want[2]}, {self.head_dim}) in every layer"
                 )
         if want[2] < self.offset:
-            raise ValueError(f"KVCache.update: present holds {want[2]} positions, fewer than the past {self.offset}")
+            raise ValueError(
+                f"KVCache.update: present holds {want[2]} positions, fewer than the past {self.offset}"
+            )
         self.keys, self.values = keys, values
 
     # --- edits (rare: each copies through host memory) -----------------------------------------

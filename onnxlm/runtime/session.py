@@ -113,7 +113,7 @@ def run_bound(
     for name in output_names:
         binding.bind_output(name, "cpu" if name in host_outputs else device)
     session.run_with_iobinding(binding)
-    return dict(zip(output_names, binding.get_outputs()))
+    return dict(zip(output_names, binding.get_outputs(), strict=True))
 
 
 def run_numpy(
@@ -121,4 +121,4 @@ def run_numpy(
 ) -> dict[str, np.ndarray]:
     """The plain path: numpy in, numpy out (every step copies the cache; for debugging and parity)."""
     feeds = {k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in inputs.items()}
-    return dict(zip(output_names, session.run(list(output_names), feeds)))
+    return dict(zip(output_names, session.run(list(output_names), feeds), strict=True))
