@@ -1,9 +1,9 @@
 """onnxlm: export Transformer language models to ONNX bundles and run them with onnxruntime.
 
-    import onnxlm
-    onnxlm.export("smollm2", "bundles/smollm2")
-    engine = onnxlm.load("bundles/smollm2")
-    print(engine.chat([{"role": "user", "content": "Hello"}]).text)
+import onnxlm
+onnxlm.export("smollm2", "bundles/smollm2")
+engine = onnxlm.load("bundles/smollm2")
+print(engine.chat([{"role": "user", "content": "Hello"}]).text)
 """
 
 from __future__ import annotations

@@ -204,8 +204,7 @@ def check_bundle(bundle_dir: str | os.PathLike, verify_hashes: bool = False) -> 
         size = path.stat().st_size
         if size != meta.get("size"):
             raise BundleError(
-                f"{root / name}: {size} bytes, the manifest says {meta.get('size')} "
-                "(truncated or replaced)"
+                f"{root / name}: {size} bytes, the manifest says {meta.get('size')} (truncated or replaced)"
             )
         if verify_hashes and sha256_file(path) != meta.get("sha256"):
             raise BundleError(f"{root / name}: sha256 differs from the manifest (corrupt or replaced)")

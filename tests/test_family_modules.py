@@ -23,36 +23,66 @@ TOL = 1e-4
 # no eos (a random model may emit it and stop generate early), no pad row in the embeddings
 NO_SPECIAL = dict(bos_token_id=1, eos_token_id=None, pad_token_id=None)
 LLAMA_LIKE = dict(
-    hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-    num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, **NO_SPECIAL,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=VOCAB,
+    max_position_embeddings=256,
+    **NO_SPECIAL,
 )
 
 
 def _configs():
     T = transformers
     return {
-        "llama_bias": lambda: T.LlamaConfig(attention_bias=True, mlp_bias=True, tie_word_embeddings=False, **LLAMA_LIKE),
+        "llama_bias": lambda: T.LlamaConfig(
+            attention_bias=True, mlp_bias=True, tie_word_embeddings=False, **LLAMA_LIKE
+        ),
         "mistral_window": lambda: T.MistralConfig(sliding_window=4, tie_word_embeddings=False, **LLAMA_LIKE),
         "qwen2": lambda: T.Qwen2Config(tie_word_embeddings=True, **LLAMA_LIKE),
         "qwen2_mixed_window": lambda: T.Qwen2Config(
             use_sliding_window=True, sliding_window=4, max_window_layers=1, **LLAMA_LIKE
         ),
         "phi3_partial_rotary": lambda: T.Phi3Config(partial_rotary_factor=0.5, **LLAMA_LIKE),
-        "gpt2": lambda: T.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=VOCAB, **NO_SPECIAL),
+        "gpt2": lambda: T.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=VOCAB, **NO_SPECIAL
+        ),
         "gpt2_inverse_idx": lambda: T.GPT2Config(
-            n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=VOCAB, scale_attn_by_inverse_layer_idx=True,
-            reorder_and_upcast_attn=True, tie_word_embeddings=False, **NO_SPECIAL,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=128,
+            vocab_size=VOCAB,
+            scale_attn_by_inverse_layer_idx=True,
+            reorder_and_upcast_attn=True,
+            tie_word_embeddings=False,
+            **NO_SPECIAL,
         ),
         "bloom": lambda: T.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB, **NO_SPECIAL),
         "bloom_6heads_post_ln": lambda: T.BloomConfig(
-            hidden_size=48, n_layer=2, n_head=6, vocab_size=VOCAB, apply_residual_connection_post_layernorm=True,
+            hidden_size=48,
+            n_layer=2,
+            n_head=6,
+            vocab_size=VOCAB,
+            apply_residual_connection_post_layernorm=True,
             **NO_SPECIAL,
         ),
     }
 
 
 CASES = list(_configs())
-EXPORT_CASES = ["llama_bias", "mistral_window", "qwen2_mixed_window", "phi3_partial_rotary", "gpt2_inverse_idx", "bloom"]
+EXPORT_CASES = [
+    "llama_bias",
+    "mistral_window",
+    "qwen2",
+    "qwen2_mixed_window",
+    "phi3_partial_rotary",
+    "gpt2",
+    "gpt2_inverse_idx",
+    "bloom",
+]
 
 
 def randomize(model, std=0.2):
@@ -166,20 +196,63 @@ def test_onnx_export_matches_torch(case, tmp_path):
     trace_past = [torch.randn(p.shape) for p in empty_past(m, 2, 3)]
     path = str(tmp_path / "model.onnx")
     torch.onnx.export(
-        m, (*trace_inputs, *trace_past), path, dynamo=False, opset_version=17,
-        input_names=io.input_names(layers), output_names=io.output_names(layers),
+        m,
+        (*trace_inputs, *trace_past),
+        path,
+        dynamo=False,
+        opset_version=17,
+        input_names=io.input_names(layers),
+        output_names=io.output_names(layers),
         dynamic_axes=io.dynamic_axes(layers),
     )
+    onnx = pytest.importorskip("onnx")
+    proto = onnx.load(path, load_external_data=False)
+    vocab_sized = [
+        t.name for t in proto.graph.initializer if np.prod(t.dims) == m.a.vocab_size * m.a.hidden_size
+    ]
+    tied = getattr(m.a, "tie_word_embeddings", False)
+    assert len(vocab_sized) == (1 if tied else 2), vocab_sized  # a tied head is the embedding, stored once
     session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
     # run at other shapes: batch 3, 2 new tokens after 5 past slots, one row left-padded
-    ids, mask = torch.randint(2, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5)), torch.ones(3, 7, dtype=torch.long)
+    ids, mask = (
+        torch.randint(2, VOCAB, (3, 7), generator=torch.Generator().manual_seed(5)),
+        torch.ones(3, 7, dtype=torch.long),
+    )
     mask[2, :3] = 0
-    past = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in enumerate(empty_past(m, 3, 5))]
+    past = [
+        torch.randn(p.shape, generator=torch.Generator().manual_seed(i))
+        for i, p in enumerate(empty_past(m, 3, 5))
+    ]
     inputs = [ids[:, 5:], mask] + ([positions(mask)[:, 5:]] if m.uses_position_ids else [])
     logits, presents = run_ours(m, inputs[0], mask, inputs[2] if m.uses_position_ids else None, past)
-    feeds = {name: t.numpy() for name, t in zip(io.input_names(layers), inputs + past)}
+    feeds = {name: t.numpy() for name, t in zip(io.input_names(layers), inputs + past, strict=True)}
     outs = session.run(io.output_names(layers), feeds)
     assert np.abs(outs[0] - logits.numpy()).max() < TOL
-    for got, want in zip(outs[1:], presents):
+    for got, want in zip(outs[1:], presents, strict=True):
         assert got.shape == tuple(want.shape)
         assert np.abs(got - want.numpy()).max() < TOL
+
+
+def test_phi3_longrope_refused():
+    rot = 16 // 2  # head_dim 16 * partial_rotary_factor 1.0, halved
+    config = transformers.Phi3Config(
+        rope_scaling={"type": "longrope", "short_factor": [1.0] * rot, "long_factor": [2.0] * rot},
+        **LLAMA_LIKE,
+    )
+    with pytest.raises(NotImplementedError, match="longrope"):
+        get_family("phi3").build(config, {})
+
+
+@pytest.mark.parametrize("case", ["gpt2", "bloom"])
+def test_hub_checkpoint_names(case):
+    """Hub checkpoints of these families often lack the `transformer.` prefix, and old GPT-2 ones carry
+    the causal-mask buffers; both load, and give the same module."""
+    hf, m, config = models(case)
+    state = {k.removeprefix("transformer."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"}
+    if case == "gpt2":
+        n = config.n_positions
+        state["h.0.attn.bias"] = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None]
+        state["h.0.attn.masked_bias"] = torch.tensor(-1e4)
+    again = get_family(config.model_type).build(config, state)
+    for (name, p), (_, q) in zip(m.named_parameters(), again.named_parameters(), strict=True):
+        assert torch.equal(p, q), name

@@ -36,7 +36,13 @@ def test_export_figures(smollm2_bundle):
     m = B.check_bundle(smollm2_bundle)
     f = m.model
     assert (f.model_type, f.num_layers, f.num_heads, f.num_kv_heads, f.head_dim, f.vocab_size) == (
-        "llama", 30, 9, 3, 64, 49152)
+        "llama",
+        30,
+        9,
+        3,
+        64,
+        49152,
+    )
     v = m.validation
     assert v["greedy_tokens_onnx"] == v["greedy_tokens_reference"] and v["decode_steps"] == 8
     assert v["prefill_max_abs_diff"] < 1e-3
@@ -51,5 +57,7 @@ def test_chat_answers(smollm2_bundle):
     engine = onnxlm.load(smollm2_bundle)
     out = engine.chat([{"role": "user", "content": "What is the capital of France?"}], max_new_tokens=24)
     assert "Paris" in out.text
-    zh = "".join(c.text for c in engine.stream_chat([{"role": "user", "content": "你好！"}], max_new_tokens=24))
+    zh = "".join(
+        c.text for c in engine.stream_chat([{"role": "user", "content": "你好！"}], max_new_tokens=24)
+    )
     assert zh.strip() and "\ufffd" not in zh

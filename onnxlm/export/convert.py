@@ -75,7 +75,9 @@ def load_source(src: sources.Source, trust_remote_code: bool = False, check_fami
     except Exception as e:
         raise ExportError(f"{src.path}: could not load a tokenizer ({type(e).__name__}: {e})") from None
     if not getattr(tokenizer, "is_fast", False):
-        raise ExportError(f"{src.path}: needs a fast (tokenizers) tokenizer; found {type(tokenizer).__name__}")
+        raise ExportError(
+            f"{src.path}: needs a fast (tokenizers) tokenizer; found {type(tokenizer).__name__}"
+        )
     model = transformers.AutoModelForCausalLM.from_pretrained(
         folder, dtype=torch.float32, attn_implementation="eager", **kwargs
     ).eval()
@@ -119,50 +121,6 @@ def context_length(family_module, config) -> int:
     raise ExportError(f"the {config.model_type} config gives no context length")
 
 
-def tie_transposed_weights(model) -> int:
-    """Store a tied output head once: a MatMul whose weight is the transpose of another initializer
-    (the exporter folds `x @ embedding.T` into a second copy) becomes Gemm(x, embedding, transB=1).
-
-        Gather(embedding, ids) ... MatMul(x2d, embedding.T)  ->  Gather(embedding, ids) ... Gemm(x2d, embedding)ᵀ
-    """
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    by_shape: dict[tuple, list[str]] = {}
-    for t in graph.initializer:
-        if len(t.dims) == 2:
-            by_shape.setdefault(tuple(t.dims), []).append(t.name)
-    ranks = {}
-    inferred = onnx.shape_inference.infer_shapes(model)
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.input):
-        if vi.type.tensor_type.HasField("shape"):
-            ranks[vi.name] = len(vi.type.tensor_type.shape.dim)
-    tied = 0
-    for i, node in enumerate(list(graph.node)):
-        if node.op_type != "MatMul" or node.input[1] not in inits or ranks.get(node.input[0]) != 2:
-            continue
-        w = inits[node.input[1]]
-        if len(w.dims) != 2:
-            continue
-        candidates = [n for n in by_shape.get((w.dims[1], w.dims[0]), []) if n != w.name]
-        if not candidates:
-            continue
-        wt = numpy_helper.to_array(w).T
-        for name in candidates:
-            if np.array_equal(numpy_helper.to_array(inits[name]), wt):
-                gemm = onnx.helper.make_node("Gemm", [node.input[0], name], list(node.output), name=node.name + "_tied", transB=1)
-                graph.node.remove(node)
-                graph.node.insert(i, gemm)
-                if not any(w.name in n.input for n in graph.node):
-                    graph.initializer.remove(w)
-                tied += 1
-                break
-    return tied
-
-
 def export_module(module, io: B.GraphIO, num_layers: int, kv_heads: int, head_dim: int, path: Path) -> None:
     """Trace the module to ONNX at `path` (weights inline; the caller moves them to external data)."""
     import torch
@@ -192,11 +150,10 @@ def export_module(module, io: B.GraphIO, num_layers: int, kv_heads: int, head_di
 
 
 def write_graph(raw_path: Path, bundle_tmp: Path) -> None:
-    """Move every weight into one external data file beside model.onnx, tied weights once."""
+    """Move every weight into one external data file beside model.onnx."""
     import onnx
 
-    model = onnx.load(str(raw_path))
-    tie_transposed_weights(model)
+    model = onnx.load(str(raw_path))  # the family module's output_head keeps a tied head as one tensor
     onnx.save_model(
         model,
         str(bundle_tmp / B.MODEL),
@@ -247,8 +204,12 @@ def export(
             a = module.a
             io = B.GraphIO(position_ids="position_ids" if module.uses_position_ids else None)
             facts = dict(
-                num_layers=a.num_layers, num_heads=a.num_heads, num_kv_heads=a.num_kv_heads,
-                head_dim=a.head_dim, hidden_size=a.hidden_size, vocab_size=a.vocab_size,
+                num_layers=a.num_layers,
+                num_heads=a.num_heads,
+                num_kv_heads=a.num_kv_heads,
+                head_dim=a.head_dim,
+                hidden_size=a.hidden_size,
+                vocab_size=a.vocab_size,
                 context_length=context_length(family.module, config),
             )
             steps.update()
@@ -260,7 +221,9 @@ def export(
         write_graph(raw, tmp)
         tokenizer.backend_tokenizer.save(str(tmp / B.TOKENIZER))
         steps.update()
-        model_facts = B.ModelFacts(model_type=config.model_type, **facts, **special_tokens(config, hf_model, tokenizer))
+        model_facts = B.ModelFacts(
+            model_type=config.model_type, **facts, **special_tokens(config, hf_model, tokenizer)
+        )
         figures: dict[str, Any] = {}
         if validate:
             steps.set_postfix_str("validating against PyTorch")

@@ -30,11 +30,15 @@ def describe_graph(model, config) -> tuple[B.GraphIO, dict]:
     pattern = re.compile(r"^past_key_values\.(\d+)\.key$")
     layers = sorted(int(m.group(1)) for n in inputs if (m := pattern.match(n)))
     if not layers or layers != list(range(len(layers))):
-        raise ValueError(f"the exported graph has no per-layer past KV inputs in the expected form: {sorted(inputs)[:6]}")
+        raise ValueError(
+            f"the exported graph has no per-layer past KV inputs in the expected form: {sorted(inputs)[:6]}"
+        )
     L = len(layers)
     if "position_ids" not in inputs:
         io.position_ids = None
-    missing = [n for n in io.input_names(L) if n not in inputs] + [n for n in io.output_names(L) if n not in outputs]
+    missing = [n for n in io.input_names(L) if n not in inputs] + [
+        n for n in io.output_names(L) if n not in outputs
+    ]
     if missing:
         raise ValueError(f"the exported graph lacks {missing[:4]}; its KV layout is not one onnxlm can drive")
     past = inputs[io.past_key.format(i=0)]
@@ -45,9 +49,15 @@ def describe_graph(model, config) -> tuple[B.GraphIO, dict]:
         raise ValueError("the exported graph's past KV has no static head count / head size")
     heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or kv_heads
     facts = dict(
-        num_layers=L, num_heads=int(heads), num_kv_heads=kv_heads, head_dim=head_dim,
-        hidden_size=int(getattr(config, "hidden_size", heads * head_dim)), vocab_size=int(config.vocab_size),
-        context_length=int(getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)),
+        num_layers=L,
+        num_heads=int(heads),
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=int(getattr(config, "hidden_size", heads * head_dim)),
+        vocab_size=int(config.vocab_size),
+        context_length=int(
+            getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", 2048)
+        ),
     )
     return io, facts
 
@@ -66,10 +76,22 @@ def export_with_optimum(hf_model, tokenizer, config, raw_path: Path, trust_remot
         src, out = Path(tmp) / "src", Path(tmp) / "out"
         hf_model.save_pretrained(src)  # one path for every source kind, GGUF included
         tokenizer.save_pretrained(src)
-        main_export(str(src), out, task="text-generation-with-past", local_files_only=True,
-                    do_validation=False, trust_remote_code=trust_remote_code, no_post_process=True)
+        main_export(
+            str(src),
+            out,
+            task="text-generation-with-past",
+            local_files_only=True,
+            do_validation=False,
+            trust_remote_code=trust_remote_code,
+            no_post_process=True,
+        )
         model = onnx.load(str(out / "model.onnx"))  # pulls in its external data
         io, facts = describe_graph(model, config)
-        onnx.save_model(model, str(raw_path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=raw_path.name + ".data")
+        onnx.save_model(
+            model,
+            str(raw_path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=raw_path.name + ".data",
+        )
     return io, facts

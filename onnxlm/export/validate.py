@@ -23,7 +23,11 @@ def _onnx_steps(model_path: Path, io: B.GraphIO, facts: B.ModelFacts, prompt: li
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     L = facts.num_layers
     kv_shape = (1, facts.num_kv_heads, 0, facts.head_dim)
-    past = {n: np.zeros(kv_shape, np.float32) for n in io.input_names(L) if n.startswith(io.past_key.split("{")[0])}
+    past = {
+        n: np.zeros(kv_shape, np.float32)
+        for n in io.input_names(L)
+        if n.startswith(io.past_key.split("{")[0])
+    }
     ids = np.array([prompt], dtype=np.int64)
     total = len(prompt)
     out_logits, tokens, prefill = [], [], None
@@ -31,7 +35,7 @@ def _onnx_steps(model_path: Path, io: B.GraphIO, facts: B.ModelFacts, prompt: li
         feeds = {io.input_ids: ids, io.attention_mask: np.ones((1, total), np.int64), **past}
         if io.position_ids:
             feeds[io.position_ids] = np.arange(total - ids.shape[1], total, dtype=np.int64)[None]
-        outs = dict(zip(io.output_names(L), sess.run(io.output_names(L), feeds)))
+        outs = dict(zip(io.output_names(L), sess.run(io.output_names(L), feeds), strict=True))
         logits = outs[io.logits]
         if step == 0:
             prefill = logits[0]
@@ -63,12 +67,16 @@ def _torch_steps(hf_model, prompt: list[int], steps: int):
     return prefill, logits, tokens
 
 
-def compare(model_path: Path, io: B.GraphIO, facts: B.ModelFacts, hf_model, prompt: list[int], steps: int = 8) -> dict[str, Any]:
+def compare(
+    model_path: Path, io: B.GraphIO, facts: B.ModelFacts, hf_model, prompt: list[int], steps: int = 8
+) -> dict[str, Any]:
     """Figures for the manifest: max |Δ logits| on the prefill and the decode steps, greedy agreement."""
     ref_prefill, ref_logits, ref_tokens = _torch_steps(hf_model, prompt, steps)
     got_prefill, got_logits, got_tokens = _onnx_steps(model_path, io, facts, prompt, steps)
-    decode_delta = max(float(np.abs(a - b).max()) for a, b in zip(ref_logits[1:], got_logits[1:]))
-    agree = sum(a == b for a, b in zip(ref_tokens, got_tokens))
+    decode_delta = max(
+        float(np.abs(a - b).max()) for a, b in zip(ref_logits[1:], got_logits[1:], strict=True)
+    )
+    agree = sum(a == b for a, b in zip(ref_tokens, got_tokens, strict=True))
     return {
         "reference": f"transformers {type(hf_model).__name__} (fp32, eager attention)",
         "prompt_tokens": len(prompt),

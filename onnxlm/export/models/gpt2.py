@@ -58,7 +58,9 @@ class Gpt2Args:
             raise NotImplementedError("gpt2 with cross-attention is not supported")
         act = config.activation_function
         if act not in ACTIVATIONS:
-            raise NotImplementedError(f"gpt2 activation {act!r} is not supported; known: {sorted(ACTIVATIONS)}")
+            raise NotImplementedError(
+                f"gpt2 activation {act!r} is not supported; known: {sorted(ACTIVATIONS)}"
+            )
         hidden, heads = config.n_embd, config.n_head
         return cls(
             hidden_size=hidden,

@@ -1,9 +1,9 @@
 """Llama family (also mistral through the registry's alias table; qwen2 and phi3 reuse the module).
 
-    x = embed(ids)
-    per layer:  x += o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x)), past))
-                x += down(silu(gate(n2(x))) * up(n2(x)))
-    logits = head(norm(x))
+x = embed(ids)
+per layer:  x += o(attn(rope(q(n1(x))), rope(k(n1(x))), v(n1(x)), past))
+            x += down(silu(gate(n2(x))) * up(n2(x)))
+logits = head(norm(x))
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ class LlamaArgs:
 
     @classmethod
     def from_config(cls, config) -> LlamaArgs:
+        act = getattr(config, "hidden_act", "silu")
+        if act != "silu":
+            raise NotImplementedError(f"{config.model_type} with hidden_act {act!r}: only silu is exported")
         heads = config.num_attention_heads
         return cls(
             hidden_size=config.hidden_size,
@@ -119,6 +122,10 @@ def hf_to_ours(state: dict[str, torch.Tensor], a: LlamaArgs) -> dict[str, torch.
             continue
         out[n] = t
     return out
+
+
+def context_length(config) -> int:
+    return int(config.max_position_embeddings)
 
 
 def build(config, state: dict[str, torch.Tensor]) -> LlamaDecoder:

@@ -38,8 +38,9 @@ def split_fused(state: dict[str, torch.Tensor], a: LlamaArgs) -> dict[str, torch
             if t.shape[0] != q_rows + 2 * kv_rows:
                 raise ValueError(f"{name}: {t.shape[0]} rows, expected {q_rows + 2 * kv_rows}")
             prefix = name.removesuffix("qkv_proj.weight")
-            q, k, v = torch.split(t, [q_rows, kv_rows, kv_rows], dim=0)
-            out[prefix + "q_proj.weight"], out[prefix + "k_proj.weight"], out[prefix + "v_proj.weight"] = q, k, v
+            parts = torch.split(t, [q_rows, kv_rows, kv_rows], dim=0)
+            for part, piece in zip(("q_proj", "k_proj", "v_proj"), parts, strict=True):
+                out[f"{prefix}{part}.weight"] = piece
         elif name.endswith("gate_up_proj.weight"):
             if t.shape[0] != 2 * a.intermediate_size:
                 raise ValueError(f"{name}: {t.shape[0]} rows, expected {2 * a.intermediate_size}")
