@@ -275,12 +275,4 @@ def _collect(chunks: Iterator[Chunk]) -> Completion:
     )
 
 
-def load(
-    bundle_dir: str | os.PathLike,
-    providers: Sequence[str] | str | None = None,
-    threads: int | None = None,
-    verify_hashes: bool = False,
-    io_binding: bool = True,
-) -> Engine:
-    """Engine.load, at module level: `onnxlm.runtime.load(bundle_dir)`."""
-    return Engine.load(bundle_dir, providers, threads, verify_hashes, io_binding)
+load = Engine.load  # `onnxlm.runtime.load(bundle_dir, ...)`, the same call
