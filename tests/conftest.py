@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -31,3 +32,15 @@ def bundle_copy(tiny_llama_bundle, tmp_path):
     dst = tmp_path / "bundle"
     shutil.copytree(tiny_llama_bundle, dst)
     return dst
+
+
+@pytest.fixture(scope="session")
+def smollm2_bundle(tmp_path_factory):
+    """Reuse the cached bundle `make demo` made when there is one; else export into a temp folder."""
+    from onnxlm.export import sources
+    from onnxlm.export.convert import export
+
+    cached = sources.default_bundle_dir("smollm2")
+    if (cached / "onnxlm.json").is_file() and os.environ.get("ONNXLM_FRESH_EXPORT") != "1":
+        return cached
+    return export("smollm2", tmp_path_factory.mktemp("smol") / "bundle", progress=False)

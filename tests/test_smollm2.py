@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -10,18 +9,6 @@ import pytest
 from onnxlm import bundle as B
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def smollm2_bundle(tmp_path_factory):
-    """Reuse the cached bundle `make demo` made when there is one; else export into a temp folder."""
-    from onnxlm.export import sources
-    from onnxlm.export.convert import export
-
-    cached = sources.default_bundle_dir("smollm2")
-    if (cached / B.MANIFEST).is_file() and os.environ.get("ONNXLM_FRESH_EXPORT") != "1":
-        return cached
-    return export("smollm2", tmp_path_factory.mktemp("smol") / "bundle", progress=False)
 
 
 def test_pull_checks_the_gguf():

@@ -1,0 +1,103 @@
+"""GGUF blocks kept as they are: Q4_1 / Q8_0 bytes -> MatMulNBits (+ the Q4_1 minimum correction)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from onnxlm.quantize import gguf_blocks as G
+
+
+def q4_1_raw(rng, n, k):
+    """Random Q4_1 rows as ggml lays them out, and the weights they stand for (d·q + m)."""
+    nb = k // 32
+    d = rng.uniform(0.001, 0.05, (n, nb)).astype(np.float16)
+    m = rng.uniform(-0.2, 0.0, (n, nb)).astype(np.float16)
+    q = rng.integers(0, 16, (n, nb, 32)).astype(np.uint8)
+    qs = q[..., :16] | (q[..., 16:] << 4)  # ggml: element j low nibble, j+16 high nibble
+    raw = np.concatenate([d[..., None].view(np.uint8), m[..., None].view(np.uint8), qs], axis=-1)
+    w = d.astype(np.float32)[..., None] * q.astype(np.float32) + m.astype(np.float32)[..., None]
+    return raw.reshape(n, nb * 20), w.reshape(n, k)
+
+
+def q8_0_raw(rng, n, k):
+    nb = k // 32
+    d = rng.uniform(0.001, 0.05, (n, nb)).astype(np.float16)
+    q = rng.integers(-127, 128, (n, nb, 32)).astype(np.int8)
+    raw = np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8)], axis=-1)
+    w = d.astype(np.float32)[..., None] * q.astype(np.float32)
+    return raw.reshape(n, nb * 34), w.reshape(n, k)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_blocks_decode_to_the_ggml_weights(kind):
+    rng = np.random.default_rng(0)
+    raw, w = (q4_1_raw if kind == "q4_1" else q8_0_raw)(rng, 48, 96)
+    b = G._from_q4_1(raw) if kind == "q4_1" else G._from_q8_0(raw)
+    assert b.kind == kind and b.shape == (48, 96)
+    np.testing.assert_array_equal(b.dequantize(), w)
+
+
+@pytest.mark.parametrize("kind", ["q4_1", "q8_0"])
+def test_matmul_nodes_compute_x_times_w_transposed(kind):
+    rng = np.random.default_rng(1)
+    n, k = 64, 128
+    raw, w = (q4_1_raw if kind == "q4_1" else q8_0_raw)(rng, n, k)
+    b = G._from_q4_1(raw) if kind == "q4_1" else G._from_q8_0(raw)
+    nodes, inits = G.matmul_nodes(b, "x", "y", "w", accuracy_level=0)
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, n])], inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    x = rng.standard_normal((2, 3, k)).astype(np.float32)
+    np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w.T, rtol=1e-4, atol=1e-4)
+    ops = [nd.op_type for nd in nodes]
+    assert ops[0] == "MatMulNBits" and (("ReduceSum" in ops) == (kind == "q4_1"))
+
+
+@pytest.mark.parametrize("heads", [1, 3, 4])
+def test_rotary_row_order_matches_transformers(heads):
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    rows = np.arange(24 * 3, dtype=np.float32).reshape(24, 3)
+    expected = LlamaTensorProcessor(config={})._reverse_permute_weights(rows, heads, heads)
+    np.testing.assert_array_equal(rows[G._reverse_permute_rows(24, heads)], expected)
+
+
+def test_gguf_names():
+    assert G.gguf_name("/layers.3/down_proj/MatMul") == "blk.3.ffn_down.weight"
+    assert G.gguf_name("/layers.0/q_proj/MatMul") == "blk.0.attn_q.weight"
+    assert G.gguf_name("/lm_head/MatMul") is None
+
+
+@pytest.mark.slow
+def test_smollm2_blocks_are_lossless(tmp_path, smollm2_bundle):
+    """The real GGUF: kept blocks reproduce the fp32 bundle's logits (accuracy level 0)."""
+    from onnxlm.export import sources
+    from onnxlm.runtime import load
+
+    gguf = sources.pull("smollm2")
+    bundle = smollm2_bundle
+    blocks = G.read_gguf_blocks(gguf, 9, 3)
+    model = onnx.load(str(bundle / "model.onnx"))
+    report = G.keep_gguf_blocks(model, blocks, accuracy_level=0)
+    assert len(report) == 30 * 7 + 2  # every projection, the head and the embedding
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, location="m.onnx.data")
+    ref = load(bundle)
+    ids = ref.encode_prompt("The capital of France is Paris. The capital of Germany is")
+    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
+             "position_ids": np.arange(len(ids))[None]}
+    for i in range(30):
+        for t in ("key", "value"):
+            feeds[f"past_key_values.{i}.{t}"] = np.zeros((1, 3, 0, 64), np.float32)
+    got = sess.run(["logits"], feeds)[0]
+    ref_sess = ort.InferenceSession(str(bundle / "model.onnx"), providers=["CPUExecutionProvider"])
+    want = ref_sess.run(["logits"], feeds)[0]
+    assert np.abs(got - want).max() < 1e-3
+    assert (tmp_path / "m.onnx.data").stat().st_size < 0.22 * (bundle / "model.onnx.data").stat().st_size
