@@ -267,6 +267,29 @@ def info(bundle, as_json, verify) -> None:
         click.echo("validation  none recorded")
 
 
+@cli.command(name="eval")
+@click.argument("bundle", type=click.Path())
+@click.option("--text", "text_file", type=click.Path(), default=None,
+              help="UTF-8 text to score (default: the built-in English and Chinese texts).")
+@click.option("--against", type=click.Path(), default=None,
+              help="Reference bundle: adds greedy agreement, top-5 containment and KL under teacher forcing.")
+@click.option("--window", type=int, default=512, show_default=True, help="Sliding-window length in tokens.")
+@click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of each text.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@engine_options
+@friendly
+def eval_cmd(bundle, text_file, against, window, max_tokens, as_json, providers, threads) -> None:
+    """Perplexity of BUNDLE over a text (sliding window); with --against, agreement with a reference."""
+    import json
+    from pathlib import Path
+
+    from .quantize.eval import evaluate, format_report
+
+    result = evaluate(bundle, text=Path(text_file) if text_file else None, against=against, as_json=as_json,
+                      window=window, max_tokens=max_tokens, providers=list(providers) or None, threads=threads)
+    click.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else format_report(result))
+
+
 def main() -> None:
     cli(prog_name="onnxlm")
 

@@ -87,3 +87,18 @@ def test_missing_bundle_and_bad_option():
         text=True,
     )
     assert r.returncode == 2 and "Traceback" not in r.stderr
+
+
+def test_eval_command(tiny_llama_bundle, tmp_path):
+    import json
+
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. 你好，欢迎使用我们的客服系统。" * 8, encoding="utf-8")
+    args = ["eval", str(tiny_llama_bundle), "--text", str(text), "--window", "64"]
+    r = CliRunner().invoke(cli, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    (only,) = result["texts"].values()
+    assert only["ppl"] > 1 and only["tokens"] > 64
+    r = CliRunner().invoke(cli, [*args, "--against", str(tiny_llama_bundle)])
+    assert r.exit_code == 0 and "agreement" in r.output.lower(), r.output
