@@ -4,7 +4,8 @@ import dataclasses
 
 import numpy as np
 import pytest
-from runtime_fixtures import EOS, IM_END, tiny_bundle
+from fixtures import BOS, EOS, IM_END, PAD
+from runtime_fixtures import tiny_bundle
 
 from onnxlm.bundle import BundleError
 from onnxlm.runtime import Completion, Engine, load
@@ -30,7 +31,7 @@ def hf_generate(bundle, prompts_ids, **kw):
     import torch
 
     width = max(map(len, prompts_ids))
-    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts_ids])
+    ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts_ids])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts_ids])
     out = bundle.hf_model.generate(ids, attention_mask=mask, do_sample=False, **kw)
     rows = []
@@ -43,7 +44,7 @@ def hf_generate(bundle, prompts_ids, **kw):
 def test_greedy_matches_transformers(bundle, engine):
     for prompt in PROMPTS:
         ids = engine.tokenizer.encode(prompt)
-        assert ids[0] == 1  # BOS from the manifest's add_bos_token
+        assert ids[0] == BOS  # BOS from the tokenizer's post-processor
         got = engine.generate(prompt, max_new_tokens=32)
         assert got.token_ids == hf_generate(bundle, [ids], max_new_tokens=32)[0]
         assert got.usage.prompt_tokens == len(ids)
@@ -209,7 +210,7 @@ def test_chat(engine):
     text = engine.render_chat(messages)
     assert text.startswith("<s><|im_start|>system") and text.endswith("<|im_start|>assistant\n")
     ids = engine.tokenizer.encode(text, add_special_tokens=False)
-    assert ids.count(1) == 1  # BOS once, written by the template
+    assert ids.count(BOS) == 1  # BOS once, written by the template
     got = engine.chat(messages, max_new_tokens=10)
     assert isinstance(got, Completion)
     assert got.token_ids == engine.generate(ids, max_new_tokens=10).token_ids

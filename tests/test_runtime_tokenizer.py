@@ -4,7 +4,7 @@ import datetime
 
 import numpy as np
 import pytest
-from runtime_fixtures import BOS, CHAT_TEMPLATE, EOS, IM_END, build_tokenizer
+from fixtures import BOS, CHAT_TEMPLATE, EOS, IM_END, VOCAB, build_tokenizer
 
 from onnxlm.bundle import Manifest, ModelFacts
 from onnxlm.runtime.tokenizer import ChatTemplateError, Detokenizer, Tokenizer
@@ -25,7 +25,7 @@ def manifest(template=CHAT_TEMPLATE, add_bos=True):
         num_kv_heads=1,
         head_dim=8,
         hidden_size=8,
-        vocab_size=384,
+        vocab_size=VOCAB,
         context_length=64,
         bos_token_id=BOS,
         eos_token_ids=[EOS, IM_END],
