@@ -44,10 +44,14 @@ def describe_graph(model, config) -> tuple[B.GraphIO, dict]:
     past = inputs[io.past_key.format(i=0)]
     if len(past.type.tensor_type.shape.dim) != 4:
         raise ValueError("the exported graph's past KV is not (batch, heads, seq, head_dim)")
-    kv_heads, head_dim = _static_dim(past, 1), _static_dim(past, 3)
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None)
+    kv_heads = _static_dim(past, 1) or getattr(config, "num_key_value_heads", None) or heads
+    head_dim = _static_dim(past, 3) or getattr(config, "head_dim", None)
+    if not head_dim and heads and getattr(config, "hidden_size", None):
+        head_dim = config.hidden_size // heads
     if not kv_heads or not head_dim:
-        raise ValueError("the exported graph's past KV has no static head count / head size")
-    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head", None) or kv_heads
+        raise ValueError("the exported graph's past KV has no static head count / head size, nor a config to say")
+    heads = heads or kv_heads
     facts = dict(
         num_layers=L,
         num_heads=int(heads),
