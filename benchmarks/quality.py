@@ -69,16 +69,26 @@ def wrap_foreign(folder: Path, reference: Path, work: Path) -> Path:
                 except OSError:
                     shutil.copyfile(f, tmp / f.name)
         shutil.copyfile(reference / B.TOKENIZER, tmp / B.TOKENIZER)
-        special = {k: getattr(ref.model, k) for k in ("bos_token_id", "eos_token_ids", "pad_token_id", "add_bos_token")}
-        writer.commit(B.Manifest(model=B.ModelFacts(model_type=ref.model.model_type, **facts, **special), io=io,
-                                 provenance={"source": f"foreign:{folder.name}"}))
+        special = {
+            k: getattr(ref.model, k)
+            for k in ("bos_token_id", "eos_token_ids", "pad_token_id", "add_bos_token")
+        }
+        writer.commit(
+            B.Manifest(
+                model=B.ModelFacts(model_type=ref.model.model_type, **facts, **special),
+                io=io,
+                provenance={"source": f"foreign:{folder.name}"},
+            )
+        )
     return out
 
 
 def gguf_perplexity(path: str, ids: np.ndarray, window: int, stride: int, threads: int) -> dict:
     from llama_cpp import Llama
 
-    llm = Llama(model_path=path, n_ctx=window, logits_all=True, n_threads=threads, n_batch=window, verbose=False)
+    llm = Llama(
+        model_path=path, n_ctx=window, logits_all=True, n_threads=threads, n_batch=window, verbose=False
+    )
     t0 = time.perf_counter()
     nll_sum, scored = 0.0, 0
     for w in E.windows(len(ids), window, stride):
@@ -97,7 +107,9 @@ def main() -> None:
     ap.add_argument("--bundle", action="append", default=[], help="NAME=BUNDLE (the first one tokenizes)")
     ap.add_argument("--onnx", action="append", default=[], help="NAME=FOLDER with model.onnx")
     ap.add_argument("--gguf", action="append", default=[], help="NAME=FILE.gguf (llama-cpp-python)")
-    ap.add_argument("--text", action="append", default=[], help="en, zh, or a UTF-8 file (default: en and zh)")
+    ap.add_argument(
+        "--text", action="append", default=[], help="en, zh, or a UTF-8 file (default: en and zh)"
+    )
     ap.add_argument("--window", type=int, default=512)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--json", type=Path, default=None)
@@ -105,7 +117,10 @@ def main() -> None:
     bundles = _pairs(args.bundle, "--bundle")
     if not bundles:
         raise SystemExit("give at least one --bundle (its tokenizer is used for every model)")
-    texts = {t: (E.builtin_text(t) if t in E.BUILTIN_TEXTS else E.read_text(t)) for t in (args.text or ["en", "zh"])}
+    texts = {
+        t: (E.builtin_text(t) if t in E.BUILTIN_TEXTS else E.read_text(t))
+        for t in (args.text or ["en", "zh"])
+    }
     reference = Path(bundles[0][1])
     ref_engine = E.load_engine(str(reference))
     stride = args.window // 2
@@ -130,12 +145,16 @@ def main() -> None:
                     row[tname] = {"skipped": f"not installed ({e.name})"}
                     continue
                 row[tname] = {k: r[k] for k in ("ppl", "nll_mean", "tokens", "seconds")}
-                print(f"{name:>18} {tname}: ppl {r['ppl']:.4f} over {r['tokens']} tokens ({r['seconds']:.1f} s)",
-                      file=sys.stderr)
+                print(
+                    f"{name:>18} {tname}: ppl {r['ppl']:.4f} over {r['tokens']} tokens ({r['seconds']:.1f} s)",
+                    file=sys.stderr,
+                )
             rows.append(row)
     base = rows[0]
-    lines = ["| model | bytes | " + " | ".join(f"ppl {t} | vs {base['model']}" for t in texts) + " |",
-             "| --- | --- | " + " | ".join("--- | ---" for _ in texts) + " |"]
+    lines = [
+        "| model | bytes | " + " | ".join(f"ppl {t} | vs {base['model']}" for t in texts) + " |",
+        "| --- | --- | " + " | ".join("--- | ---" for _ in texts) + " |",
+    ]
     for row in rows:
         cells = [row["model"], f"{row['bytes'] / 1e6:.1f} MB" if row["bytes"] else "?"]
         for t in texts:
@@ -148,13 +167,19 @@ def main() -> None:
     table = "\n".join(lines)
     import onnxruntime
 
-    machine = {"machine": platform.machine(), "cpus": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-               "onnxruntime": onnxruntime.__version__, "processor": platform.processor() or platform.uname().machine}
+    machine = {
+        "machine": platform.machine(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "python": platform.python_version(),
+        "onnxruntime": onnxruntime.__version__,
+        "processor": platform.processor() or platform.uname().machine,
+    }
     print(table)
     print(f"\nwindow {args.window}, stride {stride}, threads {args.threads}; {json.dumps(machine)}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "window": args.window, "stride": stride, "rows": rows},
-                                        indent=2))
+        args.json.write_text(
+            json.dumps({"machine": machine, "window": args.window, "stride": stride, "rows": rows}, indent=2)
+        )
 
 
 if __name__ == "__main__":

@@ -269,10 +269,19 @@ def info(bundle, as_json, verify) -> None:
 
 @cli.command(name="eval")
 @click.argument("bundle", type=click.Path())
-@click.option("--text", "text_file", type=click.Path(), default=None,
-              help="UTF-8 text to score (default: the built-in English and Chinese texts).")
-@click.option("--against", type=click.Path(), default=None,
-              help="Reference bundle: adds greedy agreement, top-5 containment and KL under teacher forcing.")
+@click.option(
+    "--text",
+    "text_file",
+    type=click.Path(),
+    default=None,
+    help="UTF-8 text to score (default: the built-in English and Chinese texts).",
+)
+@click.option(
+    "--against",
+    type=click.Path(),
+    default=None,
+    help="Reference bundle: adds greedy agreement, top-5 containment and KL under teacher forcing.",
+)
 @click.option("--window", type=int, default=512, show_default=True, help="Sliding-window length in tokens.")
 @click.option("--max-tokens", type=int, default=None, help="Score at most this many tokens of each text.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
@@ -285,9 +294,49 @@ def eval_cmd(bundle, text_file, against, window, max_tokens, as_json, providers,
 
     from .quantize.eval import evaluate, format_report
 
-    result = evaluate(bundle, text=Path(text_file) if text_file else None, against=against, as_json=as_json,
-                      window=window, max_tokens=max_tokens, providers=list(providers) or None, threads=threads)
+    result = evaluate(
+        bundle,
+        text=Path(text_file) if text_file else None,
+        against=against,
+        as_json=as_json,
+        window=window,
+        max_tokens=max_tokens,
+        providers=list(providers) or None,
+        threads=threads,
+    )
     click.echo(json.dumps(result, indent=2, ensure_ascii=False) if as_json else format_report(result))
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("--contexts", default="64,512,2048", show_default=True, help="Prompt lengths, comma-separated.")
+@click.option(
+    "-n", "--new-tokens", type=int, default=128, show_default=True, help="Tokens generated per context."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option("--no-bandwidth", is_flag=True, help="Skip measuring the machine's read bandwidth.")
+@engine_options
+@friendly
+def bench(bundle, contexts, new_tokens, as_json, no_bandwidth, providers, threads) -> None:
+    """Prefill and decode speed of BUNDLE at several contexts, peak memory, achieved GB/s."""
+    import json
+
+    from .runtime.bench import bench as run_bench
+    from .runtime.bench import format_bench
+
+    try:
+        sizes = tuple(int(c) for c in contexts.split(",") if c.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected integers separated by commas, got {contexts!r}") from None
+    result = run_bench(
+        bundle,
+        sizes,
+        new_tokens,
+        threads=threads,
+        providers=list(providers) or None,
+        measure_bandwidth=not no_bandwidth,
+    )
+    click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_bench(result))
 
 
 def main() -> None:

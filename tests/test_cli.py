@@ -93,7 +93,9 @@ def test_eval_command(tiny_llama_bundle, tmp_path):
     import json
 
     text = tmp_path / "t.txt"
-    text.write_text("The quick brown fox jumps over the lazy dog. 你好，欢迎使用我们的客服系统。" * 8, encoding="utf-8")
+    text.write_text(
+        "The quick brown fox jumps over the lazy dog. 你好，欢迎使用我们的客服系统。" * 8, encoding="utf-8"
+    )
     args = ["eval", str(tiny_llama_bundle), "--text", str(text), "--window", "64"]
     r = CliRunner().invoke(cli, [*args, "--json"])
     assert r.exit_code == 0, r.output
@@ -102,3 +104,20 @@ def test_eval_command(tiny_llama_bundle, tmp_path):
     assert only["ppl"] > 1 and only["tokens"] > 64
     r = CliRunner().invoke(cli, [*args, "--against", str(tiny_llama_bundle)])
     assert r.exit_code == 0 and "agreement" in r.output.lower(), r.output
+
+
+def test_bench_command_reports_every_context(tiny_llama_bundle):
+    import json
+
+    r = CliRunner().invoke(
+        cli, ["bench", str(tiny_llama_bundle), "--contexts", "8,32", "-n", "6", "--json", "--no-bandwidth"]
+    )
+    assert r.exit_code == 0, r.output
+    result = json.loads(r.stdout)
+    assert [c["context"] for c in result["contexts"]] == [8, 32]
+    for c in result["contexts"]:
+        assert c["new_tokens"] == 6 and c["decode_tokens_per_s"] > 0 and c["ttft_s"] > 0
+        assert abs(c["decode_gb_per_s"] - result["weight_bytes"] * c["decode_tokens_per_s"] / 1e9) < 1e-9
+    assert result["peak_rss_mb"] > 0
+    r = CliRunner().invoke(cli, ["bench", str(tiny_llama_bundle), "--contexts", "250", "-n", "16"])
+    assert r.exit_code == 1 and "exceeds the window" in r.output
