@@ -19,7 +19,7 @@ def __getattr__(name):  # lazy: `import onnxlm` stays light, and never imports t
 
         return getattr(runtime, name)
     if name == "export":  # the subpackage, callable as onnxlm.export(source, out_dir, **options)
-        from . import export
+        import importlib
 
-        return export
+        return importlib.import_module(".export", __name__)
     raise AttributeError(f"module 'onnxlm' has no attribute {name!r}")

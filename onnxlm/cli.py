@@ -267,6 +267,90 @@ def info(bundle, as_json, verify) -> None:
         click.echo("validation  none recorded")
 
 
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option("-o", "--output", "out_dir", required=True, type=click.Path(), help="New bundle folder.")
+@click.option(
+    "--recipe",
+    default="int4",
+    show_default=True,
+    type=click.Choice(["int8", "int4", "int4-mixed", "fp16", "auto"]),
+    help="auto: int4, raising sensitive weights to int8 until --max-ppl-increase holds.",
+)
+@click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True)
+@click.option("--asymmetric", is_flag=True, help="4/8-bit with zero points (default: symmetric).")
+@click.option(
+    "--accuracy-level",
+    type=click.IntRange(0, 4),
+    default=4,
+    show_default=True,
+    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0/1 = fp32.",
+)
+@click.option("--algorithm", type=click.Choice(["rtn", "hqq", "gptq"]), default="rtn", show_default=True)
+@click.option(
+    "--calibration-text",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="UTF-8 text for GPTQ.",
+)
+@click.option(
+    "--max-ppl-increase",
+    type=float,
+    default=None,
+    help="Fail (writing nothing) if perplexity rises more than PCT percent on the report's texts.",
+)
+@click.option(
+    "--eval-text",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="Text for the quality report (default: the built-in English and Chinese texts).",
+)
+@click.option("--eval-tokens", type=int, default=None, help="Score at most this many tokens per text.")
+@click.option("--no-report", is_flag=True, help="Skip the quality report (and any budget).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing bundle at OUTPUT.")
+@friendly
+def quantize(
+    bundle,
+    out_dir,
+    recipe,
+    block_size,
+    asymmetric,
+    accuracy_level,
+    algorithm,
+    calibration_text,
+    max_ppl_increase,
+    eval_text,
+    eval_tokens,
+    no_report,
+    overwrite,
+) -> None:
+    """Quantize BUNDLE into a new bundle and report what it cost in quality."""
+    from pathlib import Path
+
+    from .quantize.eval import format_report, read_text
+    from .quantize.report import quantize_with_report
+
+    out, report = quantize_with_report(
+        bundle,
+        out_dir,
+        recipe,
+        max_ppl_increase=max_ppl_increase,
+        report=not no_report,
+        text=Path(eval_text) if eval_text else None,
+        eval_tokens=eval_tokens,
+        overwrite=overwrite,
+        block_size=int(block_size),
+        symmetric=not asymmetric,
+        accuracy_level=accuracy_level,
+        algorithm=algorithm,
+        calibration_text=read_text(calibration_text) if calibration_text else None,
+        log=log.info,
+    )
+    if report is not None:
+        click.echo(format_report(report))
+    click.echo(f"wrote {out}")
+
+
 @cli.command(name="eval")
 @click.argument("bundle", type=click.Path())
 @click.option(

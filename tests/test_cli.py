@@ -121,3 +121,13 @@ def test_bench_command_reports_every_context(tiny_llama_bundle):
     assert result["peak_rss_mb"] > 0
     r = CliRunner().invoke(cli, ["bench", str(tiny_llama_bundle), "--contexts", "250", "-n", "16"])
     assert r.exit_code == 1 and "exceeds the window" in r.output
+
+
+def test_public_face_from_a_fresh_interpreter():
+    code = (
+        "import onnxlm, sys; assert callable(onnxlm.export) and callable(onnxlm.load); "
+        "assert onnxlm.Engine.__name__ == 'Engine'; print('torch' in sys.modules)"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "False"  # naming export does not import torch until it is called

@@ -148,11 +148,22 @@ def matmul_nodes(blocks: Blocks, x: str, y: str, prefix: str, accuracy_level: in
             numpy_helper.from_array(np.ascontiguousarray(blocks.mins.T), f"{prefix}.minsT"),  # (K/32, N)
         ]
         nodes += [
-            helper.make_node("Reshape", [x, f"{prefix}.block_shape"], [f"{prefix}.xb"], name=f"{prefix}/Reshape"),
             helper.make_node(
-                "ReduceSum", [f"{prefix}.xb", f"{prefix}.last_axis"], [f"{prefix}.xsum"], name=f"{prefix}/ReduceSum", keepdims=0
+                "Reshape", [x, f"{prefix}.block_shape"], [f"{prefix}.xb"], name=f"{prefix}/Reshape"
             ),
-            helper.make_node("MatMul", [f"{prefix}.xsum", f"{prefix}.minsT"], [f"{prefix}.corr"], name=f"{prefix}/MinsMatMul"),
+            helper.make_node(
+                "ReduceSum",
+                [f"{prefix}.xb", f"{prefix}.last_axis"],
+                [f"{prefix}.xsum"],
+                name=f"{prefix}/ReduceSum",
+                keepdims=0,
+            ),
+            helper.make_node(
+                "MatMul",
+                [f"{prefix}.xsum", f"{prefix}.minsT"],
+                [f"{prefix}.corr"],
+                name=f"{prefix}/MinsMatMul",
+            ),
             helper.make_node("Add", [main, f"{prefix}.corr"], [y], name=f"{prefix}/Add"),
         ]
     return nodes, inits
@@ -166,7 +177,12 @@ def _embedding_nodes(blocks: Blocks, gather, prefix: str):
     n, k = blocks.shape
     shape = numpy_helper.from_array(np.array([n, k], np.int64), f"{prefix}.table_shape")
     nodes = [
-        helper.make_node("Reshape", [f"{prefix}.B", f"{prefix}.table_shape"], [f"{prefix}.table"], name=f"{prefix}/TableView"),
+        helper.make_node(
+            "Reshape",
+            [f"{prefix}.B", f"{prefix}.table_shape"],
+            [f"{prefix}.table"],
+            name=f"{prefix}/TableView",
+        ),
         helper.make_node(
             "GatherBlockQuantized",
             [f"{prefix}.table", gather.input[1], f"{prefix}.scales", f"{prefix}.zero_points"],
@@ -182,7 +198,9 @@ def _embedding_nodes(blocks: Blocks, gather, prefix: str):
     return nodes, [shape]
 
 
-def keep_gguf_blocks(model, blocks: dict[str, Blocks], accuracy_level: int = 4, check: bool = True) -> dict[str, str]:
+def keep_gguf_blocks(
+    model, blocks: dict[str, Blocks], accuracy_level: int = 4, check: bool = True
+) -> dict[str, str]:
     """Rewrite an exported llama-family graph in place so every weight that the GGUF stores as
     Q4_1 / Q8_0 is served from those blocks. Returns {node name: what it became}.
 
@@ -200,7 +218,11 @@ def keep_gguf_blocks(model, blocks: dict[str, Blocks], accuracy_level: int = 4, 
     tied_head = None
     for node in graph.node:
         target = gguf_name(node.name) if node.op_type == "MatMul" else None
-        is_head = node.op_type == "Gemm" and node.input[1] in inits and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        is_head = (
+            node.op_type == "Gemm"
+            and node.input[1] in inits
+            and any(a.name == "transB" and a.i == 1 for a in node.attribute)
+        )
         if is_head:
             target = "output.weight" if "output.weight" in blocks else "token_embd.weight"
         if not target or target not in blocks:
@@ -210,8 +232,10 @@ def keep_gguf_blocks(model, blocks: dict[str, Blocks], accuracy_level: int = 4, 
         weight = numpy_helper.to_array(inits[node.input[1]])
         expected = weight if is_head else weight.T  # (N, K)
         if check and (expected.shape != b.shape or not np.array_equal(b.dequantize(), expected)):
-            raise ValueError(f"{node.name}: the GGUF's {target} does not match the bundle's weight; "
-                             "was this bundle exported from that GGUF?")
+            raise ValueError(
+                f"{node.name}: the GGUF's {target} does not match the bundle's weight; "
+                "was this bundle exported from that GGUF?"
+            )
         prefix = "gguf." + target.removesuffix(".weight")
         out = node.output[0]
         bias = node.input[2] if is_head and len(node.input) > 2 and node.input[2] else None

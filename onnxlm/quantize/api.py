@@ -1,0 +1,267 @@
+"""quantize(): a float32 bundle in, a new quantized bundle out (atomically; the source untouched)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from .. import bundle as B
+from .recipes import RECIPES, get_recipe
+
+BLOCK_SIZES = (16, 32, 64, 128)
+ALGORITHMS = ("rtn", "hqq", "gptq")
+
+
+class QuantizeError(ValueError):
+    """A quantize request that cannot be carried out; the message says why."""
+
+
+def quantize(
+    bundle_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    recipe: str = "int4",
+    *,
+    block_size: int = 32,
+    symmetric: bool = True,
+    accuracy_level: int = 4,
+    algorithm: str = "rtn",
+    calibration_text: str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Path:
+    """Write a quantized copy of the float32 bundle `bundle_dir` to `out_dir`; returns out_dir.
+
+    recipe: int8 | int4 | int4-mixed | fp16 (see recipes.RECIPES). block_size, symmetric,
+    accuracy_level (MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute) and algorithm
+    (rtn | hqq | gptq; gptq needs calibration_text) apply to the integer recipes.
+    """
+    started = time.perf_counter()
+    rec = _check_options(recipe, block_size, symmetric, accuracy_level, algorithm, calibration_text)
+    src = Path(bundle_dir)
+    manifest = B.check_bundle(src, verify_hashes=True)  # hashes: provenance names what we really read
+    if manifest.dtype != "float32" or manifest.quantization:
+        raise QuantizeError(
+            f"{src}: is already a {manifest.dtype} bundle; quantize the float32 bundle it was made from"
+        )
+    _check_out(src, Path(out_dir), overwrite)
+    writer = B.BundleWriter(out_dir, overwrite=overwrite)
+
+    import onnx
+    from onnx.external_data_helper import load_external_data_for_model
+    from tqdm.auto import tqdm
+
+    from . import graph as G
+
+    model = onnx.load(str(src / B.MODEL), load_external_data=False)
+    if rec.name == "fp16":
+        model = onnx.shape_inference.infer_shapes(model)  # types for the converter's casts, weights unloaded
+    load_external_data_for_model(model, str(src))
+    facts, io = manifest.model, B.GraphIO(**vars(manifest.io))
+    sites = G.find_sites(model, facts.num_layers, facts.hidden_size, facts.vocab_size)
+    if not sites:
+        raise QuantizeError(f"{src / B.MODEL}: no MatMul, Gemm or embedding Gather reads a float32 weight")
+    bar = tqdm(total=len(sites) + 2, desc=f"quantize {rec.name}", unit="weight", disable=not progress)
+    try:
+        if rec.name == "fp16":
+            model, record = _fp16(model, sites, manifest, io)
+            bar.update(len(sites))
+        else:
+            from .weights import Settings
+
+            settings = Settings(block_size, symmetric, accuracy_level, algorithm)
+            record = _integer(model, sites, rec, src, manifest, settings, calibration_text, bar)
+        with writer as tmp:
+            bar.set_postfix_str("writing")
+            onnx.save_model(
+                model,
+                str(tmp / B.MODEL),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=B.MODEL_DATA,
+                size_threshold=1024,
+                convert_attribute=False,
+            )
+            del model
+            for name in manifest.files:  # the tokenizer and anything else the bundle carries
+                if name not in (B.MODEL, B.MODEL_DATA):
+                    shutil.copyfile(src / name, tmp / name)
+            bar.update()
+            bar.set_postfix_str("loading in onnxruntime")
+            _check_loads(tmp / B.MODEL)
+            bar.update()
+            record["bytes"] = {
+                "before": (src / B.MODEL_DATA).stat().st_size,
+                "after": (tmp / B.MODEL_DATA).stat().st_size,
+            }
+            record["seconds"] = round(time.perf_counter() - started, 1)
+            return writer.commit(_manifest(manifest, src, io, rec.dtype, record))
+    finally:
+        bar.close()
+
+
+def _check_options(recipe, block_size, symmetric, accuracy_level, algorithm, calibration_text):
+    try:
+        rec = get_recipe(recipe)
+    except ValueError as e:
+        raise QuantizeError(str(e)) from None
+    if block_size not in BLOCK_SIZES:
+        raise QuantizeError(
+            f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}; got {block_size!r}"
+        )
+    if not isinstance(symmetric, bool):
+        raise QuantizeError(f"symmetric must be True or False; got {symmetric!r}")
+    if accuracy_level not in (0, 1, 2, 3, 4):
+        raise QuantizeError(f"accuracy_level must be 0-4 (4: int8 compute on CPU); got {accuracy_level!r}")
+    if algorithm not in ALGORITHMS:
+        raise QuantizeError(f"unknown algorithm {algorithm!r}; known: {', '.join(ALGORITHMS)}")
+    if algorithm != "rtn" and rec.default != "int4":
+        raise QuantizeError(f"algorithm {algorithm!r} applies to the 4-bit recipes; {recipe} uses rtn")
+    if algorithm == "gptq" and not (isinstance(calibration_text, str) and calibration_text.strip()):
+        raise QuantizeError(
+            "algorithm 'gptq' needs calibration_text: representative text, ideally thousands of tokens"
+        )
+    if calibration_text is not None and algorithm != "gptq":
+        raise QuantizeError("calibration_text is only used by algorithm 'gptq'")
+    return rec
+
+
+def _check_out(src: Path, out: Path, overwrite: bool) -> None:
+    """Refuse an output that is, holds or lies in the source, is a link, or holds links."""
+    if out.is_symlink():
+        raise QuantizeError(f"{out}: is a symbolic link; refusing to write through it")
+    s, o = src.resolve(), out.resolve()
+    if o == s:
+        raise QuantizeError(f"{out}: is the source bundle; write the quantized bundle to a new folder")
+    if s in o.parents:
+        raise QuantizeError(f"{out}: lies inside the source bundle {src}; choose a folder outside it")
+    if o in s.parents:
+        raise QuantizeError(f"{out}: contains the source bundle {src}; choose another folder")
+    if not out.exists():
+        return
+    if not overwrite:
+        raise QuantizeError(f"{out}: already exists (pass overwrite=True to replace it)")
+    if not out.is_dir():
+        raise QuantizeError(f"{out}: exists and is not a folder; refusing to replace it")
+    for root, dirs, files in os.walk(out, followlinks=False):
+        for name in dirs + files:
+            if (Path(root) / name).is_symlink():
+                raise QuantizeError(
+                    f"{Path(root) / name}: a symbolic link inside {out}; refusing to replace a folder that holds links"
+                )
+    if (out / B.MANIFEST).is_file():
+        B.read_manifest(out)  # raises BundleError when it is not one of ours
+    elif any(out.iterdir()):
+        raise QuantizeError(f"{out}: exists and is not an onnxlm bundle; refusing to replace it")
+
+
+def _check_loads(model_path: Path) -> None:
+    import onnxruntime as ort
+
+    try:
+        ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own Fail / InvalidGraph / NotImplemented types
+        raise QuantizeError(f"the quantized graph does not load in onnxruntime: {e}") from None
+
+
+def _integer(model, sites, rec, src, manifest, settings, text, bar) -> dict:
+    from . import weights as W
+
+    formats = W.plan(sites, rec.choose)
+    record: dict[str, Any] = {
+        "recipe": rec.name,
+        "summary": rec.summary,
+        "rules": rec.describe(),
+        "algorithm": settings.algorithm,
+        "algorithm_scope": "4-bit MatMul/Gemm weights; 8-bit weights and the embedding use rtn",
+        "block_size": settings.block_size,
+        "symmetric": settings.symmetric,
+        "accuracy_level": settings.accuracy_level,
+    }
+    results = []
+    if settings.algorithm == "gptq":
+        from .gptq import calibration_feeds, hessians
+
+        feeds = calibration_feeds(text, src / B.TOKENIZER, manifest)
+        groups = W.groups(sites)
+        calibrated = [
+            g[0]
+            for g in groups.values()
+            if len(g) == 1 and g[0].role != "embedding" and formats[g[0].node] == "int4"
+        ]
+        by_name = {n.name: n for n in model.graph.node}
+        source = {s.node: by_name[s.node].input[0] for s in calibrated}
+        inputs = list(dict.fromkeys((source[s.node], s.k) for s in calibrated))
+        for hs in hessians(model, inputs, feeds):
+            chunk = [s for s in calibrated if source[s.node] in hs]
+            results.append(
+                W.apply(model, chunk, formats, settings, {s.node: hs[source[s.node]] for s in chunk}, bar)
+            )
+        record["calibration"] = {
+            "samples": len(feeds),
+            "tokens": int(sum(f[manifest.io.input_ids].size for f in feeds)),
+        }
+        sites = [s for s in sites if s not in calibrated]
+    results.append(W.apply(model, sites, formats, settings, None, bar))
+    record["nodes"], record["tied"], record["notes"] = {}, [], {}
+    for r in results:
+        record["nodes"].update(r.nodes)
+        record["tied"] += r.tied
+        record["notes"].update(r.notes)
+    return record
+
+
+def _fp16(model, sites, manifest, io: B.GraphIO):
+    from . import fp16
+
+    facts = manifest.model
+    state = {
+        n.output[0] for n in model.graph.node if n.name in {s.node for s in sites if s.role == "embedding"}
+    }
+    for i in range(facts.num_layers):
+        state |= {io.past_key.format(i=i), io.past_value.format(i=i)}
+    model, kept = fp16.convert(model, [io.logits], state)
+    io.kv_dtype, io.logits_dtype = "float16", "float32"
+    record = {
+        "recipe": "fp16",
+        "summary": RECIPES["fp16"].summary,
+        "nodes": {s.node: "float16" for s in sites},
+        "keep_fp32": {
+            "ops": list(fp16.KEEP_OPS),
+            "scopes": fp16.KEEP_SCOPES.pattern,
+            "position_and_mask_subgraph": True,
+            "nodes": len(kept),
+        },
+        "io": {"kv": "float16", "logits": "float32"},
+    }
+    return model, record
+
+
+def _manifest(src_manifest: B.Manifest, src: Path, io: B.GraphIO, dtype: str, record: dict) -> B.Manifest:
+    import onnx
+    import onnxruntime
+
+    from .. import __version__
+
+    files = src_manifest.files
+    provenance = dict(src_manifest.provenance)
+    provenance["quantized_from"] = {
+        "bundle": src.resolve().name,
+        "dtype": src_manifest.dtype,
+        "model_sha256": files[B.MODEL]["sha256"],
+        "data_sha256": files.get(B.MODEL_DATA, {}).get("sha256"),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"onnxlm": __version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
+    }
+    return B.Manifest(
+        model=src_manifest.model,
+        io=io,
+        dtype=dtype,
+        quantization=record,
+        chat_template=src_manifest.chat_template,
+        provenance=provenance,
+        validation={},  # the export's figures describe the float32 graph, not this one
+    )

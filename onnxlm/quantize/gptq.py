@@ -1,0 +1,158 @@
+"""GPTQ (Frantar et al., 2022) for MatMul weights, calibrated on text run through the fp32 graph.
+
+onnxruntime's quantizer offers GPTQ through a numpy port (neural_compressor/weight_only.py) whose
+updates read the lower triangle of an upper-triangular inverse Cholesky factor, so its error
+feedback is all zeros and it reduces to round-to-nearest on a different grid; here is the algorithm
+as published, writing integer codes straight into MatMulNBits' layout (no requantization).
+
+    H = Σ x xᵀ over the calibration tokens (per MatMul input)   (K, K)
+    U = chol(H⁻¹)ᵀ, upper triangular
+    for each row k of W (K, N): q_k = quant(w_k); w_{k+1:} -= U[k, k+1:]ᵀ (w_k - q_k) / U[k, k]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .pack import Packed, from_integers
+
+WINDOW = 512  # tokens per calibration sample
+MAX_SAMPLES = 16
+MIN_TOKENS = 16
+HESSIAN_BUDGET = 1 << 30  # bytes of Hessians held at once; more inputs mean more passes over the text
+
+
+def calibration_feeds(text: str, tokenizer_file: Path, manifest) -> list[dict[str, np.ndarray]]:
+    """Tokenized calibration text as graph feeds: windows of WINDOW tokens from an empty cache, for
+    either kv_layout (concat: mask and positions; shared_buffer: lengths and a buffer of the window)."""
+    from tokenizers import Tokenizer
+
+    facts, io = manifest.model, manifest.io
+    ids = Tokenizer.from_file(str(tokenizer_file)).encode(text, add_special_tokens=False).ids
+    if len(ids) < MIN_TOKENS:
+        raise ValueError(f"calibration text is {len(ids)} tokens; GPTQ needs at least {MIN_TOKENS}")
+    feeds = []
+    for start in range(0, len(ids), WINDOW):
+        window = ids[start : start + WINDOW]
+        if len(window) < MIN_TOKENS or len(feeds) == MAX_SAMPLES:
+            break
+        if facts.add_bos_token and facts.bos_token_id is not None:
+            window = [facts.bos_token_id] + window[:-1]
+        n = len(window)
+        feed = {io.input_ids: np.array([window], np.int64)}
+        if getattr(io, "shared", False):
+            feed[io.seqlens_k] = np.array([n - 1], np.int32)
+            feed[io.total_sequence_length] = np.array(n, np.int32)
+            feed[io.query_seqlens] = np.array([n], np.int32)
+            feed[io.logits_index] = np.array([[n - 1]], np.int64)
+            past = n  # a buffer that holds the window
+        else:
+            feed[io.attention_mask] = np.ones((1, n), np.int64)
+            if io.position_ids:
+                feed[io.position_ids] = np.arange(n, dtype=np.int64)[None]
+            past = 0
+        for i in range(facts.num_layers):
+            for name in (io.past_key.format(i=i), io.past_value.format(i=i)):
+                feed[name] = np.zeros((1, facts.num_kv_heads, past, facts.head_dim), np.float32)
+        feeds.append(feed)
+    return feeds
+
+
+def hessians(model: onnx.ModelProto, inputs: list[tuple[str, int]], feeds: list[dict]) -> Iterator[dict]:
+    """Yield {input name: H (K, K) float64} in groups that fit HESSIAN_BUDGET, one pass over feeds each.
+
+    The model is run as it is (fp32) with the named tensors added as outputs, then restored."""
+    import onnxruntime as ort
+
+    if model.ByteSize() > (2 << 30) - (64 << 20):
+        raise ValueError("GPTQ calibration runs the graph from memory and supports models under 2 GB")
+    groups, group, size = [], [], 0
+    for name, k in inputs:
+        if group and size + 8 * k * k > HESSIAN_BUDGET:
+            groups.append(group)
+            group, size = [], 0
+        group.append((name, k))
+        size += 8 * k * k
+    groups += [group] if group else []
+    kept = list(model.graph.output)
+    for group in groups:
+        names = [name for name, _ in group]
+        del model.graph.output[:]
+        model.graph.output.extend([helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in names])
+        try:
+            session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        finally:
+            del model.graph.output[:]
+            model.graph.output.extend(kept)
+        acc = {name: np.zeros((k, k)) for name, k in group}
+        tokens = 0
+        for feed in feeds:
+            outs = session.run(names, feed)
+            for name, x in zip(names, outs, strict=True):
+                x = x.reshape(-1, x.shape[-1])  # (tokens, K)
+                acc[name] += (x.T @ x).astype(np.float64)
+            tokens += outs[0].reshape(-1, outs[0].shape[-1]).shape[0]
+        del session
+        yield {name: h * (2.0 / max(tokens, 1)) for name, h in acc.items()}
+
+
+def _params(g: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero of one block of rows g (block, N), onnxruntime's RTN conventions."""
+    maxq = 2**bits - 1
+    if symmetric:  # the largest-magnitude value maps to -2^(bits-1) exactly
+        m = g[np.argmax(np.abs(g), axis=0), np.arange(g.shape[1])]
+        scale = m / -(2 ** (bits - 1))
+        zero = np.full(g.shape[1], 2.0 ** (bits - 1))
+    else:
+        lo, hi = np.minimum(g.min(axis=0), 0), np.maximum(g.max(axis=0), 0)
+        scale = (hi - lo) / maxq
+        zero = np.clip(np.round(-lo / np.where(scale == 0, 1, scale)), 0, maxq)
+    return np.where(scale == 0, 1.0, scale), zero
+
+
+def gptq(
+    w_nk: np.ndarray,
+    h: np.ndarray,
+    bits: int,
+    block_size: int,
+    symmetric: bool,
+    percdamp: float = 0.01,
+    lazy: int = 128,
+) -> Packed:
+    """Quantize W (N, K) given the Hessian of its input (K, K); returns MatMulNBits-packed codes."""
+    n, k = w_nk.shape
+    kb = -(-k // block_size)
+    kp = kb * block_size
+    w = np.zeros((kp, n))
+    w[:k] = w_nk.T  # (K, N): one row per input channel
+    hp = np.eye(kp)
+    hp[:k, :k] = h
+    dead = np.diag(hp) == 0
+    hp[dead, dead] = 1.0
+    w[dead] = 0.0
+    hp[np.diag_indices(kp)] += percdamp * np.mean(np.diag(hp)[:k])
+    u = np.linalg.cholesky(np.linalg.inv(hp)).T  # upper: uᵀu = H⁻¹
+    maxq = 2**bits - 1
+    q = np.zeros((kp, n), np.uint8)
+    scales, zeros = np.zeros((kb, n)), np.zeros((kb, n))
+    lazy = max(lazy // block_size, 1) * block_size
+    for i1 in range(0, kp, lazy):
+        i2 = min(i1 + lazy, kp)
+        w1, u1 = w[i1:i2].copy(), u[i1:i2, i1:i2]
+        err = np.zeros_like(w1)
+        for i in range(i2 - i1):
+            r = i1 + i
+            if r % block_size == 0:
+                s, z = _params(w1[i : i + block_size], bits, symmetric)
+                scales[r // block_size], zeros[r // block_size] = s, z
+            qi = np.clip(np.round(w1[i] / s) + z, 0, maxq)
+            q[r] = qi
+            err[i] = (w1[i] - (qi - z) * s) / u1[i, i]
+            w1[i:] -= np.outer(u1[i, i:], err[i])
+        w[i2:] -= u[i1:i2, i2:].T @ err
+    return from_integers(q.T, scales.T, None if symmetric else zeros.T.astype(np.uint8), bits, block_size, k)
