@@ -274,17 +274,25 @@ def info(bundle, as_json, verify) -> None:
     "--recipe",
     default="int4",
     show_default=True,
-    type=click.Choice(["int8", "int4", "int4-mixed", "fp16", "auto"]),
-    help="auto: int4, raising sensitive weights to int8 until --max-ppl-increase holds.",
+    type=click.Choice(["int8", "int4", "int4-mixed", "fp16", "auto", "gguf"]),
+    help="auto: int4, raising sensitive weights to int8 until --max-ppl-increase holds; "
+    "gguf: keep the source GGUF's own Q4_1/Q8_0 blocks (no requantization).",
+)
+@click.option(
+    "--gguf",
+    "gguf_file",
+    type=click.Path(exists=True, dir_okay=False),
+    default=None,
+    help="With --recipe gguf: the GGUF the bundle was exported from (default: the cached default model's).",
 )
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True)
 @click.option("--asymmetric", is_flag=True, help="4/8-bit with zero points (default: symmetric).")
 @click.option(
     "--accuracy-level",
     type=click.IntRange(0, 4),
-    default=4,
-    show_default=True,
-    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0/1 = fp32.",
+    default=None,
+    help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0/1 = fp32. "
+    "Default: 4; with --recipe gguf, 1 for Q4_1 blocks (exact) and 4 for Q8_0.",
 )
 @click.option("--algorithm", type=click.Choice(["rtn", "hqq", "gptq"]), default="rtn", show_default=True)
 @click.option(
@@ -313,6 +321,7 @@ def quantize(
     bundle,
     out_dir,
     recipe,
+    gguf_file,
     block_size,
     asymmetric,
     accuracy_level,
@@ -330,6 +339,16 @@ def quantize(
     from .quantize.eval import format_report, read_text
     from .quantize.report import quantize_with_report
 
+    options = dict(
+        block_size=int(block_size),
+        symmetric=not asymmetric,
+        algorithm=algorithm,
+        calibration_text=read_text(calibration_text) if calibration_text else None,
+    )
+    if recipe == "gguf":  # the block layout comes from the file; only the compute type is ours to choose
+        options = {"gguf": gguf_file}
+    elif accuracy_level is None:
+        accuracy_level = 4
     out, report = quantize_with_report(
         bundle,
         out_dir,
@@ -339,12 +358,9 @@ def quantize(
         text=Path(eval_text) if eval_text else None,
         eval_tokens=eval_tokens,
         overwrite=overwrite,
-        block_size=int(block_size),
-        symmetric=not asymmetric,
         accuracy_level=accuracy_level,
-        algorithm=algorithm,
-        calibration_text=read_text(calibration_text) if calibration_text else None,
         log=log.info,
+        **options,
     )
     if report is not None:
         click.echo(format_report(report))

@@ -49,10 +49,15 @@ def test_matmul_nodes_compute_x_times_w_transposed(kind):
     b = G._from_q4_1(raw) if kind == "q4_1" else G._from_q8_0(raw)
     nodes, inits = G.matmul_nodes(b, "x", "y", "w", accuracy_level=0)
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, n])], inits,
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, n])],
+        inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     x = rng.standard_normal((2, 3, k)).astype(np.float32)
     np.testing.assert_allclose(sess.run(None, {"x": x})[0], x @ w.T, rtol=1e-4, atol=1e-4)
@@ -70,9 +75,17 @@ def test_rotary_row_order_matches_transformers(heads):
 
 
 def test_gguf_names():
-    assert G.gguf_name("/layers.3/down_proj/MatMul") == "blk.3.ffn_down.weight"
-    assert G.gguf_name("/layers.0/q_proj/MatMul") == "blk.0.attn_q.weight"
-    assert G.gguf_name("/lm_head/MatMul") is None
+    assert G.gguf_names("/layers.3/down_proj/MatMul") == ("blk.3.ffn_down.weight",)
+    assert G.gguf_names("/layers.0/qkv_proj/MatMul") == tuple(f"blk.0.attn_{x}.weight" for x in "qkv")
+    assert G.gguf_names("/lm_head/MatMul") is None
+
+
+def test_stacked_blocks_are_the_rows_of_the_parts():
+    rng = np.random.default_rng(2)
+    parts = [G._from_q4_1(q4_1_raw(rng, n, 64)[0]) for n in (8, 4, 4)]
+    merged = G.stack(parts)
+    np.testing.assert_array_equal(merged.dequantize(), np.concatenate([p.dequantize() for p in parts]))
+    assert G.stack([parts[0], G._from_q8_0(q8_0_raw(rng, 4, 64)[0])]) is None  # mixed kinds stay as they are
 
 
 @pytest.mark.slow
@@ -91,8 +104,11 @@ def test_smollm2_blocks_are_lossless(tmp_path, smollm2_bundle):
     ref = load(bundle)
     ids = ref.encode_prompt("The capital of France is Paris. The capital of Germany is")
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    feeds = {"input_ids": np.array([ids]), "attention_mask": np.ones((1, len(ids)), np.int64),
-             "position_ids": np.arange(len(ids))[None]}
+    feeds = {
+        "input_ids": np.array([ids]),
+        "attention_mask": np.ones((1, len(ids)), np.int64),
+        "position_ids": np.arange(len(ids))[None],
+    }
     for i in range(30):
         for t in ("key", "value"):
             feeds[f"past_key_values.{i}.{t}"] = np.zeros((1, 3, 0, 64), np.float32)

@@ -83,7 +83,21 @@ def quantize_with_report(
         for groups in attempts:
             rec = auto_recipe(groups) if groups else recipe
             shutil.rmtree(staging, ignore_errors=True)
-            quantize(src, staging, rec, progress=progress, **options)
+            if rec == "gguf":  # the source GGUF's own blocks, not a recipe over float weights
+                from .gguf_blocks import keep_blocks
+
+                try:
+                    keep_blocks(
+                        src,
+                        staging,
+                        options.get("gguf"),
+                        accuracy_level=options.get("accuracy_level"),
+                        progress=progress,
+                    )
+                except ValueError as e:
+                    raise QuantizeError(str(e)) from None
+            else:
+                quantize(src, staging, rec, progress=progress, **options)
             if not report:
                 break
             result = evaluate(staging, text, against=src, max_tokens=eval_tokens, progress=progress)
