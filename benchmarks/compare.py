@@ -1,0 +1,300 @@
+"""Decode speed and time to first token of onnxlm and every peer installed, side by side.
+
+    python benchmarks/compare.py --onnxlm fp32=BUNDLE --onnxlm int4=BUNDLE \
+        --hf HF_FOLDER --optimum OPTIMUM_FOLDER --genai fp32=DIR --genai int4=DIR --gguf Q4_1=FILE \
+        --contexts 100,2000 --new-tokens 128 --rounds 3 --out results/
+
+Every engine gets the same prompt token ids, the same thread count, greedy decoding with the end of
+sequence ignored (exactly --new-tokens tokens), and runs are interleaved round by round so drift hits
+all alike; medians are reported. A peer whose package is missing is reported as skipped, not faked.
+Writes compare.json, compare.md and compare.png (tokens/s by engine and context) into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+Run = Callable[[list[int], int], tuple[float, float]]  # (prompt ids, new tokens) -> (ttft s, decode tok/s)
+
+
+def onnxlm_engine(bundle: str, threads: int) -> Run:
+    import onnxlm
+
+    engine = onnxlm.load(bundle, threads=threads)
+
+    def run(ids, n):
+        t = engine.generate(ids, max_new_tokens=n, ignore_eos=True).timings
+        return t.ttft_s, t.tokens_per_s
+
+    return run
+
+
+def torch_engine(folder: str, threads: int) -> Run:
+    import torch
+    import transformers
+
+    torch.set_num_threads(threads)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+
+    @torch.no_grad()
+    def run(ids, n):
+        t0 = time.perf_counter()
+        out = model(input_ids=torch.tensor([ids]), use_cache=True)
+        tok = int(out.logits[0, -1].argmax())
+        ttft = time.perf_counter() - t0
+        past, t1 = out.past_key_values, time.perf_counter()
+        for _ in range(n - 1):
+            out = model(input_ids=torch.tensor([[tok]]), past_key_values=past, use_cache=True)
+            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+        return ttft, (n - 1) / (time.perf_counter() - t1)
+
+    return run
+
+
+def optimum_engine(folder: str, threads: int) -> Run:
+    import onnxruntime as ort
+    import torch
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    model = ORTModelForCausalLM.from_pretrained(folder, session_options=so, use_cache=True)
+
+    def run(ids, n):
+        t0 = time.perf_counter()
+        out = model(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            use_cache=True,
+        )
+        tok = int(out.logits[0, -1].argmax())
+        ttft = time.perf_counter() - t0
+        past, total, t1 = out.past_key_values, len(ids), time.perf_counter()
+        for _ in range(n - 1):
+            total += 1
+            out = model(
+                input_ids=torch.tensor([[tok]]),
+                attention_mask=torch.ones(1, total, dtype=torch.long),
+                past_key_values=past,
+                use_cache=True,
+            )
+            past, tok = out.past_key_values, int(out.logits[0, -1].argmax())
+        return ttft, (n - 1) / (time.perf_counter() - t1)
+
+    return run
+
+
+def genai_engine(folder: str, threads: int) -> Run:
+    import onnxruntime_genai as og
+
+    config = og.Config(folder)
+    config.clear_providers()
+    model = og.Model(config)  # intra-op threads: genai_config.json's session_options (set below)
+
+    def run(ids, n):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
+        gen = og.Generator(model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(ids)
+        gen.generate_next_token()
+        ttft = time.perf_counter() - t0
+        t1, count = time.perf_counter(), 1
+        while not gen.is_done() and count < n:
+            gen.generate_next_token()
+            count += 1
+        return ttft, (count - 1) / (time.perf_counter() - t1)
+
+    return run
+
+
+def gguf_engine(path: str, threads: int, n_ctx: int) -> Run:
+    from llama_cpp import Llama
+
+    # n_ctx sized to the longest run: a larger cache slows llama.cpp's attention for nothing
+    llm = Llama(
+        model_path=path, n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, n_batch=512, verbose=False
+    )
+
+    def run(ids, n):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        ttft = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for _ in range(n - 1):
+            llm.eval([tok])
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        return ttft, (n - 1) / (time.perf_counter() - t1)
+
+    return run
+
+
+def set_genai_threads(folder: str, threads: int) -> None:
+    """genai reads its thread count from genai_config.json; make it use every core like the others."""
+    path = Path(folder) / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    opts = cfg["model"]["decoder"].setdefault("session_options", {})
+    if opts.get("intra_op_num_threads") != threads:
+        opts["intra_op_num_threads"] = threads
+        path.write_text(json.dumps(cfg, indent=4))
+
+
+def prompt_ids(tokenizer_json: str, n: int) -> list[int]:
+    from tokenizers import Tokenizer
+
+    from onnxlm.quantize.eval import builtin_text
+
+    tok = Tokenizer.from_file(tokenizer_json)
+    ids = tok.encode(builtin_text("en"), add_special_tokens=False).ids
+    return (ids * (n // len(ids) + 1))[:n]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--onnxlm", action="append", default=[], help="NAME=BUNDLE")
+    ap.add_argument("--hf", default=None, help="HF folder for PyTorch eager")
+    ap.add_argument("--optimum", default=None, help="optimum-exported folder (ORTModelForCausalLM)")
+    ap.add_argument("--genai", action="append", default=[], help="NAME=onnxruntime-genai model folder")
+    ap.add_argument("--gguf", action="append", default=[], help="NAME=FILE.gguf (llama-cpp-python)")
+    ap.add_argument("--contexts", default="100,2000")
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    ap.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    args = ap.parse_args()
+    if not args.onnxlm:
+        raise SystemExit("give at least one --onnxlm NAME=BUNDLE (its tokenizer makes the prompts)")
+
+    specs: list[tuple[str, Callable[[], Run]]] = []
+    for v in args.onnxlm:
+        name, path = v.split("=", 1)
+        specs.append((f"onnxlm {name}", lambda p=path: onnxlm_engine(p, args.threads)))
+    if args.hf:
+        specs.append(("PyTorch eager fp32", lambda: torch_engine(args.hf, args.threads)))
+    if args.optimum:
+        specs.append(("optimum ORT fp32", lambda: optimum_engine(args.optimum, args.threads)))
+    for v in args.genai:
+        name, path = v.split("=", 1)
+        set_genai_threads(path, args.threads)
+        specs.append((f"genai {name}", lambda p=path: genai_engine(p, args.threads)))
+    for v in args.gguf:
+        name, path = v.split("=", 1)
+        n_ctx = max(int(c) for c in args.contexts.split(",")) + args.new_tokens + 16
+        specs.append((f"llama.cpp {name}", lambda p=path, n=n_ctx: gguf_engine(p, args.threads, n)))
+
+    first = args.onnxlm[0].split("=", 1)[1]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    prompts = {c: prompt_ids(str(Path(first) / "tokenizer.json"), c) for c in contexts}
+    engines: dict[str, Run] = {}
+    skipped: dict[str, str] = {}
+    for name, make in specs:
+        try:
+            engines[name] = make()
+            engines[name](prompts[contexts[0]][:16], 4)  # warm-up
+        except ImportError as e:
+            skipped[name] = f"not installed ({e.name})"
+    samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for r in range(args.rounds):
+        for c in contexts:
+            for name, run in engines.items():
+                ttft, tps = run(prompts[c], args.new_tokens)
+                samples.setdefault((name, c), []).append((ttft, tps))
+                print(
+                    f"round {r + 1} ctx {c:5d} {name:22s} ttft {ttft * 1000:8.0f} ms  decode {tps:6.1f} tok/s",
+                    file=sys.stderr,
+                )
+
+    rows = []
+    for (name, c), vals in samples.items():
+        rows.append(
+            {
+                "engine": name,
+                "context": c,
+                "ttft_s": statistics.median(v[0] for v in vals),
+                "decode_tokens_per_s": statistics.median(v[1] for v in vals),
+                "runs": len(vals),
+            }
+        )
+    import onnxruntime
+
+    versions = {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
+    for mod in ("onnxruntime_genai", "llama_cpp", "torch", "transformers", "optimum"):
+        try:
+            versions[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            pass
+    machine = {
+        "cpus": len(os.sched_getaffinity(0)),
+        "processor": platform.processor() or platform.machine(),
+        "threads": args.threads,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    result = {
+        "machine": machine,
+        "versions": versions,
+        "new_tokens": args.new_tokens,
+        "rounds": args.rounds,
+        "rows": rows,
+        "skipped": skipped,
+    }
+    (args.out / "compare.json").write_text(json.dumps(result, indent=2))
+    lines = [
+        f"Decode tok/s and time to first token (medians of {args.rounds}); {args.new_tokens} new tokens, "
+        f"greedy, end of sequence ignored, {args.threads} threads, {machine['cpus']} CPUs; {versions}",
+        "",
+        "| engine | " + " | ".join(f"ctx {c}: decode tok/s | TTFT" for c in contexts) + " |",
+        "| --- | " + " | ".join("---: | ---:" for _ in contexts) + " |",
+    ]
+    by = {(r["engine"], r["context"]): r for r in rows}
+    for name in engines:
+        cells = [
+            f"{by[name, c]['decode_tokens_per_s']:.1f} | {by[name, c]['ttft_s'] * 1000:.0f} ms"
+            for c in contexts
+        ]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name, why in skipped.items():
+        lines.append(f"| {name} | skipped: {why} |")
+    (args.out / "compare.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(9, 4.5))
+        width = 0.8 / max(1, len(contexts))
+        names = list(engines)
+        for i, c in enumerate(contexts):
+            ax.bar(
+                [j + i * width for j in range(len(names))],
+                [by[n, c]["decode_tokens_per_s"] for n in names],
+                width,
+                label=f"context {c}",
+            )
+        ax.set_xticks(
+            [j + width * (len(contexts) - 1) / 2 for j in range(len(names))], names, rotation=20, ha="right"
+        )
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title(f"decode speed, {machine['cpus']} CPUs, {args.new_tokens} new tokens")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.out / "compare.png", dpi=110)
+    except ImportError:
+        print("matplotlib not installed: no chart", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
