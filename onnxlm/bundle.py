@@ -50,29 +50,97 @@ class ModelFacts:
     add_bos_token: bool = False
 
 
+KV_CONCAT = (
+    "concat"  # past (batch, kv_heads, past, head_dim) in, present (past + seq) out: a new tensor each step
+)
+KV_SHARED = (
+    "shared_buffer"  # one (batch, kv_heads, capacity, head_dim) buffer per layer, bound as past and present
+)
+_LEGACY_KV_LAYOUT = "batch,kv_heads,seq,head_dim"  # manifests before shared buffers: the concat layout
+
+
 @dataclass
 class GraphIO:
     """Names and layout of the graph's inputs and outputs: declared once, used by export and runtime.
 
-    KV tensors are (batch, kv_heads, seq, head_dim); `{i}` in a template is the layer index.
+    KV tensors are (batch, kv_heads, seq, head_dim); `{i}` in a template is the layer index. A field set
+    to None is an input the graph does not have. `kv_layout` says how the runtime drives the cache:
+
+    concat         input_ids, attention_mask (batch, past + seq), [position_ids]; left padding;
+                   present = past + this step's positions; logits (batch, seq, vocab)
+    shared_buffer  input_ids (batch, seq) right-padded; seqlens_k (batch,) int32 = tokens held after
+                   the step - 1; total_sequence_length () int32 >= every row's tokens after the step;
+                   query_seqlens (batch,) int32 = real tokens of this chunk per row (0: idle row);
+                   logits_index (batch, n) int64 = chunk positions whose logits come out, as
+                   logits (batch, n, vocab); past and present are one buffer per layer whose capacity
+                   the runtime chooses (at most context_length), updated in place
     """
 
     input_ids: str = "input_ids"
-    attention_mask: str = "attention_mask"
+    attention_mask: str | None = "attention_mask"
     position_ids: str | None = "position_ids"
+    seqlens_k: str | None = None
+    total_sequence_length: str | None = None
+    query_seqlens: str | None = None
+    logits_index: str | None = None
     logits: str = "logits"
     past_key: str = "past_key_values.{i}.key"
     past_value: str = "past_key_values.{i}.value"
     present_key: str = "present.{i}.key"
     present_value: str = "present.{i}.value"
-    kv_layout: str = "batch,kv_heads,seq,head_dim"
+    kv_layout: str = KV_CONCAT
     kv_dtype: str = "float32"
     logits_dtype: str = "float32"
+    graph: str = "plain"  # how the exporter built it: "plain" ONNX ops or "fused" onnxruntime contrib ops
+
+    def __post_init__(self):
+        if self.kv_layout == _LEGACY_KV_LAYOUT:
+            self.kv_layout = KV_CONCAT
+        if self.kv_layout not in (KV_CONCAT, KV_SHARED):
+            raise ValueError(
+                f"unknown kv_layout {self.kv_layout!r}; this onnxlm knows {KV_CONCAT}, {KV_SHARED}"
+            )
+        needs = (
+            ("seqlens_k", "total_sequence_length", "query_seqlens", "logits_index")
+            if self.kv_layout == KV_SHARED
+            else ("attention_mask",)
+        )
+        missing = [n for n in needs if not getattr(self, n)]
+        if missing:
+            raise ValueError(f"kv_layout {self.kv_layout} needs the input(s) {', '.join(missing)}")
+
+    @classmethod
+    def shared_buffer(cls, graph: str = "fused") -> GraphIO:
+        """The IO of a graph whose attention updates one preallocated KV buffer per layer in place."""
+        return cls(
+            attention_mask=None,
+            position_ids=None,
+            seqlens_k="seqlens_k",
+            total_sequence_length="total_sequence_length",
+            query_seqlens="query_seqlens",
+            logits_index="logits_index",
+            kv_layout=KV_SHARED,
+            graph=graph,
+        )
+
+    @property
+    def shared(self) -> bool:
+        return self.kv_layout == KV_SHARED
+
+    def step_inputs(self) -> list[str]:
+        """The inputs other than input_ids and the KV tensors, in the graph's order."""
+        names = (
+            self.attention_mask,
+            self.position_ids,
+            self.seqlens_k,
+            self.total_sequence_length,
+            self.query_seqlens,
+            self.logits_index,
+        )
+        return [n for n in names if n]
 
     def input_names(self, num_layers: int) -> list[str]:
-        names = [self.input_ids, self.attention_mask]
-        if self.position_ids:
-            names.append(self.position_ids)
+        names = [self.input_ids, *self.step_inputs()]
         for i in range(num_layers):
             names += [self.past_key.format(i=i), self.past_value.format(i=i)]
         return names
@@ -87,16 +155,23 @@ class GraphIO:
         """Symbolic axes of every input and output (the ONNX exporter's `dynamic_axes`)."""
         axes: dict[str, dict[int, str]] = {
             self.input_ids: {0: "batch", 1: "seq"},
-            self.attention_mask: {0: "batch", 1: "total_seq"},
-            self.logits: {0: "batch", 1: "seq"},
+            self.logits: {0: "batch", 1: "logits_seq" if self.logits_index else "seq"},
         }
+        if self.attention_mask:
+            axes[self.attention_mask] = {0: "batch", 1: "total_seq"}
         if self.position_ids:
             axes[self.position_ids] = {0: "batch", 1: "seq"}
+        for name in (self.seqlens_k, self.query_seqlens):
+            if name:
+                axes[name] = {0: "batch"}
+        if self.logits_index:
+            axes[self.logits_index] = {0: "batch", 1: "logits_seq"}
+        past_seq, present_seq = ("capacity", "capacity") if self.shared else ("past_seq", "total_seq")
         for i in range(num_layers):
             for t in (self.past_key, self.past_value):
-                axes[t.format(i=i)] = {0: "batch", 2: "past_seq"}
+                axes[t.format(i=i)] = {0: "batch", 2: past_seq}
             for t in (self.present_key, self.present_value):
-                axes[t.format(i=i)] = {0: "batch", 2: "total_seq"}
+                axes[t.format(i=i)] = {0: "batch", 2: present_seq}
         return axes
 
 
@@ -123,7 +198,7 @@ class Manifest:
             d["model"] = ModelFacts(**d["model"])
             d["io"] = GraphIO(**d.get("io", {}))
             return cls(**d)
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, ValueError) as e:
             raise BundleError(f"{MANIFEST}: malformed manifest ({e})") from None
 
 

@@ -80,8 +80,15 @@ def pull(source: str) -> None:
 @click.option("--trust-remote-code", is_flag=True, help="Allow running the model repository's own code.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing bundle at OUTPUT.")
 @click.option("--no-validate", is_flag=True, help="Skip the comparison against PyTorch.")
+@click.option(
+    "--graph",
+    type=click.Choice(["fused", "plain"]),
+    default=None,
+    help="fused: onnxruntime's GroupQueryAttention over one KV buffer per layer (default where the family "
+    "and config allow); plain: standard operators, the cache concatenated each step.",
+)
 @friendly
-def export(source, out_dir, via, allow_pickle, trust_remote_code, overwrite, no_validate) -> None:
+def export(source, out_dir, via, allow_pickle, trust_remote_code, overwrite, no_validate, graph) -> None:
     """Export SOURCE (a Hugging Face folder, a .gguf file, or `smollm2`) to a bundle."""
     from .export.convert import export as do_export
 
@@ -93,6 +100,7 @@ def export(source, out_dir, via, allow_pickle, trust_remote_code, overwrite, no_
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
         validate=not no_validate,
+        graph=graph,
     )
     click.echo(f"wrote {path}")
 

@@ -24,7 +24,7 @@ class TinyBundle:
     context_length: int
 
 
-def build_bundle(out: Path, context_length: int = 128, seed: int = 0) -> TinyBundle:
+def build_bundle(out: Path, context_length: int = 128, seed: int = 0, graph: str | None = None) -> TinyBundle:
     """Export a tiny random Llama to a bundle at `out` (its HF folder beside it, `<out>-hf`).
 
     The tokenizer puts BOS first itself (a post-processor, as Llama's does); eos is [</s>, <|im_end|>];
@@ -44,12 +44,13 @@ def build_bundle(out: Path, context_length: int = 128, seed: int = 0) -> TinyBun
         tie_word_embeddings=True,
         eos_token_id=[EOS, IM_END],
     )
-    export(folder, out, progress=False)
+    export(folder, out, graph=graph, progress=False)
     return TinyBundle(out, load_hf_model(folder), Tokenizer.from_file(str(out / TOKENIZER)), context_length)
 
 
 @functools.cache
-def tiny_bundle() -> TinyBundle:
+def tiny_bundle(graph: str | None = None) -> TinyBundle:
+    """The tiny bundle, once per process and graph (None: the exporter's default)."""
     root = Path(tempfile.mkdtemp(prefix="onnxlm-runtime-test-"))
     atexit.register(shutil.rmtree, root, True)
-    return build_bundle(root / "tiny")
+    return build_bundle(root / "tiny", graph=graph)

@@ -1,5 +1,6 @@
-"""Per family: export a tiny random model, then 32 greedy tokens from onnxlm equal transformers'
-`generate`, at batch 1 and at batch 2 with prompts of different lengths (left padding)."""
+"""Per family and graph: export a tiny random model, then 32 greedy tokens from onnxlm equal transformers'
+`generate`, at batch 1 and at batch 2 with prompts of different lengths (transformers left-pads; the
+runtime pads as the bundle's kv_layout needs: left for the plain graph, right for the fused one)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 from fixtures import TINY, hf_generate, make_hf_folder
 
 import onnxlm
-from onnxlm.export.registry import FAMILIES
+from onnxlm.export.registry import FAMILIES, get_family
 
 NEW_TOKENS = 32
 # (model_type, exporter, config overrides): every registered family, variants, and the optimum fallback
@@ -36,6 +37,18 @@ CASES = [
     ("bloom", "onnxlm", {}),
     ("opt", "optimum", {}),
 ]
+# the fused graph (GroupQueryAttention over a shared KV buffer) of every family that has one
+FUSED = [
+    ("llama", "fused", {}),
+    ("llama", "fused", {"tie_word_embeddings": True, "attention_bias": True, "mlp_bias": True}),
+    ("llama", "fused", CASES[2][2]),  # llama3 rope scaling, 4 KV heads
+    ("mistral", "fused", {}),  # sliding window 16: prompt + 32 tokens pass it
+    ("qwen2", "fused", {}),
+    ("qwen2", "fused", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    ("phi3", "fused", {}),
+    ("phi3", "fused", {"num_attention_heads": 2, "num_key_value_heads": 1, "partial_rotary_factor": 0.5}),
+]
+CASES += FUSED
 
 
 def _id(case):
@@ -43,11 +56,19 @@ def _id(case):
     return "-".join([model_type, via, *sorted(overrides)])
 
 
+def _graph(case):
+    return "fused" if case[1] == "fused" else None
+
+
 def test_every_registered_family_has_a_parity_case():
     tested = {c[0] for c in CASES if c[1] == "onnxlm"}
     registered = {t for types in FAMILIES.values() for t in types}
     assert registered <= tested, f"families without a parity test: {sorted(registered - tested)}"
     assert registered <= set(TINY)
+    fused = {t for types in FAMILIES.values() for t in types if "fused" in get_family(t).graphs}
+    assert fused <= {c[0] for c in FUSED}, (
+        f"fused graphs without a parity test: {sorted(fused - {c[0] for c in FUSED})}"
+    )
 
 
 @pytest.fixture(scope="module", params=CASES, ids=[_id(c) for c in CASES])
@@ -57,8 +78,13 @@ def exported(request, tmp_path_factory):
         pytest.importorskip("optimum.exporters.onnx", reason="optimum-onnx not installed")
     root = tmp_path_factory.mktemp(_id(request.param))
     folder = make_hf_folder(root / "hf", model_type, **overrides)
-    bundle = onnxlm.export(folder, root / "bundle", via=via, progress=False)
-    return folder, onnxlm.load(bundle)
+    graph = _graph(request.param)
+    via = "onnxlm" if via == "fused" else via
+    bundle = onnxlm.export(folder, root / "bundle", via=via, graph=graph, progress=False)
+    engine = onnxlm.load(bundle)
+    if graph == "fused":
+        assert engine.manifest.io.graph == "fused" and engine.manifest.io.kv_layout == "shared_buffer"
+    return folder, engine
 
 
 PROMPTS = ["The quick brown fox", "Customer service answers questions about orders, refunds and 你好"]

@@ -256,3 +256,123 @@ def test_hub_checkpoint_names(case):
     again = get_family(config.model_type).build(config, state)
     for (name, p), (_, q) in zip(m.named_parameters(), again.named_parameters(), strict=True):
         assert torch.equal(p, q), name
+
+
+# --- the fused graph's module: eager math of the contrib operators, then their ONNX export ------------
+FUSED_CASES = ["llama_bias", "mistral_window", "qwen2", "qwen2_mixed_window"]
+
+
+@functools.cache
+def fused_module(case):
+    hf, _, config = models(case)
+    return get_family(config.model_type).build(config, hf.state_dict(), graph="fused")
+
+
+def fused_inputs(ids, held, q, index):
+    """The fused module's step inputs: ids (batch, seq) right-padded, rows holding `held` tokens
+    before the step and bringing `q`; logits at chunk positions `index` (batch, n)."""
+    after = torch.tensor(held) + torch.tensor(q)
+    return [
+        ids,
+        (after - 1).to(torch.int32),
+        after.max().to(torch.int32),
+        torch.tensor(q, dtype=torch.int32),
+        torch.as_tensor(index),
+    ]
+
+
+def empty_buffers(m, batch, capacity):
+    a = m.a
+    return [torch.zeros(batch, a.num_kv_heads, capacity, a.head_dim) for _ in range(2 * a.num_layers)]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_module_matches_transformers(case):
+    """Ragged rows in one right-padded chunk, then decode steps: each row equals transformers run alone."""
+    hf, _, _ = models(case)
+    m = fused_module(case)
+    g = torch.Generator().manual_seed(7)
+    lengths = [9, 6]
+    rows = [torch.randint(2, VOCAB, (n,), generator=g) for n in lengths]
+    ids = torch.zeros(2, 9, dtype=torch.long)
+    for r, row in enumerate(rows):
+        ids[r, : len(row)] = row
+    buffers = empty_buffers(m, 2, 16)
+    with torch.no_grad():
+        out = m(*fused_inputs(ids, [0, 0], lengths, torch.arange(9).expand(2, 9)), *buffers)
+    logits, buffers = out[0], list(out[1:])
+    for r, row in enumerate(rows):
+        ref = run_hf(hf, row[None], torch.ones(1, len(row), dtype=torch.long), torch.arange(len(row))[None])
+        assert (logits[r, : len(row)] - ref[0]).abs().max() < TOL
+    held = list(lengths)
+    last = torch.stack([logits[r, n - 1] for r, n in enumerate(held)])  # (batch, vocab)
+    for _ in range(4):  # decode: one token per row, the buffers carried over
+        nxt = last.argmax(-1)  # (batch,)
+        rows = [torch.cat([row, nxt[r : r + 1]]) for r, row in enumerate(rows)]
+        with torch.no_grad():
+            out = m(*fused_inputs(nxt[:, None], held, [1, 1], torch.zeros(2, 1, dtype=torch.long)), *buffers)
+        last, buffers = out[0][:, 0], list(out[1:])
+        held = [h + 1 for h in held]
+        for r, row in enumerate(rows):
+            ref = run_hf(
+                hf, row[None], torch.ones(1, len(row), dtype=torch.long), torch.arange(len(row))[None]
+            )
+            assert (last[r] - ref[0, -1]).abs().max() < TOL
+
+
+def test_fused_module_refuses_what_gqa_cannot_do():
+    hf, _, config = models("phi3_partial_rotary")  # rotary over 8 of 16 channels: cos/sin of 4 columns
+    with pytest.raises(NotImplementedError, match="multiple of 8"):
+        get_family("phi3").build(config, hf.state_dict(), graph="fused")
+
+
+@pytest.mark.parametrize("case", FUSED_CASES)
+def test_fused_onnx_export_matches_torch(case, tmp_path):
+    """The contrib operators in onnxruntime equal the module's eager math, with one buffer per layer
+    bound as both past and present (IO binding), at other shapes than traced."""
+    ort = pytest.importorskip("onnxruntime")
+    m = fused_module(case)
+    layers = m.a.num_layers
+    io = GraphIO.shared_buffer()
+    ids = torch.randint(2, VOCAB, (2, 3), generator=torch.Generator().manual_seed(4))
+    trace = fused_inputs(ids, [4, 4], [3, 3], torch.arange(3).expand(2, 3))
+    path = str(tmp_path / "model.onnx")
+    torch.onnx.export(
+        m,
+        (*trace, *empty_buffers(m, 2, 8)),
+        path,
+        dynamo=False,
+        opset_version=17,
+        custom_opsets={"com.microsoft": 1},
+        input_names=io.input_names(layers),
+        output_names=io.output_names(layers),
+        dynamic_axes=io.dynamic_axes(layers),
+    )
+    session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+    # batch 3, capacity 12: rows hold 5, 2, 7 tokens and bring 4, 2, 0 (right-padded; the last idles)
+    held, q = [5, 2, 7], [4, 2, 0]
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(2, VOCAB, (3, 4), generator=g)
+    buffers = [torch.randn(b.shape, generator=g) for b in empty_buffers(m, 3, 12)]
+    inputs = fused_inputs(ids, held, q, torch.tensor([[3], [1], [0]]))
+    with torch.no_grad():
+        out = m(*inputs, *buffers)
+    arrays = [b.numpy().copy() for b in buffers]
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in arrays]
+    binding = session.io_binding()
+    for name, t in zip(io.input_names(layers), inputs, strict=False):
+        binding.bind_cpu_input(name, t.numpy())
+    binding.bind_output(io.logits, "cpu")
+    for past, present, value in zip(
+        io.input_names(layers)[5:], io.output_names(layers)[1:], values, strict=True
+    ):
+        binding.bind_ortvalue_input(past, value)
+        binding.bind_ortvalue_output(present, value)
+    session.run_with_iobinding(binding)
+    logits = binding.get_outputs()[0].numpy()
+    assert logits.shape == (3, 1, VOCAB)
+    assert np.abs(logits[:2] - out[0][:2].numpy()).max() < TOL  # the idle row's logits mean nothing
+    for got, want in zip(arrays, out[1:], strict=True):  # the buffers, written in place
+        for r in range(3):
+            n = held[r] + q[r]
+            assert np.abs(got[r, :, :n] - want[r, :, :n].numpy()).max() < TOL

@@ -1,4 +1,6 @@
-"""Engine end to end on a tiny random Llama bundle, against transformers as the reference."""
+"""Engine end to end on a tiny random Llama bundle, against transformers as the reference: every test
+runs on the plain graph (left padding, KV concatenated) and on the fused one (right padding, a shared
+KV buffer updated in place), so the public behaviour is the same on both."""
 
 import dataclasses
 
@@ -16,9 +18,9 @@ PROMPTS = ["The quick brown fox", "我们今天去公园散步。 Hello world! T
 STOPS = (EOS, IM_END)
 
 
-@pytest.fixture(scope="module")
-def bundle():
-    return tiny_bundle()
+@pytest.fixture(scope="module", params=["plain", "fused"])
+def bundle(request):
+    return tiny_bundle(request.param)
 
 
 @pytest.fixture(scope="module")

@@ -69,3 +69,25 @@ def test_quantize_keeping_the_gguf_blocks(smollm2_bundle, tmp_path):
 
     answer = onnxlm.load(out).chat([{"role": "user", "content": "Name three colours."}], max_new_tokens=24)
     assert answer.text.strip() and answer.usage.completion_tokens > 3
+
+
+@pytest.fixture(scope="module")
+def smollm2_fused(tmp_path_factory):
+    from onnxlm.export.convert import export
+
+    return export("smollm2", tmp_path_factory.mktemp("smol") / "fused", graph="fused", progress=False)
+
+
+def test_fused_graph_figures_and_same_answer(smollm2_bundle, smollm2_fused):
+    """The fused graph (GroupQueryAttention over a shared KV buffer) validates like the plain one and
+    answers with the same greedy tokens."""
+    import onnxlm
+
+    m = B.check_bundle(smollm2_fused)
+    assert m.io.graph == "fused" and m.io.kv_layout == B.KV_SHARED
+    v = m.validation
+    assert v["greedy_tokens_onnx"] == v["greedy_tokens_reference"] and v["prefill_max_abs_diff"] < 1e-3
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    fused = onnxlm.load(smollm2_fused).chat(messages, max_new_tokens=24)
+    plain = onnxlm.load(smollm2_bundle).chat(messages, max_new_tokens=24)
+    assert "Paris" in fused.text and fused.token_ids == plain.token_ids

@@ -50,7 +50,9 @@ def describe_graph(model, config) -> tuple[B.GraphIO, dict]:
     if not head_dim and heads and getattr(config, "hidden_size", None):
         head_dim = config.hidden_size // heads
     if not kv_heads or not head_dim:
-        raise ValueError("the exported graph's past KV has no static head count / head size, nor a config to say")
+        raise ValueError(
+            "the exported graph's past KV has no static head count / head size, nor a config to say"
+        )
     heads = heads or kv_heads
     facts = dict(
         num_layers=L,

@@ -1,4 +1,5 @@
-"""model_type -> family module. Each family module exposes `build(config, state_dict) -> nn.Module`.
+"""model_type -> family module. Each family module exposes `build(config, state_dict[, graph]) -> nn.Module`
+and, when it can export more than the plain graph, `GRAPHS` (the graphs it exports).
 
 The built module's forward is `(input_ids, attention_mask, [position_ids,] *past) -> (logits, *present)`,
 past/present as (batch, kv_heads, seq, head_dim) per layer, key then value; `uses_position_ids` on the
@@ -44,8 +45,15 @@ class Family:
     name: str
     module: object
 
-    def build(self, config, state_dict):
-        return self.module.build(config, state_dict)
+    @property
+    def graphs(self) -> tuple[str, ...]:
+        """The graphs this family exports ("plain", "fused")."""
+        return tuple(getattr(self.module, "GRAPHS", ("plain",)))
+
+    def build(self, config, state_dict, graph: str = "plain"):
+        if graph == "plain":
+            return self.module.build(config, state_dict)
+        return self.module.build(config, state_dict, graph=graph)
 
 
 def get_family(model_type: str) -> Family:

@@ -21,6 +21,8 @@ def _onnx_steps(model_path: Path, io: B.GraphIO, facts: B.ModelFacts, prompt: li
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
+    if io.shared:
+        return _shared_steps(sess, io, facts, prompt, steps)
     L = facts.num_layers
     kv_shape = (1, facts.num_kv_heads, 0, facts.head_dim)
     past = {
@@ -47,6 +49,51 @@ def _onnx_steps(model_path: Path, io: B.GraphIO, facts: B.ModelFacts, prompt: li
             past[io.past_value.format(i=i)] = outs[io.present_value.format(i=i)]
         ids = np.array([[tok]], dtype=np.int64)
         total += 1
+    return prefill, out_logits, tokens
+
+
+def _shared_steps(sess, io: B.GraphIO, facts: B.ModelFacts, prompt: list[int], steps: int):
+    """The same through a shared-buffer graph: one buffer per layer bound (IO binding) as both past and
+    present, so the graph must update it in place; the prefill asks for every position's logits."""
+    import onnxruntime as ort
+
+    capacity = len(prompt) + steps
+    buffers = {}  # past name -> (present name, the buffer's OrtValue over a numpy array)
+    for i in range(facts.num_layers):
+        for past, present in ((io.past_key, io.present_key), (io.past_value, io.present_value)):
+            arr = np.zeros((1, facts.num_kv_heads, capacity, facts.head_dim), np.float32)
+            buffers[past.format(i=i)] = (present.format(i=i), arr, ort.OrtValue.ortvalue_from_numpy(arr))
+    ids, held = np.array([prompt], dtype=np.int64), 0
+    out_logits, tokens, prefill = [], [], None
+    for step in range(steps + 1):
+        seq = ids.shape[1]
+        binding = sess.io_binding()
+        feeds = {
+            io.input_ids: ids,
+            io.seqlens_k: np.array([held + seq - 1], np.int32),
+            io.total_sequence_length: np.array(held + seq, np.int32),
+            io.query_seqlens: np.array([seq], np.int32),
+            io.logits_index: np.arange(seq, dtype=np.int64)[None],
+        }
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        binding.bind_output(io.logits, "cpu")
+        for past, (present, _, value) in buffers.items():
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)
+        sess.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        if any(
+            o.data_ptr() != v.data_ptr() for o, (_, _, v) in zip(outputs[1:], buffers.values(), strict=True)
+        ):
+            raise ValidationError("the graph did not update its KV buffers in place")
+        logits = outputs[0].numpy()  # (1, seq, vocab)
+        if step == 0:
+            prefill = logits[0]
+        out_logits.append(logits[0, -1])
+        tok = int(logits[0, -1].argmax())
+        tokens.append(tok)
+        ids, held = np.array([[tok]], dtype=np.int64), held + seq
     return prefill, out_logits, tokens
 
 

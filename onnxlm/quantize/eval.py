@@ -28,7 +28,6 @@ import numpy as np
 from ..bundle import MODEL, MODEL_DATA, Manifest
 from ..runtime.engine import Engine
 from ..runtime.generate import Model
-from ..runtime.kv_cache import KVCache
 from ..runtime.session import make_session
 from ..runtime.tokenizer import Tokenizer
 
@@ -178,21 +177,9 @@ def _encode(engine: Engine, text: str, max_tokens: int | None) -> np.ndarray:
 
 
 def full_logits(engine: Engine, ids: np.ndarray) -> np.ndarray:
-    """One prefill of ids (seq,) from an empty cache; the logits of every position (seq, vocab), float32."""
-    model, manifest = engine.model, engine.manifest
-    io = manifest.io
-    types = {i.name: i.type for i in model.session.get_inputs()}
-    as_int = {name: np.int32 if t == "tensor(int32)" else np.int64 for name, t in types.items()}
-    seq = len(ids)
-    feeds = {
-        io.input_ids: ids[None, :].astype(as_int[io.input_ids]),  # (1, seq)
-        io.attention_mask: np.ones((1, seq), dtype=as_int[io.attention_mask]),
-        **KVCache.from_manifest(manifest, batch=1).feeds(),  # (1, kv_heads, 0, head_dim) each
-    }
-    if io.position_ids:
-        feeds[io.position_ids] = np.arange(seq, dtype=as_int[io.position_ids])[None, :]
-    (logits,) = model.session.run([io.logits], feeds)  # (1, seq, vocab)
-    return np.asarray(logits[0], dtype=np.float32)
+    """One prefill of ids (seq,) from an empty cache; the logits of every position (seq, vocab), float32,
+    whatever the bundle's KV layout."""
+    return engine.model.logits(ids)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

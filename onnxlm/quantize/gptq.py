@@ -37,8 +37,9 @@ def calibration_feeds(text: str, tokenizer_file: Path, manifest) -> list[dict[st
     if len(ids) < MIN_TOKENS:
         raise ValueError(f"calibration text is {len(ids)} tokens; GPTQ needs at least {MIN_TOKENS}")
     feeds = []
-    for start in range(0, len(ids), WINDOW):
-        window = ids[start : start + WINDOW]
+    size = min(WINDOW, facts.context_length)  # the graph sees no further than its context
+    for start in range(0, len(ids), size):
+        window = ids[start : start + size]
         if len(window) < MIN_TOKENS or len(feeds) == MAX_SAMPLES:
             break
         if facts.add_bos_token and facts.bos_token_id is not None:

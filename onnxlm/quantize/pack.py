@@ -108,14 +108,15 @@ def hqq(w_nk: np.ndarray, bits: int, block_size: int) -> Packed:
     """Half-quadratic quantization through onnxruntime's HQQ solver (needs torch); float zero points."""
     try:
         import torch
-    except ImportError:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            HQQWeightOnlyQuantConfig,
+            HQQWeightOnlyQuantizer,
+        )
+    except ImportError as e:
         raise RuntimeError(
-            "algorithm 'hqq' needs torch installed (onnxruntime's HQQ solver uses it)"
+            f"algorithm 'hqq' needs onnxruntime's HQQ solver and what it imports ({e.name} is missing): "
+            "pip install 'onnxlm[export]'"
         ) from None
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        HQQWeightOnlyQuantConfig,
-        HQQWeightOnlyQuantizer,
-    )
 
     solver = HQQWeightOnlyQuantizer(HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits))
     n, k = w_nk.shape

@@ -6,9 +6,15 @@
                            logprob and finish reason; everything else (Engine.generate, stream, batch)
                            is built on it.
 
-Batches are left-padded: attention_mask (batch, past + seq) is 1 on real tokens, 0 on padding, and
-position_ids = cumsum(mask) - 1 with padding at 1 (transformers' convention). A sequence that
-finishes leaves the batch (its rows are dropped from the cache), so the others run on unchanged.
+The manifest's kv_layout decides how a batch is driven:
+- concat: left-padded; attention_mask (batch, past + seq) is 1 on real tokens, 0 on padding, and
+  position_ids = cumsum(mask) - 1 with padding at 1 (transformers' convention); the cache grows by
+  concatenation (KVCache).
+- shared_buffer: right-padded; per row the count of real tokens in the chunk (query_seqlens) and held
+  after it; the graph writes into one preallocated buffer per layer (SharedKVCache), so a decode step
+  copies no cache and allocates nothing that grows with the context.
+A sequence that finishes leaves the batch (its rows are dropped from the cache), so the others run on
+unchanged.
 """
 
 from __future__ import annotations
@@ -21,9 +27,9 @@ import numpy as np
 import onnxruntime as ort
 
 from ..bundle import Manifest
-from .kv_cache import KVCache
+from .kv_cache import KVCache, SharedKVCache
 from .sampling import apply_processors, log_softmax, make_logits_processors, make_sampler
-from .session import kv_device, run_bound, run_numpy
+from .session import BoundBuffers, kv_device, run_bound, run_numpy
 from .tokenizer import Detokenizer, Tokenizer
 
 _ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
@@ -96,15 +102,34 @@ class Model:
             raise ValueError(f"the graph lacks the inputs/outputs the manifest names: {', '.join(missing)}")
         self._int = {name: _ORT_INT.get(t, np.int64) for name, t in graph_inputs.items()}
 
-    def new_cache(self, batch: int) -> KVCache:
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache | SharedKVCache:
+        """The cache the manifest's kv_layout calls for; a shared buffer holds `capacity` positions per
+        row (default: the context window)."""
+        if self.io.shared:
+            return SharedKVCache.from_manifest(self.manifest, batch, capacity, device=self.device)
         return KVCache.from_manifest(self.manifest, batch=batch, device=self.device)
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, cache: KVCache
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: KVCache | SharedKVCache,
     ) -> np.ndarray:
         """input_ids, position_ids (batch, seq); attention_mask (batch, past + seq). Returns the last
-        position's logits (batch, vocab) as float32 and moves the cache forward by seq."""
+        position's logits (batch, vocab) as float32 and moves the cache forward by seq.
+
+        On a shared-buffer graph the chunk's real tokens (mask 1) move to the front of their row and
+        positions follow from what the cache holds (the runtime's cumsum convention)."""
         io = self.io
+        if io.shared:
+            seq = input_ids.shape[1]
+            real = np.asarray(attention_mask)[:, -seq:].astype(bool)  # (batch, seq)
+            q = real.sum(axis=1)
+            ids = np.zeros_like(input_ids)
+            for row in range(len(ids)):
+                ids[row, : q[row]] = input_ids[row, real[row]]
+            return self.step(ids, q, np.maximum(q - 1, 0)[:, None], cache)[:, 0]
         feeds = {
             io.input_ids: input_ids.astype(self._int[io.input_ids], copy=False),
             io.attention_mask: attention_mask.astype(self._int[io.attention_mask], copy=False),
@@ -121,6 +146,56 @@ class Model:
             logits = out[io.logits]
         cache.update(out)
         return np.asarray(logits[:, -1, :], dtype=np.float32)  # (batch, vocab)
+
+    def step(
+        self, input_ids: np.ndarray, query_lens: np.ndarray, logits_index: np.ndarray, cache: SharedKVCache
+    ) -> np.ndarray:
+        """One call of a shared-buffer graph. input_ids (batch, seq), right-padded: row b brings its first
+        query_lens[b] tokens; logits_index (batch, n): the chunk positions whose logits to return.
+        Returns logits (batch, n, vocab) float32; the graph has written the new keys/values in place."""
+        io = self.io
+        inputs = {
+            io.input_ids: input_ids.astype(self._int[io.input_ids], copy=False),
+            io.logits_index: logits_index.astype(np.int64, copy=False),
+        }
+        if self.io_binding:  # the buffers stay bound from step to step; only the small inputs change
+            bound = cache.binding
+            if not isinstance(bound, BoundBuffers) or bound.session is not self.session:
+                bound = cache.binding = BoundBuffers(
+                    self.session, cache.buffers(), io.logits, io.logits_dtype
+                )
+            shape = (*logits_index.shape, self.facts.vocab_size)  # (batch, n, vocab)
+            logits = bound.run({**inputs, **cache.step_inputs(query_lens)}, shape)
+            cache.advance()
+            return np.array(logits, dtype=np.float32)  # a copy: the array is the next step's output too
+        # numpy path: the presents come back as new arrays and are copied into the buffer (debugging)
+        out = run_numpy(
+            self.session, {**inputs, **cache.feeds(query_lens)}, [io.logits, *cache.output_names()]
+        )
+        cache.update(out)
+        return np.asarray(out[io.logits], dtype=np.float32)
+
+    def logits(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The logits of every position (seq, vocab) float32 of one sequence, in one call from an empty
+        cache, whatever the kv_layout (for evaluation: perplexity, agreement)."""
+        ids = np.asarray(ids, dtype=np.int64)[None, :]  # (1, seq)
+        seq = ids.shape[1]
+        if not self.io.shared:
+            cache = self.new_cache(1)
+            feeds = {
+                self.io.input_ids: ids.astype(self._int[self.io.input_ids], copy=False),
+                self.io.attention_mask: np.ones((1, seq), self._int[self.io.attention_mask]),
+                **cache.feeds(),
+            }
+            if self.io.position_ids:
+                feeds[self.io.position_ids] = np.arange(seq, dtype=self._int[self.io.position_ids])[None]
+            (logits,) = self.session.run([self.io.logits], feeds)
+            return np.asarray(logits[0], dtype=np.float32)
+        cache = self.new_cache(1, capacity=seq)
+        try:
+            return self.step(ids, np.array([seq]), np.arange(seq)[None], cache)[0]
+        finally:
+            cache.free()
 
 
 def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -164,6 +239,87 @@ def decode_step(
 ) -> np.ndarray:
     """One token per sequence: tokens, positions (batch,); attention_mask (batch, past + 1)."""
     return model.forward(tokens[:, None], attention_mask, positions[:, None], cache)
+
+
+def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids (batch, longest prompt) right-padded, and each prompt's length (batch,)."""
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    ids = np.full((len(prompts), int(lengths.max())), pad_id, dtype=np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, : len(p)] = p
+    return ids, lengths
+
+
+def prefill_shared(
+    model: Model,
+    cache: SharedKVCache,
+    input_ids: np.ndarray,
+    lengths: np.ndarray,
+    chunk_size: int | None = None,
+) -> np.ndarray:
+    """Right-padded prompts (batch, seq) of `lengths` through a shared-buffer graph, `chunk_size`
+    positions per call; each row's logits at its own last token (batch, vocab). Only that position
+    goes through the output head. A row whose prompt ended in an earlier chunk idles (0 tokens)."""
+    seq = input_ids.shape[1]
+    step = seq if not chunk_size else chunk_size
+    last = None
+    for start in range(0, seq, step):
+        end = min(seq, start + step)
+        q = np.clip(lengths - start, 0, end - start)  # (batch,) real tokens in this chunk
+        logits = model.step(input_ids[:, start:end], q, np.maximum(q - 1, 0)[:, None], cache)[:, 0]
+        if last is None:
+            last = np.empty_like(logits)  # (batch, vocab)
+        ends = (lengths > start) & (lengths <= end)  # rows whose last prompt token is in this chunk
+        last[ends] = logits[ends]
+    assert last is not None, "empty prompt"
+    return last
+
+
+def decode_step_shared(model: Model, cache: SharedKVCache, tokens: np.ndarray) -> np.ndarray:
+    """One token per sequence (batch,) through a shared-buffer graph; logits (batch, vocab)."""
+    batch = len(tokens)
+    return model.step(tokens[:, None], np.ones(batch, np.int32), np.zeros((batch, 1), np.int64), cache)[:, 0]
+
+
+class _LeftPadded:
+    """A batch on a concat-layout graph: mask and positions, the cache grows every step."""
+
+    def __init__(self, model: Model, prompts: list[list[int]], pad: int, chunk: int | None, capacity: int):
+        self.model, self.chunk = model, chunk
+        self.ids, self.mask, self.pos = left_pad(prompts, pad)
+        self.cache = model.new_cache(len(prompts))
+        self.next_pos = self.mask.sum(axis=1)  # (batch,) position of the next token = real tokens so far
+
+    def prefill(self) -> np.ndarray:
+        return prefill(self.model, self.cache, self.ids, self.mask, self.pos, self.chunk)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), dtype=self.mask.dtype)], axis=1)
+        logits = decode_step(self.model, self.cache, tokens, self.mask, self.next_pos)
+        self.next_pos = self.next_pos + 1
+        return logits
+
+    def select(self, rows: list[int]) -> None:
+        self.cache.select(rows)
+        self.mask, self.next_pos = self.mask[rows], self.next_pos[rows]
+
+
+class _RightPadded:
+    """A batch on a shared-buffer graph: buffers sized once for the longest prompt + its new tokens."""
+
+    def __init__(self, model: Model, prompts: list[list[int]], pad: int, chunk: int | None, capacity: int):
+        self.model, self.chunk = model, chunk
+        self.ids, self.lengths = right_pad(prompts, pad)
+        self.cache = model.new_cache(len(prompts), capacity)
+
+    def prefill(self) -> np.ndarray:
+        return prefill_shared(self.model, self.cache, self.ids, self.lengths, self.chunk)
+
+    def decode(self, tokens: np.ndarray) -> np.ndarray:
+        return decode_step_shared(self.model, self.cache, tokens)
+
+    def select(self, rows: list[int]) -> None:
+        self.cache.select(rows)
 
 
 class StopText:
@@ -284,13 +440,13 @@ def _run(model: Model, seqs: list[_Seq], stop_ids: set[int], prefill_chunk: int 
     facts = model.facts
     prompts = [s.prompt for s in seqs]
     pad = facts.pad_token_id if facts.pad_token_id is not None else (facts.eos_token_ids or [0])[0]
-    ids, mask, pos = left_pad(prompts, pad)
-    cache = model.new_cache(len(prompts))
+    # the last sampled token is never fed back: a row holds at most prompt + limit - 1 positions
+    capacity = max(len(s.prompt) + s.limit - 1 for s in seqs)
+    batch = (_RightPadded if model.io.shared else _LeftPadded)(model, prompts, pad, prefill_chunk, capacity)
     active = list(range(len(prompts)))  # sequence index of each cache row
     t0 = time.perf_counter()
-    logits = prefill(model, cache, ids, mask, pos, prefill_chunk)
+    logits = batch.prefill()
     forward_s = time.perf_counter() - t0
-    next_pos = mask.sum(axis=1)  # (batch,) position of the next token = real tokens so far
     index = 0
     try:
         while True:
@@ -302,17 +458,14 @@ def _run(model: Model, seqs: list[_Seq], stop_ids: set[int], prefill_chunk: int 
                 return
             tokens = np.array([seqs[active[row]].tokens[-1] for row in keep], dtype=np.int64)
             if len(keep) < len(active):
-                cache.select(keep)
-                mask, next_pos = mask[keep], next_pos[keep]
+                batch.select(keep)
                 active = [active[row] for row in keep]
-            mask = np.concatenate([mask, np.ones((len(active), 1), dtype=mask.dtype)], axis=1)
             t0 = time.perf_counter()
-            logits = decode_step(model, cache, tokens, mask, next_pos)
+            logits = batch.decode(tokens)
             forward_s = time.perf_counter() - t0
-            next_pos = next_pos + 1
             index += 1
     finally:
-        cache.free()
+        batch.cache.free()
 
 
 def _advance(seq: _Seq, index: int, logits: np.ndarray, stop_ids: set[int]) -> SeqOutput:

@@ -101,19 +101,25 @@ def run_bound(
     output_names: Sequence[str],
     device: str = "cpu",
     host_outputs: Sequence[str] = (),
+    bound_outputs: Mapping[str, ort.OrtValue] | None = None,
 ) -> dict[str, ort.OrtValue]:
     """Run with IO binding: OrtValue inputs are bound as they are (no copy), outputs come back as
-    OrtValues on `device` (those named in `host_outputs` in host memory), ready to bind next step."""
+    OrtValues on `device` (those named in `host_outputs` in host memory), ready to bind next step.
+    `bound_outputs` are written into the given OrtValues (a shared KV buffer: the same one as an input)."""
     binding = session.io_binding()
     for name, value in inputs.items():
         if isinstance(value, ort.OrtValue):
             binding.bind_ortvalue_input(name, value)
         else:
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-    for name in output_names:
+    names = list(output_names)
+    for name in names:
         binding.bind_output(name, "cpu" if name in host_outputs else device)
+    for name, value in (bound_outputs or {}).items():
+        binding.bind_ortvalue_output(name, value)
+        names.append(name)
     session.run_with_iobinding(binding)
-    return dict(zip(output_names, binding.get_outputs(), strict=True))
+    return dict(zip(names, binding.get_outputs(), strict=True))
 
 
 def run_numpy(
@@ -122,3 +128,36 @@ def run_numpy(
     """The plain path: numpy in, numpy out (every step copies the cache; for debugging and parity)."""
     feeds = {k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in inputs.items()}
     return dict(zip(output_names, session.run(list(output_names), feeds), strict=True))
+
+
+class BoundBuffers:
+    """An IO binding kept across steps of one KV cache: each (past, present, buffer) bound once as both
+    input and output, the small inputs rebound every step, the logits written into a host array that
+    is reused while its shape holds. A step then creates no binding and wraps no outputs."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        buffers: Sequence[tuple[str, str, ort.OrtValue]],
+        logits: str,
+        logits_dtype: str = "float32",
+    ):
+        self.session = session
+        self.logits_name = logits
+        self.dtype = np.dtype(logits_dtype)
+        self.binding = session.io_binding()
+        for past, present, value in buffers:
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+        self.logits: np.ndarray | None = None
+
+    def run(self, inputs: Mapping[str, np.ndarray], logits_shape: tuple[int, ...]) -> np.ndarray:
+        """Bind `inputs` (host arrays), run, and return the logits array (reused: copy to keep it)."""
+        held = {name: np.ascontiguousarray(value) for name, value in inputs.items()}  # alive through the run
+        for name, value in held.items():
+            self.binding.bind_cpu_input(name, value)
+        if self.logits is None or self.logits.shape != tuple(logits_shape):
+            self.logits = np.empty(logits_shape, self.dtype)
+            self.binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self.session.run_with_iobinding(self.binding)
+        return self.logits

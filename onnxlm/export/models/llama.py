@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import fused
 from .common import RMSNorm, attend, causal_mask, merge_heads, output_head, rotary_from_config, split_heads
 
 
@@ -128,9 +129,16 @@ def context_length(config) -> int:
     return int(config.max_position_embeddings)
 
 
-def build(config, state: dict[str, torch.Tensor]) -> LlamaDecoder:
+GRAPHS = ("fused", "plain")  # the graphs this family exports (fused.py builds the fused one)
+
+
+def build(config, state: dict[str, torch.Tensor], graph: str = "plain") -> nn.Module:
     args = LlamaArgs.from_config(config)
-    return _load(LlamaDecoder(args, config), hf_to_ours(state, args))
+    tensors = hf_to_ours(state, args)
+    if graph == "fused":
+        windows = [args.sliding_window] * args.num_layers
+        return fused.build(args, config, tensors, windows, context_length(config))
+    return _load(LlamaDecoder(args, config), tensors)
 
 
 def _load(module: nn.Module, tensors: dict[str, torch.Tensor]) -> nn.Module:

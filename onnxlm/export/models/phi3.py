@@ -14,6 +14,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from . import fused
 from .llama import LlamaArgs, LlamaDecoder, _load, hf_to_ours
 
 
@@ -51,7 +52,15 @@ def split_fused(state: dict[str, torch.Tensor], a: LlamaArgs) -> dict[str, torch
     return out
 
 
-def build(config, state) -> nn.Module:
+GRAPHS = ("fused", "plain")  # fused needs rotary_dim a multiple of 16 (see fused.build)
+
+
+def build(config, state, graph: str = "plain") -> nn.Module:
     args = args_from_config(config)
+    if graph == "fused":  # the fused graph merges q|k|v again: split and re-merged, the order is the same
+        tensors = hf_to_ours(split_fused(state, args), args)
+        return fused.build(
+            args, config, tensors, [args.sliding_window] * args.num_layers, context_length(config)
+        )
     module = LlamaDecoder(args, config)  # builds the rotary first: refuses longrope before any weight work
     return _load(module, hf_to_ours(split_fused(state, args), args))

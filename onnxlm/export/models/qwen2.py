@@ -11,6 +11,7 @@ import dataclasses
 
 from torch import nn
 
+from . import fused
 from .common import causal_mask, output_head
 from .llama import LlamaArgs, LlamaDecoder, _load, hf_to_ours
 
@@ -65,8 +66,15 @@ class Qwen2MixedWindowDecoder(LlamaDecoder):
         return (output_head(self.norm(x), head), *presents)
 
 
-def build(config, state) -> nn.Module:
+GRAPHS = ("fused", "plain")  # the fused graph gives each layer its own window
+
+
+def build(config, state, graph: str = "plain") -> nn.Module:
     args = args_from_config(config)
+    if graph == "fused":
+        return fused.build(
+            args, config, hf_to_ours(state, args), layer_windows(config), context_length(config)
+        )
     mixed = len(set(layer_windows(config))) > 1
     module = (Qwen2MixedWindowDecoder if mixed else LlamaDecoder)(args, config)
     return _load(module, hf_to_ours(state, args))
