@@ -118,6 +118,13 @@ def genai_engine(folder: str, threads: int) -> Run:
     return run
 
 
+def last_token(llm) -> int:
+    """Greedy token from the logits llama.cpp computed for the last position (its `scores` array
+    is only filled with logits_all=True, which would compute the head at every prompt position)."""
+    logits = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+    return int(np.argmax(logits))
+
+
 def gguf_engine(path: str, threads: int, n_ctx: int) -> Run:
     from llama_cpp import Llama
 
@@ -130,12 +137,12 @@ def gguf_engine(path: str, threads: int, n_ctx: int) -> Run:
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(ids)
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last_token(llm)
         ttft = time.perf_counter() - t0
         t1 = time.perf_counter()
         for _ in range(n - 1):
             llm.eval([tok])
-            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            tok = last_token(llm)
         return ttft, (n - 1) / (time.perf_counter() - t1)
 
     return run

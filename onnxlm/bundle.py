@@ -300,6 +300,28 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def save_graph(model, folder: Path) -> None:
+    """Write an onnx ModelProto as the bundle's model.onnx, every weight in the one model.onnx.data."""
+    import onnx
+
+    onnx.save_model(
+        model,
+        str(Path(folder) / MODEL),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=MODEL_DATA,
+        size_threshold=1024,
+        convert_attribute=False,
+    )
+
+
+def copy_side_files(manifest: Manifest, src: Path, dst: Path) -> None:
+    """Copy what a bundle carries beside its graph (the tokenizer, ...) into a bundle being written."""
+    for name in manifest.files:
+        if name not in (MODEL, MODEL_DATA):
+            shutil.copyfile(Path(src) / name, Path(dst) / name)
+
+
 class BundleWriter:
     """Write a bundle atomically: files go into a temporary folder beside the target,
     the manifest is written last, everything is fsynced, then the folder is renamed into place.

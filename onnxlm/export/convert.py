@@ -203,14 +203,7 @@ def write_graph(raw_path: Path, bundle_tmp: Path) -> None:
 
     model = onnx.load(str(raw_path))  # the family module's output_head keeps a tied head as one tensor
     _drop_unused_outputs(model)
-    onnx.save_model(
-        model,
-        str(bundle_tmp / B.MODEL),
-        save_as_external_data=True,
-        all_tensors_to_one_file=True,
-        location=B.MODEL_DATA,
-        size_threshold=1024,
-    )
+    B.save_graph(model, bundle_tmp)
 
 
 def export(

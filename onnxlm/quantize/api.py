@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -76,19 +75,9 @@ def quantize(
             record = _integer(model, sites, rec, src, manifest, settings, calibration_text, bar)
         with writer as tmp:
             bar.set_postfix_str("writing")
-            onnx.save_model(
-                model,
-                str(tmp / B.MODEL),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=B.MODEL_DATA,
-                size_threshold=1024,
-                convert_attribute=False,
-            )
+            B.save_graph(model, tmp)
             del model
-            for name in manifest.files:  # the tokenizer and anything else the bundle carries
-                if name not in (B.MODEL, B.MODEL_DATA):
-                    shutil.copyfile(src / name, tmp / name)
+            B.copy_side_files(manifest, src, tmp)
             bar.update()
             bar.set_postfix_str("loading in onnxruntime")
             _check_loads(tmp / B.MODEL)

@@ -355,18 +355,9 @@ def keep_blocks(
         bar.update()
         bar.set_postfix_str("writing")
         with writer as tmp:
-            onnx.save_model(
-                model,
-                str(tmp / B.MODEL),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=B.MODEL_DATA,
-                size_threshold=1024,
-            )
+            B.save_graph(model, tmp)
             del model
-            for name in manifest.files:
-                if name not in (B.MODEL, B.MODEL_DATA):
-                    (tmp / name).write_bytes((src / name).read_bytes())
+            B.copy_side_files(manifest, src, tmp)
             kinds = sorted({v.split()[1] for v in nodes.values()})
             record = {
                 "recipe": "gguf",
