@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -89,17 +87,13 @@ def gguf_perplexity(path: str, ids: np.ndarray, window: int, stride: int, thread
     llm = Llama(
         model_path=path, n_ctx=window, logits_all=True, n_threads=threads, n_batch=window, verbose=False
     )
-    t0 = time.perf_counter()
-    nll_sum, scored = 0.0, 0
-    for w in E.windows(len(ids), window, stride):
+
+    def logits_of(chunk: np.ndarray) -> np.ndarray:  # (len, vocab), every position (logits_all)
         llm.reset()
-        llm.eval(ids[w.begin : w.end].tolist())
-        logits = np.asarray(llm.scores[: len(w)], dtype=np.float32)  # (len, vocab)
-        logp = E.log_softmax(logits[len(w) - w.scored - 1 : len(w) - 1])
-        nll_sum -= float(logp[np.arange(w.scored), ids[w.end - w.scored : w.end]].sum(dtype=np.float64))
-        scored += w.scored
-    nll = nll_sum / scored
-    return {"ppl": math.exp(nll), "nll_mean": nll, "tokens": scored, "seconds": time.perf_counter() - t0}
+        llm.eval(chunk.tolist())
+        return np.asarray(llm.scores[: len(chunk)], dtype=np.float32)
+
+    return E.sliding_nll(logits_of, ids, window, stride)
 
 
 def main() -> None:

@@ -17,7 +17,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -190,11 +190,48 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return z - lse
 
 
-def _scored_logprobs(engine: Engine, ids: np.ndarray, w: Window) -> np.ndarray:
+LogitsOf = Callable[[np.ndarray], np.ndarray]  # token ids (seq,) -> logits of every position (seq, vocab)
+
+
+def _scored_logprobs(logits_of: Engine | LogitsOf, ids: np.ndarray, w: Window) -> np.ndarray:
     """Log-probabilities (scored, vocab) predicting the window's last `scored` tokens."""
-    logits = full_logits(engine, ids[w.begin : w.end])  # (len, vocab)
+    chunk = ids[w.begin : w.end]
+    logits = (
+        full_logits(logits_of, chunk) if isinstance(logits_of, Engine) else logits_of(chunk)
+    )  # (len, vocab)
     n = len(w)
     return log_softmax(logits[n - w.scored - 1 : n - 1])
+
+
+def sliding_nll(
+    logits_of: Engine | LogitsOf,
+    ids: np.ndarray,
+    window: int,
+    stride: int,
+    progress: bool = False,
+    desc: str = "perplexity",
+) -> dict[str, Any]:
+    """Negative log-likelihood of ids over Hugging Face's sliding windows, under any model that gives
+    the logits of every position of a window (an Engine, or another engine's function: benchmarks)."""
+    spans = windows(len(ids), window, stride)
+    t0 = time.perf_counter()
+    nll_sum, scored = 0.0, 0
+    for w in _progress(spans, desc, progress):
+        logp = _scored_logprobs(logits_of, ids, w)  # (scored, vocab)
+        targets = ids[w.end - w.scored : w.end]
+        nll_sum -= float(logp[np.arange(w.scored), targets].sum(dtype=np.float64))
+        scored += w.scored
+    nll = nll_sum / scored
+    return {
+        "ppl": math.exp(nll),
+        "nll_mean": nll,
+        "tokens": scored,
+        "text_tokens": len(ids),
+        "windows": len(spans),
+        "window": window,
+        "stride": stride,
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _progress(items: list, desc: str, enabled: bool) -> Iterator:
@@ -223,25 +260,7 @@ def perplexity(
     engine = load_engine(bundle_or_engine)
     window, stride = _check_window(window, stride, engine.manifest.model.context_length)
     ids = _encode(engine, text, max_tokens)
-    spans = windows(len(ids), window, stride)
-    t0 = time.perf_counter()
-    nll_sum, scored = 0.0, 0
-    for w in _progress(spans, desc, progress):
-        logp = _scored_logprobs(engine, ids, w)  # (scored, vocab)
-        targets = ids[w.end - w.scored : w.end]
-        nll_sum -= float(logp[np.arange(w.scored), targets].sum(dtype=np.float64))
-        scored += w.scored
-    nll = nll_sum / scored
-    return {
-        "ppl": math.exp(nll),
-        "nll_mean": nll,
-        "tokens": scored,
-        "text_tokens": len(ids),
-        "windows": len(spans),
-        "window": window,
-        "stride": stride,
-        "seconds": time.perf_counter() - t0,
-    }
+    return sliding_nll(engine, ids, window, stride, progress, desc)
 
 
 def compare(
