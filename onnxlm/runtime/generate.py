@@ -49,6 +49,7 @@ class GenerationParams:
     stop: str | list[str] | None = None
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
+    top_logprobs: int = 0  # also report this many most likely tokens per step (0..20)
 
     def __post_init__(self):
         n = self.max_new_tokens
@@ -66,6 +67,10 @@ class GenerationParams:
         self.stop_token_ids = [int(t) for t in ids]
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+        k = self.top_logprobs
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= 20:
+            raise ValueError(f"top_logprobs must be an integer in [0, 20], got {k!r}")
+        self.top_logprobs = int(k)
         self.sampler()  # validates temperature, top_k, top_p, min_p, seed
         make_logits_processors(self.repetition_penalty)
 
@@ -362,6 +367,7 @@ class SeqOutput:
     text: str  # text delta (may be "" while a character or a possible stop string is held back)
     logprob: float  # log-probability of token_id under the model's distribution (before sampling)
     finish_reason: str | None = None  # "stop" | "length" on the sequence's last step
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), most likely first
 
 
 @dataclass
@@ -373,18 +379,42 @@ class Step:
 
 
 @dataclass
-class _Seq:
+class SeqState:
+    """One sequence's generation state: its sampler, text and stop handling, tokens so far."""
+
     prompt: list[int]
     limit: int
     sampler: object
     processors: list
     detok: Detokenizer | None
     stop: StopText
+    stop_ids: set[int] = field(default_factory=set)
+    top_logprobs: int = 0
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
 
-def _check_prompts(prompts: Sequence[Sequence[int]], facts) -> list[list[int]]:
+def new_seq(prompt: list[int], params: GenerationParams, tokenizer: Tokenizer | None, facts) -> SeqState:
+    """The state of one checked prompt (see check_prompts) under `params`."""
+    if params.stop and tokenizer is None:
+        raise ValueError("stop strings need a tokenizer")
+    stop_ids = set(params.stop_token_ids or [])
+    if not params.ignore_eos:
+        stop_ids |= set(facts.eos_token_ids)
+    return SeqState(
+        prompt=prompt,
+        # never run past the context window: prompt + generated <= context_length
+        limit=min(params.max_new_tokens, facts.context_length - len(prompt)),
+        sampler=params.sampler(),  # one per sequence: a seeded batch row equals the prompt run alone
+        processors=make_logits_processors(params.repetition_penalty),
+        detok=Detokenizer(tokenizer) if tokenizer is not None else None,
+        stop=StopText(params.stop),
+        stop_ids=stop_ids,
+        top_logprobs=params.top_logprobs,
+    )
+
+
+def check_prompts(prompts: Sequence[Sequence[int]], facts) -> list[list[int]]:
     if not prompts:
         raise ValueError("no prompts given")
     out = []
@@ -415,28 +445,11 @@ def generate_steps(
 ) -> Iterator[Step]:
     """Generate for a batch of token-id prompts; yield one Step per generated position."""
     facts = model.facts
-    prompts = _check_prompts(prompts, facts)
-    if params.stop and tokenizer is None:
-        raise ValueError("stop strings need a tokenizer")
-    stop_ids = set(params.stop_token_ids or [])
-    if not params.ignore_eos:
-        stop_ids |= set(facts.eos_token_ids)
-    seqs = [
-        _Seq(
-            prompt=p,
-            # never run past the context window: prompt + generated <= context_length
-            limit=min(params.max_new_tokens, facts.context_length - len(p)),
-            sampler=params.sampler(),  # one per sequence: a seeded batch row equals the prompt run alone
-            processors=make_logits_processors(params.repetition_penalty),
-            detok=Detokenizer(tokenizer) if tokenizer is not None else None,
-            stop=StopText(params.stop),
-        )
-        for p in prompts
-    ]
-    return _run(model, seqs, stop_ids, prefill_chunk)  # errors above are raised on the call, not on iteration
+    seqs = [new_seq(p, params, tokenizer, facts) for p in check_prompts(prompts, facts)]
+    return _run(model, seqs, prefill_chunk)  # errors above are raised on the call, not on iteration
 
 
-def _run(model: Model, seqs: list[_Seq], stop_ids: set[int], prefill_chunk: int | None) -> Iterator[Step]:
+def _run(model: Model, seqs: list[SeqState], prefill_chunk: int | None) -> Iterator[Step]:
     facts = model.facts
     prompts = [s.prompt for s in seqs]
     pad = facts.pad_token_id if facts.pad_token_id is not None else (facts.eos_token_ids or [0])[0]
@@ -451,7 +464,7 @@ def _run(model: Model, seqs: list[_Seq], stop_ids: set[int], prefill_chunk: int 
     try:
         while True:
             t1 = time.perf_counter()
-            outputs = [_advance(seqs[s], s, logits[row], stop_ids) for row, s in enumerate(active)]
+            outputs = [sample_next(seqs[s], s, logits[row]) for row, s in enumerate(active)]
             yield Step(outputs, index, forward_s, time.perf_counter() - t1)
             keep = [row for row, s in enumerate(active) if seqs[s].finish_reason is None]
             if not keep:
@@ -468,15 +481,22 @@ def _run(model: Model, seqs: list[_Seq], stop_ids: set[int], prefill_chunk: int 
         batch.cache.free()
 
 
-def _advance(seq: _Seq, index: int, logits: np.ndarray, stop_ids: set[int]) -> SeqOutput:
+def sample_next(seq: SeqState, index: int, logits: np.ndarray) -> SeqOutput:
     """Sample one token for `seq` from its logits (vocab,), update its text and finish state."""
     row = logits[None, :]  # (1, vocab)
     processed = apply_processors(seq.processors, [seq.prompt + seq.tokens], row)
     token = int(seq.sampler(processed)[0])
-    logprob = float(log_softmax(row)[0, token])
+    logp = log_softmax(row)[0]  # (vocab,)
+    logprob = float(logp[token])
+    top = None
+    if seq.top_logprobs:
+        k = min(seq.top_logprobs, len(logp))
+        best = np.argpartition(-logp, k - 1)[:k]
+        best = best[np.argsort(-logp[best], kind="stable")]
+        top = [(int(t), float(logp[t])) for t in best]
     seq.tokens.append(token)
     text, reason, hit = "", None, False
-    if token in stop_ids:
+    if token in seq.stop_ids:
         reason = "stop"
     else:
         if seq.detok is not None:
@@ -491,4 +511,4 @@ def _advance(seq: _Seq, index: int, logits: np.ndarray, stop_ids: set[int]) -> S
         text += more if hit else more + seq.stop.release()
         reason = "stop" if hit else reason
     seq.finish_reason = reason
-    return SeqOutput(index, token, text, logprob, reason)
+    return SeqOutput(index, token, text, logprob, reason, top)

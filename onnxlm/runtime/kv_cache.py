@@ -163,6 +163,49 @@ class KVCache:
         self.values = [self._rewrap(_numpy(v)[idx]) for v in self.values]
         self._batch = len(rows)
 
+    def append(self, other: KVCache) -> tuple[int, int]:
+        """Add `other`'s rows after this cache's (continuous batching: a prefilled request joins). The
+        side holding fewer positions is left-padded with zeros so both line up; returns (positions
+        padded onto this cache's rows, onto `other`'s rows) for the caller's attention mask."""
+        if (other.num_layers, other.kv_heads, other.head_dim) != (self.num_layers, self.kv_heads, self.head_dim):
+            raise ValueError(f"KVCache.append: {other!r} does not match {self!r}")
+        pad_self, pad_other = max(0, other.offset - self.offset), max(0, self.offset - other.offset)
+
+        def pad(t: Tensor, n: int) -> np.ndarray:
+            arr = _numpy(t)  # (batch, kv_heads, seq, head_dim)
+            return np.pad(arr, ((0, 0), (0, 0), (n, 0), (0, 0))) if n else arr
+
+        self.keys = [
+            self._rewrap(np.concatenate([pad(a, pad_self), pad(b, pad_other)]))
+            for a, b in zip(self.keys, other.keys, strict=True)
+        ]
+        self.values = [
+            self._rewrap(np.concatenate([pad(a, pad_self), pad(b, pad_other)]))
+            for a, b in zip(self.values, other.values, strict=True)
+        ]
+        self._batch += other.batch
+        return pad_self, pad_other
+
+    def drop(self, row: int) -> int | None:
+        """Remove one row; the last row moves into its place (no other row moves). Returns the old
+        index of the row that moved, or None when `row` was the last."""
+        if not 0 <= row < self._batch or self._batch < 2:
+            raise ValueError(f"KVCache.drop: cannot drop row {row} of a batch of {self._batch}")
+        last = self._batch - 1
+        rows = list(range(last))
+        if row != last:
+            rows[row] = last
+        self.select(rows)
+        return last if row != last else None
+
+    def trim_front(self, n: int) -> None:
+        """Forget the first `n` positions of every row (padding no row needs any more)."""
+        if not 0 <= n <= self.offset:
+            raise ValueError(f"KVCache.trim_front: n must be in [0, {self.offset}], got {n}")
+        if n:
+            self.keys = [self._rewrap(_numpy(k)[:, :, n:]) for k in self.keys]
+            self.values = [self._rewrap(_numpy(v)[:, :, n:]) for v in self.values]
+
     def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Layer `i`'s key and value as numpy arrays (a copy when they live in OrtValues)."""
         return _numpy(self.keys[i]), _numpy(self.values[i])
@@ -232,6 +275,7 @@ class SharedKVCache:
             for n in (self.io.present_key.format(i=i), self.io.present_value.format(i=i))
         ]
         self._arrays: list[np.ndarray] | None = None  # host buffers (cpu), key and value per layer
+        self._bases: list[np.ndarray] | None = None  # what _arrays view (cpu): room for rows to join
         self._values: list[ort.OrtValue] | None = None  # what is bound; on cpu they wrap _arrays
         self.binding: object | None = (
             None  # what a runner keeps bound to the buffers; dropped when they change
@@ -263,11 +307,13 @@ class SharedKVCache:
     def _shape(self, batch: int) -> tuple[int, int, int, int]:
         return (batch, self.kv_heads, self.capacity, self.head_dim)  # (batch, kv_heads, capacity, head_dim)
 
-    def _allocate(self) -> None:
+    def _allocate(self, room: int = 0) -> None:
+        """Buffers for the batch; on cpu with `room` rows in all, so rows can join without a new buffer."""
         self.binding = None
         shape = self._shape(self._batch)
         if self.device == "cpu":  # zeros: calloc'd, pages are committed only as the cache fills
-            self._arrays = [np.zeros(shape, self.dtype) for _ in self._past_names]
+            self._bases = [np.zeros(self._shape(max(room, self._batch)), self.dtype) for _ in self._past_names]
+            self._arrays = [b[: self._batch] for b in self._bases]  # contiguous views
             self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
         else:
             self._arrays = None
@@ -278,7 +324,7 @@ class SharedKVCache:
 
     def free(self) -> None:
         """Drop the buffers; the cache is empty and allocates again (same batch) on its next step."""
-        self._arrays = self._values = None
+        self._arrays = self._values = self._bases = None
         self.binding = None
         self.lengths = np.zeros(self._batch, np.int32)
         self._pending = None
@@ -399,6 +445,101 @@ class SharedKVCache:
                 self._values = [ort.OrtValue.ortvalue_from_numpy(h, self.device, 0) for h in hosts]
         self.lengths = self.lengths[rows]
         self._batch = n
+
+    # --- continuous batching: rows join and leave ------------------------------------------------
+    def _host(self) -> list[np.ndarray]:
+        """The buffers as host arrays (views on cpu; copies from a device)."""
+        assert self._values is not None
+        return self._arrays if self._arrays is not None else [v.numpy() for v in self._values]
+
+    def _rebuild(self, batch: int, capacity: int, room: int, rows: list[tuple[SharedKVCache, int]]) -> None:
+        """New buffers (batch rows of `capacity` slots, room for `room` on cpu) holding `rows`, each
+        (cache, row) copied over its filled slots only."""
+        sources = [(c._host(), r, int(c.lengths[r])) for c, r in rows]
+        lengths = np.array([n for _, _, n in sources], np.int32)
+        self._batch, self.capacity = batch, capacity
+        if self.device == "cpu":
+            self._allocate(room)
+            dst = self._arrays
+        else:
+            dst = [np.zeros(self._shape(batch), self.dtype) for _ in self._past_names]
+        assert dst is not None
+        for j, arr in enumerate(dst):
+            for b, (src, r, n) in enumerate(sources):
+                arr[b, :, :n] = src[j][r, :, :n]
+        if self.device != "cpu":
+            self._values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in dst]
+        self.lengths = lengths
+        self._pending = None
+        self.binding = None
+
+    def reserve(self, capacity: int) -> None:
+        """At least `capacity` slots per row (filled slots are copied when the buffers must grow)."""
+        if capacity <= self.capacity:
+            return
+        if self._values is None:
+            self.capacity = capacity
+            return
+        self._rebuild(self._batch, capacity, self._batch, [(self, r) for r in range(self._batch)])
+
+    def append(self, other: SharedKVCache) -> None:
+        """Add `other`'s rows (a prefilled request) after this cache's, copying their filled slots; rows
+        of any lengths share the buffer (seqlens_k is per row). On cpu the buffers keep spare rows, so
+        most joins copy only the newcomer's slots."""
+        if (other.num_layers, other.kv_heads, other.head_dim) != (self.num_layers, self.kv_heads, self.head_dim):
+            raise ValueError(f"SharedKVCache.append: {other!r} does not match {self!r}")
+        if other._values is None or self._values is None:
+            raise ValueError("SharedKVCache.append: both caches must hold tokens (run their prefill first)")
+        batch = self._batch + other.batch
+        capacity = max(self.capacity, other.offset)
+        if self._bases is None:  # device buffers: one host round trip (rare)
+            rows = [(self, r) for r in range(self._batch)] + [(other, r) for r in range(other.batch)]
+            self._rebuild(batch, capacity, batch, rows)
+            return
+        if self._bases[0].shape[0] < batch or capacity > self.capacity:
+            mine = [(self, r) for r in range(self._batch)]
+            self._rebuild(self._batch, capacity, max(batch, 2 * self._batch), mine)
+            assert self._bases is not None
+        src, n = other._host(), other.offset
+        for j, base in enumerate(self._bases):
+            base[self._batch : batch, :, :n] = src[j][:, :, :n]
+        self._arrays = [b[:batch] for b in self._bases]
+        self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+        self.binding = None
+        self.lengths = np.concatenate([self.lengths, other.lengths]).astype(np.int32)
+        self._batch = batch
+
+    def drop(self, row: int) -> int | None:
+        """Remove one row; the last row moves into its place (only its filled slots are copied, no other
+        row moves). Returns the old index of the row that moved, or None when `row` was the last."""
+        if not 0 <= row < self._batch or self._batch < 2:
+            raise ValueError(f"SharedKVCache.drop: cannot drop row {row} of a batch of {self._batch}")
+        last = self._batch - 1
+        if self._values is None:
+            self._swap_lengths(row)
+            return last if row != last else None
+        if self._arrays is None:  # device: a host round trip through select
+            rows = list(range(last))
+            if row != last:
+                rows[row] = last
+            self.select(rows)
+            return last if row != last else None
+        n = int(self.lengths[last])
+        if row != last:
+            for arr in self._arrays:
+                arr[row, :, :n] = arr[last, :, :n]
+        self._arrays = [a[:last] for a in self._arrays]
+        self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+        self.binding = None
+        self._swap_lengths(row)
+        return last if row != last else None
+
+    def _swap_lengths(self, row: int) -> None:
+        last = self._batch - 1
+        lengths = self.lengths.copy()
+        lengths[row] = lengths[last]
+        self.lengths = lengths[:last]
+        self._batch = last
 
     def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         """Layer `i`'s key and value (batch, kv_heads, offset, head_dim), copies; slots at or past a
