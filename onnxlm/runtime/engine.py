@@ -14,7 +14,8 @@ ignore_eos=False.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +71,7 @@ class Chunk:
     finish_reason: str | None = None  # set on the last chunk
     usage: Usage | None = None  # set on the last chunk
     timings: Timings | None = None  # set on the last chunk
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob) with top_logprobs=k
 
 
 def _params(params: dict[str, Any]) -> GenerationParams:
@@ -125,6 +127,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.bundle_dir = bundle_dir
+        self._scheduler = None
 
     @classmethod
     def load(
@@ -238,6 +241,54 @@ class Engine:
             for t, tok, lp, r, i in zip(texts, tokens, logprobs, reasons, ids, strict=True)
         ]
 
+    # --- asyncio: concurrent requests share one continuously batched decode loop ------------------
+    def scheduler(self, max_batch: int = 8, max_queue: int = 64):
+        """The engine's continuous-batching scheduler, made (and its thread started) on first use; later
+        calls return the same one. `close()` it to stop the thread."""
+        from .serving.scheduler import Scheduler
+
+        if self._scheduler is None:
+            self._scheduler = Scheduler(self.model, self.tokenizer, max_batch, max_queue)
+            self._scheduler.start()
+        return self._scheduler
+
+    async def astream(self, prompt: Prompt, **params: Any) -> AsyncIterator[Chunk]:
+        """`stream` for asyncio code: concurrent calls are batched together by `scheduler()`. Raises
+        QueueFull when the scheduler is at capacity; leaving the loop early frees the sequence."""
+        p = _params(params)
+        ids = self.encode_prompt(prompt)
+        async for chunk in self._astream(ids, p):
+            yield chunk
+
+    async def astream_chat(
+        self, messages: Sequence[dict[str, Any]], template_vars: dict[str, Any] | None = None, **params: Any
+    ) -> AsyncIterator[Chunk]:
+        p = _params(params)
+        async for chunk in self._astream(self._chat_ids(messages, template_vars), p):
+            yield chunk
+
+    async def _astream(self, ids: list[int], p: GenerationParams) -> AsyncIterator[Chunk]:
+        stream = self.scheduler().open_stream(ids, p)
+        start = time.perf_counter()
+        timings, n = Timings(), 0
+        try:
+            async for out in stream:
+                n += 1
+                if n == 1:
+                    timings.ttft_s = time.perf_counter() - start
+                chunk = Chunk(
+                    out.text, out.token_id, out.logprob, out.finish_reason, top_logprobs=out.top_logprobs
+                )
+                if out.finish_reason is not None:
+                    secs = time.perf_counter() - start - timings.ttft_s
+                    timings.decode_s = secs
+                    timings.tokens_per_s = (n - 1) / secs if n > 1 and secs > 0 else 0.0
+                    chunk.usage = Usage(len(ids), n, len(ids) + n)
+                    chunk.timings = timings
+                yield chunk
+        finally:
+            stream.cancel()
+
 
 def _chunks(steps: Iterator[Step], prompt_tokens: int) -> Iterator[Chunk]:
     timings = Timings()
@@ -246,7 +297,7 @@ def _chunks(steps: Iterator[Step], prompt_tokens: int) -> Iterator[Chunk]:
         _account(timings, step)
         out = step.outputs[0]
         n += 1
-        chunk = Chunk(out.text, out.token_id, out.logprob, out.finish_reason)
+        chunk = Chunk(out.text, out.token_id, out.logprob, out.finish_reason, top_logprobs=out.top_logprobs)
         if out.finish_reason is not None:
             chunk.usage = Usage(prompt_tokens, n, prompt_tokens + n)
             chunk.timings = timings._finish(prompt_tokens, n)

@@ -58,6 +58,10 @@ class GenerationAborted(RuntimeError):
     """The request was ended by the server (shutdown, or an error in the batch it ran in)."""
 
 
+class Cancelled(GenerationAborted):
+    """The stream was cancelled by its consumer (the client went away)."""
+
+
 @dataclass
 class Request:
     seq: SeqState
@@ -370,7 +374,7 @@ class Stream:
         return self
 
     async def __anext__(self) -> SeqOutput:
-        if self._done:
+        if self._done and self._queue.empty():
             raise StopAsyncIteration
         try:
             item = await self._queue.get()
@@ -385,9 +389,11 @@ class Stream:
         return item
 
     def cancel(self) -> None:
+        """Stop generating; an iteration waiting for the next token ends with Cancelled."""
         if not self._done:
             self._done = True
             self._scheduler.cancel(self.request)
+            self._queue.put_nowait(Cancelled("the stream was cancelled"))
 
     async def aclose(self) -> None:
         self.cancel()

@@ -1,0 +1,345 @@
+"""The OpenAI-compatible HTTP app (Starlette): handlers check the request, enqueue it with the
+scheduler and stream the outputs back; one loop (the scheduler's) does all generation.
+
+    from onnxlm.runtime import load
+    from onnxlm.runtime.serving.app import create_app
+    app = create_app(load("bundle/"), api_key="secret")    # mount it in your own ASGI app, or:
+    uvicorn.run(app, host="127.0.0.1", port=8000)           # (`onnxlm serve` adds SIGTERM draining)
+
+Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with `stream: true`:
+server-sent events ending in `data: [DONE]`), GET /health, GET /ready, GET /metrics (Prometheus).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..engine import Engine
+from .metrics import ServerMetrics
+from .protocol import (
+    APIError,
+    GenRequest,
+    LogprobText,
+    bad,
+    chunk_body,
+    completion_body,
+    new_id,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    stream_choice,
+    usage,
+)
+from .scheduler import Cancelled, GenerationAborted, QueueFull, Scheduler, Stream
+
+log = logging.getLogger("onnxlm.serving")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+
+
+class Service:
+    """What the handlers share: the engine, its scheduler, the metrics, the key, the draining flag."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        model_name: str | None = None,
+        api_key: str | None = None,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        scheduler: Scheduler | None = None,
+    ):
+        self.engine = engine
+        self.model_name = model_name or (engine.bundle_dir.name if engine.bundle_dir else "onnxlm")
+        self.api_key = api_key or None
+        self.scheduler = scheduler or Scheduler(engine.model, engine.tokenizer, max_batch, max_queue)
+        self.metrics = ServerMetrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.active)
+        self.text = LogprobText(engine)
+        self.draining = False
+        self.created = int(time.time())
+
+    def drain(self) -> None:
+        """Refuse new generation requests (503) and report not ready; running ones go on."""
+        self.draining = True
+
+    def authorized(self, request: Request) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            token.strip().encode(), self.api_key.encode()
+        )
+
+
+def error_response(e: APIError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+
+def _endpoint(name: str, auth: bool = True):
+    """Auth, OpenAI-style errors for every APIError, and the request counter, around one handler."""
+
+    def wrap(handler: Callable[[Service, Request], Awaitable[Response]]):
+        @functools.wraps(handler)
+        async def run(request: Request) -> Response:
+            svc: Service = request.app.state.service
+            try:
+                if auth and not svc.authorized(request):
+                    raise APIError(
+                        401,
+                        "invalid or missing API key: send 'Authorization: Bearer <key>'",
+                        type="invalid_request_error",
+                        code="invalid_api_key",
+                        headers={"WWW-Authenticate": "Bearer"},
+                    )
+                response = await handler(svc, request)
+            except APIError as e:
+                response = error_response(e)
+            except ClientDisconnect:
+                response = Response(status_code=499)
+            if not isinstance(response, StreamingResponse):  # a stream counts itself when it ends
+                svc.metrics.requests.inc(1, name, str(response.status_code))
+            return response
+
+        return run
+
+    return wrap
+
+
+async def _read_body(request: Request) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
+    parts, size = [], 0
+    async for part in request.stream():
+        size += len(part)
+        if size > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
+        parts.append(part)
+    return b"".join(parts)
+
+
+# --- handlers ------------------------------------------------------------------------------------------
+@_endpoint("/health", auth=False)
+async def health(svc: Service, request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+@_endpoint("/ready")
+async def ready(svc: Service, request: Request) -> Response:
+    if svc.draining:
+        return JSONResponse({"status": "draining"}, status_code=503)
+    return JSONResponse({"status": "ready", "model": svc.model_name})
+
+
+@_endpoint("/metrics")
+async def metrics(svc: Service, request: Request) -> Response:
+    return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+def _model_card(svc: Service) -> dict:
+    return {"id": svc.model_name, "object": "model", "created": svc.created, "owned_by": "onnxlm"}
+
+
+@_endpoint("/v1/models")
+async def models(svc: Service, request: Request) -> Response:
+    return JSONResponse({"object": "list", "data": [_model_card(svc)]})
+
+
+@_endpoint("/v1/models/{model}")
+async def model(svc: Service, request: Request) -> Response:
+    if request.path_params["model"] != svc.model_name:
+        raise APIError(
+            404,
+            f"no model {request.path_params['model']!r}; this server serves {svc.model_name!r}",
+            code="model_not_found",
+            param="model",
+        )
+    return JSONResponse(_model_card(svc))
+
+
+@_endpoint("/v1/completions")
+async def completions(svc: Service, request: Request) -> Response:
+    return await _generate(svc, request, chat=False)
+
+
+@_endpoint("/v1/chat/completions")
+async def chat_completions(svc: Service, request: Request) -> Response:
+    return await _generate(svc, request, chat=True)
+
+
+class _Track:
+    """Times one request's tokens into the metrics."""
+
+    def __init__(self, svc: Service, endpoint: str, req: GenRequest):
+        self.metrics, self.endpoint, self.req = svc.metrics, endpoint, req
+        self.start = self.last = time.perf_counter()
+        self.tokens = 0
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        (self.metrics.ttft if self.tokens == 0 else self.metrics.itl).observe(now - self.last)
+        self.last, self.tokens = now, self.tokens + 1
+
+    def end(self, status: str | None) -> None:
+        m = self.metrics
+        m.prompt_tokens.inc(len(self.req.prompt_ids))
+        m.completion_tokens.inc(self.tokens)
+        m.duration.observe(time.perf_counter() - self.start)
+        if status is not None:
+            m.requests.inc(1, self.endpoint, status)
+
+
+async def _generate(svc: Service, request: Request, chat: bool) -> Response:
+    endpoint = "/v1/chat/completions" if chat else "/v1/completions"
+    if svc.draining:
+        raise APIError(
+            503,
+            "the server is shutting down",
+            type="server_error",
+            code="server_shutting_down",
+            headers={"Retry-After": "5"},
+        )
+    body = parse_json(await _read_body(request))
+    req = (parse_chat if chat else parse_completion)(body, svc.engine)
+    try:
+        stream = svc.scheduler.open_stream(req.prompt_ids, req.params)
+    except QueueFull as e:
+        raise APIError(
+            429,
+            str(e),
+            type="rate_limit_exceeded",
+            code="queue_full",
+            headers={"Retry-After": str(math.ceil(e.retry_after))},
+        ) from None
+    except ValueError as e:
+        raise bad(str(e)) from None
+    except GenerationAborted as e:
+        raise APIError(503, str(e), type="server_error", code="server_shutting_down") from None
+    track = _Track(svc, endpoint, req)
+    rid, name = new_id(chat), svc.model_name
+    if req.stream:
+        events = _events(svc, req, stream, track, rid, name)
+        return StreamingResponse(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+    watcher = asyncio.ensure_future(_on_disconnect(request, stream))
+    outs, status = [], None
+    try:
+        async for out in stream:
+            outs.append(out)
+            track.token()
+    except Cancelled:
+        status = "499"
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    except GenerationAborted as e:
+        raise APIError(503, str(e), type="server_error", code="generation_aborted") from None
+    finally:
+        watcher.cancel()
+        stream.cancel()
+        track.end(status)
+    return JSONResponse(completion_body(req, rid, name, outs, svc.text))
+
+
+async def _on_disconnect(request: Request, stream: Stream) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            stream.cancel()
+            return
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+async def _events(
+    svc: Service, req: GenRequest, stream: Stream, track: _Track, rid: str, name: str
+) -> AsyncIterator[str]:
+    """Server-sent events: a chunk per token with text (or logprobs), a last chunk with the finish reason,
+    usage when asked, then [DONE]; a server-side abort sends an error event before [DONE]."""
+    created = int(time.time())
+    status = "200"
+    reason = None
+    offset = 0
+    try:
+        if req.chat:  # the role comes first, as OpenAI sends it
+            yield _sse(chunk_body(req, rid, name, created, stream_choice(req, "", None, None, role=True)))
+        async for out in stream:
+            track.token()
+            logprobs = None
+            if req.logprobs:
+                if req.chat:
+                    logprobs = {"content": [svc.text.chat_entry(out)]}
+                else:
+                    logprobs = svc.text.completion_logprobs([out], offset)
+            offset += len(out.text)
+            if out.text or logprobs:
+                yield _sse(chunk_body(req, rid, name, created, stream_choice(req, out.text, None, logprobs)))
+            reason = out.finish_reason or reason
+        yield _sse(chunk_body(req, rid, name, created, stream_choice(req, "", reason, None)))
+        if req.include_usage:
+            yield _sse(chunk_body(req, rid, name, created, None, usage(len(req.prompt_ids), track.tokens)))
+    except Cancelled:
+        status = "499"
+        return
+    except GenerationAborted as e:
+        status = "503"
+        yield _sse(APIError(503, str(e), type="server_error", code="generation_aborted").body())
+    except BaseException:  # cancelled by Starlette: the client disconnected
+        status = "499"
+        raise
+    finally:
+        stream.cancel()
+        track.end(status)
+    yield "data: [DONE]\n\n"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+    return error_response(APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers))
+
+
+async def _server_error(request: Request, exc: Exception) -> Response:
+    log.exception("unhandled error on %s", request.url.path, exc_info=exc)
+    return error_response(APIError(500, "internal server error", type="server_error"))
+
+
+def create_app(
+    engine: Engine,
+    *,
+    model_name: str | None = None,
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_queue: int = 64,
+    scheduler: Scheduler | None = None,
+) -> Starlette:
+    """The OpenAI-compatible ASGI app for one engine. The scheduler thread starts with the first request
+    (so a parent app that mounts this one need not run its lifespan); `app.state.service` holds the
+    state, and `app.state.service.scheduler.close()` stops generation."""
+    svc = Service(engine, model_name, api_key, max_batch, max_queue, scheduler)
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    app.state.service = svc
+    return app
