@@ -167,7 +167,8 @@ class KVCache:
         """Add `other`'s rows after this cache's (continuous batching: a prefilled request joins). The
         side holding fewer positions is left-padded with zeros so both line up; returns (positions
         padded onto this cache's rows, onto `other`'s rows) for the caller's attention mask."""
-        if (other.num_layers, other.kv_heads, other.head_dim) != (self.num_layers, self.kv_heads, self.head_dim):
+        dims = (self.num_layers, self.kv_heads, self.head_dim)
+        if (other.num_layers, other.kv_heads, other.head_dim) != dims:
             raise ValueError(f"KVCache.append: {other!r} does not match {self!r}")
         pad_self, pad_other = max(0, other.offset - self.offset), max(0, self.offset - other.offset)
 
@@ -312,7 +313,8 @@ class SharedKVCache:
         self.binding = None
         shape = self._shape(self._batch)
         if self.device == "cpu":  # zeros: calloc'd, pages are committed only as the cache fills
-            self._bases = [np.zeros(self._shape(max(room, self._batch)), self.dtype) for _ in self._past_names]
+            shape = self._shape(max(room, self._batch))
+            self._bases = [np.zeros(shape, self.dtype) for _ in self._past_names]
             self._arrays = [b[: self._batch] for b in self._bases]  # contiguous views
             self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
         else:
@@ -486,7 +488,8 @@ class SharedKVCache:
         """Add `other`'s rows (a prefilled request) after this cache's, copying their filled slots; rows
         of any lengths share the buffer (seqlens_k is per row). On cpu the buffers keep spare rows, so
         most joins copy only the newcomer's slots."""
-        if (other.num_layers, other.kv_heads, other.head_dim) != (self.num_layers, self.kv_heads, self.head_dim):
+        dims = (self.num_layers, self.kv_heads, self.head_dim)
+        if (other.num_layers, other.kv_heads, other.head_dim) != dims:
             raise ValueError(f"SharedKVCache.append: {other!r} does not match {self!r}")
         if other._values is None or self._values is None:
             raise ValueError("SharedKVCache.append: both caches must hold tokens (run their prefill first)")
