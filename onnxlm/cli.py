@@ -453,3 +453,56 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+@cli.command()
+@click.argument("bundle", type=click.Path())
+@click.option(
+    "--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface)."
+)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--api-key", envvar="ONNXLM_API_KEY", default=None, help="Require 'Authorization: Bearer KEY'.")
+@click.option(
+    "--api-key-file", type=click.Path(dir_okay=False), default=None, help="Read the key from a file."
+)
+@click.option(
+    "--max-batch", type=click.IntRange(1), default=8, show_default=True, help="Sequences decoded together."
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(0),
+    default=64,
+    show_default=True,
+    help="Requests waiting; past it: 429.",
+)
+@click.option(
+    "--model-name", default=None, help="The model id clients see (default: the bundle folder's name)."
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="Seconds streams get on SIGTERM.",
+)
+@engine_options
+@friendly
+def serve(
+    bundle, host, port, api_key, api_key_file, max_batch, max_queue, model_name, grace, providers, threads
+) -> None:
+    """Serve BUNDLE over an OpenAI-compatible HTTP API, continuously batching concurrent requests."""
+    from .runtime.serving.server import read_api_key
+    from .runtime.serving.server import serve as run_server
+
+    run_server(
+        bundle,
+        host=host,
+        port=port,
+        api_key=read_api_key(api_key, api_key_file),
+        max_batch=max_batch,
+        max_queue=max_queue,
+        model_name=model_name,
+        grace=grace,
+        providers=list(providers) or None,
+        threads=threads,
+    )
+
+
