@@ -7,6 +7,7 @@ import collections
 import json
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 from fixtures import make_hf_folder
 from runtime_fixtures import tiny_bundle
@@ -54,7 +55,22 @@ def test_graph_and_manifest(fused):
     assert attrs["do_rotary"] == 1 and attrs["num_heads"] == 4 and attrs["kv_num_heads"] == 2
     assert gqa.input[1] == gqa.input[2] == "" and gqa.input[16] == m.io.query_seqlens
     sizes = {t.name: list(t.dims) for t in proto.graph.initializer}
-    assert sizes["cos_cache"] == sizes["sin_cache"] == [m.model.context_length, m.model.head_dim // 2]
+    # the rotary caches are computed from inv_freq in the graph (onnxruntime folds them at load)
+    assert "cos_cache" not in sizes and sizes["rotary_inv_freq"] == [m.model.head_dim // 2]
+    rotary = [n for n in proto.graph.node if n.name.startswith("/rotary_caches/")]
+    inits = [t for t in proto.graph.initializer if t.name.startswith("rotary_")]
+    out = [
+        onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None)
+        for n in ("cos_cache", "sin_cache")
+    ]
+    sub = onnx.helper.make_model(
+        onnx.helper.make_graph(rotary, "r", [], out, inits), opset_imports=proto.opset_import
+    )
+    cos, sin = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})
+    inv_freq = onnx.numpy_helper.to_array(next(t for t in inits if t.name == "rotary_inv_freq"))
+    freqs = np.arange(m.model.context_length, dtype=np.float32)[:, None] * inv_freq
+    np.testing.assert_allclose(cos, np.cos(freqs), atol=1e-6)
+    np.testing.assert_allclose(sin, np.sin(freqs), atol=1e-6)
     assert sum(m.model.vocab_size in d for d in sizes.values()) == 1  # the tied head is the embedding
     raw = json.loads((fused.bundle_dir / B.MANIFEST).read_text())
     assert raw["io"]["kv_layout"] == "shared_buffer" and raw["io"]["attention_mask"] is None

@@ -197,12 +197,54 @@ def _drop_unused_outputs(model) -> None:
                     node.output[i] = ""
 
 
-def write_graph(raw_path: Path, bundle_tmp: Path) -> None:
-    """Move every weight into one external data file beside model.onnx."""
+def rotary_caches_in_graph(model, inv_freq, scaling: float, context: int) -> bool:
+    """Replace the cos/sin cache initializers (context × rotary_dim/2 floats each, 2 MB for SmolLM2)
+    by the nodes that compute them from inv_freq; onnxruntime folds them when it loads the model, so
+    the kernels see the same constants and the bundle carries a few hundred bytes instead."""
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    inits = {t.name: t for t in model.graph.initializer}
+    if "cos_cache" not in inits or "sin_cache" not in inits:
+        return False
+    for name in ("cos_cache", "sin_cache"):
+        model.graph.initializer.remove(inits[name])
+    consts = {
+        "rotary_start": np.array(0, np.float32),
+        "rotary_limit": np.array(context, np.float32),
+        "rotary_delta": np.array(1, np.float32),
+        "rotary_axis": np.array([1], np.int64),
+        "rotary_inv_freq": np.asarray(inv_freq, np.float32),
+    }
+    if scaling != 1.0:
+        consts["rotary_scaling"] = np.array(scaling, np.float32)
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
+    nodes = [
+        helper.make_node("Range", ["rotary_start", "rotary_limit", "rotary_delta"], ["rotary_pos"]),
+        helper.make_node("Unsqueeze", ["rotary_pos", "rotary_axis"], ["rotary_pos2d"]),
+        helper.make_node("Mul", ["rotary_pos2d", "rotary_inv_freq"], ["rotary_freqs"]),
+    ]
+    for fn, out in (("Cos", "cos_cache"), ("Sin", "sin_cache")):
+        raw = out if scaling == 1.0 else f"{out}_unscaled"
+        nodes.append(helper.make_node(fn, ["rotary_freqs"], [raw]))
+        if raw != out:
+            nodes.append(helper.make_node("Mul", [raw, "rotary_scaling"], [out]))
+    for i, node in enumerate(nodes):
+        node.name = f"/rotary_caches/{node.op_type}_{i}"
+    for node in reversed(nodes):
+        model.graph.node.insert(0, node)
+    return True
+
+
+def write_graph(raw_path: Path, bundle_tmp: Path, rotary_spec=None) -> None:
+    """Move every weight into one external data file beside model.onnx (computing the rotary caches
+    in the graph when the module says how)."""
     import onnx
 
     model = onnx.load(str(raw_path))  # the family module's output_head keeps a tied head as one tensor
     _drop_unused_outputs(model)
+    if rotary_spec is not None:
+        rotary_caches_in_graph(model, *rotary_spec)
     B.save_graph(model, bundle_tmp)
 
 
@@ -242,6 +284,7 @@ def export(
     steps.update()
     with writer as tmp, tempfile.TemporaryDirectory(prefix="onnxlm-export-") as work:
         raw = Path(work) / "raw.onnx"
+        rotary_spec = None
         if via == "optimum":
             from .optimum import export_with_optimum
 
@@ -269,10 +312,11 @@ def export(
             steps.update()
             steps.set_postfix_str("tracing to ONNX")
             export_module(module, io, a.num_layers, a.num_kv_heads, a.head_dim, raw)
+            rotary_spec = getattr(module, "rotary_spec", None)
             del module
         steps.update()
         steps.set_postfix_str("writing")
-        write_graph(raw, tmp)
+        write_graph(raw, tmp, rotary_spec)
         tokenizer.backend_tokenizer.save(str(tmp / B.TOKENIZER))
         steps.update()
         model_facts = B.ModelFacts(

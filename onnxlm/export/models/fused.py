@@ -190,6 +190,8 @@ class FusedDecoder(nn.Module):
         cos, sin = rotary_caches(rotary, context)
         self.register_buffer("cos_cache", cos)
         self.register_buffer("sin_cache", sin)
+        # how to recompute the caches inside the graph (see convert.rotary_caches_in_graph)
+        self.rotary_spec = (rotary.inv_freq.float().numpy().copy(), float(rotary.scaling), context)
 
     def forward(self, input_ids, seqlens_k, total_sequence_length, query_seqlens, logits_index, *past):
         a = self.a
