@@ -294,7 +294,14 @@ def info(bundle, as_json, verify) -> None:
     help="With --recipe gguf: the GGUF the bundle was exported from (default: the cached default model's).",
 )
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True)
-@click.option("--asymmetric", is_flag=True, help="4/8-bit with zero points (default: symmetric).")
+@click.option(
+    "--scheme",
+    type=click.Choice(["min", "sym", "asym"]),
+    default="min",
+    show_default=True,
+    help="4-bit blocks: min = scale and float minimum per block (llama.cpp's Q4_1 form), "
+    "sym = scale only, asym = scale and integer zero point.",
+)
 @click.option(
     "--accuracy-level",
     type=click.IntRange(0, 4),
@@ -331,7 +338,7 @@ def quantize(
     recipe,
     gguf_file,
     block_size,
-    asymmetric,
+    scheme,
     accuracy_level,
     algorithm,
     calibration_text,
@@ -349,7 +356,7 @@ def quantize(
 
     options = dict(
         block_size=int(block_size),
-        symmetric=not asymmetric,
+        scheme=scheme,
         algorithm=algorithm,
         calibration_text=read_text(calibration_text) if calibration_text else None,
     )
@@ -447,12 +454,6 @@ def bench(bundle, contexts, new_tokens, as_json, no_bandwidth, providers, thread
     click.echo(json.dumps(result.to_dict(), indent=2) if as_json else format_bench(result))
 
 
-def main() -> None:
-    cli(prog_name="onnxlm")
-
-
-if __name__ == "__main__":
-    main()
 @cli.command()
 @click.argument("bundle", type=click.Path())
 @click.option(
@@ -506,3 +507,9 @@ def serve(
     )
 
 
+def main() -> None:
+    cli(prog_name="onnxlm")
+
+
+if __name__ == "__main__":
+    main()

@@ -169,7 +169,7 @@ def test_recipe_on_tiny_bundle(tiny_llama_bundle, tmp_path, recipe):
     assert {s.role for s in sites.values()} == {"embedding", "linear", "head"}
     assert fp32_weight_readers(load_graph(out)) == []
     if recipe != "fp16":
-        assert q["block_size"] == 32 and q["symmetric"] is True and q["accuracy_level"] == 4
+        assert q["block_size"] == 32 and q["scheme"] == "min" and q["accuracy_level"] == 4
         assert q["algorithm"] == "rtn" and q["rules"][-1]["becomes"] == RECIPES[recipe].default
     engine = load(out)
     c = engine.generate("The quick brown fox", max_new_tokens=6, ignore_eos=True)
@@ -318,41 +318,45 @@ def test_weight_read_through_identity_is_stored_once():
         ("/Gemm", "E", "head"),
     ]
     result = W.apply(model, sites, W.plan(sites, RECIPES["int4"].choose), W.Settings(accuracy_level=0))
-    assert result.tied[0]["stored_once"] and [t.name for t in model.graph.initializer if t.dims[0] == 96] == [
+    assert result.tied[0]["stored_once"] and [
+        t.name for t in model.graph.initializer if t.dims and t.dims[0] == 96
+    ] == [
         "E_q4b32",
-        "E_q4b32_scales",
+        "E_q4b32_scales16",
+        "E_q4b32_mins16",
     ]
     assert "Identity" not in {n.op_type for n in model.graph.node}
     ids = np.array([[0, 5, 95]])
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"ids": ids}
     )[0]
-    d = rtn(e, 4, 32, True).dequantize()
+    d = rtn(e, 4, 32, "min").dequantize()
     np.testing.assert_allclose(got, d[ids[0]] @ d.T, rtol=1e-4, atol=1e-4)
 
 
 # --- exactness: the quantized graph computes what its packed weights say --------------------------
 @pytest.mark.parametrize(
-    "family,graph,recipe,symmetric",
+    "family,graph,recipe,scheme",
     [
-        ("qwen2", GRAPHS[0], "int4", False),
-        ("llama", GRAPHS[0], "int4", False),
-        ("qwen2", GRAPHS[-1], "int8", True),
-        ("llama", GRAPHS[-1], "int4", True),
+        ("qwen2", GRAPHS[0], "int4", "asym"),
+        ("llama", GRAPHS[0], "int4", "min"),
+        ("qwen2", GRAPHS[-1], "int8", "sym"),
+        ("qwen2", GRAPHS[-1], "int4", "min"),
+        ("llama", GRAPHS[-1], "int4", "sym"),
     ],
 )
-def test_quantized_graph_equals_dequantized_weights(ref_bundle, tmp_path, family, graph, recipe, symmetric):
+def test_quantized_graph_equals_dequantized_weights(ref_bundle, tmp_path, family, graph, recipe, scheme):
     """accuracy_level 0 (float compute): logits equal the fp32 graph run with RTN-dequantized weights."""
     from onnxlm.quantize.graph import find_sites
 
     ref = ref_bundle(family, graph)
-    out = quantize(ref, tmp_path / "q", recipe, symmetric=symmetric, accuracy_level=0, progress=False)
+    out = quantize(ref, tmp_path / "q", recipe, scheme=scheme, accuracy_level=0, progress=False)
     model = onnx.load(str(ref / B.MODEL))
     inits = {t.name: t for t in model.graph.initializer}
     for site in {s.weight: s for s in find_sites(model, 2, 256, 400)}.values():  # 2 layers, hidden 256
         w = onnx.numpy_helper.to_array(inits[site.weight])
         w_nk = w.T if site.stored_kn else w
-        d = rtn(np.ascontiguousarray(w_nk), 8 if recipe == "int8" else 4, 32, symmetric).dequantize()
+        d = rtn(np.ascontiguousarray(w_nk), 8 if recipe == "int8" else 4, 32, scheme).dequantize()
         inits[site.weight].CopyFrom(onnx.numpy_helper.from_array(d.T if site.stored_kn else d, site.weight))
     fake = tmp_path / "fake"
     shutil.copytree(ref, fake)
@@ -369,7 +373,8 @@ def test_quantized_graph_equals_dequantized_weights(ref_bundle, tmp_path, family
 
 
 # --- algorithms ----------------------------------------------------------------------------------
-def test_gptq_beats_rtn_on_its_objective():
+@pytest.mark.parametrize("scheme", ["sym", "min"])
+def test_gptq_beats_rtn_on_its_objective(scheme):
     rng = np.random.default_rng(0)
     k, n = 128, 48
     w = rng.standard_normal((n, k)).astype(np.float32)
@@ -377,9 +382,27 @@ def test_gptq_beats_rtn_on_its_objective():
     h = 2 * x.T @ x / len(x)
     err = {
         name: np.linalg.norm(x @ (p.dequantize() - w).T)
-        for name, p in (("gptq", gptq(w, h, 4, 32, True)), ("rtn", rtn(w, 4, 32, True)))
+        for name, p in (("gptq", gptq(w, h, 4, 32, scheme)), ("rtn", rtn(w, 4, 32, scheme)))
     }
     assert err["gptq"] < 0.8 * err["rtn"]
+
+
+def test_min_scheme_recovers_a_q4_1_grid_and_beats_integer_zero_points():
+    """Weights dequantized from Q4_1 blocks (w = d·q + m, d and m float16) come back exactly; on
+    Gaussian weights the float minimum plus least-squares refit beats sym and asym RTN."""
+    from onnxlm.quantize.pack import half
+
+    rng = np.random.default_rng(1)
+    d = half(rng.uniform(1e-3, 2e-2, (64, 6)))
+    m = half(-rng.uniform(0, 0.1, (64, 6)))
+    q = rng.integers(0, 16, (64, 6, 32))
+    q[..., 0], q[..., 1] = 0, 15  # ggml's blocks span their range
+    w = (q * d[..., None] + m[..., None]).astype(np.float32).reshape(64, -1)
+    p = rtn(w, 4, 32, "min")
+    assert p.scheme == "min" and np.array_equal(p.dequantize(), w)
+    g = rng.standard_normal((64, 190)).astype(np.float32)  # 190: a padded tail block
+    rms = {s: np.sqrt(np.mean(np.square(rtn(g, 4, 32, s).dequantize() - g))) for s in ("sym", "asym", "min")}
+    assert rms["min"] < 0.95 * min(rms["sym"], rms["asym"])
 
 
 def test_gptq_and_hqq_bundles(tiny_llama_bundle, tmp_path):
@@ -398,8 +421,13 @@ def test_gptq_and_hqq_bundles(tiny_llama_bundle, tmp_path):
 
     out = quantize(tiny_llama_bundle, tmp_path / "h", "int4", algorithm="hqq", progress=False)
     model = load_graph(out)
-    zeros = {i for n in model.graph.node if n.op_type == "MatMulNBits" for i in n.input[3:4]}
-    assert any(t.name in zeros and t.data_type == onnx.TensorProto.FLOAT for t in model.graph.initializer)
+    # HQQ's float zero points are served as scheme min: the fast sym kernel (no zero-point input)
+    assert all(len(n.input) == 3 for n in model.graph.node if n.op_type == "MatMulNBits")
+    halves = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
+    assert (
+        any(n.endswith("_mins16") for n in halves)
+        and "/embed_tokens/Gather" not in B.read_manifest(out).quantization["notes"]
+    )
     assert len(load(out).generate("Our HR team", max_new_tokens=4, ignore_eos=True).token_ids) == 4
 
 
@@ -425,6 +453,10 @@ def test_bad_requests(tiny_llama_bundle, tmp_path):
         quantize(src, tmp_path / "o", calibration_text="hello")
     with pytest.raises(QuantizeError, match="applies to the 4-bit recipes"):
         quantize(src, tmp_path / "o", "int8", algorithm="hqq")
+    with pytest.raises(QuantizeError, match="scheme must be one of min, sym, asym; got 'q4_1'"):
+        quantize(src, tmp_path / "o", scheme="q4_1")
+    with pytest.raises(QuantizeError, match="hqq' finds float zero points: it needs scheme 'min'"):
+        quantize(src, tmp_path / "o", algorithm="hqq", scheme="sym")
     (tmp_path / "empty").mkdir()
     with pytest.raises(B.BundleError, match="not a complete onnxlm bundle"):
         quantize(tmp_path / "empty", tmp_path / "o")

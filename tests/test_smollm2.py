@@ -51,7 +51,7 @@ def test_chat_answers(smollm2_bundle):
 
 
 def test_quantize_keeping_the_gguf_blocks(smollm2_bundle, tmp_path):
-    """The GGUF's own Q4_1/Q8_0 blocks: a fifth of the bytes, perplexity within 1% of the fp32 bundle."""
+    """The GGUF's own Q4_1/Q8_0 blocks: under a fifth of the bytes, perplexity within 1% of the fp32 bundle."""
     from onnxlm.quantize.report import quantize_with_report
 
     out, report = quantize_with_report(
@@ -62,7 +62,7 @@ def test_quantize_keeping_the_gguf_blocks(smollm2_bundle, tmp_path):
     assert (
         len(m.quantization["nodes"]) >= 30 * 4 + 2
     )  # every projection (merged or not), the head, the embedding
-    assert m.files[B.MODEL_DATA]["size"] < 0.22 * B.read_manifest(smollm2_bundle).files[B.MODEL_DATA]["size"]
+    assert m.files[B.MODEL_DATA]["size"] < 0.2 * B.read_manifest(smollm2_bundle).files[B.MODEL_DATA]["size"]
     for figures in report["texts"].values():
         assert abs(figures["ppl_change_pct"]) < 1.0 and figures["top5"] > 0.99
     import onnxlm

@@ -25,7 +25,7 @@ def quantize(
     recipe: str = "int4",
     *,
     block_size: int = 32,
-    symmetric: bool = True,
+    scheme: str = "min",
     accuracy_level: int = 4,
     algorithm: str = "rtn",
     calibration_text: str | None = None,
@@ -34,12 +34,13 @@ def quantize(
 ) -> Path:
     """Write a quantized copy of the float32 bundle `bundle_dir` to `out_dir`; returns out_dir.
 
-    recipe: int8 | int4 | int4-mixed | fp16 (see recipes.RECIPES). block_size, symmetric,
+    recipe: int8 | int4 | int4-mixed | fp16 (see recipes.RECIPES). block_size, scheme (of 4-bit
+    weights: min = per-block scale and float minimum, sym, asym = integer zero point; see pack.py),
     accuracy_level (MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute) and algorithm
     (rtn | hqq | gptq; gptq needs calibration_text) apply to the integer recipes.
     """
     started = time.perf_counter()
-    rec = _check_options(recipe, block_size, symmetric, accuracy_level, algorithm, calibration_text)
+    rec = _check_options(recipe, block_size, scheme, accuracy_level, algorithm, calibration_text)
     src = Path(bundle_dir)
     manifest = B.check_bundle(src, verify_hashes=True)  # hashes: provenance names what we really read
     if manifest.dtype != "float32" or manifest.quantization:
@@ -71,7 +72,7 @@ def quantize(
         else:
             from .weights import Settings
 
-            settings = Settings(block_size, symmetric, accuracy_level, algorithm)
+            settings = Settings(block_size, scheme, accuracy_level, algorithm)
             record = _integer(model, sites, rec, src, manifest, settings, calibration_text, bar)
         with writer as tmp:
             bar.set_postfix_str("writing")
@@ -92,7 +93,9 @@ def quantize(
         bar.close()
 
 
-def _check_options(recipe, block_size, symmetric, accuracy_level, algorithm, calibration_text):
+def _check_options(recipe, block_size, scheme, accuracy_level, algorithm, calibration_text):
+    from .weights import SCHEMES
+
     try:
         rec = get_recipe(recipe)
     except ValueError as e:
@@ -101,8 +104,10 @@ def _check_options(recipe, block_size, symmetric, accuracy_level, algorithm, cal
         raise QuantizeError(
             f"block_size must be one of {', '.join(map(str, BLOCK_SIZES))}; got {block_size!r}"
         )
-    if not isinstance(symmetric, bool):
-        raise QuantizeError(f"symmetric must be True or False; got {symmetric!r}")
+    if scheme not in SCHEMES:
+        raise QuantizeError(f"scheme must be one of {', '.join(SCHEMES)}; got {scheme!r}")
+    if algorithm == "hqq" and scheme != "min":
+        raise QuantizeError("algorithm 'hqq' finds float zero points: it needs scheme 'min'")
     if accuracy_level not in (0, 1, 2, 3, 4):
         raise QuantizeError(f"accuracy_level must be 0-4 (4: int8 compute on CPU); got {accuracy_level!r}")
     if algorithm not in ALGORITHMS:
@@ -165,9 +170,10 @@ def _integer(model, sites, rec, src, manifest, settings, text, bar) -> dict:
         "summary": rec.summary,
         "rules": rec.describe(),
         "algorithm": settings.algorithm,
-        "algorithm_scope": "4-bit MatMul/Gemm weights; 8-bit weights and the embedding use rtn",
+        "algorithm_scope": "4-bit weights (gptq: those with a MatMul input to calibrate on); 8-bit weights use rtn",
         "block_size": settings.block_size,
-        "symmetric": settings.symmetric,
+        "scheme": settings.scheme,
+        "scales_stored_as": "float16",
         "accuracy_level": settings.accuracy_level,
     }
     results = []

@@ -1,14 +1,9 @@
 """Keep a GGUF's own quantized blocks instead of dequantizing and re-quantizing them.
 
-Q8_0 (w = d·q, q int8) maps exactly onto MatMulNBits bits=8 with zero point 128. Q4_1
-(w = d·q + m, q in 0..15) has a per-block minimum that MatMulNBits' fast path cannot take, so:
-
-    X ─► MatMulNBits(B=q, scales=d, zero_points=0) ─────────────┐
-    │                                                            Add ─► Y
-    └─► Reshape(…, K/32, 32) ─► ReduceSum(-1) ─► MatMul(mᵀ) ─────┘
-
-the second branch adds Σ_blocks m·Σ(x in block), which is exact (the int8 activations of
-accuracy level 4 aside).
+Q8_0 (w = d·q, q int8) maps exactly onto MatMulNBits bits=8, sym (zero point 128). Q4_1
+(w = d·q + m, q in 0..15) is the integer recipes' scheme `min` (pack.py): the sym kernel plus a
+per-block correction (graph.py's diagram), exact up to float32 rounding (and the int8 activations of
+accuracy level 4). d and m are float16 in the GGUF and stay float16 in the bundle.
 """
 
 from __future__ import annotations
@@ -18,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from .pack import Packed
 
 QK = 32  # elements per block in Q4_0 / Q4_1 / Q8_0
 
@@ -132,168 +129,74 @@ def stack(parts: list[Blocks]) -> Blocks | None:
     )
 
 
-def matmul_nodes(blocks: Blocks, x: str, y: str, prefix: str, accuracy_level: int):
-    """Nodes and initializers computing y = x @ Wᵀ from GGUF blocks (see the module diagram)."""
-    from onnx import helper, numpy_helper
-
+def packed(blocks: Blocks) -> Packed:
+    """The blocks as pack.Packed: Q8_0 is sym 8-bit (q + 128, zero point 128); Q4_1 is scheme min."""
     n, k = blocks.shape
-    nb = k // QK
     bits = 8 if blocks.kind == "q8_0" else 4
-    inits = [
-        numpy_helper.from_array(blocks.packed, f"{prefix}.B"),
-        numpy_helper.from_array(blocks.scales, f"{prefix}.scales"),
-    ]
-    if bits == 8:
-        zp = np.full((n, nb), 128, np.uint8)
-    else:
-        zp = np.zeros((n, (nb + 1) // 2), np.uint8)  # two 4-bit zero points per byte, all 0
-    inits.append(numpy_helper.from_array(zp, f"{prefix}.zero_points"))
-    main = y if blocks.mins is None else f"{prefix}.main"
-    nodes = [
-        helper.make_node(
-            "MatMulNBits",
-            [x, f"{prefix}.B", f"{prefix}.scales", f"{prefix}.zero_points"],
-            [main],
-            name=f"{prefix}/MatMulNBits",
-            domain="com.microsoft",
-            K=k,
-            N=n,
-            bits=bits,
-            block_size=QK,
-            accuracy_level=accuracy_level,
-        )
-    ]
-    if blocks.mins is not None:
-        inits += [
-            numpy_helper.from_array(np.array([0, 0, nb, QK], np.int64), f"{prefix}.block_shape"),
-            numpy_helper.from_array(np.array([-1], np.int64), f"{prefix}.last_axis"),
-            numpy_helper.from_array(np.ascontiguousarray(blocks.mins.T), f"{prefix}.minsT"),  # (K/32, N)
-        ]
-        nodes += [
-            helper.make_node(
-                "Reshape", [x, f"{prefix}.block_shape"], [f"{prefix}.xb"], name=f"{prefix}/Reshape"
-            ),
-            helper.make_node(
-                "ReduceSum",
-                [f"{prefix}.xb", f"{prefix}.last_axis"],
-                [f"{prefix}.xsum"],
-                name=f"{prefix}/ReduceSum",
-                keepdims=0,
-            ),
-            helper.make_node(
-                "MatMul",
-                [f"{prefix}.xsum", f"{prefix}.minsT"],
-                [f"{prefix}.corr"],
-                name=f"{prefix}/MinsMatMul",
-            ),
-            helper.make_node("Add", [main, f"{prefix}.corr"], [y], name=f"{prefix}/Add"),
-        ]
-    return nodes, inits
-
-
-def _embedding_nodes(blocks: Blocks, gather, prefix: str):
-    """GatherBlockQuantized over the same bytes the head's MatMulNBits reads (8-bit blocks only):
-    a Reshape views B (N, K/32, 32) as (N, K), so the tied table is stored once."""
-    from onnx import helper, numpy_helper
-
-    n, k = blocks.shape
-    shape = numpy_helper.from_array(np.array([n, k], np.int64), f"{prefix}.table_shape")
-    nodes = [
-        helper.make_node(
-            "Reshape",
-            [f"{prefix}.B", f"{prefix}.table_shape"],
-            [f"{prefix}.table"],
-            name=f"{prefix}/TableView",
-        ),
-        helper.make_node(
-            "GatherBlockQuantized",
-            [f"{prefix}.table", gather.input[1], f"{prefix}.scales", f"{prefix}.zero_points"],
-            list(gather.output),
-            name=f"{prefix}/GatherBlockQuantized",
-            domain="com.microsoft",
-            gather_axis=0,
-            quantize_axis=1,
-            block_size=QK,
-            bits=8,
-        ),
-    ]
-    return nodes, [shape]
+    return Packed(blocks.packed, blocks.scales, None, bits, QK, k, mins=blocks.mins)
 
 
 def keep_gguf_blocks(
     model, blocks: dict[str, Blocks], accuracy_level: int | None = None, check: bool = True
 ) -> dict[str, str]:
     """Rewrite an exported llama-family graph in place so every weight that the GGUF stores as
-    Q4_1 / Q8_0 is served from those blocks. Returns {node name: what it became}.
+    Q4_1 / Q8_0 is served from those blocks (graph.py's nodes, as the integer recipes build them).
+    Returns {node name: what it became}.
 
     With `check`, each weight's blocks must dequantize to exactly the graph's fp32 weight (the bundle
     was exported from this GGUF); anything else is refused rather than silently mixed.
     """
-    from onnx import helper, numpy_helper
+    from . import graph as G
+    from .weights import groups
 
-    graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    for node in graph.node:  # the exporter may emit a constant (the head's zero bias) as a node
-        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
-            inits.setdefault(node.output[0], node.attribute[0].t)
-    new_nodes, drop, report = [], set(), {}
-    tied_head = None
-    for node in graph.node:
-        names = gguf_names(node.name) if node.op_type == "MatMul" else None
-        is_head = (
-            node.op_type == "Gemm"
-            and node.input[1] in inits
-            and any(a.name == "transB" and a.i == 1 for a in node.attribute)
-        )
-        if is_head:
-            names = ("output.weight",) if "output.weight" in blocks else ("token_embd.weight",)
+    inits = G.initializers(model)
+    by_name = {n.name: n for n in model.graph.node}
+    sites = G.find_sites(model, 0, 0, _vocab(model, inits))
+    tied = "output.weight" not in blocks
+    replacements, prelude, report = {}, [], {}
+    block_sums = G.BlockSums(model)
+    for (weight, _), group in groups(sites).items():
+        first = group[0]
+        if first.role == "linear":
+            names = gguf_names(first.node)
+        else:  # the head, and the embedding (which reads the head's tensor when they are tied)
+            names = ("output.weight",) if first.role == "head" and not tied else ("token_embd.weight",)
         b = stack([blocks[n] for n in names]) if names and all(n in blocks for n in names) else None
         if b is None:
-            new_nodes.append(node)
             continue
         target = "+".join(names)
-        weight = numpy_helper.to_array(inits[node.input[1]])
-        expected = weight if is_head else weight.T  # (N, K)
-        if check and (expected.shape != b.shape or not np.array_equal(b.dequantize(), expected)):
+        w = G.weight_nk(inits[weight], first)
+        if check and (w.shape != b.shape or not np.array_equal(b.dequantize(), w)):
             raise ValueError(
-                f"{node.name}: the GGUF's {target} does not match the bundle's weight; "
+                f"{first.node}: the GGUF's {target} does not match the bundle's weight; "
                 "was this bundle exported from that GGUF?"
             )
-        prefix = "gguf." + target.removesuffix(".weight")
-        out = node.output[0]
-        bias = node.input[2] if is_head and len(node.input) > 2 and node.input[2] else None
-        if bias and np.any(numpy_helper.to_array(inits[bias])):
-            out = f"{prefix}.nobias"
+        p = packed(b)
+        names_ = G.PackedNames(model, weight, p, gather_only=all(x.role == "embedding" for x in group))
+        prelude += names_.nodes
         level = DEFAULT_ACCURACY[b.kind] if accuracy_level is None else accuracy_level
-        nodes, new_inits = matmul_nodes(b, node.input[0], out, prefix, level)
-        if out != node.output[0]:
-            nodes.append(helper.make_node("Add", [out, bias], [node.output[0]], name=f"{prefix}/Bias"))
-        new_nodes += nodes
-        graph.initializer.extend(new_inits)
-        drop.add(node.input[1])
-        if bias and out == node.output[0]:
-            drop.add(bias)
-        report[node.name] = f"gguf {b.kind}"
-        if is_head and target == "token_embd.weight":
-            tied_head = (b, prefix)
-    if tied_head is not None:  # the embedding Gather reads the head's blocks
-        b, prefix = tied_head
-        for i, node in enumerate(new_nodes):
-            if node.op_type == "Gather" and node.input[0] in drop and b.kind == "q8_0":
-                nodes, new_inits = _embedding_nodes(b, node, prefix)
-                new_nodes[i : i + 1] = nodes
-                graph.initializer.extend(new_inits)
-                report[node.name] = "gguf q8_0 (GatherBlockQuantized, shares the head's blocks)"
-                break
-    still_used = {i for n in new_nodes for i in n.input}
-    kept = [t for t in graph.initializer if t.name not in drop or t.name in still_used]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    del graph.node[:]
-    graph.node.extend(new_nodes)
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+        for x in group:
+            node = by_name[x.node]
+            if x.role == "embedding":
+                replacements[x.node] = G.gather_block_quantized(node, names_)
+                report[x.node] = f"gguf {b.kind} (GatherBlockQuantized" + (
+                    ", shares the head's blocks)" if len(group) > 1 else ")"
+                )
+            else:
+                replacements[x.node] = G.matmul_nbits(model, node, x, names_, level, block_sums)
+                report[x.node] = f"gguf {b.kind}"
+    G.replace_nodes(model, replacements, prelude)
+    G.drop_unused_initializers(model)
+    G.ensure_ms_opset(model)
     return report
+
+
+def _vocab(model, inits) -> int:
+    """The vocabulary size: rows of the table the first Gather reads from a 2-D initializer."""
+    for node in model.graph.node:
+        if node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
+            return int(inits[node.input[0]].dims[0])
+    return -1
 
 
 def find_gguf(manifest, gguf_path: str | Path | None) -> Path:

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .pack import Packed, from_integers
+from .pack import Packed, from_integers, half
 
 WINDOW = 512  # tokens per calibration sample
 MAX_SAMPLES = 16
@@ -102,10 +102,16 @@ def hessians(model: onnx.ModelProto, inputs: list[tuple[str, int]], feeds: list[
         yield {name: h * (2.0 / max(tokens, 1)) for name, h in acc.items()}
 
 
-def _params(g: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero of one block of rows g (block, N), onnxruntime's RTN conventions."""
+def _params(g: np.ndarray, bits: int, scheme: str) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero of one block of rows g (block, N): onnxruntime's RTN conventions for sym / asym;
+    for min the block's own range with a float zero (-min / scale)."""
     maxq = 2**bits - 1
-    if symmetric:  # the largest-magnitude value maps to -2^(bits-1) exactly
+    if scheme == "min":
+        lo, hi = g.min(axis=0), g.max(axis=0)
+        scale = half((hi - lo) / maxq).astype(np.float64)
+        scale = np.where(scale == 0, 1.0, scale)
+        return scale, -half(lo) / scale
+    if scheme == "sym":  # the largest-magnitude value maps to -2^(bits-1) exactly
         m = g[np.argmax(np.abs(g), axis=0), np.arange(g.shape[1])]
         scale = m / -(2 ** (bits - 1))
         zero = np.full(g.shape[1], 2.0 ** (bits - 1))
@@ -121,7 +127,7 @@ def gptq(
     h: np.ndarray,
     bits: int,
     block_size: int,
-    symmetric: bool,
+    scheme: str,
     percdamp: float = 0.01,
     lazy: int = 128,
 ) -> Packed:
@@ -149,11 +155,17 @@ def gptq(
         for i in range(i2 - i1):
             r = i1 + i
             if r % block_size == 0:
-                s, z = _params(w1[i : i + block_size], bits, symmetric)
+                s, z = _params(w1[i : i + block_size], bits, scheme)
                 scales[r // block_size], zeros[r // block_size] = s, z
-            qi = np.clip(np.round(w1[i] / s) + z, 0, maxq)
+            qi = np.clip(np.round(w1[i] / s + z), 0, maxq)  # z is a float for scheme min
             q[r] = qi
             err[i] = (w1[i] - (qi - z) * s) / u1[i, i]
             w1[i:] -= np.outer(u1[i, i:], err[i])
         w[i2:] -= u[i1:i2, i2:].T @ err
-    return from_integers(q.T, scales.T, None if symmetric else zeros.T.astype(np.uint8), bits, block_size, k)
+    if scheme == "min":  # w = (q - z)·s = q·s + (-z·s)
+        packed = from_integers(q.T, scales.T, None, bits, block_size, k)
+        packed.mins = half(-(zeros * scales).T).astype(np.float32)
+        return packed
+    return from_integers(
+        q.T, scales.T, None if scheme == "sym" else zeros.T.astype(np.uint8), bits, block_size, k
+    )

@@ -4,6 +4,16 @@
     Gemm(x, W, C, transB) ->  MatMulNBits(x, Wq, scales[, zeros]) [-> Add(C) when C is not all zero]
     Gather(E, ids)        ->  GatherBlockQuantized(Eq, ids, scales[, zeros])
 
+Scales (and mins) are stored as float16 and Cast to float32 in the graph; onnxruntime folds the
+Cast (and everything else computed from constants only) when it loads the model, so the kernels see
+float32 constants while the bundle carries half the bytes.
+
+Scheme `min` (w = q·scale + min) runs the sym kernel, which computes Σ (q - 2^(bits-1))·scale·x, and
+adds what that leaves out, one small correction per weight, the block sums shared per input:
+
+    x ─► MatMulNBits(Wq, scales) ───────────────────────────► Add ─► y
+    └──► MatMul(x, ones (K, k_blocks)) ─► MatMul(offsetsᵀ) ──┘      offsets = min + 2^(bits-1)·scale
+
 A tied head and embedding read one packed tensor Wq (N, k_blocks, blob). GatherBlockQuantized
 wants scales of the data's rank, so the shared form is:
 
@@ -108,24 +118,49 @@ def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
 
 
 class PackedNames:
-    """Initializers for one packed weight, added to the graph once and read by every site of its group."""
+    """Initializers for one packed weight, added to the graph once and read by every site of its group.
+    Nodes that only compute constants (Casts, the `min` offsets) go to `self.nodes`; the caller adds
+    them to the graph."""
 
     def __init__(self, model: onnx.ModelProto, weight: str, packed: Packed, gather_only: bool):
         self.model = model
         self.packed = packed
-        self.gather_only = gather_only  # no MatMulNBits reads it: store the table 2-D for the gather
+        self.nodes: list = []
+        # no MatMulNBits reads it and no offsets follow: store the table 2-D for the gather
+        self.gather_only = gather_only and packed.mins is None
         tag = f"_q{packed.bits}b{packed.block_size}"
         self.data = weight + tag
-        self.scales = weight + tag + "_scales"
         self.zeros = weight + tag + "_zeros" if packed.zeros is not None else None
-        self._add(self.data, packed.data.reshape(packed.n, -1) if gather_only else packed.data)
-        self._add(self.scales, packed.scales)
+        self._add(self.data, packed.data.reshape(packed.n, -1) if self.gather_only else packed.data)
+        self.scales = self._half(weight + tag + "_scales", packed.scales)
         if self.zeros:
             self._add(self.zeros, packed.zeros)
+        self.offsets = self.offsets_t = None
+        if packed.mins is not None:
+            mins = self._half(weight + tag + "_mins", packed.mins)
+            centre = numpy_helper.from_array(
+                np.array(2.0 ** (packed.bits - 1), np.float32), weight + tag + "_centre"
+            )
+            self.model.graph.initializer.append(centre)
+            self.offsets, self.offsets_t = weight + tag + "_offsets", weight + tag + "_offsetsT"
+            shifted = weight + tag + "_shift"
+            self.nodes += [
+                helper.make_node("Mul", [self.scales, centre.name], [shifted], name=shifted),
+                helper.make_node("Add", [mins, shifted], [self.offsets], name=self.offsets),
+                helper.make_node(
+                    "Transpose", [self.offsets], [self.offsets_t], name=self.offsets_t, perm=[1, 0]
+                ),
+            ]
         self._extra: dict[str, str] = {}
 
     def _add(self, name: str, array: np.ndarray) -> None:
         self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    def _half(self, name: str, array: np.ndarray) -> str:
+        """Store `array` as float16 under name + "16"; return the name of its float32 Cast."""
+        self._add(name + "16", array.astype(np.float16))
+        self.nodes.append(helper.make_node("Cast", [name + "16"], [name], name=name, to=TensorProto.FLOAT))
+        return name
 
     def extra(self, key: str, array_fn) -> str:
         """A derived initializer (made once per group), e.g. 4-bit zero points unpacked for a gather."""
@@ -136,8 +171,54 @@ class PackedNames:
         return self._extra[key]
 
 
-def matmul_nbits(model: onnx.ModelProto, node, site: Site, names: PackedNames, accuracy_level: int) -> list:
-    """MatMulNBits for a MatMul / Gemm site; a Gemm's non-zero bias follows as an Add."""
+class BlockSums:
+    """Per-block sums of a MatMul input, one node per (input, block size), shared by every weight
+    that reads that input (q|k|v, gate and up); the summing matrix is one per (K, block size)."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.made = {o for n in model.graph.node for o in n.output if "_blocksums" in o}  # earlier passes
+        self.made |= {t.name for t in model.graph.initializer if t.name.startswith("blocksums_")}
+
+    def __call__(self, x: str, k: int, block_size: int) -> tuple[str, list]:
+        name, ones = f"{x}_blocksums{block_size}", f"blocksums_{k}x{block_size}"
+        if name in self.made:
+            return name, []
+        made = []
+        if ones not in self.made:
+            made, self.made = self._table(ones, k, block_size), self.made | {ones}
+        self.made.add(name)
+        return name, made + [helper.make_node("MatMul", [x, ones], [name], name=name)]
+
+    def _table(self, name: str, k: int, block_size: int) -> list:
+        """(K, k_blocks) float, 1 where row k lies in block b: built from scalars by nodes that
+        onnxruntime folds at load, so the bundle carries a few bytes instead of K·k_blocks floats."""
+        scalars = {"zero": 0, "one": 1, "k": k, "kb": -(-k // block_size), "bs": block_size, "axis": [1]}
+        for key, v in scalars.items():
+            self.model.graph.initializer.append(
+                numpy_helper.from_array(np.array(v, np.int64), f"{name}_{key}")
+            )
+        n = name + "_"
+        return [
+            helper.make_node("Range", [n + "zero", n + "k", n + "one"], [n + "rows"], name=n + "rows"),
+            helper.make_node("Div", [n + "rows", n + "bs"], [n + "row_block"], name=n + "row_block"),
+            helper.make_node("Unsqueeze", [n + "row_block", n + "axis"], [n + "column"], name=n + "column"),
+            helper.make_node("Range", [n + "zero", n + "kb", n + "one"], [n + "blocks"], name=n + "blocks"),
+            helper.make_node("Equal", [n + "column", n + "blocks"], [n + "mask"], name=n + "mask"),
+            helper.make_node("Cast", [n + "mask"], [name], name=name, to=TensorProto.FLOAT),
+        ]
+
+
+def matmul_nbits(
+    model: onnx.ModelProto,
+    node,
+    site: Site,
+    names: PackedNames,
+    accuracy_level: int,
+    block_sums: BlockSums | None = None,
+) -> list:
+    """MatMulNBits for a MatMul / Gemm site; scheme `min` adds its correction (module diagram), a
+    Gemm's non-zero bias follows as an Add."""
     p = names.packed
     inputs = [node.input[0], names.data, names.scales] + ([names.zeros] if names.zeros else [])
     attrs = dict(K=site.k, N=site.n, bits=p.bits, block_size=p.block_size)
@@ -148,16 +229,27 @@ def matmul_nbits(model: onnx.ModelProto, node, site: Site, names: PackedNames, a
     if site.bias:
         value = constant_value(model, site.bias)
         bias = None if value is not None and not np.any(value) else site.bias
+    main = out + "_nobias" if bias else out
+    if names.offsets_t:
+        main = out + "_main"
     nodes = [
         helper.make_node(
-            "MatMulNBits",
-            inputs,
-            [out + "_nobias" if bias else out],
-            name=node.name + f"_Q{p.bits}",
-            domain=MS_DOMAIN,
-            **attrs,
+            "MatMulNBits", inputs, [main], name=node.name + f"_Q{p.bits}", domain=MS_DOMAIN, **attrs
         )
     ]
+    if names.offsets_t:
+        sums, made = (block_sums or BlockSums(model))(node.input[0], site.k, p.block_size)
+        nodes += made + [
+            helper.make_node(
+                "MatMul", [sums, names.offsets_t], [out + "_offset"], name=node.name + "_offset"
+            ),
+            helper.make_node(
+                "Add",
+                [out + "_main", out + "_offset"],
+                [out + "_nobias" if bias else out],
+                name=node.name + "_min",
+            ),
+        ]
     if bias:
         nodes.append(helper.make_node("Add", [out + "_nobias", bias], [out], name=node.name + "_bias"))
     return nodes
@@ -196,32 +288,87 @@ def gather_block_quantized(node, names: PackedNames) -> list:
         else:  # 4-bit zeros are packed along k_blocks; the 3-D form wants one per byte (small copy)
             z = names.extra("zeros3d", lambda: unpack_values(p.zeros, 4)[:, : p.k_blocks].reshape(p.n, -1, 1))
             inputs.append(z)
-    nodes += [
+    blocks = pre + "/blocks"
+    nodes.append(
         helper.make_node(
             "GatherBlockQuantized",
             inputs,
-            [pre + "/blocks"],
+            [blocks],
             name=node.name + f"_Q{p.bits}",
             domain=MS_DOMAIN,
             quantize_axis=2,
             **attrs,
-        ),
+        )
+    )
+    if names.offsets:  # scheme min: each block's offset, gathered by token and broadcast over the block
+        nodes += [
+            helper.make_node(
+                "Gather", [names.offsets, ids], [pre + "/offsets"], name=pre + "/offsets", axis=0
+            ),
+            helper.make_node(
+                "Unsqueeze", [pre + "/offsets", minus1], [pre + "/offsets3d"], name=pre + "/offsets3d"
+            ),
+            helper.make_node(
+                "Add", [blocks, pre + "/offsets3d"], [pre + "/blocks_min"], name=pre + "/blocks_min"
+            ),
+        ]
+        blocks = pre + "/blocks_min"
+    nodes += [
         helper.make_node("Shape", [ids], [pre + "/ids_shape"], name=pre + "/ids_shape"),
         helper.make_node(
             "Concat", [pre + "/ids_shape", minus1], [pre + "/out_shape"], name=pre + "/out_shape", axis=0
         ),
-        helper.make_node("Reshape", [pre + "/blocks", pre + "/out_shape"], [out], name=pre + "/merge_blocks"),
+        helper.make_node("Reshape", [blocks, pre + "/out_shape"], [out], name=pre + "/merge_blocks"),
     ]
     return nodes
 
 
-def replace_nodes(model: onnx.ModelProto, replacements: dict[str, list]) -> None:
-    """Swap nodes by name for their replacements, keeping the topological order."""
-    new = []
+def replace_nodes(model: onnx.ModelProto, replacements: dict[str, list], prelude: list = ()) -> None:
+    """Swap nodes by name for their replacements (and add `prelude`), then restore a topological
+    order: a shared node (block sums) may have been emitted after one of its readers."""
+    new = list(prelude)
     for node in model.graph.node:
         new.extend(replacements.get(node.name, [node]))
     del model.graph.node[:]
-    model.graph.node.extend(new)
+    model.graph.node.extend(topological(new, model))
+
+
+def _reads(node) -> set[str]:
+    """Names a node reads, including those its subgraphs (If / Loop bodies) read from outside."""
+    names = set(node.input)
+    for a in node.attribute:
+        for g in [a.g] if a.type == onnx.AttributeProto.GRAPH else a.graphs:
+            for n in g.node:
+                names |= _reads(n)
+    return names
+
+
+def topological(nodes: list, model: onnx.ModelProto) -> list:
+    """Nodes ordered so each comes after the producers of its inputs; ties keep the given order."""
+    import heapq
+
+    ready_names = {i.name for i in model.graph.input} | {t.name for t in model.graph.initializer} | {""}
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output}
+    waiting = [0] * len(nodes)
+    readers: dict[int, list[int]] = {}
+    for i, n in enumerate(nodes):
+        deps = {producer[x] for x in _reads(n) if x not in ready_names and x in producer}
+        waiting[i] = len(deps)
+        for d in deps:
+            readers.setdefault(d, []).append(i)
+    heap = [i for i, w in enumerate(waiting) if w == 0]
+    heapq.heapify(heap)
+    out = []
+    while heap:
+        i = heapq.heappop(heap)
+        out.append(nodes[i])
+        for r in readers.get(i, ()):
+            waiting[r] -= 1
+            if not waiting[r]:
+                heapq.heappush(heap, r)
+    if len(out) != len(nodes):
+        raise ValueError("the rewritten graph has a cycle")  # a bug in a rewrite, never user input
+    return out
 
 
 def drop_unused_initializers(model: onnx.ModelProto) -> None:

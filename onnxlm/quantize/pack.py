@@ -2,13 +2,19 @@
 
 A weight is seen as W (N, K): N outputs, K inputs (the Gemm head's (vocab, hidden) weight and the
 embedding table already are; a MatMul's (K, N) weight is transposed). K is cut into blocks of
-`block_size`; each block has one scale (and, asymmetric, one zero point):
+`block_size`; each block has one scale and, by scheme, an offset:
 
-    w = (q - zero) * scale        q in [0, 2^bits); zero = 8 / 128 when symmetric (no zero-point input)
+    sym   w = (q - 2^(bits-1)) * scale          no zero-point input
+    asym  w = (q - zero) * scale                zero: uint8 per block
+    min   w = q * scale + min                   min: float per block (llama.cpp's Q4_1 form)
 
     packed  uint8 (N, k_blocks, block_size * bits / 8)   4-bit: two values per byte, low nibble first
-    scales  float (N, k_blocks)
+    scales  float (N, k_blocks)                          stored as float16 (values rounded to it here)
     zeros   uint8 (N, ceil(k_blocks * bits / 8))           4-bit: packed like the weights
+    mins    float (N, k_blocks)                          stored as float16
+
+MatMulNBits' fast kernels take integer zero points only, so `min` is served as the sym kernel plus a
+correction (graph.py): Σ_blocks (min + 2^(bits-1)·scale) · Σ(x in block).
 
 GatherBlockQuantized (uint8 data) follows the same conventions, so one packed tensor can serve both
 the output head and a tied token embedding.
@@ -23,14 +29,19 @@ import numpy as np
 
 @dataclass
 class Packed:
-    """One weight in MatMulNBits layout. `zeros` is None when symmetric; float zeros come from HQQ."""
+    """One weight in MatMulNBits layout: sym when `zeros` and `mins` are both None."""
 
     data: np.ndarray  # uint8 (N, k_blocks, blob)
-    scales: np.ndarray  # float32 (N, k_blocks)
-    zeros: np.ndarray | None  # uint8 (N, ceil(k_blocks * bits / 8)) or float32 (N, k_blocks)
+    scales: np.ndarray  # float32 (N, k_blocks), values representable in float16
+    zeros: np.ndarray | None  # uint8 (N, ceil(k_blocks * bits / 8))
     bits: int
     block_size: int
     k: int
+    mins: np.ndarray | None = None  # float32 (N, k_blocks), values representable in float16
+
+    @property
+    def scheme(self) -> str:
+        return "min" if self.mins is not None else "asym" if self.zeros is not None else "sym"
 
     @property
     def n(self) -> int:
@@ -43,17 +54,14 @@ class Packed:
     def dequantize(self) -> np.ndarray:
         """W (N, K) as float32: the values the kernels compute with (used by tests and GPTQ checks)."""
         q = unpack_values(self.data, self.bits).astype(np.float32)  # (N, k_blocks, block_size)
-        if self.zeros is None:
-            z = np.full(self.scales.shape, 2.0 ** (self.bits - 1), np.float32)
-        elif self.zeros.dtype == np.uint8:
-            z = (
-                unpack_values(self.zeros, self.bits)
-                .reshape(self.n, -1)[:, : self.k_blocks]
-                .astype(np.float32)
-            )
+        if self.mins is not None:
+            w = q * self.scales[..., None] + self.mins[..., None]
         else:
-            z = self.zeros.reshape(self.scales.shape).astype(np.float32)
-        w = (q - z[..., None]) * self.scales[..., None]
+            if self.zeros is None:
+                z = np.full(self.scales.shape, 2.0 ** (self.bits - 1), np.float32)
+            else:
+                z = unpack_values(self.zeros, self.bits).reshape(self.n, -1)[:, : self.k_blocks]
+            w = (q - z[..., None].astype(np.float32)) * self.scales[..., None]
         return w.reshape(self.n, -1)[:, : self.k]
 
 
@@ -74,10 +82,19 @@ def pack_values(q: np.ndarray, bits: int) -> np.ndarray:
     return (q[..., 0::2] & 0x0F) | (q[..., 1::2] << 4)
 
 
-def rtn(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Packed:
-    """Round-to-nearest with onnxruntime's own C++ packers (the ones its quantizer uses)."""
+def half(x: np.ndarray) -> np.ndarray:
+    """float32 values rounded to what float16 storage keeps (finite: clipped to its range)."""
+    return np.clip(x, -65504.0, 65504.0).astype(np.float16).astype(np.float32)
+
+
+def rtn(w_nk: np.ndarray, bits: int, block_size: int, scheme: str) -> Packed:
+    """Round-to-nearest: sym / asym with onnxruntime's own C++ packers (the ones its quantizer uses),
+    min with min_max()."""
     from onnxruntime.capi._pybind_state import quantize_matmul_4bits, quantize_matmul_8bits
 
+    if scheme == "min":
+        return min_max(w_nk, bits, block_size)
+    symmetric = scheme == "sym"
     n, k = w_nk.shape
     w_kn = np.ascontiguousarray(w_nk.T, dtype=np.float32)  # the packers read (K, N)
     k_blocks = -(-k // block_size)
@@ -86,7 +103,58 @@ def rtn(w_nk: np.ndarray, bits: int, block_size: int, symmetric: bool) -> Packed
     scales = np.zeros((n, k_blocks), np.float32)
     packer = quantize_matmul_4bits if bits == 4 else quantize_matmul_8bits
     packer(data, w_kn, scales, zeros, block_size, n, k, symmetric)
-    return Packed(data, scales, None if symmetric else zeros, bits, block_size, k)
+    return Packed(data, half(scales), None if symmetric else zeros, bits, block_size, k)
+
+
+def _blocks(w_nk: np.ndarray, block_size: int) -> np.ndarray:
+    """(N, K) -> (N, k_blocks, block_size) float64, a padded tail repeating the row's last value
+    (so it widens no block's range)."""
+    n, k = w_nk.shape
+    kb = -(-k // block_size)
+    w = np.asarray(w_nk, np.float64)
+    if kb * block_size != k:
+        w = np.concatenate([w, np.repeat(w[:, -1:], kb * block_size - k, axis=1)], axis=1)
+    return w.reshape(n, kb, block_size)
+
+
+def min_max(w_nk: np.ndarray, bits: int, block_size: int, refits: int = 2, rows: int = 4096) -> Packed:
+    """Scheme `min`: per block w ≈ q·d + m with d = (max - min) / (2^bits - 1), m = min, then
+    `refits` rounds of least squares for (d, m) given the codes (kept only where they lower the
+    block's error). Weights already on such a grid (a dequantized Q4_1 GGUF) come back exactly.
+    Works through `rows` rows at a time to bound memory on a vocabulary-sized head."""
+    n, k = w_nk.shape
+    parts = [_min_max_rows(w_nk[i : i + rows], bits, block_size, refits) for i in range(0, n, rows)]
+    data, d, m = (np.concatenate(x) for x in zip(*parts, strict=True))
+    return Packed(data, d, None, bits, block_size, k, mins=m)
+
+
+def _min_max_rows(w_nk: np.ndarray, bits: int, block_size: int, refits: int):
+    maxq = 2**bits - 1
+    w = _blocks(w_nk, block_size)
+    lo, hi = w.min(axis=-1), w.max(axis=-1)
+    d, m = half((hi - lo) / maxq).astype(np.float64), half(lo).astype(np.float64)
+
+    def codes(d, m):
+        return np.clip(np.rint((w - m[..., None]) / np.where(d == 0, 1, d)[..., None]), 0, maxq)
+
+    def error(q, d, m):
+        return np.square(q * d[..., None] + m[..., None] - w).sum(axis=-1)
+
+    q = codes(d, m)
+    best = error(q, d, m)
+    for _ in range(refits):
+        sq, sw = q.sum(-1), w.sum(-1)
+        det = block_size * np.square(q).sum(-1) - sq * sq
+        ok = det > 0
+        d2 = np.where(ok, (block_size * (q * w).sum(-1) - sq * sw) / np.where(ok, det, 1), d)
+        m2 = np.where(ok, (sw - d2 * sq) / block_size, m)
+        d2, m2 = half(d2).astype(np.float64), half(m2).astype(np.float64)
+        q2 = codes(d2, m2)
+        e2 = error(q2, d2, m2)
+        better = e2 < best
+        d, m, best = np.where(better, d2, d), np.where(better, m2, m), np.where(better, e2, best)
+        q = np.where(better[..., None], q2, q)
+    return pack_values(q.astype(np.uint8), bits), d.astype(np.float32), m.astype(np.float32)
 
 
 def from_integers(
@@ -101,11 +169,12 @@ def from_integers(
         q_nk = np.concatenate([q_nk, np.repeat(fill[:, -1:], pad, axis=1)], axis=1)
     data = pack_values(q_nk.reshape(n, k_blocks, block_size), bits)
     z = None if zeros is None else pack_values(zeros.astype(np.uint8), bits)
-    return Packed(data, scales.astype(np.float32), z, bits, block_size, k)
+    return Packed(data, half(scales), z, bits, block_size, k)
 
 
 def hqq(w_nk: np.ndarray, bits: int, block_size: int) -> Packed:
-    """Half-quadratic quantization through onnxruntime's HQQ solver (needs torch); float zero points."""
+    """Half-quadratic quantization through onnxruntime's HQQ solver (needs torch). Its float zero
+    points z become scheme `min`: w = (q - z)·s = q·s + (-z·s)."""
     try:
         import torch
         from onnxruntime.quantization.matmul_nbits_quantizer import (
@@ -125,11 +194,6 @@ def hqq(w_nk: np.ndarray, bits: int, block_size: int) -> Packed:
     )
     k_blocks = -(-k // block_size)
     data = pack_values(q.numpy().reshape(n, k_blocks, block_size), bits)
-    return Packed(
-        data,
-        scale.numpy().reshape(n, k_blocks).astype(np.float32),
-        zero.numpy().reshape(n, k_blocks).astype(np.float32),
-        bits,
-        block_size,
-        k,
-    )
+    s = scale.numpy().reshape(n, k_blocks).astype(np.float32)
+    z = zero.numpy().reshape(n, k_blocks).astype(np.float32)
+    return Packed(data, half(s), None, bits, block_size, k, mins=half(-z * s))

@@ -1,8 +1,8 @@
 """Apply a recipe's choices to the weight sites of a graph: pack each weight once, rewrite its nodes.
 
 Sites reading the same initializer (a tied head and embedding) form one group, stored once at the
-widest format any of them asks for. The embedding is packed by RTN whatever the algorithm: HQQ's
-float zero points do not fit GatherBlockQuantized, and GPTQ needs a MatMul input to calibrate on.
+widest format any of them asks for. A group with an embedding is packed by RTN (or HQQ) whatever the
+algorithm: GPTQ needs a MatMul input to calibrate on.
 """
 
 from __future__ import annotations
@@ -20,12 +20,18 @@ from .recipes import Site, widest
 BITS = {"int4": 4, "int8": 8}
 
 
+SCHEMES = ("min", "sym", "asym")
+
+
 @dataclass
 class Settings:
     block_size: int = 32
-    symmetric: bool = True
+    scheme: str = "min"  # of 4-bit weights (pack.py); 8-bit ones are sym unless this is asym
     accuracy_level: int = 4
     algorithm: str = "rtn"  # "rtn" | "hqq" | "gptq"
+
+    def scheme_for(self, bits: int) -> str:
+        return self.scheme if bits == 4 or self.scheme == "asym" else "sym"
 
 
 @dataclass
@@ -56,17 +62,18 @@ def plan(sites: list[Site], choose) -> dict[str, str]:
 def _pack(w_nk: np.ndarray, bits: int, s: Settings, group: list[Site], hess: dict, result: Result) -> Packed:
     has_gather = any(x.role == "embedding" for x in group)
     first = group[0]
-    if s.algorithm == "hqq" and bits == 4 and not has_gather:
+    scheme = s.scheme_for(bits)
+    if s.algorithm == "hqq" and bits == 4:
         return hqq(w_nk, bits, s.block_size)
     if s.algorithm == "gptq" and not has_gather and first.node in hess:
         from .gptq import gptq
 
-        return gptq(w_nk, hess[first.node], bits, s.block_size, s.symmetric)
+        return gptq(w_nk, hess[first.node], bits, s.block_size, scheme)
     if s.algorithm != "rtn" and bits == 4:
         why = "embedding shares it" if has_gather else "no calibration input"
         for x in group:
             result.notes[x.node] = f"rtn ({s.algorithm} not applicable: {why})"
-    return rtn(w_nk, bits, s.block_size, s.symmetric)
+    return rtn(w_nk, bits, s.block_size, scheme)
 
 
 def apply(
@@ -81,6 +88,8 @@ def apply(
     inits = G.initializers(model)
     by_name = {n.name: n for n in model.graph.node}
     replacements: dict[str, list] = {}
+    prelude: list = []  # constant-only nodes: Casts of float16 scales, min offsets
+    block_sums = G.BlockSums(model)
     result = Result()
     for (weight, _), group in groups(sites).items():
         fmt = formats[group[0].node]
@@ -101,12 +110,15 @@ def apply(
         w = G.weight_nk(inits[weight], group[0])  # (N, K)
         packed = _pack(w, BITS[fmt], settings, group, hessians or {}, result)
         names = G.PackedNames(model, weight, packed, gather_only=len(gathers) == len(group))
+        prelude += names.nodes
         for x in group:
             node = by_name[x.node]
             if x.role == "embedding":
                 replacements[x.node] = G.gather_block_quantized(node, names)
             else:
-                replacements[x.node] = G.matmul_nbits(model, node, x, names, settings.accuracy_level)
+                replacements[x.node] = G.matmul_nbits(
+                    model, node, x, names, settings.accuracy_level, block_sums
+                )
             result.nodes[x.node] = fmt
             if progress:
                 progress.update(1)
@@ -114,7 +126,7 @@ def apply(
             result.tied.append(
                 {"weight": weight, "nodes": [x.node for x in group], "format": fmt, "stored_once": True}
             )
-    G.replace_nodes(model, replacements)
+    G.replace_nodes(model, replacements, prelude)
     G.drop_unused_initializers(model)
     G.ensure_ms_opset(model)
     return result
