@@ -116,10 +116,10 @@ RECIPES: dict[str, Recipe] = {
             default="int4",
             dtype="int4",
         ),
-        # Measured on SmolLM2-135M (KL vs fp32 over 512 tokens when only that group is int4): down_proj
-        # 0.13, v_proj 0.11, head+embedding 0.10, up 0.075, gate 0.04, o 0.03, q 0.02, k 0.02.
-        # Whole-model perplexity (fp32 18.20, Apache-2.0 text, 4 x 512 tokens): int4 24.7 (84 MB),
-        # head + first/last down_proj + layer-0 v_proj at int8 22.2 (99 MB), these rules 20.4 (105 MB).
+        # Measured on SmolLM2-135M with sym int4 (KL vs fp32 over 512 tokens when only that group is
+        # int4): down_proj 0.13, v_proj 0.11, head+embedding 0.10, up 0.075, gate 0.04, o 0.03, q 0.02,
+        # k 0.02. With the default scheme min (perplexity on the built-in en / zh texts): int4 +6.8% /
+        # +9.1% (84 MB), these rules +0.3% / +0.5% (105 MB), nearly all of it from the head at 8 bits.
         Recipe(
             "int4-mixed",
             "int4, with the most sensitive weights kept at 8 bits (llama.cpp Q4_K_M's layer choice)",
