@@ -28,7 +28,7 @@ import onnxruntime as ort
 
 from ..bundle import Manifest
 from .kv_cache import KVCache, SharedKVCache
-from .sampling import apply_processors, log_softmax, make_logits_processors, make_sampler
+from .sampling import apply_processors, make_logits_processors, make_sampler
 from .session import BoundBuffers, kv_device, run_bound, run_numpy
 from .tokenizer import Detokenizer, Tokenizer
 
@@ -486,10 +486,15 @@ def sample_next(seq: SeqState, index: int, logits: np.ndarray) -> SeqOutput:
     row = logits[None, :]  # (1, vocab)
     processed = apply_processors(seq.processors, [seq.prompt + seq.tokens], row)
     token = int(seq.sampler(processed)[0])
-    logp = log_softmax(row)[0]  # (vocab,)
-    logprob = float(logp[token])
+    # the token's log-probability needs only logsumexp: a full float64 log_softmax over a 49k
+    # vocabulary every step cost more than the rest of the Python side of a decode step
+    x = row[0]
+    m = float(x.max())
+    lse = m + float(np.log(np.exp(x - m).sum(dtype=np.float64)))
+    logprob = float(x[token]) - lse
     top = None
     if seq.top_logprobs:
+        logp = x.astype(np.float64) - lse  # (vocab,)
         k = min(seq.top_logprobs, len(logp))
         best = np.argpartition(-logp, k - 1)[:k]
         best = best[np.argsort(-logp[best], kind="stable")]
