@@ -484,15 +484,82 @@ def bench(bundle, contexts, new_tokens, as_json, no_bandwidth, providers, thread
     show_default=True,
     help="Seconds streams get on SIGTERM.",
 )
+@click.option("--ray", "use_ray", is_flag=True, help="Run as Ray Serve replicas (needs the ray extra).")
+@click.option("--replicas", type=int, default=None, help="With --ray: replicas to start.  [default: 1]")
+@click.option(
+    "--ray-address", default=None, help="With --ray: join this Ray cluster ('auto', HOST:6379, ray://...)."
+)
+@click.option(
+    "--cpus-per-replica",
+    type=float,
+    default=None,
+    help="With --ray: CPUs Ray reserves per replica.  [default: 1]",
+)
+@click.option("--min-replicas", type=int, default=None, help="With --ray: autoscale down to this many.")
+@click.option("--max-replicas", type=int, default=None, help="With --ray: autoscale up to this many.")
 @engine_options
 @friendly
 def serve(
-    bundle, host, port, api_key, api_key_file, max_batch, max_queue, model_name, grace, providers, threads
+    bundle,
+    host,
+    port,
+    api_key,
+    api_key_file,
+    max_batch,
+    max_queue,
+    model_name,
+    grace,
+    use_ray,
+    replicas,
+    ray_address,
+    cpus_per_replica,
+    min_replicas,
+    max_replicas,
+    providers,
+    threads,
 ) -> None:
-    """Serve BUNDLE over an OpenAI-compatible HTTP API, continuously batching concurrent requests."""
+    """Serve BUNDLE over an OpenAI-compatible HTTP API, continuously batching concurrent requests.
+
+    With --ray, the same API is served by replicas under Ray Serve (a local Ray, or the cluster at
+    --ray-address); each replica loads BUNDLE, so on a cluster it must exist at the same path on
+    every node."""
     from .runtime.serving.server import read_api_key
     from .runtime.serving.server import serve as run_server
 
+    ray_opts = {
+        "--replicas": replicas,
+        "--ray-address": ray_address,
+        "--cpus-per-replica": cpus_per_replica,
+        "--min-replicas": min_replicas,
+        "--max-replicas": max_replicas,
+    }
+    if not use_ray:
+        given = [name for name, value in ray_opts.items() if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} need --ray")
+    else:
+        from pathlib import Path
+
+        from .runtime.serving.ray_serve import ReplicaArgs, Scaling, deploy
+
+        args = ReplicaArgs(
+            str(Path(bundle).resolve()),
+            model_name=model_name,
+            api_key=read_api_key(api_key, api_key_file),
+            max_batch=max_batch,
+            max_queue=max_queue,
+            threads=threads,
+            providers=list(providers) or None,
+        )
+        scaling = Scaling(
+            replicas=1 if replicas is None else replicas,
+            cpus_per_replica=1.0 if cpus_per_replica is None else cpus_per_replica,
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            grace=grace,
+        )
+        deploy(args, scaling, address=ray_address, host=host, port=port)
+        return
     run_server(
         bundle,
         host=host,

@@ -75,6 +75,14 @@ class Service:
         """Refuse new generation requests (503) and report not ready; running ones go on."""
         self.draining = True
 
+    def not_ready(self) -> str | None:
+        """Why this server should get no new requests, or None (GET /ready; Ray's replica health check)."""
+        if self.draining:
+            return "draining"
+        if self.scheduler.stopped:
+            return "the generation loop has stopped"
+        return None
+
     def authorized(self, request: Request) -> bool:
         if self.api_key is None:
             return True
@@ -139,14 +147,25 @@ async def health(svc: Service, request: Request) -> Response:
 
 @_endpoint("/ready")
 async def ready(svc: Service, request: Request) -> Response:
-    if svc.draining:
+    reason = svc.not_ready()
+    if reason == "draining":
         return JSONResponse({"status": "draining"}, status_code=503)
+    if reason:
+        return JSONResponse({"status": "not ready", "reason": reason}, status_code=503)
     return JSONResponse({"status": "ready", "model": svc.model_name})
 
 
 @_endpoint("/metrics")
 async def metrics(svc: Service, request: Request) -> Response:
-    return PlainTextResponse(svc.metrics.render(), media_type="text/plain; version=0.0.4")
+    text = svc.metrics.render()
+    replica = getattr(request.app.state, "replica", None)  # set under Ray Serve: which replica answered
+    if replica is None:
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    text += (
+        "# HELP onnxlm_replica_info The Ray Serve replica these series come from.\n"
+        f'# TYPE onnxlm_replica_info gauge\nonnxlm_replica_info{{replica="{replica}"}} 1\n'
+    )
+    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
 
 def _model_card(svc: Service) -> dict:

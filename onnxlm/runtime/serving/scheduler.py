@@ -213,6 +213,11 @@ class Scheduler:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._closing
 
+    @property
+    def stopped(self) -> bool:
+        """Closed, or started and its loop thread is gone: it will serve nothing more."""
+        return self._closing or (self._thread is not None and not self._thread.is_alive())
+
     # --- lifecycle --------------------------------------------------------------------------------------
     def start(self) -> None:
         with self._cv:
