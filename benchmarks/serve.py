@@ -2,6 +2,7 @@
 
     python benchmarks/serve.py BUNDLE                       # starts `onnxlm serve BUNDLE` on a free port
     python benchmarks/serve.py --url http://127.0.0.1:8000  # or measures a server already running
+    python benchmarks/serve.py BUNDLE --ray-replicas 2      # starts `onnxlm serve BUNDLE --ray --replicas 2`
 
 Phases (each request: a short prompt, `--max-tokens` tokens with ignore_eos, streamed):
 1. single    one stream alone: decode tokens/s
@@ -154,26 +155,46 @@ def rss_mb(pid: int | None) -> float | None:
     return None
 
 
-def start_server(bundle: str, max_batch: int, max_queue: int, threads: int | None):
+def start_server(args):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "onnxlm", "-q", "serve", bundle, "--port", str(port)]
-    cmd += ["--max-batch", str(max_batch), "--max-queue", str(max_queue)]
-    if threads:
-        cmd += ["--threads", str(threads)]
+    cmd = [sys.executable, "-m", "onnxlm", "-q", "serve", args.bundle, "--port", str(port)]
+    cmd += ["--max-batch", str(args.max_batch), "--max-queue", str(args.max_queue)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    if args.ray_replicas:
+        cmd += [
+            "--ray",
+            "--replicas",
+            str(args.ray_replicas),
+            "--cpus-per-replica",
+            str(args.cpus_per_replica),
+        ]
     proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
         if proc.poll() is not None:
             sys.exit(f"the server exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return proc, f"http://127.0.0.1:{port}"
-        except OSError:
-            time.sleep(0.2)
+        if models_ok(url, args.api_key):  # under Ray the port opens before the replicas are ready
+            return proc, url
+        time.sleep(0.2)
     proc.kill()
     sys.exit("the server did not come up")
+
+
+def models_ok(url: str, key: str | None) -> bool:
+    import urllib.request
+
+    req = urllib.request.Request(
+        url + "/v1/models", headers={"Authorization": f"Bearer {key}"} if key else {}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 def fmt(x, unit="", scale=1.0, digits=1) -> str:
@@ -275,16 +296,28 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8, help="with BUNDLE: the server's --max-batch")
     p.add_argument("--max-queue", type=int, default=16, help="with BUNDLE: the server's --max-queue")
     p.add_argument("--threads", type=int, default=None, help="with BUNDLE: the server's --threads")
+    p.add_argument(
+        "--ray-replicas", type=int, default=0, help="with BUNDLE: serve it with `--ray --replicas N`"
+    )
+    p.add_argument(
+        "--cpus-per-replica",
+        type=float,
+        default=1.0,
+        help="with --ray-replicas: CPUs Ray reserves per replica",
+    )
     p.add_argument("--json", dest="json_path", help="write the report here")
     args = p.parse_args()
     if bool(args.bundle) == bool(args.url):
         p.error("give BUNDLE or --url")
+    if args.ray_replicas and not args.bundle:
+        p.error("--ray-replicas starts a server: give BUNDLE, not --url")
     proc = None
     if args.bundle:
-        proc, args.url = start_server(args.bundle, args.max_batch, args.max_queue, args.threads)
+        proc, args.url = start_server(args)
     parts = urlsplit(args.url)
+    pid = proc.pid if proc and not args.ray_replicas else None  # under Ray the replicas are other processes
     try:
-        report = asyncio.run(run(args, parts.hostname, parts.port or 80, proc.pid if proc else None))
+        report = asyncio.run(run(args, parts.hostname, parts.port or 80, pid))
     finally:
         if proc:
             proc.terminate()
