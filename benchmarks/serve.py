@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -40,6 +41,7 @@ class Result:
     tokens: int = 0
     end: float = 0.0
     error: str | None = None
+    replica: str | None = None  # X-Onnxlm-Replica: which Ray Serve replica answered
 
 
 async def one_request(host: str, port: int, body: dict, key: str | None) -> Result:
@@ -57,8 +59,10 @@ async def one_request(host: str, port: int, body: dict, key: str | None) -> Resu
         writer.write(head + data)
         await writer.drain()
         res.status = int((await reader.readline()).split()[1])
-        while (await reader.readline()).strip():
-            pass  # headers
+        while line := (await reader.readline()).strip():  # headers
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "x-onnxlm-replica":
+                res.replica = value.strip()
         if res.status != 200:
             await reader.read()
             res.error = f"HTTP {res.status}"
@@ -113,6 +117,7 @@ def summarize(results: list[Result], elapsed: float) -> dict:
         "reject_p50_s": pct([r.end - r.start for r in rejected], 50),
         "reject_p99_s": pct([r.end - r.start for r in rejected], 99),
         "errors": sorted({r.error for r in results if r.error and r.status not in (429, 503)})[:5],
+        "by_replica": dict(collections.Counter(r.replica for r in ok if r.replica)),
     }
 
 
@@ -223,6 +228,13 @@ def table(report: dict) -> str:
         f"- capacity {d['capacity_req_s']:.2f} req/s; load at {d['load_rate_req_s']:.2f} req/s: "
         f"{report['load']['failures'] + report['load']['rejected'] if report.get('load') else '-'} failed or rejected (target 0)",
     ]
+    spread = [
+        f"{n} " + ", ".join(str(v) for v in sorted(b.values(), reverse=True))
+        for n in ("batch", "load")
+        if (b := report.get(n, {}).get("by_replica"))
+    ]
+    if spread:  # under Ray Serve: how the router spread the requests
+        rows.append("- requests per replica: " + "; ".join(spread))
     if report.get("overload"):
         o = report["overload"]
         rows.append(
@@ -253,7 +265,7 @@ async def run(args, host, port, pid) -> dict:
         "single_decode_tok_s": decode_rate(single),
         "batch_decode_tok_s": decode_rate(batch),
         "capacity_req_s": capacity,
-        "load_rate_req_s": args.load * capacity,
+        "load_rate_req_s": args.rate or args.load * capacity,
         "overload_rate_req_s": args.overload * capacity,
     }
     derived["batch_speedup"] = (
@@ -263,7 +275,7 @@ async def run(args, host, port, pid) -> dict:
     )
     report["derived"] = derived
     if args.requests and capacity:
-        load, el = await open_loop(host, port, args.api_key, body, args.load * capacity, args.requests)
+        load, el = await open_loop(host, port, args.api_key, body, derived["load_rate_req_s"], args.requests)
         report["load"] = summarize(load, el)
     if args.overload_requests and capacity:
         derived["rss_before_mb"] = rss_mb(pid)
@@ -287,6 +299,9 @@ def main() -> None:
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--requests", type=int, default=500, help="requests in the load phase (0: skip)")
     p.add_argument("--load", type=float, default=0.8, help="load phase rate, as a fraction of capacity")
+    p.add_argument(
+        "--rate", type=float, default=None, help="load phase rate in requests/s (instead of --load)"
+    )
     p.add_argument(
         "--overload", type=float, default=3.0, help="overload phase rate, as a multiple of capacity"
     )
