@@ -487,7 +487,7 @@ def bench(bundle, contexts, new_tokens, as_json, no_bandwidth, providers, thread
 @click.option("--ray", "use_ray", is_flag=True, help="Run as Ray Serve replicas (needs the ray extra).")
 @click.option("--replicas", type=int, default=None, help="With --ray: replicas to start.  [default: 1]")
 @click.option(
-    "--ray-address", default=None, help="With --ray: join this Ray cluster ('auto', HOST:6379, ray://...)."
+    "--ray-address", default=None, help="With --ray: join this Ray cluster ('auto' or HEAD_IP:6379)."
 )
 @click.option(
     "--cpus-per-replica",
@@ -497,6 +497,12 @@ def bench(bundle, contexts, new_tokens, as_json, no_bandwidth, providers, thread
 )
 @click.option("--min-replicas", type=int, default=None, help="With --ray: autoscale down to this many.")
 @click.option("--max-replicas", type=int, default=None, help="With --ray: autoscale up to this many.")
+@click.option(
+    "--target-ongoing",
+    type=float,
+    default=None,
+    help="With autoscaling: requests per replica Ray aims at.  [default: --max-batch]",
+)
 @engine_options
 @friendly
 def serve(
@@ -515,6 +521,7 @@ def serve(
     cpus_per_replica,
     min_replicas,
     max_replicas,
+    target_ongoing,
     providers,
     threads,
 ) -> None:
@@ -532,6 +539,7 @@ def serve(
         "--cpus-per-replica": cpus_per_replica,
         "--min-replicas": min_replicas,
         "--max-replicas": max_replicas,
+        "--target-ongoing": target_ongoing,
     }
     if not use_ray:
         given = [name for name, value in ray_opts.items() if value is not None]
@@ -556,6 +564,7 @@ def serve(
             cpus_per_replica=1.0 if cpus_per_replica is None else cpus_per_replica,
             min_replicas=min_replicas,
             max_replicas=max_replicas,
+            target_ongoing=target_ongoing,
             grace=grace,
         )
         deploy(args, scaling, address=ray_address, host=host, port=port)
