@@ -218,6 +218,22 @@ def test_two_replicas_serve_the_openai_api_and_survive_a_killed_one(ray_server):
     assert "onnxlm_requests_total" in metrics.text
     assert f'onnxlm_replica_info{{replica="{metrics.headers["x-onnxlm-replica"]}"}} 1' in metrics.text
 
+    # and every replica's series through Ray's own metrics export, tagged with the replica
+    import ray
+
+    port = ray.nodes()[0]["MetricsExportPort"]
+    deadline = time.time() + 45  # Ray reports metrics every few seconds
+    while True:
+        exported = http("GET", f"http://127.0.0.1:{port}/metrics").text
+        tagged = [line for line in exported.splitlines() if line.startswith("ray_onnxlm_requests")]
+        if all(any(r in line for line in tagged) for r in seen):
+            break
+        assert time.time() < deadline, "\n".join(tagged) or exported[-2000:]
+        time.sleep(1)
+    assert any(
+        line.startswith("ray_onnxlm_time_to_first_token_seconds_bucket") for line in exported.splitlines()
+    )
+
     # long requests in flight on both replicas; kill the process of the one serving the first stream
     long = dict(model=name, prompt="Once", max_tokens=4000, temperature=0, extra_body={"ignore_eos": True})
     outcome: dict[str, tuple] = {}

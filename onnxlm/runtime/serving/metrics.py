@@ -22,10 +22,13 @@ class Counter:
         self.name, self.help, self.labels = name, help, labels
         self._values: dict[tuple[str, ...], float] = {} if labels else {(): 0.0}
         self._lock = threading.Lock()
+        self.mirrors: list[Callable[[float, tuple[str, ...]], None]] = []  # also told of each inc
 
     def inc(self, amount: float = 1.0, *labels: str) -> None:
         with self._lock:
             self._values[labels] = self._values.get(labels, 0.0) + amount
+        for mirror in self.mirrors:
+            mirror(amount, labels)
 
     def value(self, *labels: str) -> float:
         return self._values.get(labels, 0.0)
@@ -58,11 +61,14 @@ class Histogram:
         self._counts = [0] * (len(self.buckets) + 1)  # the last is +Inf
         self._sum = 0.0
         self._lock = threading.Lock()
+        self.mirrors: list[Callable[[float], None]] = []  # also told of each observation
 
     def observe(self, value: float) -> None:
         with self._lock:
             self._counts[bisect.bisect_left(self.buckets, value)] += 1
             self._sum += value
+        for mirror in self.mirrors:
+            mirror(value)
 
     @property
     def count(self) -> int:

@@ -142,6 +142,7 @@ def replica_class():
             self._svc = self._app.state.service
             self._svc.scheduler.start()
             self._app.state.replica = _replica_id()
+            self._stop_gauges = _mirror_to_ray(self._svc.metrics)
             log.warning("replica %s (pid %d) serves %s", self._app.state.replica, os.getpid(), a.bundle)
 
         def __serve_build_asgi_app__(self):
@@ -154,6 +155,7 @@ def replica_class():
                 raise RuntimeError(f"onnxlm replica not ready: {reason}")
 
         def __del__(self):
+            self._stop_gauges.set()
             self._svc.scheduler.close(timeout=5)
 
     return serve.deployment(name=DEPLOYMENT)(serve.ingress()(OnnxlmReplica))
@@ -172,6 +174,33 @@ def _tag_responses(app, replica: str):
         await app(scope, receive, send_tagged if scope["type"] == "http" else send)
 
     return tagged
+
+
+def _mirror_to_ray(m) -> threading.Event:
+    """Record every series into Ray's metrics too. Ray tags them with the application, deployment and
+    replica and exports them from each node's metrics port, so Prometheus gets every replica's series
+    (GET /metrics through Ray's proxy reaches one replica at a time). Returns what stops the gauges."""
+    from ray.serve import metrics as rm
+
+    for c in (m.requests, m.prompt_tokens, m.completion_tokens):
+        counter = rm.Counter(c.name.removesuffix("_total"), description=c.help, tag_keys=c.labels or None)
+        c.mirrors.append(
+            lambda amount, labels, counter=counter, keys=c.labels: counter.inc(
+                amount, tags=dict(zip(keys, labels, strict=True))
+            )
+        )
+    for h in (m.ttft, m.itl, m.duration):
+        h.mirrors.append(rm.Histogram(h.name, description=h.help, boundaries=list(h.buckets)).observe)
+    gauges = [(rm.Gauge(g.name, description=g.help), g.read) for g in (m.queue, m.active)]
+    stop = threading.Event()
+
+    def poll() -> None:  # our gauges are read at scrape time; Ray's must be set
+        while not stop.wait(1.0):
+            for gauge, read in gauges:
+                gauge.set(read())
+
+    threading.Thread(target=poll, name="onnxlm-ray-gauges", daemon=True).start()
+    return stop
 
 
 def _replica_id() -> str:
