@@ -85,6 +85,16 @@ def test_cli_refuses_bad_ray_options_before_starting_ray(tmp_path):
     assert r.exit_code == 1 and "autoscaling needs" in r.output
 
 
+def test_more_cpus_than_a_local_ray_has_is_refused_not_waited_for():
+    from onnxlm.runtime.serving.ray_serve import _check_cpus
+
+    _check_cpus(Scaling(replicas=2, cpus_per_replica=0.5), 1.0)
+    with pytest.raises(
+        ValueError, match=r"2 replica\(s\) x 1 CPUs need 2 CPUs and this machine's Ray has 1:"
+    ):
+        _check_cpus(Scaling(replicas=2), 1.0)
+
+
 def test_only_the_deployment_module_imports_ray():
     importers = [
         p.relative_to(ROOT).as_posix()
@@ -111,6 +121,21 @@ def test_example_config_is_a_valid_serve_config():
     ReplicaArgs(**app["args"])  # the args are the builder's
     (dep,) = app["deployments"]
     assert dep["name"] == DEPLOYMENT
+
+
+def test_config_builder_takes_string_args_and_keeps_the_batch_uncapped():
+    pytest.importorskip("ray")
+    from onnxlm.runtime.serving.ray_serve import build
+
+    # `serve run onnxlm.runtime.serving.ray_serve:build bundle=/b max_batch=4` passes strings
+    deployment = build(
+        {"bundle": "/b", "max_batch": "4", "max_queue": "12", "providers": "A,B"}
+    )._bound_deployment
+    (args,) = deployment.init_args
+    assert (args["max_batch"], args["max_queue"], args["providers"]) == (4, 12, ["A", "B"])
+    assert deployment.max_ongoing_requests == 16  # not Ray's default 5
+    with pytest.raises(ValueError, match="bundle path is required"):
+        build({"bundle": ""})
 
 
 def test_ready_reports_a_stopped_generation_loop():

@@ -217,7 +217,10 @@ def build(args: dict[str, Any]):
     onnxlm.runtime.serving.ray_serve:build`); `args` are ReplicaArgs' fields. Replica counts and
     resources come from the config's `deployments:` entry named "onnxlm"."""
     a = ReplicaArgs(**{k: _coerce(k, v) for k, v in args.items()})
-    return replica_class().bind(asdict(a))
+    # defaults a config's deployment entry may override; Ray's own max_ongoing_requests (5) caps the batch
+    keep = ("max_ongoing_requests", "health_check_period_s", "health_check_timeout_s")
+    defaults = {k: v for k, v in deployment_options(Scaling(), a).items() if k in keep}
+    return replica_class().options(**defaults).bind(asdict(a))
 
 
 def _coerce(key: str, value: Any) -> Any:
@@ -257,11 +260,14 @@ def deploy(
     stop = threading.Event()
     # after ray.init, whose own SIGTERM handler would end the process without removing the app
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.set()) if block else None
-    done = False
+    done = deployed = False
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     try:
+        if own:  # Ray would wait for the CPUs forever; a local Ray will never get more
+            _check_cpus(scaling, ray.cluster_resources().get("CPU", 0.0))
         serve.start(http_options={"host": host, "port": port})
         serve.run(application(args, scaling), name=APP_NAME, route_prefix="/", blocking=False)
+        deployed = True
         count = (
             scaling.replicas
             if scaling.min_replicas is None
@@ -285,13 +291,23 @@ def deploy(
         if not done:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
-            log.warning("stopping: removing the app (running requests get up to %gs)", scaling.grace)
+            if deployed:
+                log.warning("stopping: removing the app (running requests get up to %gs)", scaling.grace)
             if own:
                 serve.shutdown()
                 ray.shutdown()
-            else:
+            elif deployed:
                 serve.delete(APP_NAME)
     return url
+
+
+def _check_cpus(scaling: Scaling, available: float) -> None:
+    need = scaling.replicas * scaling.cpus_per_replica
+    if need > available:
+        raise ValueError(
+            f"{scaling.replicas} replica(s) x {scaling.cpus_per_replica:g} CPUs need {need:g} CPUs and this "
+            f"machine's Ray has {available:g}: lower --replicas or --cpus-per-replica (it may be fractional)"
+        )
 
 
 def _ray():
