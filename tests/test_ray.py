@@ -51,6 +51,32 @@ def test_autoscaling_bounds():
     assert Scaling(replicas=2, max_replicas=5).min_replicas == 1
 
 
+def test_ray_accepts_the_options():
+    pytest.importorskip("ray")
+    from onnxlm.runtime.serving.ray_serve import replica_class
+
+    fixed = replica_class().options(
+        **deployment_options(Scaling(replicas=2, cpus_per_replica=0.5), ReplicaArgs("/b"))
+    )
+    assert (fixed.num_replicas, fixed.ray_actor_options["num_cpus"], fixed.max_ongoing_requests) == (
+        2,
+        0.5,
+        72,
+    )
+    scaled = replica_class().options(
+        **deployment_options(
+            Scaling(replicas=2, min_replicas=1, max_replicas=4, target_ongoing=3), ReplicaArgs("/b")
+        )
+    )
+    auto = scaled._deployment_config.autoscaling_config  # Ray's own model, validated by options()
+    assert (auto.min_replicas, auto.initial_replicas, auto.max_replicas, auto.target_ongoing_requests) == (
+        1,
+        2,
+        4,
+        3,
+    )
+
+
 @pytest.mark.parametrize(
     "kw, message",
     [
