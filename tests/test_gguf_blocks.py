@@ -68,7 +68,7 @@ def test_kept_blocks_compute_the_ggml_weights(linear, table):
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     blocks = {"blk.0.ffn_down.weight": make[linear][1](raw), "token_embd.weight": make[table][1](raw_e)}
-    report = G.keep_gguf_blocks(model, blocks, accuracy_level=0)
+    report = G.keep_gguf_blocks(model, blocks, vocab, accuracy_level=0)
     assert set(report) == {"/embed_tokens/Gather", "/layers.0/down_proj/MatMul", "/Gemm"}
     assert {t.name for t in model.graph.initializer}.isdisjoint({"E", "W"})  # the fp32 copies are gone
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -77,7 +77,9 @@ def test_kept_blocks_compute_the_ggml_weights(linear, table):
     np.testing.assert_allclose(sess.run(None, {"ids": ids, "x": x})[0], want, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="does not match the bundle's weight"):
         blocks["blk.0.ffn_down.weight"] = make[linear][1](make[linear][0](rng, n, k)[0])
-        G.keep_gguf_blocks(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), blocks)
+        G.keep_gguf_blocks(
+            helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), blocks, vocab
+        )
 
 
 @pytest.mark.parametrize("heads", [1, 3, 4])

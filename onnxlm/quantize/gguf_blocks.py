@@ -131,13 +131,17 @@ def stack(parts: list[Blocks]) -> Blocks | None:
 
 def packed(blocks: Blocks) -> Packed:
     """The blocks as pack.Packed: Q8_0 is sym 8-bit (q + 128, zero point 128); Q4_1 is scheme min."""
-    n, k = blocks.shape
+    _, k = blocks.shape
     bits = 8 if blocks.kind == "q8_0" else 4
     return Packed(blocks.packed, blocks.scales, None, bits, QK, k, mins=blocks.mins)
 
 
 def keep_gguf_blocks(
-    model, blocks: dict[str, Blocks], accuracy_level: int | None = None, check: bool = True
+    model,
+    blocks: dict[str, Blocks],
+    vocab_size: int,
+    accuracy_level: int | None = None,
+    check: bool = True,
 ) -> dict[str, str]:
     """Rewrite an exported llama-family graph in place so every weight that the GGUF stores as
     Q4_1 / Q8_0 is served from those blocks (graph.py's nodes, as the integer recipes build them).
@@ -151,7 +155,7 @@ def keep_gguf_blocks(
 
     inits = G.initializers(model)
     by_name = {n.name: n for n in model.graph.node}
-    sites = G.find_sites(model, 0, 0, _vocab(model, inits))
+    sites = G.find_sites(model, 0, 0, vocab_size)
     tied = "output.weight" not in blocks
     replacements, prelude, report = {}, [], {}
     block_sums = G.BlockSums(model)
@@ -189,14 +193,6 @@ def keep_gguf_blocks(
     G.drop_unused_initializers(model)
     G.ensure_ms_opset(model)
     return report
-
-
-def _vocab(model, inits) -> int:
-    """The vocabulary size: rows of the table the first Gather reads from a 2-D initializer."""
-    for node in model.graph.node:
-        if node.op_type == "Gather" and node.input[0] in inits and len(inits[node.input[0]].dims) == 2:
-            return int(inits[node.input[0]].dims[0])
-    return -1
 
 
 def find_gguf(manifest, gguf_path: str | Path | None) -> Path:
@@ -252,7 +248,7 @@ def keep_blocks(
         model = onnx.load(str(src / B.MODEL))
         bar.update()
         bar.set_postfix_str("rewriting")
-        nodes = keep_gguf_blocks(model, blocks, accuracy_level=accuracy_level)
+        nodes = keep_gguf_blocks(model, blocks, manifest.model.vocab_size, accuracy_level=accuracy_level)
         if not nodes:
             raise ValueError(f"{gguf}: none of its tensors is Q4_1 or Q8_0 where this graph has a weight")
         bar.update()

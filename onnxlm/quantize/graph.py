@@ -275,21 +275,23 @@ def gather_block_quantized(node, names: PackedNames) -> list:
     """GatherBlockQuantized for the embedding (K must be a whole number of blocks). Alone, the table
     is stored 2-D (N, K*bits/8); shared with the head it reads MatMulNBits' 3-D tensor (module diagram)."""
     p = names.packed
-    attrs = dict(gather_axis=0, block_size=p.block_size, bits=p.bits)
     ids, out = node.input[1], node.output[0]
+
+    def gather(inputs: list[str], output: str, quantize_axis: int):
+        return helper.make_node(
+            "GatherBlockQuantized",
+            inputs,
+            [output],
+            name=node.name + f"_Q{p.bits}",
+            domain=MS_DOMAIN,
+            gather_axis=0,
+            quantize_axis=quantize_axis,
+            block_size=p.block_size,
+            bits=p.bits,
+        )
+
     if names.gather_only:
-        inputs = [names.data, ids, names.scales] + ([names.zeros] if names.zeros else [])
-        return [
-            helper.make_node(
-                "GatherBlockQuantized",
-                inputs,
-                [out],
-                name=node.name + f"_Q{p.bits}",
-                domain=MS_DOMAIN,
-                quantize_axis=1,
-                **attrs,
-            )
-        ]
+        return [gather([names.data, ids, names.scales] + ([names.zeros] if names.zeros else []), out, 1)]
     pre = node.name
     shape3 = names.extra("shape3", lambda: np.array([p.n, p.k_blocks, 1], np.int64))
     minus1 = names.extra("minus1", lambda: np.array([-1], np.int64))
@@ -305,17 +307,7 @@ def gather_block_quantized(node, names: PackedNames) -> list:
             z = names.extra("zeros3d", lambda: unpack_values(p.zeros, 4)[:, : p.k_blocks].reshape(p.n, -1, 1))
             inputs.append(z)
     blocks = pre + "/blocks"
-    nodes.append(
-        helper.make_node(
-            "GatherBlockQuantized",
-            inputs,
-            [blocks],
-            name=node.name + f"_Q{p.bits}",
-            domain=MS_DOMAIN,
-            quantize_axis=2,
-            **attrs,
-        )
-    )
+    nodes.append(gather(inputs, blocks, 2))
     if names.offsets:  # scheme min: each block's offset, gathered by token and broadcast over the block
         nodes += [
             helper.make_node(

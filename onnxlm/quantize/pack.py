@@ -159,11 +159,14 @@ def min_max_coded(w_nk: np.ndarray, bits: int, block_size: int) -> Packed:
     p = min_max(w_nk, bits, block_size)
     d, m = Coded.of(p.scales), Coded.of(p.mins)
     dv, mv = d.values(), m.values()
-    blocks = _blocks(w_nk, block_size)
-    maxq = 2**bits - 1
-    q = np.clip(np.rint((blocks - mv[..., None]) / np.where(dv == 0, 1, dv)[..., None]), 0, maxq)
+    q = _codes(_blocks(w_nk, block_size), dv, mv, 2**bits - 1)
     data = pack_values(q.astype(np.uint8), bits)
     return Packed(data, dv, None, bits, block_size, k, mins=mv, coded={"scales": d, "mins": m})
+
+
+def _codes(w: np.ndarray, d: np.ndarray, m: np.ndarray, maxq: int) -> np.ndarray:
+    """Blocks w (N, k_blocks, block) rounded to the grid q·d + m, q in [0, maxq] (a zero d: q = 0)."""
+    return np.clip(np.rint((w - m[..., None]) / np.where(d == 0, 1, d)[..., None]), 0, maxq)
 
 
 def _min_max_rows(w_nk: np.ndarray, bits: int, block_size: int, refits: int):
@@ -173,7 +176,7 @@ def _min_max_rows(w_nk: np.ndarray, bits: int, block_size: int, refits: int):
     d, m = half((hi - lo) / maxq).astype(np.float64), half(lo).astype(np.float64)
 
     def codes(d, m):
-        return np.clip(np.rint((w - m[..., None]) / np.where(d == 0, 1, d)[..., None]), 0, maxq)
+        return _codes(w, d, m, maxq)
 
     def error(q, d, m):
         return np.square(q * d[..., None] + m[..., None] - w).sum(axis=-1)
