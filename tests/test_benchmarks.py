@@ -1,0 +1,69 @@
+"""The benchmark scripts' own checks: what they time must compute what the runtime computes."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from runtime_fixtures import tiny_bundle
+
+from onnxlm import bundle as B
+from onnxlm.runtime import load
+from onnxlm.runtime.engine import Engine
+from onnxlm.runtime.generate import Model
+from onnxlm.runtime.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def attention():
+    return _script("attention")
+
+
+def test_attention_forms_agree_before_they_are_timed(attention, tmp_path):
+    r = attention.main(
+        ["--contexts", "5,70", "--layers", "2", "--steps", "1", "--repeat", "1", "--out", str(tmp_path)]
+    )
+    for context in ("5", "70"):
+        row = r["per_layer_decode_step"][context]
+        assert set(row) == set(attention.FORMS)
+        assert row["matmul"]["max_abs_diff_vs_gqa"] < 1e-5
+        assert row["gqa-fp16"]["max_abs_diff_vs_gqa"] < 1e-2  # float16 keys and values
+        assert all(v["us_per_layer"] > 0 for v in row.values())
+    assert (tmp_path / "attention.json").is_file()
+
+
+def test_matmul_attention_graph_generates_what_the_bundle_does(attention):
+    """The whole-model comparison runs the bundle's own graph with GroupQueryAttention rewritten:
+    prefill logits and greedy tokens must match the bundle as it is."""
+    root = tiny_bundle("fused").path
+    manifest = B.check_bundle(root)
+    graph = attention.to_matmul_attention(onnx.load(str(root / B.MODEL)))
+    assert not [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
+    session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    rewritten = Engine(Model(session, manifest), Tokenizer.from_bundle(root, manifest), manifest, root)
+    original = load(root, threads=1)
+    ids = list(range(5, 45))
+    np.testing.assert_allclose(rewritten.model.logits(ids), original.model.logits(ids), atol=1e-4)
+    a = original.generate(ids, max_new_tokens=12, ignore_eos=True, temperature=0)
+    b = rewritten.generate(ids, max_new_tokens=12, ignore_eos=True, temperature=0)
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_matmul_attention_refuses_a_graph_without_gqa(attention):
+    root = tiny_bundle("plain").path
+    with pytest.raises(ValueError, match="no GroupQueryAttention"):
+        attention.to_matmul_attention(onnx.load(str(root / B.MODEL)))
