@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import onnxruntime as ort
+import pytest
 
 from onnxlm.runtime import session as S
 
@@ -74,3 +75,35 @@ def test_runtime_imports_neither_torch_nor_transformers():
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_release_free_heap_returns_freed_pages_to_the_system():
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(1024) for _ in range(64 * 1024)]  # 64 MB of small chunks on the heap
+    for p in blocks:
+        ctypes.memset(p, 1, 1024)  # resident
+    for p in blocks[:-1]:
+        libc.free(p)  # the last one pins the heap's top: free() alone cannot shrink it
+    before = _rss_mb()
+    released = S.release_free_heap()
+    after = _rss_mb()
+    libc.free(blocks[-1])
+    if not released:
+        pytest.skip("this C library has no malloc_trim")
+    assert before - after > 32, f"RSS {before:.0f} -> {after:.0f} MB"
+
+
+def test_release_free_heap_without_malloc_trim_is_a_no_op(monkeypatch):
+    monkeypatch.setattr(S.ctypes.util, "find_library", lambda name: None)
+    assert S.release_free_heap() is False

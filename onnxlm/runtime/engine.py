@@ -24,7 +24,7 @@ import numpy as np
 
 from ..bundle import MODEL, Manifest, check_bundle
 from .generate import GenerationParams, Model, Step, generate_steps
-from .session import make_session
+from .session import make_session, release_free_heap
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -141,13 +141,11 @@ class Engine:
         """Check the bundle (sizes; hashes on request), open a session and the tokenizer."""
         root = Path(bundle_dir)
         manifest = check_bundle(root, verify_hashes=verify_hashes)
+        tokenizer = Tokenizer.from_bundle(root, manifest)
+        release_free_heap()  # the JSON parse's leftovers stay out of the peak the session adds to
         session = make_session(root / MODEL, providers=providers, threads=threads)
-        return cls(
-            Model(session, manifest, io_binding=io_binding),
-            Tokenizer.from_bundle(root, manifest),
-            manifest,
-            root,
-        )
+        release_free_heap()
+        return cls(Model(session, manifest, io_binding=io_binding), tokenizer, manifest, root)
 
     @property
     def context_length(self) -> int:
