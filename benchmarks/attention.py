@@ -14,7 +14,7 @@ once with IO binding as both past and present:
 Every form's output is checked against gqa's before it is timed.
 
 Part 2 (--bundle): the whole model with every GroupQueryAttention of the bundle's graph replaced by
-the matmul form (`to_matmul_attention`, batch of one: rows padded inside a chunk are not handled),
+the matmul form (onnxlm.export.long_decode.matmul_attention; a batch of one),
 against the bundle as it is, interleaved: time to first token and decode tokens/s per context.
 The rewritten graph lives in memory only; the bundle is not touched.
 """
@@ -34,6 +34,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from onnxlm.export.long_decode import matmul_attention  # noqa: E402
 
 FORMS = ("gqa", "gqa-fp16", "matmul")
 
@@ -98,138 +101,6 @@ def gqa_layers(layers: int, heads: int, kv_heads: int, d: int, capacity: int, fp
     return _opset_model(nodes, inputs, outputs, inits)
 
 
-def to_matmul_attention(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Replace every GroupQueryAttention (shared buffer, rotary inside, no window) by plain operators over
-    the same buffers: the new keys/values are scattered into the buffer (in place when it is bound as
-    both past and present), scores are a MatMul against the whole buffer with a causal mask. One batch
-    row only: rows padded inside a chunk would scatter their padding. Edits `model` and returns it."""
-    g = model.graph
-    gqas = [n for n in g.node if n.op_type == "GroupQueryAttention"]
-    if not gqas:
-        raise ValueError("the graph has no GroupQueryAttention")
-    attrs = {a.name: helper.get_attribute_value(a) for a in gqas[0].attribute}
-    if any(
-        helper.get_attribute_value(a) != -1
-        for n in gqas
-        for a in n.attribute
-        if a.name == "local_window_size"
-    ):
-        raise ValueError("sliding-window attention is not rewritten")
-    heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
-    group = heads // kv_heads
-    first = gqas[0]
-    past0 = first.input[3]
-    d = next(
-        i.type.tensor_type.shape.dim[3].dim_value for i in g.input if i.name == past0
-    )  # (batch, kv_heads, capacity, head_dim)
-    qkv0, seqlens_k, cos, sin, query_seqlens = (first.input[j] for j in (0, 5, 7, 8, 16))
-    p = "/matmul_attention/"
-    made: list = []
-    count = [0]
-
-    def const(name, value):
-        g.initializer.append(numpy_helper.from_array(np.asarray(value), p + name))
-        return p + name
-
-    def op(kind, inputs, outputs=None, **kw):
-        count[0] += 1
-        outputs = outputs or [f"{p}{kind}_{count[0]}"]
-        made.append(helper.make_node(kind, inputs, outputs, name=f"{p}{kind}_{count[0]}", **kw))
-        return outputs[0] if len(outputs) == 1 else outputs
-
-    i64 = lambda *v: np.array(v, np.int64)  # noqa: E731
-    zero, one = const("zero", np.array(0, np.int64)), const("one", np.array(1, np.int64))
-    qkv_shape, buf_shape = op("Shape", [qkv0]), op("Shape", [past0])
-    seq = op("Gather", [qkv_shape, const("ax1", i64(1))], axis=0)  # [seq]
-    capacity = op("Gather", [buf_shape, const("ax2", i64(2))], axis=0)  # [capacity]
-    start = op(
-        "Sub",
-        [
-            op("Add", [op("Cast", [seqlens_k], to=TensorProto.INT64), one]),
-            op("Cast", [query_seqlens], to=TensorProto.INT64),
-        ],
-    )  # (1,) tokens held before this chunk
-    steps = op("Range", [zero, op("Squeeze", [seq, const("ax0", i64(0))]), one])
-    pos = op(
-        "Add", [op("Unsqueeze", [start, const("u1", i64(1))]), op("Unsqueeze", [steps, const("u0", i64(0))])]
-    )
-    # ScatterND indices (1, kv_heads, seq, 3) = [0, head, position]
-    shape4 = op(
-        "Concat", [const("b1", i64(1)), const("kvh", i64(kv_heads)), seq, const("c1", i64(1))], axis=0
-    )
-    index = op(
-        "Concat",
-        [
-            op("Expand", [const("batch0", np.zeros((1, 1, 1, 1), np.int64)), shape4]),
-            op(
-                "Expand",
-                [const("heads", np.arange(kv_heads, dtype=np.int64).reshape(1, kv_heads, 1, 1)), shape4],
-            ),
-            op("Expand", [op("Unsqueeze", [pos, const("u13", i64(1, 3))]), shape4]),
-        ],
-        axis=3,
-    )
-    # additive causal mask (1, 1, 1, seq, capacity): key j is visible to the query at position t if j <= t
-    keys = op("Range", [zero, op("Squeeze", [capacity, const("ax0b", i64(0))]), one])
-    visible = op(
-        "LessOrEqual",
-        [op("Unsqueeze", [keys, const("u01", i64(0, 1))]), op("Unsqueeze", [pos, const("um1", i64(-1))])],
-    )
-    mask = op(
-        "Where", [visible, const("f0", np.array(0, np.float32)), const("ninf", np.array(-np.inf, np.float32))]
-    )
-    mask = op("Unsqueeze", [mask, const("u12", i64(1, 2))])
-    grouped = op(
-        "Concat",
-        [const("b1g", i64(1)), const("kvg", i64(kv_heads)), const("grp", i64(group)), seq, capacity],
-        axis=0,
-    )
-    flat = op(
-        "Concat", [const("b1f", i64(1)), const("kvf", i64(kv_heads)), const("m1", i64(-1)), capacity], axis=0
-    )
-    split, scale = (
-        const("split", i64(heads * d, kv_heads * d, kv_heads * d)),
-        const("scale", np.array(d**-0.5, np.float32)),
-    )
-    kv_rows, q_rows = const("kv_rows", i64(0, 0, kv_heads, d)), const("q_rows", i64(0, 0, heads, d))
-    by_group, by_head, merged = (
-        const("by_group", i64(0, kv_heads, -1, d)),
-        const("by_head", i64(0, heads, -1, d)),
-        const("merged", i64(0, 0, heads * d)),
-    )
-    shared, made = made, []
-    replaced = {}
-    for n in gqas:
-        qkv, past_k, past_v = n.input[0], n.input[3], n.input[4]
-        out, present_k, present_v = n.output
-        q, k, v = op("Split", [qkv, split], [f"{n.name}/{x}" for x in "qkv"], axis=2)
-        q = op("RotaryEmbedding", [q, pos, cos, sin], domain="com.microsoft", num_heads=heads)
-        k = op("RotaryEmbedding", [k, pos, cos, sin], domain="com.microsoft", num_heads=kv_heads)
-        k = op("Transpose", [op("Reshape", [k, kv_rows])], perm=[0, 2, 1, 3])  # (1, kv_heads, seq, d)
-        v = op("Transpose", [op("Reshape", [v, kv_rows])], perm=[0, 2, 1, 3])
-        keys_all = op("ScatterND", [past_k, index, k], [present_k])
-        values_all = op("ScatterND", [past_v, index, v], [present_v])
-        q = op("Transpose", [op("Reshape", [q, q_rows])], perm=[0, 2, 1, 3])  # (1, heads, seq, d)
-        q = op("Mul", [op("Reshape", [q, by_group]), scale])  # (1, kv_heads, group * seq, d)
-        scores = op("MatMul", [q, op("Transpose", [keys_all], perm=[0, 1, 3, 2])])
-        scores = op("Add", [op("Reshape", [scores, grouped]), mask])
-        probs = op("Reshape", [op("Softmax", [scores], axis=-1), flat])
-        o = op("Reshape", [op("MatMul", [probs, values_all]), by_head])  # (1, heads, seq, d)
-        op("Reshape", [op("Transpose", [o], perm=[0, 2, 1, 3]), merged], [out])
-        replaced[n.name], made = made, []
-    nodes = []
-    for n in g.node:
-        if n.name not in replaced:
-            nodes.append(n)
-            continue
-        if n is first:
-            nodes += shared
-        nodes += replaced[n.name]
-    del g.node[:]
-    g.node.extend(nodes)
-    return model
-
-
 class Bound:
     """A session over `model` with every past/present pair bound to one buffer, as the runtime binds."""
 
@@ -278,7 +149,7 @@ def per_layer_step(args, context: int) -> dict:
         "gqa": gqa_layers(args.layers, args.heads, args.kv_heads, args.head_dim, capacity),
         "gqa-fp16": gqa_layers(args.layers, args.heads, args.kv_heads, args.head_dim, capacity, fp16=True),
     }
-    graphs["matmul"] = to_matmul_attention(
+    graphs["matmul"] = matmul_attention(
         gqa_layers(args.layers, args.heads, args.kv_heads, args.head_dim, capacity)
     )
     row, reference = {}, None
@@ -305,7 +176,6 @@ def per_layer_step(args, context: int) -> dict:
 
 def whole_model(args, contexts: list[int]) -> dict:
     """The bundle as it is against its graph with matmul attention: TTFT and decode tok/s, interleaved."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from onnxlm.bundle import MODEL, check_bundle
     from onnxlm.runtime.engine import Engine
     from onnxlm.runtime.generate import Model
@@ -315,7 +185,7 @@ def whole_model(args, contexts: list[int]) -> dict:
     root = Path(args.bundle)
     manifest = check_bundle(root)
     engines = {"gqa": Engine.load(root, threads=args.threads)}
-    graph = to_matmul_attention(onnx.load(str(root / MODEL)))  # external data read into memory
+    graph = matmul_attention(onnx.load(str(root / MODEL)))  # external data read into memory
     session = ort.InferenceSession(
         graph.SerializeToString(), session_options(args.threads), providers=["CPUExecutionProvider"]
     )

@@ -92,6 +92,9 @@ class GraphIO:
     kv_dtype: str = "float32"
     logits_dtype: str = "float32"
     graph: str = "plain"  # how the exporter built it: "plain" ONNX ops or "fused" onnxruntime contrib ops
+    # fused only: from this many tokens held, a decode step (one token per row) computes attention with
+    # MatMul / Softmax over the buffer instead of GroupQueryAttention (an If per layer; same IO). None: never
+    long_decode_from: int | None = None
 
     def __post_init__(self):
         if self.kv_layout == _LEGACY_KV_LAYOUT:

@@ -87,10 +87,23 @@ def pull(source: str) -> None:
     help="fused: onnxruntime's GroupQueryAttention over one KV buffer per layer (default where the family "
     "and config allow); plain: standard operators, the cache concatenated each step.",
 )
+@click.option(
+    "--long-decode-from",
+    type=click.IntRange(min=0),
+    default=None,
+    help="Fused graph: decode steps holding at least this many tokens compute attention with MatMul/Softmax "
+    "(faster there on CPU); 0: GroupQueryAttention always.  [default: 512]",
+)
 @friendly
-def export(source, out_dir, via, allow_pickle, trust_remote_code, overwrite, no_validate, graph) -> None:
+def export(
+    source, out_dir, via, allow_pickle, trust_remote_code, overwrite, no_validate, graph, long_decode_from
+) -> None:
     """Export SOURCE (a Hugging Face folder, a .gguf file, or `smollm2`) to a bundle."""
     from .export.convert import export as do_export
+    from .export.long_decode import FROM_TOKENS
+
+    if long_decode_from is None:
+        long_decode_from = FROM_TOKENS
 
     path = do_export(
         source,
@@ -101,6 +114,7 @@ def export(source, out_dir, via, allow_pickle, trust_remote_code, overwrite, no_
         overwrite=overwrite,
         validate=not no_validate,
         graph=graph,
+        long_decode_from=long_decode_from or None,
     )
     click.echo(f"wrote {path}")
 

@@ -12,6 +12,7 @@ import pytest
 from runtime_fixtures import tiny_bundle
 
 from onnxlm import bundle as B
+from onnxlm.export.long_decode import matmul_attention
 from onnxlm.runtime import load
 from onnxlm.runtime.engine import Engine
 from onnxlm.runtime.generate import Model
@@ -50,7 +51,7 @@ def test_matmul_attention_graph_generates_what_the_bundle_does(attention):
     prefill logits and greedy tokens must match the bundle as it is."""
     root = tiny_bundle("fused").path
     manifest = B.check_bundle(root)
-    graph = attention.to_matmul_attention(onnx.load(str(root / B.MODEL)))
+    graph = matmul_attention(onnx.load(str(root / B.MODEL)))
     assert not [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     rewritten = Engine(Model(session, manifest), Tokenizer.from_bundle(root, manifest), manifest, root)
@@ -66,4 +67,4 @@ def test_matmul_attention_graph_generates_what_the_bundle_does(attention):
 def test_matmul_attention_refuses_a_graph_without_gqa(attention):
     root = tiny_bundle("plain").path
     with pytest.raises(ValueError, match="no GroupQueryAttention"):
-        attention.to_matmul_attention(onnx.load(str(root / B.MODEL)))
+        matmul_attention(onnx.load(str(root / B.MODEL)))

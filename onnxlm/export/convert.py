@@ -16,6 +16,7 @@ from typing import Any
 
 from .. import bundle as B
 from . import sources
+from .long_decode import FROM_TOKENS
 
 log = logging.getLogger("onnxlm")
 
@@ -236,15 +237,22 @@ def rotary_caches_in_graph(model, inv_freq, scaling: float, context: int) -> boo
     return True
 
 
-def write_graph(raw_path: Path, bundle_tmp: Path, rotary_spec=None) -> None:
+def write_graph(
+    raw_path: Path, bundle_tmp: Path, rotary_spec=None, long_decode_from: int | None = None
+) -> None:
     """Move every weight into one external data file beside model.onnx (computing the rotary caches
-    in the graph when the module says how)."""
+    in the graph when the module says how; attention switching to MatMul / Softmax for decode steps
+    from `long_decode_from` tokens held, see long_decode.py)."""
     import onnx
+
+    from .long_decode import wrap_long_decode
 
     model = onnx.load(str(raw_path))  # the family module's output_head keeps a tied head as one tensor
     _drop_unused_outputs(model)
     if rotary_spec is not None:
         rotary_caches_in_graph(model, *rotary_spec)
+    if long_decode_from is not None:
+        wrap_long_decode(model, long_decode_from)
     B.save_graph(model, bundle_tmp)
 
 
@@ -254,6 +262,7 @@ def export(
     *,
     via: str = "onnxlm",
     graph: str | None = None,
+    long_decode_from: int | None = FROM_TOKENS,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     overwrite: bool = False,
@@ -264,7 +273,9 @@ def export(
 
     graph: "fused" (onnxruntime's contrib operators over a shared KV buffer) or "plain" (standard ONNX
     operators, KV concatenated each step); None takes DEFAULT_GRAPH, and plain where the family or the
-    config cannot have the fused one."""
+    config cannot have the fused one. long_decode_from: on the fused graph, decode steps holding at
+    least this many tokens compute attention as MatMul / Softmax (faster there; long_decode.py); None
+    or a number not below the context window: GroupQueryAttention always."""
     from tqdm.auto import tqdm
 
     from .registry import get_family
@@ -272,6 +283,10 @@ def export(
 
     if via not in ("onnxlm", "optimum"):
         raise ExportError(f"unknown exporter {via!r}; choose onnxlm or optimum")
+    if long_decode_from is not None and (isinstance(long_decode_from, bool) or long_decode_from < 1):
+        raise ExportError(
+            f"long_decode_from must be a positive number of tokens or None, got {long_decode_from!r}"
+        )
     if graph not in (None, *GRAPHS):
         raise ExportError(f"unknown graph {graph!r}; choose {' or '.join(GRAPHS)}")
     if via == "optimum" and graph not in (None, "plain"):
@@ -310,13 +325,15 @@ def export(
                 context_length=context_length(family.module, config),
             )
             steps.update()
+            if io.shared and long_decode_from is not None and long_decode_from < facts["context_length"]:
+                io.long_decode_from = long_decode_from
             steps.set_postfix_str("tracing to ONNX")
             export_module(module, io, a.num_layers, a.num_kv_heads, a.head_dim, raw)
             rotary_spec = getattr(module, "rotary_spec", None)
             del module
         steps.update()
         steps.set_postfix_str("writing")
-        write_graph(raw, tmp, rotary_spec)
+        write_graph(raw, tmp, rotary_spec, io.long_decode_from)
         tokenizer.backend_tokenizer.save(str(tmp / B.TOKENIZER))
         steps.update()
         model_facts = B.ModelFacts(

@@ -210,7 +210,11 @@ def _integer(model, sites, rec, src, manifest, settings, text, bar) -> dict:
 
 
 def _fp16(model, sites, manifest, io: B.GraphIO):
+    from ..export.long_decode import unwrap_long_decode
     from . import fp16
+
+    if unwrap_long_decode(model):  # float16 MatMul has no CPU kernel; GPUs run GroupQueryAttention well
+        io.long_decode_from = None
 
     facts = manifest.model
     state = {

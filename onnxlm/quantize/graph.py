@@ -95,8 +95,9 @@ def find_sites(model: onnx.ModelProto, num_layers: int, hidden_size: int, vocab_
 
 
 def weight_users(model: onnx.ModelProto) -> Counter:
-    """How many node inputs read each name (to know when an initializer is no longer needed)."""
-    return Counter(i for node in model.graph.node for i in node.input)
+    """How many nodes read each name, their subgraphs' reads included (to know when an initializer is
+    no longer needed)."""
+    return Counter(i for node in model.graph.node for i in _reads(node))
 
 
 def weight_nk(tensor: TensorProto, site: Site) -> np.ndarray:

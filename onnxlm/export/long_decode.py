@@ -1,0 +1,298 @@
+"""Attention as MatMul / Softmax over the shared KV buffer, and the per-layer switch that uses it for
+decode steps at long contexts.
+
+onnxruntime's CPU GroupQueryAttention runs one GEMM per query head, each repacking its KV head's keys
+and values: at 2,000 tokens SmolLM2 spends ~60% of a decode step there. Over the same buffer, plain
+operators read each KV head's keys and values once per step (benchmarks/attention.py measures both):
+
+    q, k, v = Split(qkv);  q, k = RotaryEmbedding(q, k at their positions)
+    K = ScatterND(past_k, [row, head, position], k)          in place: past and present are one buffer
+    V = ScatterND(past_v, ...)
+    p = Softmax(q·Kᵀ / √d + causal mask over the whole buffer)          q grouped by KV head
+    out = p·V
+
+It loses to GroupQueryAttention on short contexts and in prefill (it multiplies whole score matrices),
+so `wrap_long_decode` keeps both: each layer's GroupQueryAttention moves into the else branch of an If
+whose then branch is the MatMul form, taken when every row brings one token and holds at least
+`from_tokens` (the graph's inputs and outputs do not change, the runtime drives it as before). The
+MatMul form assumes every row brings the same number of tokens (one per row when the If takes it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+PREFIX = "/long_decode/"
+# tokens held from which a decode step takes the MatMul form: per layer the two cost the same at
+# ~500 tokens here (benchmarks/attention.py: 155 vs 153 µs at 512, 623 vs 533 at 2,048)
+FROM_TOKENS = 512
+
+
+class _Builder:
+    """Nodes and constants with unique names under PREFIX; constants go to the main graph."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.graph = model.graph
+        self.names = {t.name for t in model.graph.initializer}
+        self.count = 0
+        self.nodes: list = []
+
+    def const(self, name: str, value) -> str:
+        full = PREFIX + name
+        if full not in self.names:
+            self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), full))
+            self.names.add(full)
+        return full
+
+    def ints(self, name: str, *values: int) -> str:
+        return self.const(name, np.array(values, np.int64))
+
+    def op(self, kind: str, inputs: list[str], outputs: list[str] | None = None, **attrs):
+        self.count += 1
+        name = f"{PREFIX}{kind}_{self.count}"
+        outputs = outputs or [name]
+        self.nodes.append(helper.make_node(kind, inputs, outputs, name=name, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def take(self) -> list:
+        nodes, self.nodes = self.nodes, []
+        return nodes
+
+
+def _attrs(node) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+def gqa_nodes(model: onnx.ModelProto) -> list:
+    return [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
+
+
+def _rotary_dim(model: onnx.ModelProto, head_dim: int) -> int:
+    """Channels the rotary covers: twice the cos cache's width (an initializer, or the inv_freq the
+    exporter computes it from in the graph)."""
+    for t in model.graph.initializer:
+        if t.name == "cos_cache":
+            return 2 * t.dims[1]
+        if t.name == "rotary_inv_freq":
+            return 2 * t.dims[0]
+    return head_dim
+
+
+class _Shared:
+    """What every layer's MatMul attention reads, computed once per step from the first layer's inputs:
+    positions, scatter indices, the additive causal mask per sliding window, reshape targets."""
+
+    def __init__(self, b: _Builder, first, heads: int, kv_heads: int, head_dim: int):
+        self.b = b
+        qkv, past_k = first.input[0], first.input[3]
+        seqlens_k, query_seqlens = first.input[5], first.input[16]
+        zero, one = b.const("zero", np.array(0, np.int64)), b.const("one", np.array(1, np.int64))
+        qkv_shape = b.op("Shape", [qkv])
+        batch = b.op("Gather", [qkv_shape, b.ints("i0", 0)], axis=0)  # [batch]
+        seq = b.op("Gather", [qkv_shape, b.ints("i1", 1)], axis=0)  # [seq]
+        capacity = b.op("Gather", [b.op("Shape", [past_k]), b.ints("i2", 2)], axis=0)
+        held_after = b.op("Add", [b.op("Cast", [seqlens_k], to=TensorProto.INT64), one])
+        start = b.op("Sub", [held_after, b.op("Cast", [query_seqlens], to=TensorProto.INT64)])  # (batch,)
+        steps = b.op("Range", [zero, b.op("Squeeze", [seq, b.ints("a0", 0)]), one])  # (seq,)
+        self.pos = b.op(
+            "Add", [b.op("Unsqueeze", [start, b.ints("a1", 1)]), b.op("Unsqueeze", [steps, b.ints("a0b", 0)])]
+        )
+        # ScatterND indices (batch, kv_heads, seq, 3) = [row, head, position]
+        target = b.op("Concat", [batch, b.ints("kv", kv_heads), seq, b.ints("c1", 1)], axis=0)
+        rows = b.op("Range", [zero, b.op("Squeeze", [batch, b.ints("a0c", 0)]), one])
+        parts = [
+            b.op("Reshape", [rows, b.ints("rows4", -1, 1, 1, 1)]),
+            b.const("heads4", np.arange(kv_heads, dtype=np.int64).reshape(1, kv_heads, 1, 1)),
+            b.op("Unsqueeze", [self.pos, b.ints("a13", 1, 3)]),  # (batch, 1, seq, 1)
+        ]
+        self.index = b.op("Concat", [b.op("Expand", [p, target]) for p in parts], axis=3)
+        keys = b.op("Range", [zero, b.op("Squeeze", [capacity, b.ints("a0d", 0)]), one])  # (capacity,)
+        self.key_pos = b.op("Unsqueeze", [keys, b.ints("a01", 0, 1)])  # (1, 1, capacity)
+        self.query_pos = b.op("Unsqueeze", [self.pos, b.ints("am1", -1)])  # (batch, seq, 1)
+        self.masks: dict[int, str] = {}
+        group = heads // kv_heads
+        self.grouped = b.op(
+            "Concat", [batch, b.ints("kv2", kv_heads), b.ints("g", group), seq, capacity], axis=0
+        )
+        self.flat = b.op("Concat", [batch, b.ints("kv3", kv_heads), b.ints("m1", -1), capacity], axis=0)
+
+    def mask(self, window: int) -> str:
+        """(batch, 1, 1, seq, capacity): 0 where key j is visible to the query at position t (j <= t,
+        and t - j < window for a sliding window), -inf elsewhere."""
+        if window not in self.masks:
+            b = self.b
+            visible = b.op("LessOrEqual", [self.key_pos, self.query_pos])
+            if window >= 0:
+                recent = b.op(
+                    "Less",
+                    [
+                        b.op("Sub", [self.query_pos, self.key_pos]),
+                        b.const(f"w{window}", np.array(window, np.int64)),
+                    ],
+                )
+                visible = b.op("And", [visible, recent])
+            zero, ninf = (
+                b.const("f0", np.array(0, np.float32)),
+                b.const("ninf", np.array(-np.inf, np.float32)),
+            )
+            self.masks[window] = b.op(
+                "Unsqueeze", [b.op("Where", [visible, zero, ninf]), b.ints("a12", 1, 2)]
+            )
+        return self.masks[window]
+
+
+def _layer(
+    b: _Builder, node, shared: _Shared, heads: int, kv_heads: int, d: int, rotary_dim: int, outputs
+) -> None:
+    """The MatMul form of one GroupQueryAttention node, writing `outputs` (attention, present k, v)."""
+    qkv, past_k, past_v, cos, sin = (node.input[j] for j in (0, 3, 4, 7, 8))
+    window = _attrs(node).get("local_window_size", -1)
+    rot = {} if rotary_dim == d else {"rotary_embedding_dim": rotary_dim}
+    q, k, v = b.op(
+        "Split",
+        [qkv, b.ints("split", heads * d, kv_heads * d, kv_heads * d)],
+        [f"{node.name}/{x}" for x in "qkv"],
+        axis=2,
+    )
+    q = b.op("RotaryEmbedding", [q, shared.pos, cos, sin], domain="com.microsoft", num_heads=heads, **rot)
+    k = b.op("RotaryEmbedding", [k, shared.pos, cos, sin], domain="com.microsoft", num_heads=kv_heads, **rot)
+    kv_rows = b.ints("kv_rows", 0, 0, kv_heads, d)
+    k = b.op("Transpose", [b.op("Reshape", [k, kv_rows])], perm=[0, 2, 1, 3])  # (batch, kv_heads, seq, d)
+    v = b.op("Transpose", [b.op("Reshape", [v, kv_rows])], perm=[0, 2, 1, 3])
+    keys = b.op("ScatterND", [past_k, shared.index, k], [outputs[1]])
+    values = b.op("ScatterND", [past_v, shared.index, v], [outputs[2]])
+    q = b.op("Transpose", [b.op("Reshape", [q, b.ints("q_rows", 0, 0, heads, d)])], perm=[0, 2, 1, 3])
+    q = b.op(
+        "Mul",
+        [
+            b.op("Reshape", [q, b.ints("by_group", 0, kv_heads, -1, d)]),
+            b.const("scale", np.array(d**-0.5, np.float32)),
+        ],
+    )
+    scores = b.op("MatMul", [q, b.op("Transpose", [keys], perm=[0, 1, 3, 2])])  # (batch, kv, group·seq, cap)
+    scores = b.op("Add", [b.op("Reshape", [scores, shared.grouped]), shared.mask(window)])
+    probs = b.op("Reshape", [b.op("Softmax", [scores], axis=-1), shared.flat])
+    out = b.op("Reshape", [b.op("MatMul", [probs, values]), b.ints("by_head", 0, heads, -1, d)])
+    b.op(
+        "Reshape",
+        [b.op("Transpose", [out], perm=[0, 2, 1, 3]), b.ints("merged", 0, 0, heads * d)],
+        [outputs[0]],
+    )
+
+
+def _prepare(model: onnx.ModelProto):
+    gqas = gqa_nodes(model)
+    if not gqas:
+        raise ValueError("the graph has no GroupQueryAttention")
+    a = _attrs(gqas[0])
+    heads, kv_heads = a["num_heads"], a["kv_num_heads"]
+    past = next(i for i in model.graph.input if i.name == gqas[0].input[3])
+    d = past.type.tensor_type.shape.dim[3].dim_value  # (batch, kv_heads, capacity, head_dim)
+    b = _Builder(model)
+    shared = _Shared(b, gqas[0], heads, kv_heads, d)
+    for n in gqas:  # every mask now, so that all of them land in the main graph
+        shared.mask(_attrs(n).get("local_window_size", -1))
+    return gqas, b, shared, heads, kv_heads, d, _rotary_dim(model, d)
+
+
+def matmul_attention(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every GroupQueryAttention replaced by the MatMul form (for measuring it alone: every row must
+    bring the same number of tokens). Edits `model` and returns it."""
+    gqas, b, shared, heads, kv_heads, d, rotary_dim = _prepare(model)
+    prelude = b.take()
+    layers = {}
+    for n in gqas:
+        _layer(b, n, shared, heads, kv_heads, d, rotary_dim, list(n.output))
+        layers[n.name] = b.take()
+    _splice(model, gqas[0].name, prelude, layers)
+    return model
+
+
+def wrap_long_decode(model: onnx.ModelProto, from_tokens: int = FROM_TOKENS) -> onnx.ModelProto:
+    """Each GroupQueryAttention becomes If(every row brings one token and holds >= from_tokens,
+    MatMul form, GroupQueryAttention). Edits `model` and returns it."""
+    if from_tokens < 1:
+        raise ValueError(f"from_tokens must be at least 1, got {from_tokens}")
+    gqas, b, shared, heads, kv_heads, d, rotary_dim = _prepare(model)
+    seqlens_k, query_seqlens = gqas[0].input[5], gqas[0].input[16]
+    one = b.const("one32", np.array(1, np.int32))
+    single = b.op("Equal", [b.op("ReduceMax", [query_seqlens], keepdims=0), one])
+    single = b.op("And", [single, b.op("Equal", [b.op("ReduceMin", [query_seqlens], keepdims=0), one])])
+    long = b.op(
+        "GreaterOrEqual",
+        [b.op("ReduceMin", [seqlens_k], keepdims=0), b.const("from", np.array(from_tokens - 1, np.int32))],
+    )
+    cond = b.op("And", [single, long], [PREFIX + "use_matmul"])
+    prelude = b.take()
+    kv_type = next(i for i in model.graph.input if i.name == gqas[0].input[3]).type.tensor_type.elem_type
+    types = (kv_type, kv_type, kv_type)  # attention output and buffers share the KV dtype
+    layers = {}
+    for n in gqas:
+        then_out = [f"{o}/matmul" for o in n.output]
+        else_out = [f"{o}/gqa" for o in n.output]
+        _layer(b, n, shared, heads, kv_heads, d, rotary_dim, then_out)
+        gqa = onnx.NodeProto()
+        gqa.CopyFrom(n)
+        del gqa.output[:]
+        gqa.output.extend(else_out)
+
+        def branch(nodes, outs, tag, n=n):
+            infos = [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types, strict=True)]
+            return helper.make_graph(nodes, f"{n.name}/{tag}", [], infos)
+
+        layers[n.name] = [
+            helper.make_node(
+                "If",
+                [cond],
+                list(n.output),
+                name=f"{n.name}/long_decode",
+                then_branch=branch(b.take(), then_out, "matmul"),
+                else_branch=branch([gqa], else_out, "gqa"),
+            )
+        ]
+    _splice(model, gqas[0].name, prelude, layers)
+    return model
+
+
+def unwrap_long_decode(model: onnx.ModelProto) -> bool:
+    """Put each wrapped GroupQueryAttention back in the main graph and drop the MatMul form and what
+    only it reads (the float16 recipe: its MatMuls have no float16 CPU kernel). True if there was any."""
+    nodes, found = [], False
+    for n in model.graph.node:
+        if n.op_type == "If" and n.name.endswith("/long_decode"):
+            found = True
+            else_branch = next(a.g for a in n.attribute if a.name == "else_branch")
+            gqa = onnx.NodeProto()
+            gqa.CopyFrom(else_branch.node[0])
+            del gqa.output[:]
+            gqa.output.extend(n.output)
+            nodes.append(gqa)
+        elif not n.name.startswith(PREFIX):
+            nodes.append(n)
+    if found:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        keep = [t for t in model.graph.initializer if not t.name.startswith(PREFIX)]
+        del model.graph.initializer[:]
+        model.graph.initializer.extend(keep)
+    return found
+
+
+def from_tokens_of(model: onnx.ModelProto) -> int | None:
+    """The threshold a wrapped graph switches at (None: not wrapped)."""
+    for t in model.graph.initializer:
+        if t.name == PREFIX + "from":
+            return int(numpy_helper.to_array(t)) + 1
+    return None
+
+
+def _splice(model: onnx.ModelProto, first: str, prelude: list, layers: dict[str, list]) -> None:
+    nodes = []
+    for n in model.graph.node:
+        if n.name == first:
+            nodes += prelude
+        nodes += layers.get(n.name, [n])
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)

@@ -1,0 +1,179 @@
+"""Decode steps at long contexts compute attention with MatMul / Softmax (an If per layer around
+GroupQueryAttention): the same tokens as GroupQueryAttention alone, whichever branch a step takes."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from fixtures import make_hf_folder
+
+from onnxlm import bundle as B
+from onnxlm.export.convert import ExportError, export
+from onnxlm.export.long_decode import PREFIX, from_tokens_of, unwrap_long_decode
+from onnxlm.quantize.api import quantize
+from onnxlm.runtime import load
+
+FROM = 12  # a tiny model's context is short: switch early so tests cross it
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    """(wrapped, GroupQueryAttention only) bundles of one tiny Llama."""
+    root = tmp_path_factory.mktemp("long_decode")
+    folder = make_hf_folder(root / "hf", "llama", init_std=0.1, max_position_embeddings=128)
+    wrapped = export(folder, root / "wrapped", long_decode_from=FROM, progress=False)  # validated
+    plain = export(folder, root / "gqa", long_decode_from=None, progress=False, validate=False)
+    return wrapped, plain
+
+
+def _ops(path):
+    return collections.Counter(
+        n.op_type for n in onnx.load(str(path / B.MODEL), load_external_data=False).graph.node
+    )
+
+
+def test_graph_and_manifest_say_where_it_switches(pair):
+    wrapped, plain = pair
+    layers = B.read_manifest(wrapped).model.num_layers
+    assert _ops(wrapped)["If"] == layers and _ops(wrapped)["GroupQueryAttention"] == 0
+    assert _ops(plain)["GroupQueryAttention"] == layers and _ops(plain)["If"] == 0
+    assert B.read_manifest(wrapped).io.long_decode_from == FROM
+    assert B.read_manifest(plain).io.long_decode_from is None
+    assert from_tokens_of(onnx.load(str(wrapped / B.MODEL), load_external_data=False)) == FROM
+
+
+@pytest.mark.parametrize("prompt_len", [4, 30])  # crossing the switch while decoding / past it from the start
+def test_greedy_tokens_and_logprobs_match_gqa_alone(pair, prompt_len):
+    wrapped, plain = (load(p, threads=1) for p in pair)
+    ids = list(range(5, 5 + prompt_len))
+    a = plain.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0)
+    b = wrapped.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0)
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_a_batch_of_different_lengths_matches_gqa_alone(pair):
+    wrapped, plain = (load(p, threads=1) for p in pair)
+    prompts = [list(range(5, 9)), list(range(20, 45)), list(range(7, 17))]
+    a = plain.generate_batch(prompts, max_new_tokens=20, ignore_eos=True, temperature=0)
+    b = wrapped.generate_batch(prompts, max_new_tokens=20, ignore_eos=True, temperature=0)
+    for x, y in zip(a, b, strict=True):
+        assert x.token_ids == y.token_ids
+        np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
+
+
+def test_the_matmul_branch_runs_only_for_long_decode_steps(pair, tmp_path):
+    """onnxruntime's profile names the nodes each step ran: ScatterND (the MatMul form) only on a
+    one-token step holding >= FROM tokens; GroupQueryAttention otherwise."""
+    wrapped, _ = pair
+    engine = load(wrapped, threads=1)
+    opts = ort.SessionOptions()
+    opts.enable_profiling = True
+    opts.profile_file_prefix = str(tmp_path / "prof")
+    session = ort.InferenceSession(str(wrapped / B.MODEL), opts, providers=["CPUExecutionProvider"])
+    model, io = engine.model, engine.manifest.io
+    cache = model.new_cache(1, capacity=40)
+
+    def step(ids):
+        feeds = {
+            io.input_ids: np.array([ids]),
+            io.logits_index: np.array([[len(ids) - 1]]),
+            **cache.feeds([len(ids)]),
+        }
+        out = session.run(None, feeds)
+        cache.update(dict(zip([o.name for o in session.get_outputs()], out, strict=True)))
+
+    def ran():
+        events = json.loads(open(session.end_profiling()).read())
+        return {
+            e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})
+        }
+
+    step(list(range(5, 5 + FROM - 2)))  # prefill: held FROM - 2
+    step([7])  # held FROM - 1: still GroupQueryAttention
+    first = ran()
+    assert "GroupQueryAttention" in first and "ScatterND" not in first
+    session = ort.InferenceSession(str(wrapped / B.MODEL), opts, providers=["CPUExecutionProvider"])
+    step([8])  # held FROM
+    second = ran()
+    assert "ScatterND" in second and "GroupQueryAttention" not in second
+
+
+def test_sliding_window_family_matches_gqa_alone(tmp_path):
+    folder = make_hf_folder(
+        tmp_path / "hf", "mistral", init_std=0.1, max_position_embeddings=128, sliding_window=8
+    )
+    wrapped = load(
+        export(folder, tmp_path / "w", long_decode_from=10, progress=False, validate=False), threads=1
+    )
+    plain = load(
+        export(folder, tmp_path / "g", long_decode_from=None, progress=False, validate=False), threads=1
+    )
+    ids = list(range(5, 11))
+    a = plain.generate(ids, max_new_tokens=30, ignore_eos=True, temperature=0)
+    b = wrapped.generate(ids, max_new_tokens=30, ignore_eos=True, temperature=0)
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
+def test_quantized_bundles_keep_the_switch_and_float16_drops_it(pair, tmp_path):
+    wrapped, plain = pair
+    q = quantize(wrapped, tmp_path / "int4", "int4", progress=False)
+    assert B.read_manifest(q).io.long_decode_from == FROM and _ops(q)["If"] > 0
+    graph = onnx.load(str(q / B.MODEL), load_external_data=False)
+    assert any(
+        t.name.startswith(PREFIX) for t in graph.graph.initializer
+    )  # read only inside the branches: kept
+    ref = load(quantize(plain, tmp_path / "int4-gqa", "int4", progress=False), threads=1)
+    ids = list(range(5, 40))
+    np.testing.assert_allclose(load(q, threads=1).model.logits(ids), ref.model.logits(ids), atol=1e-4)
+    assert len(load(q, threads=1).generate(ids, max_new_tokens=8, ignore_eos=True).token_ids) == 8
+    half = quantize(wrapped, tmp_path / "fp16", "fp16", progress=False)
+    assert B.read_manifest(half).io.long_decode_from is None and _ops(half)["If"] == 0
+    assert _ops(half)["GroupQueryAttention"] == B.read_manifest(half).model.num_layers
+
+
+def test_unwrap_restores_the_plain_gqa_graph(pair):
+    wrapped, plain = pair
+    graph = onnx.load(str(wrapped / B.MODEL), load_external_data=False)
+    assert unwrap_long_decode(graph)
+    assert not unwrap_long_decode(graph)  # nothing left to unwrap
+    ops = collections.Counter(n.op_type for n in graph.graph.node)
+    assert ops == _ops(plain)
+    assert not any(t.name.startswith(PREFIX) for t in graph.graph.initializer)
+
+
+def test_bad_threshold_is_refused(tmp_path):
+    folder = make_hf_folder(tmp_path / "hf", "llama")
+    with pytest.raises(ExportError, match="long_decode_from"):
+        export(folder, tmp_path / "b", long_decode_from=0, progress=False)
+    assert not (tmp_path / "b").exists()
+
+
+def test_cli_option_and_its_default(tmp_path):
+    from click.testing import CliRunner
+
+    from onnxlm.cli import cli
+    from onnxlm.export.long_decode import FROM_TOKENS
+
+    runner = CliRunner()
+    assert f"[default: {FROM_TOKENS}]" in runner.invoke(cli, ["export", "--help"]).output
+    folder = make_hf_folder(tmp_path / "hf", "llama", max_position_embeddings=64)
+    for flag, expect in (("0", None), ("20", 20)):
+        out = tmp_path / f"b{flag}"
+        r = runner.invoke(
+            cli, ["export", str(folder), "-o", str(out), "--no-validate", "--long-decode-from", flag]
+        )
+        assert r.exit_code == 0, r.output
+        assert B.read_manifest(out).io.long_decode_from == expect
+    # a threshold at or past the context window would never switch: the graph is left as it is
+    r = runner.invoke(
+        cli, ["export", str(folder), "-o", str(tmp_path / "c"), "--no-validate", "--long-decode-from", "64"]
+    )
+    assert r.exit_code == 0 and B.read_manifest(tmp_path / "c").io.long_decode_from is None
+    assert _ops(tmp_path / "c")["If"] == 0
