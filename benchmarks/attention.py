@@ -10,6 +10,8 @@ once with IO binding as both past and present:
     gqa-fp16   the same with float16 KV buffers and Casts around it (half the cache bytes)
     matmul     RotaryEmbedding, ScatterND writing the new keys/values into the buffer in place,
                then MatMul / Softmax / MatMul over the whole buffer with a causal mask
+    long-decode  what exported bundles run for decode steps past io.long_decode_from: the If around
+               GroupQueryAttention taking its MatMul branch (one GEMV per query head for the values)
 
 Every form's output is checked against gqa's before it is timed.
 
@@ -36,9 +38,9 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxlm.export.long_decode import matmul_attention  # noqa: E402
+from onnxlm.export.long_decode import matmul_attention, wrap_long_decode  # noqa: E402
 
-FORMS = ("gqa", "gqa-fp16", "matmul")
+FORMS = ("gqa", "gqa-fp16", "matmul", "long-decode")
 
 
 def _opset_model(nodes, inputs, outputs, inits) -> onnx.ModelProto:
@@ -151,6 +153,9 @@ def per_layer_step(args, context: int) -> dict:
     }
     graphs["matmul"] = matmul_attention(
         gqa_layers(args.layers, args.heads, args.kv_heads, args.head_dim, capacity)
+    )
+    graphs["long-decode"] = wrap_long_decode(
+        gqa_layers(args.layers, args.heads, args.kv_heads, args.head_dim, capacity), from_tokens=1
     )
     row, reference = {}, None
     for form, model in graphs.items():

@@ -144,9 +144,19 @@ class _Shared:
 
 
 def _layer(
-    b: _Builder, node, shared: _Shared, heads: int, kv_heads: int, d: int, rotary_dim: int, outputs
+    b: _Builder,
+    node,
+    shared: _Shared,
+    heads: int,
+    kv_heads: int,
+    d: int,
+    rotary_dim: int,
+    outputs,
+    one_token: bool,
 ) -> None:
-    """The MatMul form of one GroupQueryAttention node, writing `outputs` (attention, present k, v)."""
+    """The MatMul form of one GroupQueryAttention node, writing `outputs` (attention, present k, v).
+    one_token (decode steps): probabilities times values as one GEMV per query head, which reads the
+    values where they lie; a GEMM over a KV head's group of queries repacks them first."""
     qkv, past_k, past_v, cos, sin = (node.input[j] for j in (0, 3, 4, 7, 8))
     window = _attrs(node).get("local_window_size", -1)
     rot = {} if rotary_dim == d else {"rotary_embedding_dim": rotary_dim}
@@ -173,8 +183,12 @@ def _layer(
     )
     scores = b.op("MatMul", [q, b.op("Transpose", [keys], perm=[0, 1, 3, 2])])  # (batch, kv, group·seq, cap)
     scores = b.op("Add", [b.op("Reshape", [scores, shared.grouped]), shared.mask(window)])
-    probs = b.op("Reshape", [b.op("Softmax", [scores], axis=-1), shared.flat])
-    out = b.op("Reshape", [b.op("MatMul", [probs, values]), b.ints("by_head", 0, heads, -1, d)])
+    probs = b.op("Softmax", [scores], axis=-1)  # (batch, kv, group, seq, cap)
+    if one_token:  # (batch, kv, group, 1, cap) @ (batch, kv, 1, cap, d)
+        out = b.op("MatMul", [probs, b.op("Unsqueeze", [values, b.ints("a2", 2)])])
+    else:  # (batch, kv, group·seq, cap) @ (batch, kv, cap, d)
+        out = b.op("MatMul", [b.op("Reshape", [probs, shared.flat]), values])
+    out = b.op("Reshape", [out, b.ints("by_head", 0, heads, -1, d)])
     b.op(
         "Reshape",
         [b.op("Transpose", [out], perm=[0, 2, 1, 3]), b.ints("merged", 0, 0, heads * d)],
@@ -204,7 +218,7 @@ def matmul_attention(model: onnx.ModelProto) -> onnx.ModelProto:
     prelude = b.take()
     layers = {}
     for n in gqas:
-        _layer(b, n, shared, heads, kv_heads, d, rotary_dim, list(n.output))
+        _layer(b, n, shared, heads, kv_heads, d, rotary_dim, list(n.output), one_token=False)
         layers[n.name] = b.take()
     _splice(model, gqas[0].name, prelude, layers)
     return model
@@ -232,7 +246,7 @@ def wrap_long_decode(model: onnx.ModelProto, from_tokens: int = FROM_TOKENS) -> 
     for n in gqas:
         then_out = [f"{o}/matmul" for o in n.output]
         else_out = [f"{o}/gqa" for o in n.output]
-        _layer(b, n, shared, heads, kv_heads, d, rotary_dim, then_out)
+        _layer(b, n, shared, heads, kv_heads, d, rotary_dim, then_out, one_token=True)
         gqa = onnx.NodeProto()
         gqa.CopyFrom(n)
         del gqa.output[:]
