@@ -5,6 +5,7 @@ Imports are lazy so `onnxlm --help` and the runtime commands never load torch.
 
 from __future__ import annotations
 
+import collections
 import functools
 import logging
 import sys
@@ -267,7 +268,14 @@ def info(bundle, as_json, verify) -> None:
         f"model       {f.model_type}: {f.num_layers} layers, {f.num_heads} heads ({f.num_kv_heads} KV), "
         f"head {f.head_dim}, hidden {f.hidden_size}, vocab {f.vocab_size}, context {f.context_length}"
     )
-    click.echo(f"dtype       {m.dtype}" + (f", quantization {m.quantization}" if m.quantization else ""))
+    io = m.io
+    graph = f"{io.graph}, KV {io.kv_layout} ({io.kv_dtype})"
+    if io.long_decode_from:
+        graph += f"; decode attention as MatMul/Softmax from {io.long_decode_from} tokens held"
+    click.echo(f"graph       {graph}")
+    click.echo(
+        f"dtype       {m.dtype}" + (f" ({_quantization_summary(m.quantization)})" if m.quantization else "")
+    )
     click.echo(
         f"source      {m.provenance.get('source')} (exporter {m.provenance.get('exporter')}, "
         f"sha256 {str(m.provenance.get('source_sha256'))[:16]}…)"
@@ -287,6 +295,24 @@ def info(bundle, as_json, verify) -> None:
         )
     else:
         click.echo("validation  none recorded")
+
+
+def _quantization_summary(q: dict) -> str:
+    """One line of a quantization record (`info --json` prints all of it)."""
+    parts = [f"recipe {q.get('recipe')}"]
+    parts += [
+        f"{k.replace('_', ' ')} {q[k]}" for k in ("scheme", "block_size", "algorithm") if q.get(k) is not None
+    ]
+    formats = collections.Counter(q.get("nodes", {}).values())
+    if formats:
+        parts.append(", ".join(f"{n} {fmt}" for fmt, n in formats.most_common()) + " weights")
+    size = q.get("bytes") or {}
+    if size.get("before") and size.get("after"):
+        parts.append(f"{size['before'] / 1e6:.1f} -> {size['after'] / 1e6:.1f} MB")
+    worst = ((q.get("report") or {}).get("worst") or {}).get("ppl_change_pct")
+    if worst is not None:
+        parts.append(f"perplexity {worst:+.2f}% (worst text)")
+    return "; ".join(parts)
 
 
 @cli.command()

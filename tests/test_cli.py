@@ -50,6 +50,7 @@ def test_generate_streams_and_info_reports(tiny_llama_bundle):
     assert r.output.strip()
     r = CliRunner().invoke(cli, ["info", str(tiny_llama_bundle)])
     assert r.exit_code == 0 and "greedy agreement 100%" in r.output and "model.onnx.data" in r.output
+    assert "graph       fused, KV shared_buffer (float32)" in r.output
 
 
 def test_chat_multi_turn_from_stdin(tiny_llama_bundle):

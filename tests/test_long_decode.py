@@ -133,6 +133,15 @@ def test_quantized_bundles_keep_the_switch_and_float16_drops_it(pair, tmp_path):
     ids = list(range(5, 40))
     np.testing.assert_allclose(load(q, threads=1).model.logits(ids), ref.model.logits(ids), atol=1e-4)
     assert len(load(q, threads=1).generate(ids, max_new_tokens=8, ignore_eos=True).token_ids) == 8
+    from click.testing import CliRunner
+
+    from onnxlm.cli import cli
+
+    shown = CliRunner().invoke(cli, ["info", str(q)]).output
+    assert (
+        f"MatMul/Softmax from {FROM} tokens held" in shown
+        and "recipe int4; scheme min; block size 32" in shown
+    )
     half = quantize(wrapped, tmp_path / "fp16", "fp16", progress=False)
     assert B.read_manifest(half).io.long_decode_from is None and _ops(half)["If"] == 0
     assert _ops(half)["GroupQueryAttention"] == B.read_manifest(half).model.num_layers
