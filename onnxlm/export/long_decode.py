@@ -3,13 +3,14 @@ decode steps at long contexts.
 
 onnxruntime's CPU GroupQueryAttention runs one GEMM per query head, each repacking its KV head's keys
 and values: at 2,000 tokens SmolLM2 spends ~60% of a decode step there. Over the same buffer, plain
-operators read each KV head's keys and values once per step (benchmarks/attention.py measures both):
+operators pack each KV head's keys once per step and read the values where they lie
+(benchmarks/attention.py measures both):
 
     q, k, v = Split(qkv);  q, k = RotaryEmbedding(q, k at their positions)
     K = ScatterND(past_k, [row, head, position], k)          in place: past and present are one buffer
     V = ScatterND(past_v, ...)
     p = Softmax(q·Kᵀ / √d + causal mask over the whole buffer)          q grouped by KV head
-    out = p·V
+    out = p·V                                   decode: one GEMV per query head
 
 It loses to GroupQueryAttention on short contexts and in prefill (it multiplies whole score matrices),
 so `wrap_long_decode` keeps both: each layer's GroupQueryAttention moves into the else branch of an If
