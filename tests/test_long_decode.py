@@ -67,19 +67,17 @@ def test_a_batch_of_different_lengths_matches_gqa_alone(pair):
         np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
 
 
-def test_the_matmul_branch_runs_only_for_long_decode_steps(pair, tmp_path):
-    """onnxruntime's profile names the nodes each step ran: ScatterND (the MatMul form) only on a
-    one-token step holding >= FROM tokens; GroupQueryAttention otherwise."""
-    wrapped, _ = pair
-    engine = load(wrapped, threads=1)
+def _branches_run(bundle, tmp_path, capacity: int, steps: list[list[int]]) -> list[set[str]]:
+    """The operator types onnxruntime's profile saw in each of `steps` (token ids per step, one row)."""
+    engine = load(bundle, threads=1)
+    model, io = engine.model, engine.manifest.io
+    cache = model.new_cache(1, capacity=capacity)
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.profile_file_prefix = str(tmp_path / "prof")
-    session = ort.InferenceSession(str(wrapped / B.MODEL), opts, providers=["CPUExecutionProvider"])
-    model, io = engine.model, engine.manifest.io
-    cache = model.new_cache(1, capacity=40)
-
-    def step(ids):
+    seen = []
+    for ids in steps:
+        session = ort.InferenceSession(str(bundle / B.MODEL), opts, providers=["CPUExecutionProvider"])
         feeds = {
             io.input_ids: np.array([ids]),
             io.logits_index: np.array([[len(ids) - 1]]),
@@ -87,21 +85,26 @@ def test_the_matmul_branch_runs_only_for_long_decode_steps(pair, tmp_path):
         }
         out = session.run(None, feeds)
         cache.update(dict(zip([o.name for o in session.get_outputs()], out, strict=True)))
-
-    def ran():
         events = json.loads(open(session.end_profiling()).read())
-        return {
-            e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})
-        }
+        seen.append(
+            {e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e["args"]}
+        )
+    return seen
 
-    step(list(range(5, 5 + FROM - 2)))  # prefill: held FROM - 2
-    step([7])  # held FROM - 1: still GroupQueryAttention
-    first = ran()
-    assert "GroupQueryAttention" in first and "ScatterND" not in first
-    session = ort.InferenceSession(str(wrapped / B.MODEL), opts, providers=["CPUExecutionProvider"])
-    step([8])  # held FROM
-    second = ran()
-    assert "ScatterND" in second and "GroupQueryAttention" not in second
+
+def test_the_matmul_branch_runs_only_for_long_decode_steps(pair, tmp_path):
+    """onnxruntime's profile names the nodes each step ran: ScatterND (the MatMul form) only on a
+    one-token step holding >= FROM tokens in a buffer at most 4/3 of that; GroupQueryAttention otherwise."""
+    wrapped, _ = pair
+    prefill, short, long = _branches_run(
+        wrapped, tmp_path, FROM + 2, [list(range(5, 5 + FROM - 2)), [7], [8]]
+    )
+    for s in (prefill, short):
+        assert "GroupQueryAttention" in s and "ScatterND" not in s
+    assert "ScatterND" in long and "GroupQueryAttention" not in long
+    # the same step in a buffer grown far ahead of what it holds stays on GroupQueryAttention
+    *_, roomy = _branches_run(wrapped, tmp_path, 3 * FROM, [list(range(5, 5 + FROM - 1)), [8]])
+    assert "GroupQueryAttention" in roomy and "ScatterND" not in roomy
 
 
 def test_sliding_window_family_matches_gqa_alone(tmp_path):

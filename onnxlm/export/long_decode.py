@@ -15,7 +15,8 @@ operators pack each KV head's keys once per step and read the values where they 
 It loses to GroupQueryAttention on short contexts and in prefill (it multiplies whole score matrices),
 so `wrap_long_decode` keeps both: each layer's GroupQueryAttention moves into the else branch of an If
 whose then branch is the MatMul form, taken when every row brings one token and holds at least
-`from_tokens` (the graph's inputs and outputs do not change, the runtime drives it as before). The
+`from_tokens`, and the buffer is at most 4/3 of the shortest row (the MatMul form works over the whole
+buffer; the graph's inputs and outputs do not change, the runtime drives it as before). The
 MatMul form assumes every row brings the same number of tokens (one per row when the If takes it).
 """
 
@@ -93,7 +94,7 @@ class _Shared:
         qkv_shape = b.op("Shape", [qkv])
         batch = b.op("Gather", [qkv_shape, b.ints("i0", 0)], axis=0)  # [batch]
         seq = b.op("Gather", [qkv_shape, b.ints("i1", 1)], axis=0)  # [seq]
-        capacity = b.op("Gather", [b.op("Shape", [past_k]), b.ints("i2", 2)], axis=0)
+        self.capacity = capacity = b.op("Gather", [b.op("Shape", [past_k]), b.ints("i2", 2)], axis=0)  # [cap]
         held_after = b.op("Add", [b.op("Cast", [seqlens_k], to=TensorProto.INT64), one])
         start = b.op("Sub", [held_after, b.op("Cast", [query_seqlens], to=TensorProto.INT64)])  # (batch,)
         steps = b.op("Range", [zero, b.op("Squeeze", [seq, b.ints("a0", 0)]), one])  # (seq,)
@@ -239,7 +240,18 @@ def wrap_long_decode(model: onnx.ModelProto, from_tokens: int = FROM_TOKENS) -> 
         "GreaterOrEqual",
         [b.op("ReduceMin", [seqlens_k], keepdims=0), b.const("from", np.array(from_tokens - 1, np.int32))],
     )
-    cond = b.op("And", [single, long], [PREFIX + "use_matmul"])
+    # the MatMul form works over the whole buffer, GroupQueryAttention over what each row holds: take
+    # it only while the buffer is at most 4/3 of the shortest row (the server grows buffers ahead)
+    held = b.op("Cast", [b.op("ReduceMin", [seqlens_k], keepdims=0)], to=TensorProto.INT64)
+    capacity = b.op("Squeeze", [shared.capacity, b.ints("a0e", 0)])
+    full = b.op(
+        "LessOrEqual",
+        [
+            b.op("Mul", [capacity, b.ints("three", 3)]),
+            b.op("Mul", [b.op("Add", [held, b.ints("one64", 1)]), b.ints("four", 4)]),
+        ],
+    )
+    cond = b.op("And", [b.op("And", [single, long]), full], [PREFIX + "use_matmul"])
     prelude = b.take()
     kv_type = next(i for i in model.graph.input if i.name == gqas[0].input[3]).type.tensor_type.elem_type
     types = (kv_type, kv_type, kv_type)  # attention output and buffers share the KV dtype
