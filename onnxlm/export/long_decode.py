@@ -95,7 +95,7 @@ class _Shared:
         batch = b.op("Gather", [qkv_shape, b.ints("i0", 0)], axis=0)  # [batch]
         seq = b.op("Gather", [qkv_shape, b.ints("i1", 1)], axis=0)  # [seq]
         self.capacity = capacity = b.op("Gather", [b.op("Shape", [past_k]), b.ints("i2", 2)], axis=0)  # [cap]
-        held_after = b.op("Add", [b.op("Cast", [seqlens_k], to=TensorProto.INT64), one])
+        self.held_after = held_after = b.op("Add", [b.op("Cast", [seqlens_k], to=TensorProto.INT64), one])
         start = b.op("Sub", [held_after, b.op("Cast", [query_seqlens], to=TensorProto.INT64)])  # (batch,)
         steps = b.op("Range", [zero, b.op("Squeeze", [seq, b.ints("a0", 0)]), one])  # (seq,)
         self.pos = b.op(
@@ -227,29 +227,23 @@ def matmul_attention(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def wrap_long_decode(model: onnx.ModelProto, from_tokens: int = FROM_TOKENS) -> onnx.ModelProto:
-    """Each GroupQueryAttention becomes If(every row brings one token and holds >= from_tokens,
-    MatMul form, GroupQueryAttention). Edits `model` and returns it."""
+    """Each GroupQueryAttention becomes If(every row brings one token, holds >= from_tokens and the
+    buffer is at most 4/3 of the shortest row, MatMul form, GroupQueryAttention). Edits `model`."""
     if from_tokens < 1:
         raise ValueError(f"from_tokens must be at least 1, got {from_tokens}")
     gqas, b, shared, heads, kv_heads, d, rotary_dim = _prepare(model)
-    seqlens_k, query_seqlens = gqas[0].input[5], gqas[0].input[16]
+    query_seqlens = gqas[0].input[16]
     one = b.const("one32", np.array(1, np.int32))
     single = b.op("Equal", [b.op("ReduceMax", [query_seqlens], keepdims=0), one])
     single = b.op("And", [single, b.op("Equal", [b.op("ReduceMin", [query_seqlens], keepdims=0), one])])
-    long = b.op(
-        "GreaterOrEqual",
-        [b.op("ReduceMin", [seqlens_k], keepdims=0), b.const("from", np.array(from_tokens - 1, np.int32))],
-    )
+    shortest = b.op("ReduceMin", [shared.held_after], keepdims=0)  # tokens the shortest row holds after
+    long = b.op("GreaterOrEqual", [shortest, b.const("from", np.array(from_tokens, np.int64))])
     # the MatMul form works over the whole buffer, GroupQueryAttention over what each row holds: take
     # it only while the buffer is at most 4/3 of the shortest row (the server grows buffers ahead)
-    held = b.op("Cast", [b.op("ReduceMin", [seqlens_k], keepdims=0)], to=TensorProto.INT64)
     capacity = b.op("Squeeze", [shared.capacity, b.ints("a0e", 0)])
     full = b.op(
         "LessOrEqual",
-        [
-            b.op("Mul", [capacity, b.ints("three", 3)]),
-            b.op("Mul", [b.op("Add", [held, b.ints("one64", 1)]), b.ints("four", 4)]),
-        ],
+        [b.op("Mul", [capacity, b.ints("three", 3)]), b.op("Mul", [shortest, b.ints("four", 4)])],
     )
     cond = b.op("And", [b.op("And", [single, long]), full], [PREFIX + "use_matmul"])
     prelude = b.take()
@@ -311,7 +305,7 @@ def from_tokens_of(model: onnx.ModelProto) -> int | None:
     """The threshold a wrapped graph switches at (None: not wrapped)."""
     for t in model.graph.initializer:
         if t.name == PREFIX + "from":
-            return int(numpy_helper.to_array(t)) + 1
+            return int(numpy_helper.to_array(t))
     return None
 
 
