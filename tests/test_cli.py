@@ -120,6 +120,8 @@ def test_bench_command_reports_every_context(tiny_llama_bundle):
         assert c["new_tokens"] == 6 and c["decode_tokens_per_s"] > 0 and c["ttft_s"] > 0
         assert abs(c["decode_gb_per_s"] - result["weight_bytes"] * c["decode_tokens_per_s"] / 1e9) < 1e-9
     assert result["peak_rss_mb"] > 0
+    if sys.platform.startswith("linux"):
+        assert 0 < result["rss_mb"] <= result["peak_rss_mb"] + 1
     r = CliRunner().invoke(cli, ["bench", str(tiny_llama_bundle), "--contexts", "250", "-n", "16"])
     assert r.exit_code == 1 and "exceeds the window" in r.output
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -107,3 +108,53 @@ def test_release_free_heap_returns_freed_pages_to_the_system():
 def test_release_free_heap_without_malloc_trim_is_a_no_op(monkeypatch):
     monkeypatch.setattr(S.ctypes.util, "find_library", lambda name: None)
     assert S.release_free_heap() is False
+
+
+def _mapped_kb(directory) -> tuple[int, int]:
+    maps = S.file_mappings(directory)
+    return sum(m["rss_kb"] for m in maps), sum(m["written_kb"] for m in maps)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_release_mapped_files_drops_clean_pages_and_they_read_back(tmp_path):
+    data = np.arange(4 * 1024 * 1024, dtype=np.float32)  # 16 MB
+    (tmp_path / "w").mkdir()
+    data.tofile(tmp_path / "w" / "model.onnx.data")
+    other = tmp_path / "other.bin"
+    data.tofile(other)
+    mapped = np.memmap(
+        tmp_path / "w" / "model.onnx.data", np.float32, mode="c"
+    )  # private, as onnxruntime maps
+    elsewhere = np.memmap(other, np.float32, mode="c")
+    expected = float(data.sum(dtype=np.float64))
+    assert (
+        float(mapped.sum(dtype=np.float64)) == expected and float(elsewhere.sum(dtype=np.float64)) == expected
+    )
+    assert _mapped_kb(tmp_path / "w")[0] > 15 * 1024
+
+    released = S.release_mapped_files(tmp_path / "w")
+
+    assert released > 15 * 1024 * 1024
+    assert _mapped_kb(tmp_path / "w")[0] < 1024
+    assert _mapped_kb(tmp_path)[0] > 15 * 1024  # other.bin lies outside the folder released: still resident
+    assert float(mapped.sum(dtype=np.float64)) == expected  # the same bytes, read back from the file
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_release_mapped_files_leaves_a_mapping_with_written_pages(tmp_path):
+    np.ones(1024 * 1024, np.float32).tofile(tmp_path / "model.onnx.data")
+    mapped = np.memmap(tmp_path / "model.onnx.data", np.float32, mode="c")
+    assert float(mapped.sum()) == 1024 * 1024
+    mapped[:1024] = 7.0  # a private copy of the first page: dropping it would lose the write
+    resident, written = _mapped_kb(tmp_path)
+    assert written > 0
+
+    assert S.release_mapped_files(tmp_path) == 0
+    assert float(mapped[:1024].sum()) == 7.0 * 1024
+    assert _mapped_kb(tmp_path) == (resident, written)
+
+
+def test_release_mapped_files_without_a_mapping_or_proc(tmp_path, monkeypatch):
+    assert S.release_mapped_files(tmp_path) == 0
+    monkeypatch.setattr(S, "_libc_madvise", lambda: None)
+    assert S.release_mapped_files(tmp_path) == 0

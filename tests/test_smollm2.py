@@ -50,6 +50,29 @@ def test_chat_answers(smollm2_bundle):
     assert zh.strip() and "\ufffd" not in zh
 
 
+def test_weights_are_not_resident_twice_after_load(smollm2_bundle, monkeypatch):
+    """Packing the tied head reads the whole float32 embedding table out of the mapped data file;
+    the load then drops those pages (the packed copy is what runs), and generation is unchanged."""
+    from onnxlm.runtime import engine as E
+    from onnxlm.runtime import session as S
+
+    def resident_mb():
+        return sum(m["rss_kb"] for m in S.file_mappings(smollm2_bundle)) / 1024
+
+    monkeypatch.setattr(E, "release_mapped_files", lambda root: 0)
+    engine = E.Engine.load(smollm2_bundle)
+    before = resident_mb()
+    ids = list(range(100, 140))
+    kept = engine.generate(ids, max_new_tokens=6, ignore_eos=True, temperature=0).token_ids
+    assert before > 64, f"{before:.0f} MB of the data file resident after load"
+
+    released = S.release_mapped_files(smollm2_bundle)
+
+    assert released / 2**20 > 64 and resident_mb() < 8
+    assert engine.generate(ids, max_new_tokens=6, ignore_eos=True, temperature=0).token_ids == kept
+    assert resident_mb() < 8  # generation gathers a few rows back, not the table
+
+
 def test_quantize_keeping_the_gguf_blocks(smollm2_bundle, tmp_path):
     """The GGUF's own Q4_1/Q8_0 blocks: under a fifth of the bytes, perplexity within 1% of the fp32 bundle."""
     from onnxlm.quantize.report import quantize_with_report

@@ -46,6 +46,7 @@ class BenchResult:
     providers: list[str]
     contexts: list[ContextResult] = field(default_factory=list)
     peak_rss_mb: float = 0.0
+    rss_mb: float | None = None  # resident after the runs: what a serving process keeps
     machine_read_gb_per_s: float | None = None
     machine: dict[str, Any] = field(default_factory=dict)
 
@@ -77,6 +78,15 @@ def read_bandwidth_gb_per_s(size_mb: int = 512, repeats: int = 3) -> float:
 
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def rss_mb() -> float | None:
+    """Resident now (Linux /proc), None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def bench(
@@ -123,7 +133,7 @@ def bench(
                 decode_gb_per_s=weight_bytes * t.tokens_per_s / 1e9,
             )
         )
-    result.peak_rss_mb = peak_rss_mb()
+    result.peak_rss_mb, result.rss_mb = peak_rss_mb(), rss_mb()
     if measure_bandwidth:
         result.machine_read_gb_per_s = read_bandwidth_gb_per_s()
     return result
@@ -143,7 +153,8 @@ def format_bench(r: BenchResult) -> str:
             f"{c.decode_tokens_per_s:.1f} | {c.decode_gb_per_s:.1f} |"
         )
     lines.append("")
-    lines.append(f"peak RSS {r.peak_rss_mb:.0f} MB")
+    held = f" ({r.rss_mb:.0f} MB resident after the runs)" if r.rss_mb else ""
+    lines.append(f"peak RSS {r.peak_rss_mb:.0f} MB{held}")
     if r.machine_read_gb_per_s:
         lines.append(
             f"machine read bandwidth {r.machine_read_gb_per_s:.1f} GB/s (numpy, all CPUs): decode at "

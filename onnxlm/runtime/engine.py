@@ -24,7 +24,7 @@ import numpy as np
 
 from ..bundle import MODEL, Manifest, check_bundle
 from .generate import GenerationParams, Model, Step, generate_steps
-from .session import make_session, release_free_heap
+from .session import make_session, release_free_heap, release_mapped_files
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -145,6 +145,7 @@ class Engine:
         release_free_heap()  # the JSON parse's leftovers stay out of the peak the session adds to
         session = make_session(root / MODEL, providers=providers, threads=threads)
         release_free_heap()
+        release_mapped_files(root)  # weights packed at load are held once, not also as mapped file pages
         return cls(Model(session, manifest, io_binding=io_binding), tokenizer, manifest, root)
 
     @property

@@ -108,6 +108,66 @@ def release_free_heap() -> bool:
     return True
 
 
+MADV_DONTNEED = 4  # Linux: drop the range's pages from this process; a clean file page comes back on touch
+
+
+def _libc_madvise():
+    name = ctypes.util.find_library("c")
+    try:
+        fn = ctypes.CDLL(name, use_errno=True).madvise if name else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
+    return fn
+
+
+def file_mappings(directory: str | os.PathLike) -> list[dict]:
+    """This process's memory mappings of files under `directory` (Linux /proc/self/smaps): start,
+    end, path, and the kB resident and the kB copied on write (its pages this process wrote to,
+    which no longer match the file). Empty where there is no /proc."""
+    root = os.path.realpath(directory) + os.sep
+    found, current = [], None
+    try:
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                    path = head[5].strip() if len(head) == 6 else ""
+                    current = None
+                    if path.startswith(root):
+                        start, end = (int(x, 16) for x in head[0].split("-"))
+                        current = {"start": start, "end": end, "path": path, "rss_kb": 0, "written_kb": 0}
+                        found.append(current)
+                elif current is not None and head[0] in ("Rss:", "Anonymous:"):
+                    current["rss_kb" if head[0] == "Rss:" else "written_kb"] = int(head[1])
+    except OSError:
+        return []
+    return found
+
+
+def release_mapped_files(directory: str | os.PathLike) -> int:
+    """Drop this process's resident pages of the files it maps from `directory` (a bundle's external
+    data, which onnxruntime maps rather than reads) and return how many bytes were resident there.
+    Packing copies most weights out of the mapping at load (MatMul, MatMulNBits) and reading the
+    rest once leaves all of it resident: the float32 embedding table of a tied head, read whole to
+    pack the head, stays in the process's RSS though generation then gathers a few rows of it.
+    Only mappings with no page written by this process are dropped, so every byte reads back the
+    same from the file on its next touch; a mapping with written pages is left as it is."""
+    madvise = _libc_madvise()
+    if madvise is None:
+        return 0
+    released = 0
+    for m in file_mappings(directory):
+        if (
+            m["rss_kb"]
+            and not m["written_kb"]
+            and madvise(m["start"], m["end"] - m["start"], MADV_DONTNEED) == 0
+        ):
+            released += m["rss_kb"] * 1024
+    return released
+
+
 def kv_device(session: ort.InferenceSession) -> str:
     """Where the KV cache should live: on the GPU for CUDA/TensorRT sessions, else in host memory."""
     first = session.get_providers()[0]
