@@ -2,11 +2,13 @@
 
     python benchmarks/compare.py --onnxlm fp32=BUNDLE --onnxlm int4=BUNDLE \
         --hf HF_FOLDER --optimum OPTIMUM_FOLDER --genai fp32=DIR --genai int4=DIR --gguf Q4_1=FILE \
-        --contexts 100,2000 --new-tokens 128 --rounds 3 --out results/
+        --contexts 100,2000 --new-tokens 128 --rounds 3 --memory --out results/
 
 Every engine gets the same prompt token ids, the same thread count, greedy decoding with the end of
 sequence ignored (exactly --new-tokens tokens), and runs are interleaved round by round so drift hits
 all alike; medians are reported. A peer whose package is missing is reported as skipped, not faked.
+With --memory, each engine then runs once more alone in a fresh process (load, generate --new-tokens
+at the first context) to measure its peak RSS and what it holds resident afterwards.
 Writes compare.json, compare.md and compare.png (tokens/s by engine and context) into --out.
 """
 
@@ -16,13 +18,17 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+THIS = Path(__file__).resolve()
 
 Run = Callable[[list[int], int], tuple[float, float]]  # (prompt ids, new tokens) -> (ttft s, decode tok/s)
 
@@ -158,6 +164,46 @@ def set_genai_threads(folder: str, threads: int) -> None:
         path.write_text(json.dumps(cfg, indent=4))
 
 
+def make_engine(kind: str, path: str, threads: int, n_ctx: int) -> Run:
+    if kind == "onnxlm":
+        return onnxlm_engine(path, threads)
+    if kind == "hf":
+        return torch_engine(path, threads)
+    if kind == "optimum":
+        return optimum_engine(path, threads)
+    if kind == "genai":
+        set_genai_threads(path, threads)
+        return genai_engine(path, threads)
+    if kind == "gguf":
+        return gguf_engine(path, threads, n_ctx)
+    raise ValueError(f"unknown engine kind {kind!r}")
+
+
+def memory_child(kind: str, path: str, threads: int, prompt_file: str, n: int) -> None:
+    """Run in a fresh process: load one engine, generate n tokens, print its peak and current RSS."""
+    ids = json.loads(Path(prompt_file).read_text())
+    make_engine(kind, path, threads, len(ids) + n + 16)(ids, n)
+    with open("/proc/self/status") as f:
+        resident = int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": peak, "rss_mb": resident}))
+
+
+def measure_memory(kind: str, path: str, threads: int, ids: list[int], n: int, tmp: Path) -> dict:
+    prompt_file = tmp / "memory-prompt.json"
+    prompt_file.write_text(json.dumps(ids))
+    cmd = [sys.executable, str(THIS), "--memory-of", kind, path, "--threads", str(threads)]
+    cmd += ["--memory-prompt", str(prompt_file), "--new-tokens", str(n)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        return {
+            "error": done.stderr.strip().splitlines()[-1]
+            if done.stderr.strip()
+            else f"exit {done.returncode}"
+        }
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def prompt_ids(tokenizer_json: str, n: int) -> list[int]:
     from tokenizers import Tokenizer
 
@@ -180,35 +226,39 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--out", type=Path, default=Path("benchmark-results"))
+    ap.add_argument("--memory", action="store_true", help="peak RSS of each engine, each in its own process")
+    ap.add_argument("--memory-of", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
+    ap.add_argument("--memory-prompt", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_of:
+        return memory_child(*args.memory_of, args.threads, args.memory_prompt, args.new_tokens)
     if not args.onnxlm:
         raise SystemExit("give at least one --onnxlm NAME=BUNDLE (its tokenizer makes the prompts)")
 
-    specs: list[tuple[str, Callable[[], Run]]] = []
+    n_ctx = max(int(c) for c in args.contexts.split(",")) + args.new_tokens + 16
+    specs: list[tuple[str, str, str]] = []  # (name, kind, path)
     for v in args.onnxlm:
         name, path = v.split("=", 1)
-        specs.append((f"onnxlm {name}", lambda p=path: onnxlm_engine(p, args.threads)))
+        specs.append((f"onnxlm {name}", "onnxlm", path))
     if args.hf:
-        specs.append(("PyTorch eager fp32", lambda: torch_engine(args.hf, args.threads)))
+        specs.append(("PyTorch eager fp32", "hf", args.hf))
     if args.optimum:
-        specs.append(("optimum ORT fp32", lambda: optimum_engine(args.optimum, args.threads)))
+        specs.append(("optimum ORT fp32", "optimum", args.optimum))
     for v in args.genai:
         name, path = v.split("=", 1)
-        set_genai_threads(path, args.threads)
-        specs.append((f"genai {name}", lambda p=path: genai_engine(p, args.threads)))
+        specs.append((f"genai {name}", "genai", path))
     for v in args.gguf:
         name, path = v.split("=", 1)
-        n_ctx = max(int(c) for c in args.contexts.split(",")) + args.new_tokens + 16
-        specs.append((f"llama.cpp {name}", lambda p=path, n=n_ctx: gguf_engine(p, args.threads, n)))
+        specs.append((f"llama.cpp {name}", "gguf", path))
 
     first = args.onnxlm[0].split("=", 1)[1]
     contexts = [int(c) for c in args.contexts.split(",")]
     prompts = {c: prompt_ids(str(Path(first) / "tokenizer.json"), c) for c in contexts}
     engines: dict[str, Run] = {}
     skipped: dict[str, str] = {}
-    for name, make in specs:
+    for name, kind, path in specs:
         try:
-            engines[name] = make()
+            engines[name] = make_engine(kind, path, args.threads, n_ctx)
             engines[name](prompts[contexts[0]][:16], 4)  # warm-up
         except ImportError as e:
             skipped[name] = f"not installed ({e.name})"
@@ -234,6 +284,15 @@ def main() -> None:
                 "runs": len(vals),
             }
         )
+    memory: dict[str, dict] = {}
+    if args.memory:  # after the timed rounds, one engine at a time, nothing else running
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name, kind, path in specs:
+            if name in engines:
+                memory[name] = measure_memory(
+                    kind, path, args.threads, prompts[contexts[0]], args.new_tokens, args.out
+                )
+                print(f"memory {name:22s} {memory[name]}", file=sys.stderr)
     import onnxruntime
 
     versions = {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__}
@@ -254,6 +313,7 @@ def main() -> None:
         "new_tokens": args.new_tokens,
         "rounds": args.rounds,
         "rows": rows,
+        "memory": memory,
         "skipped": skipped,
     }
     (args.out / "compare.json").write_text(json.dumps(result, indent=2))
@@ -273,6 +333,22 @@ def main() -> None:
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} |")
+    if memory:
+        lines += [
+            "",
+            f"Memory: each engine alone in a fresh process, loading and generating {args.new_tokens} tokens "
+            f"at context {contexts[0]}",
+            "",
+            "| engine | peak RSS | resident after |",
+            "| --- | ---: | ---: |",
+        ]
+        for name, m in memory.items():
+            cells = (
+                f"{m['peak_rss_mb']:.0f} MB | {m['rss_mb']:.0f} MB"
+                if "error" not in m
+                else f"failed: {m['error']} |"
+            )
+            lines.append(f"| {name} | {cells} |")
     (args.out / "compare.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     try:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -68,3 +71,26 @@ def test_matmul_attention_refuses_a_graph_without_gqa(attention):
     root = tiny_bundle("plain").path
     with pytest.raises(ValueError, match="no GroupQueryAttention"):
         matmul_attention(onnx.load(str(root / B.MODEL)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_compare_reports_speed_and_each_engines_memory(tiny_llama_bundle, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--onnxlm", f"tiny={tiny_llama_bundle}"]
+    cmd += (
+        ["--gguf", f"missing={tmp_path / 'none.gguf'}"]
+        if importlib.util.find_spec("llama_cpp") is None
+        else []
+    )
+    cmd += ["--contexts", "8,20", "--new-tokens", "4", "--rounds", "1", "--memory", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "compare.json").read_text())
+    rows = {(r["engine"], r["context"]): r for r in result["rows"]}
+    assert set(rows) == {("onnxlm tiny", 8), ("onnxlm tiny", 20)}
+    assert all(r["decode_tokens_per_s"] > 0 and r["ttft_s"] > 0 for r in rows.values())
+    mem = result["memory"]["onnxlm tiny"]
+    assert 0 < mem["rss_mb"] <= mem["peak_rss_mb"] + 1, mem
+    assert "| onnxlm tiny |" in (out / "compare.md").read_text() and "peak RSS" in done.stdout
+    if "--gguf" in cmd:  # a peer whose package is missing is reported, not run
+        assert "not installed" in result["skipped"]["llama.cpp missing"]
