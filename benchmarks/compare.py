@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -180,13 +179,23 @@ def make_engine(kind: str, path: str, threads: int, n_ctx: int) -> Run:
 
 
 def memory_child(kind: str, path: str, threads: int, prompt_file: str, n: int) -> None:
-    """Run in a fresh process: load one engine, generate n tokens, print its peak and current RSS."""
+    """Run in a fresh process: load one engine, generate n tokens, print the process's peak RSS
+    (VmHWM: this program's own, where getrusage would report the parent's too) and what it holds
+    resident with the engine still loaded."""
     ids = json.loads(Path(prompt_file).read_text())
-    make_engine(kind, path, threads, len(ids) + n + 16)(ids, n)
+    run = make_engine(kind, path, threads, len(ids) + n + 16)
+    run(ids, n)
     with open("/proc/self/status") as f:
-        resident = int(f.read().split("VmRSS:")[1].split()[0]) / 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mb": peak, "rss_mb": resident}))
+        status = f.read()
+    print(
+        json.dumps(
+            {k: int(status.split(f"{field}:")[1].split()[0]) / 1024 for k, field in MEMORY_FIELDS.items()}
+        )
+    )
+    del run
+
+
+MEMORY_FIELDS = {"peak_rss_mb": "VmHWM", "rss_mb": "VmRSS"}
 
 
 def measure_memory(kind: str, path: str, threads: int, ids: list[int], n: int, tmp: Path) -> dict:
