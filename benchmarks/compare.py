@@ -213,6 +213,17 @@ def measure_memory(kind: str, path: str, threads: int, ids: list[int], n: int, t
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+WEIGHT_SUFFIXES = (".onnx", ".data", ".onnx_data", ".safetensors", ".gguf")
+
+
+def model_bytes(path: str) -> int:
+    """Bytes of the weights an engine reads: the file, or a folder's graph and weight files."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
 def prompt_ids(tokenizer_json: str, n: int) -> list[int]:
     from tokenizers import Tokenizer
 
@@ -282,17 +293,26 @@ def main() -> None:
                     file=sys.stderr,
                 )
 
+    sizes = {name: model_bytes(path) for name, kind, path in specs if name in engines}
     rows = []
     for (name, c), vals in samples.items():
+        tps = statistics.median(v[1] for v in vals)
         rows.append(
             {
                 "engine": name,
                 "context": c,
                 "ttft_s": statistics.median(v[0] for v in vals),
-                "decode_tokens_per_s": statistics.median(v[1] for v in vals),
+                "decode_tokens_per_s": tps,
+                "model_bytes": sizes[name],
+                "decode_gb_per_s": sizes[name]
+                * tps
+                / 1e9,  # weights read per token; the KV cache comes on top
                 "runs": len(vals),
             }
         )
+    from onnxlm.runtime.bench import read_bandwidth_gb_per_s
+
+    bandwidth = read_bandwidth_gb_per_s()
     memory: dict[str, dict] = {}
     if args.memory:  # after the timed rounds, one engine at a time, nothing else running
         args.out.mkdir(parents=True, exist_ok=True)
@@ -314,6 +334,7 @@ def main() -> None:
         "cpus": len(os.sched_getaffinity(0)),
         "processor": platform.processor() or platform.machine(),
         "threads": args.threads,
+        "read_gb_per_s": bandwidth,
     }
     args.out.mkdir(parents=True, exist_ok=True)
     result = {
@@ -330,18 +351,24 @@ def main() -> None:
         f"Decode tok/s and time to first token (medians of {args.rounds}); {args.new_tokens} new tokens, "
         f"greedy, end of sequence ignored, {args.threads} threads, {machine['cpus']} CPUs; {versions}",
         "",
-        "| engine | " + " | ".join(f"ctx {c}: decode tok/s | TTFT" for c in contexts) + " |",
-        "| --- | " + " | ".join("---: | ---:" for _ in contexts) + " |",
+        "| engine | model | " + " | ".join(f"ctx {c}: decode tok/s | GB/s | TTFT" for c in contexts) + " |",
+        "| --- | ---: | " + " | ".join("---: | ---: | ---:" for _ in contexts) + " |",
     ]
     by = {(r["engine"], r["context"]): r for r in rows}
     for name in engines:
         cells = [
-            f"{by[name, c]['decode_tokens_per_s']:.1f} | {by[name, c]['ttft_s'] * 1000:.0f} ms"
+            f"{by[name, c]['decode_tokens_per_s']:.1f} | {by[name, c]['decode_gb_per_s']:.1f} | "
+            f"{by[name, c]['ttft_s'] * 1000:.0f} ms"
             for c in contexts
         ]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {sizes[name] / 1e6:.0f} MB | " + " | ".join(cells) + " |")
     for name, why in skipped.items():
         lines.append(f"| {name} | skipped: {why} |")
+    lines += [
+        "",
+        f"GB/s = model bytes x decode tokens/s (the weights each token reads; the KV cache comes on top), "
+        f"beside this machine's read bandwidth: {bandwidth:.1f} GB/s (numpy, all CPUs).",
+    ]
     if memory:
         lines += [
             "",

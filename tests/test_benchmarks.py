@@ -89,6 +89,11 @@ def test_compare_reports_speed_and_each_engines_memory(tiny_llama_bundle, tmp_pa
     rows = {(r["engine"], r["context"]): r for r in result["rows"]}
     assert set(rows) == {("onnxlm tiny", 8), ("onnxlm tiny", 20)}
     assert all(r["decode_tokens_per_s"] > 0 and r["ttft_s"] > 0 for r in rows.values())
+    size = sum(f.stat().st_size for f in Path(tiny_llama_bundle).glob("model.onnx*"))
+    for r in rows.values():
+        assert r["model_bytes"] == size
+        assert abs(r["decode_gb_per_s"] - size * r["decode_tokens_per_s"] / 1e9) < 1e-9
+    assert result["machine"]["read_gb_per_s"] > 0
     mem = result["memory"]["onnxlm tiny"]
     assert 0 < mem["rss_mb"] <= mem["peak_rss_mb"] + 1, mem
     assert "| onnxlm tiny |" in (out / "compare.md").read_text() and "peak RSS" in done.stdout
