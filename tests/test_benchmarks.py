@@ -99,3 +99,33 @@ def test_compare_reports_speed_and_each_engines_memory(tiny_llama_bundle, tmp_pa
     assert "| onnxlm tiny |" in (out / "compare.md").read_text() and "peak RSS" in done.stdout
     if "--gguf" in cmd:  # a peer whose package is missing is reported, not run
         assert "not installed" in result["skipped"]["llama.cpp missing"]
+
+
+def test_int4_gemv_checks_both_kernels_before_timing_them(tiny_llama_bundle, tmp_path):
+    from onnxlm.quantize.api import quantize
+
+    int4 = quantize(tiny_llama_bundle, tmp_path / "int4", "int4", progress=False)
+    gemv = _script("int4_gemv")
+    r = gemv.main(["--pairs", "2", "--repeat", "2", "--rounds", "2", "--threads", "2", "--bundle", str(int4)])
+    assert r["matrices"] == 4 and r["bytes"] == r["weights"] * 0.75
+    sides = r["sides"]
+    assert sides["matmulnbits"]["max_rel_error"] < 0.03 and sides["matmulnbits"]["ms_per_chain"] > 0
+    if "c" in r["skipped"]:  # no compiler or no AVX-512 VNNI here: said, not faked
+        assert "c" not in sides and r["skipped"]["c"]
+    else:
+        assert sides["c"]["max_rel_error"] < 0.03 and len(sides["c"]["rounds"]) == 2
+        assert r["c_speedup"] == sides["matmulnbits"]["ms_per_chain"] / sides["c"]["ms_per_chain"]
+    b = r["bundles"][str(int4)]
+    assert b["matmulnbits"] == sum(
+        n.op_type == "MatMulNBits" for n in onnx.load(int4 / "model.onnx").graph.node
+    )
+    assert 0 < b["matmuls_ms"] and 0 < b["step_ms"]
+
+
+def test_q4_1_blocks_dequantize_as_the_kernel_reads_them():
+    gemv = _script("int4_gemv")
+    w = gemv.q4_1_blocks(np.random.default_rng(0), 64, 3)
+    w["q"][0, 0, :] = 0x21  # low nibble 1 (elements 0..15), high nibble 2 (elements 16..31)
+    dense = gemv.q4_1_dense(w)
+    d, m = float(w["d"][0, 0]), float(w["m"][0, 0])
+    assert np.allclose(dense[0, :16], 1 * d + m) and np.allclose(dense[0, 16:32], 2 * d + m)
