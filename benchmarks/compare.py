@@ -178,6 +178,9 @@ def make_engine(kind: str, path: str, threads: int, n_ctx: int) -> Run:
     raise ValueError(f"unknown engine kind {kind!r}")
 
 
+MEMORY_FIELDS = {"peak_rss_mb": "VmHWM", "rss_mb": "VmRSS"}  # from /proc/self/status, kB
+
+
 def memory_child(kind: str, path: str, threads: int, prompt_file: str, n: int) -> None:
     """Run in a fresh process: load one engine, generate n tokens, print the process's peak RSS
     (VmHWM: this program's own, where getrusage would report the parent's too) and what it holds
@@ -193,9 +196,6 @@ def memory_child(kind: str, path: str, threads: int, prompt_file: str, n: int) -
         )
     )
     del run
-
-
-MEMORY_FIELDS = {"peak_rss_mb": "VmHWM", "rss_mb": "VmRSS"}
 
 
 def measure_memory(kind: str, path: str, threads: int, ids: list[int], n: int, tmp: Path) -> dict:
@@ -307,14 +307,12 @@ def main() -> None:
                 "ttft_s": statistics.median(v[0] for v in vals),
                 "decode_tokens_per_s": tps,
                 "model_bytes": sizes[name],
-                "decode_gb_per_s": sizes[name]
-                * tps
-                / 1e9,  # weights read per token; the KV cache comes on top
+                "decode_gb_per_s": sizes[name] * tps / 1e9,  # the weights a token reads; KV comes on top
                 "runs": len(vals),
             }
         )
     memory: dict[str, dict] = {}
-    if args.memory:  # after the timed rounds, one engine at a time, nothing else running
+    if args.memory:  # after the timed rounds, one engine at a time (the ones loaded here sit idle)
         args.out.mkdir(parents=True, exist_ok=True)
         for name, kind, path in specs:
             if name in engines:
