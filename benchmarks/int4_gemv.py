@@ -88,18 +88,15 @@ def q4_1_dense(w: np.ndarray) -> np.ndarray:
     return (values * w["d"][..., None] + w["m"][..., None]).reshape(len(w), -1)
 
 
-def matmulnbits_chain(rng: np.random.Generator, pairs: int, threads: int):
-    """An onnxruntime session running the chain with symmetric 4-bit MatMulNBits (accuracy level 4,
-    as onnxlm and genai use it), and one (data, scales) to check it by."""
+def matmulnbits_session(mats: list[tuple[np.ndarray, np.ndarray]], threads: int):
+    """An onnxruntime session running symmetric 4-bit MatMulNBits (accuracy level 4, as onnxlm and
+    genai use it) over (data (N, K/32, 16), float32 scales) in a chain, each output the next input."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
-    nodes, inits, x, first = [], [], "x", None
-    for i in range(2 * pairs):
-        k, n = SHAPES[i % 2]
-        data = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
-        scales = (rng.uniform(0.5, 1.5, n * k // 32) / (4.6 * np.sqrt(k))).astype(np.float32)
-        first = first or (data, scales)
+    nodes, inits, x = [], [], "x"
+    for i, (data, scales) in enumerate(mats):
+        n, kb, _ = data.shape
         inits += [numpy_helper.from_array(data, f"B{i}"), numpy_helper.from_array(scales, f"S{i}")]
         nodes.append(
             helper.make_node(
@@ -107,7 +104,7 @@ def matmulnbits_chain(rng: np.random.Generator, pairs: int, threads: int):
                 [x, f"B{i}", f"S{i}"],
                 [f"y{i}"],
                 domain="com.microsoft",
-                K=k,
+                K=kb * 32,
                 N=n,
                 bits=4,
                 block_size=32,
@@ -115,11 +112,12 @@ def matmulnbits_chain(rng: np.random.Generator, pairs: int, threads: int):
             )
         )
         x = f"y{i}"
+    first_k, last_n = mats[0][0].shape[1] * 32, mats[-1][0].shape[0]
     graph = helper.make_graph(
         nodes,
         "chain",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 576])],
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, 576])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, first_k])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [1, last_n])],
         inits,
     )
     model = helper.make_model(
@@ -127,40 +125,25 @@ def matmulnbits_chain(rng: np.random.Generator, pairs: int, threads: int):
     )
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
-    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"]), first
+    return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+
+def matmulnbits_mats(rng: np.random.Generator, pairs: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(data, scales) of 2*pairs matrices of SHAPES, scaled to keep a chain's activations steady."""
+    mats = []
+    for i in range(2 * pairs):
+        k, n = SHAPES[i % 2]
+        data = rng.integers(0, 256, (n, k // 32, 16), dtype=np.uint8)
+        scales = (rng.uniform(0.5, 1.5, n * k // 32) / (4.6 * np.sqrt(k))).astype(np.float32)
+        mats.append((data, scales))
+    return mats
 
 
 def check_matmulnbits(data: np.ndarray, scales: np.ndarray, threads: int) -> float:
     """Relative error of one MatMulNBits against numpy (its nibbles: element 2j low, 2j+1 high)."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper, numpy_helper
-
     n, kb, _ = data.shape
     k = kb * 32
-    node = helper.make_node(
-        "MatMulNBits",
-        ["x", "B", "S"],
-        ["y"],
-        domain="com.microsoft",
-        K=k,
-        N=n,
-        bits=4,
-        block_size=32,
-        accuracy_level=4,
-    )
-    graph = helper.make_graph(
-        [node],
-        "one",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, k])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, n])],
-        [numpy_helper.from_array(data, "B"), numpy_helper.from_array(scales, "S")],
-    )
-    model = helper.make_model(
-        graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)]
-    )
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    sess = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+    sess = matmulnbits_session([(data, scales)], threads)
     x = np.random.default_rng(1).standard_normal((1, k)).astype(np.float32)
     q = np.stack([data & 15, data >> 4], axis=-1).reshape(n, kb, 32).astype(np.float32)
     dense = ((q - 8) * scales.reshape(n, kb, 1)).reshape(n, k)
@@ -242,8 +225,9 @@ def child(side: str, pairs: int, repeat: int, threads: int, prefetch: int, tmp: 
     rng = np.random.default_rng(0)
     x0 = rng.standard_normal(576).astype(np.float32)
     if side == "matmulnbits":
-        sess, (data, scales) = matmulnbits_chain(rng, pairs, threads)
-        error = check_matmulnbits(data, scales, threads)
+        mats = matmulnbits_mats(rng, pairs)
+        sess = matmulnbits_session(mats, threads)
+        error = check_matmulnbits(*mats[0], threads)
 
         def run():
             sess.run(None, {"x": x0[None]})
