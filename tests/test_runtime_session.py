@@ -156,5 +156,5 @@ def test_release_mapped_files_leaves_a_mapping_with_written_pages(tmp_path):
 
 def test_release_mapped_files_without_a_mapping_or_proc(tmp_path, monkeypatch):
     assert S.release_mapped_files(tmp_path) == 0
-    monkeypatch.setattr(S, "_libc_madvise", lambda: None)
+    monkeypatch.setattr(S, "_libc_function", lambda name, argtypes, restype=None: None)
     assert S.release_mapped_files(tmp_path) == 0

@@ -91,35 +91,31 @@ def make_session(
     return session
 
 
+def _libc_function(name: str, argtypes: list, restype=ctypes.c_int):
+    """A function of the C library, typed, or None where there is no such library or function."""
+    lib = ctypes.util.find_library("c")
+    try:
+        fn = getattr(ctypes.CDLL(lib), name) if lib else None
+    except (OSError, AttributeError):
+        return None
+    if fn is not None:
+        fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
 def release_free_heap() -> bool:
     """Hand the C heap's free pages back to the system (glibc's malloc_trim). Parsing tokenizer.json
     and building a session leave tens of MB freed but still held by the allocator; releasing them
     between the two keeps the first out of the process's peak, and after them out of its steady size.
     Returns False where the C library has no malloc_trim (not glibc): nothing to do there."""
-    name = ctypes.util.find_library("c")
-    try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
-        trim = None
+    trim = _libc_function("malloc_trim", [ctypes.c_size_t])
     if trim is None:
         return False
-    trim.argtypes = [ctypes.c_size_t]
     trim(0)
     return True
 
 
 MADV_DONTNEED = 4  # Linux: drop the range's pages from this process; a clean file page comes back on touch
-
-
-def _libc_madvise():
-    name = ctypes.util.find_library("c")
-    try:
-        fn = ctypes.CDLL(name, use_errno=True).madvise if name else None
-    except (OSError, AttributeError):
-        return None
-    if fn is not None:
-        fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int], ctypes.c_int
-    return fn
 
 
 def file_mappings(directory: str | os.PathLike) -> list[dict]:
@@ -154,7 +150,7 @@ def release_mapped_files(directory: str | os.PathLike) -> int:
     pack the head, stays in the process's RSS though generation then gathers a few rows of it.
     Only mappings with no page written by this process are dropped, so every byte reads back the
     same from the file on its next touch; a mapping with written pages is left as it is."""
-    madvise = _libc_madvise()
+    madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
     if madvise is None:
         return 0
     released = 0
