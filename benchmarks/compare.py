@@ -198,9 +198,8 @@ def memory_child(kind: str, path: str, threads: int, prompt_file: str, n: int) -
     del run
 
 
-def measure_memory(kind: str, path: str, threads: int, ids: list[int], n: int, tmp: Path) -> dict:
-    prompt_file = tmp / "memory-prompt.json"
-    prompt_file.write_text(json.dumps(ids))
+def measure_memory(kind: str, path: str, threads: int, prompt_file: Path, n: int) -> dict:
+    """One engine's memory, measured by memory_child in a fresh process on the prompt in prompt_file."""
     cmd = [sys.executable, str(THIS), "--memory-of", kind, path, "--threads", str(threads)]
     cmd += ["--memory-prompt", str(prompt_file), "--new-tokens", str(n)]
     done = subprocess.run(cmd, capture_output=True, text=True)
@@ -314,11 +313,11 @@ def main() -> None:
     memory: dict[str, dict] = {}
     if args.memory:  # after the timed rounds, one engine at a time (the ones loaded here sit idle)
         args.out.mkdir(parents=True, exist_ok=True)
+        prompt_file = args.out / "memory-prompt.json"
+        prompt_file.write_text(json.dumps(prompts[contexts[0]]))
         for name, kind, path in specs:
             if name in engines:
-                memory[name] = measure_memory(
-                    kind, path, args.threads, prompts[contexts[0]], args.new_tokens, args.out
-                )
+                memory[name] = measure_memory(kind, path, args.threads, prompt_file, args.new_tokens)
                 print(f"memory {name:22s} {memory[name]}", file=sys.stderr)
     import onnxruntime
 
