@@ -51,15 +51,20 @@ def serve(
     grace: float = 30.0,
     providers=None,
     threads: int | None = None,
+    draft: str | None = None,
+    prefix_cache_mb: float = 256,
 ) -> None:
-    """Load BUNDLE and serve the OpenAI API on host:port until SIGTERM / Ctrl-C."""
+    """Load BUNDLE and serve the OpenAI API on host:port until SIGTERM / Ctrl-C; `draft` ("ngram" or a
+    draft bundle) turns on speculative decoding, `prefix_cache_mb` sizes the prefix cache (0: off)."""
     uvicorn = _web_stack()
     from ..engine import Engine
     from .app import create_app
 
     if max_batch < 1 or max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {max_batch}, {max_queue}")
-    engine = Engine.load(bundle, providers=providers, threads=threads)
+    engine = Engine.load(
+        bundle, providers=providers, threads=threads, draft=draft, prefix_cache_mb=prefix_cache_mb
+    )
     app = create_app(engine, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
     svc = app.state.service
     svc.scheduler.start()
