@@ -63,6 +63,30 @@ def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray
     return ids, lengths
 
 
+def window_feeds(io, facts, ids: Sequence[int], every_position: bool = False) -> dict[str, np.ndarray]:
+    """The feeds of one graph call that runs `ids` from an empty cache, for either KV layout, as plain
+    numpy (no binding; a shared-buffer graph gets a buffer of the window's size): for evaluation and
+    calibration runs that want the graph's outputs over a window, not generation. Logits at the last
+    position, or at every position (`every_position`)."""
+    n = len(ids)
+    feed = {io.input_ids: np.array([list(ids)], np.int64)}
+    if io.shared:
+        feed[io.seqlens_k] = np.array([n - 1], np.int32)
+        feed[io.total_sequence_length] = np.array(n, np.int32)
+        feed[io.query_seqlens] = np.array([n], np.int32)
+        feed[io.logits_index] = (np.arange(n) if every_position else np.array([n - 1]))[None].astype(np.int64)
+        past = n  # a buffer that holds the window
+    else:
+        feed[io.attention_mask] = np.ones((1, n), np.int64)
+        if io.position_ids:
+            feed[io.position_ids] = np.arange(n, dtype=np.int64)[None]
+        past = 0
+    for i in range(facts.num_layers):
+        for name in (io.past_key.format(i=i), io.past_value.format(i=i)):
+            feed[name] = np.zeros((1, facts.num_kv_heads, past, facts.head_dim), np.dtype(io.kv_dtype))
+    return feed
+
+
 def _token_lists(tokens) -> list[list[int]]:
     arr = np.asarray(tokens) if not isinstance(tokens, list) else None
     if arr is not None and arr.ndim == 1:

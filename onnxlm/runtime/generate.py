@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ..bundle import Manifest
+from .driver import window_feeds
 from .kv_cache import KVCache, SharedKVCache
 from .sampling import apply_processors, make_logits_processors, make_sampler
 from .session import BoundBuffers, kv_device, run_bound, run_numpy
@@ -183,14 +184,10 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64)[None, :]  # (1, seq)
         seq = ids.shape[1]
         if not self.io.shared:
-            cache = self.new_cache(1)
-            feeds = {
-                self.io.input_ids: ids.astype(self._int[self.io.input_ids], copy=False),
-                self.io.attention_mask: np.ones((1, seq), self._int[self.io.attention_mask]),
-                **cache.feeds(),
-            }
-            if self.io.position_ids:
-                feeds[self.io.position_ids] = np.arange(seq, dtype=self._int[self.io.position_ids])[None]
+            feeds = window_feeds(self.io, self.facts, ids[0])
+            for name in (self.io.input_ids, self.io.attention_mask, self.io.position_ids):
+                if name:
+                    feeds[name] = feeds[name].astype(self._int[name], copy=False)
             (logits,) = self.session.run([self.io.logits], feeds)
             return np.asarray(logits[0], dtype=np.float32)
         cache = self.new_cache(1, capacity=seq)
