@@ -232,21 +232,26 @@ def wrap_long_decode(model: onnx.ModelProto, from_tokens: int = FROM_TOKENS) -> 
     if from_tokens < 1:
         raise ValueError(f"from_tokens must be at least 1, got {from_tokens}")
     gqas, b, shared, heads, kv_heads, d, rotary_dim = _prepare(model)
-    query_seqlens = gqas[0].input[16]
+    shared_nodes = b.take()  # what only the MatMul form reads: computed only on steps that take it
+    query_seqlens, seqlens_k, past_k = gqas[0].input[16], gqas[0].input[5], gqas[0].input[3]
     one = b.const("one32", np.array(1, np.int32))
     single = b.op("Equal", [b.op("ReduceMax", [query_seqlens], keepdims=0), one])
     single = b.op("And", [single, b.op("Equal", [b.op("ReduceMin", [query_seqlens], keepdims=0), one])])
-    shortest = b.op("ReduceMin", [shared.held_after], keepdims=0)  # tokens the shortest row holds after
+    shortest = b.op("Add", [b.op("ReduceMin", [seqlens_k], keepdims=0), one])  # the shortest row after
+    shortest = b.op("Cast", [shortest], to=TensorProto.INT64)
     long = b.op("GreaterOrEqual", [shortest, b.const("from", np.array(from_tokens, np.int64))])
     # the MatMul form works over the whole buffer, GroupQueryAttention over what each row holds: take
-    # it only while the buffer is at most 4/3 of the shortest row (the server grows buffers ahead)
-    capacity = b.op("Squeeze", [shared.capacity, b.ints("a0e", 0)])
+    # it only while the buffer is at most 4/3 of the shortest row (the runtime grows buffers ahead)
+    capacity = b.op("Gather", [b.op("Shape", [past_k]), b.const("i2s", np.array(2, np.int64))], axis=0)
     full = b.op(
         "LessOrEqual",
-        [b.op("Mul", [capacity, b.ints("three", 3)]), b.op("Mul", [shortest, b.ints("four", 4)])],
+        [
+            b.op("Mul", [capacity, b.const("three", np.array(3, np.int64))]),
+            b.op("Mul", [shortest, b.const("four", np.array(4, np.int64))]),
+        ],
     )
     cond = b.op("And", [b.op("And", [single, long]), full], [PREFIX + "use_matmul"])
-    prelude = b.take()
+    prelude = [*b.take(), _prelude_if(cond, shared_nodes, shared)]
     kv_type = next(i for i in model.graph.input if i.name == gqas[0].input[3]).type.tensor_type.elem_type
     types = (kv_type, kv_type, kv_type)  # attention output and buffers share the KV dtype
     layers = {}
@@ -275,6 +280,50 @@ def wrap_long_decode(model: onnx.ModelProto, from_tokens: int = FROM_TOKENS) -> 
         ]
     _splice(model, gqas[0].name, prelude, layers)
     return model
+
+
+def _prelude_if(cond: str, nodes: list, shared: _Shared) -> onnx.NodeProto:
+    """One If around what every layer's MatMul form reads (positions, scatter indices, masks, shapes):
+    a step that takes GroupQueryAttention computes none of it (the else branch is a few constants).
+
+        If(use_matmul) then: the shared nodes -> pos, index, grouped, flat, masks
+                       else: placeholders of the same types (never read)"""
+    exported = [shared.pos, shared.index, shared.grouped, shared.flat, *shared.masks.values()]
+    inner = {name: f"{name}/prelude" for name in exported}
+    then_nodes = []
+    for n in nodes:
+        m = onnx.NodeProto()
+        m.CopyFrom(n)
+        for i, x in enumerate(m.output):
+            m.output[i] = inner.get(x, x)
+        for i, x in enumerate(m.input):
+            m.input[i] = inner.get(x, x)
+        then_nodes.append(m)
+    types = [TensorProto.INT64] * 4 + [TensorProto.FLOAT] * len(shared.masks)
+    else_nodes = [
+        helper.make_node(
+            "Constant",
+            [],
+            [f"{name}/unused"],
+            value=numpy_helper.from_array(np.zeros(1, np.int64 if t == TensorProto.INT64 else np.float32)),
+        )
+        for name, t in zip(exported, types, strict=True)
+    ]
+
+    def outs(suffix):
+        return [
+            helper.make_tensor_value_info(f"{n}/{suffix}", t, None)
+            for n, t in zip(exported, types, strict=True)
+        ]
+
+    return helper.make_node(
+        "If",
+        [cond],
+        exported,
+        name=PREFIX + "prelude",
+        then_branch=helper.make_graph(then_nodes, PREFIX + "prelude/then", [], outs("prelude")),
+        else_branch=helper.make_graph(else_nodes, PREFIX + "prelude/else", [], outs("unused")),
+    )
 
 
 def unwrap_long_decode(model: onnx.ModelProto) -> bool:
