@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from ..constraints import fill_masks
 from ..generate import (
     GenerationParams,
     Model,
@@ -312,6 +313,7 @@ class Scheduler:
 
     def _prefill(self, admit: list[Request]) -> None:
         logits, part = self._batch.prefill([r.seq.prompt for r in admit])  # (k, vocab)
+        fill_masks([r.seq for r in admit])
         outputs = [sample_next(r.seq, 0, logits[i]) for i, r in enumerate(admit)]
         first = len(self._rows)
         self._rows.extend(admit)
@@ -326,6 +328,7 @@ class Scheduler:
         logits = self._batch.decode(tokens)  # (batch, vocab)
         self.step_s = time.perf_counter() - t0
         self.steps += 1
+        fill_masks([r.seq for r in self._rows])
         for row, r in enumerate(self._rows):
             _deliver(r, sample_next(r.seq, 0, logits[row]))
         self._leave([row for row, r in enumerate(self._rows) if r.seq.finish_reason or r.cancelled])
