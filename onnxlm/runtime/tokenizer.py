@@ -7,6 +7,7 @@ and any reach for an unsafe attribute (`__class__`, `__globals__`, ...) is an er
 
 from __future__ import annotations
 
+import codecs
 import functools
 import json
 import os
@@ -209,6 +210,13 @@ class Tokenizer:
         )
 
 
+def _incomplete_tail(data: bytes) -> bool:
+    """Whether `data` ends in the first bytes of a UTF-8 character (more bytes would complete it)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(data, final=False)
+    return bool(decoder.getstate()[0])
+
+
 class Detokenizer:
     """Turn a growing list of token ids into text deltas that are always complete characters.
 
@@ -216,11 +224,12 @@ class Detokenizer:
     leading space of the first token they see; so each step decodes a small anchor window (the tokens
     since the last-but-one emission) with and without the new tokens and emits the difference, holding
     back anything that ends in U+FFFD (an unfinished UTF-8 sequence). The concatenated deltas equal
-    `decode(all ids)` once `flush()` has run.
+    `decode(all ids)` once `flush()` has run (less a trailing U+FFFD for a character cut off by the end).
     """
 
     def __init__(self, tokenizer: Tokenizer | HFTokenizer, skip_special_tokens: bool = True):
         self._decode_fn = tokenizer.decode
+        self._tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = 0  # window start: tokens before it are settled and emitted
@@ -229,6 +238,13 @@ class Detokenizer:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._decode_fn(list(ids), skip_special_tokens=self.skip)
+
+    def _cut_character(self, ids: Sequence[int]) -> bool:
+        token_bytes = getattr(self._tokenizer, "token_bytes", None)
+        if token_bytes is None:
+            return False
+        skipped = set(self._tokenizer.special_token_ids()) if self.skip else set()
+        return _incomplete_tail(b"".join(token_bytes(i) for i in ids if i not in skipped))
 
     def add(self, token_ids: int | Iterable[int]) -> str:
         """Append token(s); return the new complete text (possibly "")."""
@@ -246,12 +262,15 @@ class Detokenizer:
         return ""
 
     def flush(self) -> str:
-        """Emit whatever is held back (an unfinished character decodes as U+FFFD, as a full decode would)."""
+        """Emit whatever is held back. A character cut off by the end (its first bytes only) is dropped,
+        not shown as U+FFFD: the text never carries a replacement character the tokens did not make."""
         if self.read == len(self.ids):
             return ""
         prefix_text = self._decode(self.ids[self.prefix : self.read])
         new_text = self._decode(self.ids[self.prefix :])
         delta = new_text[len(prefix_text) :]
+        if delta.endswith(REPLACEMENT) and self._cut_character(self.ids[self.read :]):
+            delta = delta[:-1]
         self.prefix, self.read = self.read, len(self.ids)
         self.text += delta
         return delta
