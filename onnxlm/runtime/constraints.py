@@ -184,3 +184,13 @@ def fill_masks(seqs: Sequence[Any]) -> None:
         )
     for i, c in enumerate(rows):
         c.mask = masks[i]
+
+
+def to_lark(grammar: str) -> str:
+    """A grammar in Lark syntax, converted from llama.cpp's GBNF when it is GBNF (llguidance's converter)."""
+    from llguidance.gbnf_to_lark import any_to_lark
+
+    try:
+        return any_to_lark(grammar)
+    except Exception as e:  # the converter raises assorted errors on bad GBNF
+        raise ValueError(f"not a valid Lark or GBNF grammar: {e}") from None
