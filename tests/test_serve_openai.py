@@ -303,3 +303,28 @@ def test_tokenize_detokenize(engine, server):
     assert back["prompt"].endswith("Hello world") and back["content"] == back["prompt"]
     bad = post(server, "/detokenize", {"tokens": [10**9]})
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "tokens"
+
+
+def test_chat_template_kwargs_reach_the_template(engine):
+    import dataclasses
+
+    from onnxlm.runtime.engine import Engine
+    from onnxlm.runtime.tokenizer import Tokenizer
+
+    template = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if enable_thinking %}<think>{% endif %}"
+    )
+    manifest = dataclasses.replace(engine.manifest, chat_template=template)
+    thinking = Engine(engine.model, Tokenizer(engine.tokenizer.tok, manifest), manifest)
+    srv = ServerThread(create_app(thinking, model_name="tiny"))
+    try:
+        on = post(
+            srv, "/tokenize", {"messages": ASK, "chat_template_kwargs": {"enable_thinking": True}}
+        ).json()
+        off = post(srv, "/tokenize", {"messages": ASK}).json()
+        assert thinking.tokenizer.decode(on["tokens"], skip_special_tokens=False).endswith("<think>")
+        assert on["count"] > off["count"]
+        body = {"messages": ASK, "max_tokens": 1, "chat_template_kwargs": {"enable_thinking": True}}
+        assert post(srv, "/v1/chat/completions", body).json()["usage"]["prompt_tokens"] == on["count"]
+    finally:
+        srv.stop()
