@@ -7,7 +7,7 @@ scheduler and stream the outputs back; one loop (the scheduler's) does all gener
     uvicorn.run(app, host="127.0.0.1", port=8000)           # (`onnxlm serve` adds SIGTERM draining)
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with `stream: true`:
-server-sent events ending in `data: [DONE]`), POST /tokenize, POST /detokenize, GET /health,
+server-sent events ending in `data: [DONE]`), POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health,
 GET /ready, GET /metrics (Prometheus). Which request fields are honoured: openai_fields.py.
 """
 
@@ -32,7 +32,7 @@ from .metrics import ServerMetrics
 from .protocol import APIError, GenRequest, bad, parse_chat, parse_completion, parse_json
 from .responses import LogprobText, completion_body, new_id, prompt_logprobs
 from .scheduler import Cancelled, GenerationAborted, QueueFull, Scheduler
-from .tokens import detokenize, tokenize
+from .tokens import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("onnxlm.serving")
 
@@ -308,6 +308,11 @@ async def tokenize_endpoint(svc: Service, request: Request) -> Response:
     return JSONResponse(tokenize(parse_json(await _read_body(request)), svc.engine))
 
 
+@_endpoint("/tokenizer_info")
+async def tokenizer_info_endpoint(svc: Service, request: Request) -> Response:
+    return JSONResponse(tokenizer_info(svc.engine))
+
+
 @_endpoint("/detokenize")
 async def detokenize_endpoint(svc: Service, request: Request) -> Response:
     return JSONResponse(detokenize(parse_json(await _read_body(request)), svc.engine))
@@ -347,6 +352,7 @@ def create_app(
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/tokenize", tokenize_endpoint, methods=["POST"]),
         Route("/detokenize", detokenize_endpoint, methods=["POST"]),
+        Route("/tokenizer_info", tokenizer_info_endpoint, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.service = svc

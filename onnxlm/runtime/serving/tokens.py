@@ -82,3 +82,17 @@ def detokenize(body: dict[str, Any], engine: Engine) -> dict[str, Any]:
         )
     text = engine.tokenizer.decode(ids, skip_special_tokens=False)
     return {"prompt": text, "content": text}
+
+
+def tokenizer_info(engine: Engine) -> dict[str, Any]:
+    tok, facts = engine.tokenizer, engine.model.facts
+    pad = facts.pad_token_id
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "eos_token": tok.eos_token,
+        "bos_token": tok.bos_token,
+        "pad_token": None if pad is None else tok.tok.id_to_token(pad),
+        "chat_template": engine.manifest.chat_template,
+        "model_max_length": engine.context_length,
+        "vocab_size": facts.vocab_size,
+    }
