@@ -4,9 +4,8 @@ lm-eval sends) with the server's /tokenize (lm-eval's remote tokenizer), and eve
 loglikelihood equals onnxlm's own from the logits to 1e-4.
 
 lm-eval pulls datasets and huggingface_hub versions the export extra's transformers cannot share an
-environment with: it runs in its own interpreter (`pip install "lm-eval[api]"` there), named by
-`ONNXLM_LM_EVAL_PYTHON` (else this one, when it
-has lm_eval), or the test is skipped."""
+environment with: it runs in its own interpreter (`pip install "lm-eval[api]"` there) named by
+`ONNXLM_LM_EVAL_PYTHON`, else in this one when it has lm_eval; without either the test is skipped."""
 
 from __future__ import annotations
 
