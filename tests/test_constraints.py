@@ -148,3 +148,16 @@ def _smol(bundle):
     if bundle not in _SMOL:
         _SMOL[bundle] = Engine.load(bundle)
     return _SMOL[bundle]
+
+
+def test_every_end_token_ends_a_complete_output():
+    """A model with two end tokens (</s>, <|im_end|>): once the grammar accepts, either may end it."""
+    from fixtures import IM_END
+    from openai_fixtures import long_bundle
+
+    engine = Engine.load(long_bundle())
+    assert len(engine.model.facts.eos_token_ids) == 2 and IM_END == engine.model.facts.eos_token_ids[1]
+    out = engine.generate("Hi", regex="[0-9]+", logit_bias={IM_END: 100}, max_new_tokens=20)
+    assert re.fullmatch("[0-9]+", out.text) and out.token_ids[-1] == IM_END and out.finish_reason == "stop"
+    free = engine.generate("Hi", regex="[0-9]{3}", ignore_eos=True, max_new_tokens=20)
+    assert re.fullmatch("[0-9]{3}", free.text) and free.finish_reason == "stop"

@@ -94,7 +94,10 @@ def ll_tokenizer(tokenizer, vocab_size: int, eos_id: int | None):
         cached = _TOKENIZERS.setdefault(tokenizer, {})
         if key not in cached:
             llg = _llg()
-            cached[key] = llg.LLTokenizer(llg.TokenizerWrapper(_Vocabulary(tokenizer, vocab_size, eos_id)))
+            vocabulary = _Vocabulary(tokenizer, vocab_size, eos_id)
+            cached[key] = llg.LLTokenizer(
+                llg.TokenizerWrapper(vocabulary), n_vocab=vocab_size, eos_token=eos_id
+            )
         return cached[key]
 
 
@@ -119,12 +122,15 @@ class _Vocabulary:
 
 
 class Constraint:
-    """One sequence's grammar state: a matcher, and this step's mask once filled."""
+    """One sequence's grammar state: a matcher, and this step's mask once filled. `eos_ids`: the model's
+    end tokens; llguidance knows the first, the others are allowed (and consumed as it) alongside."""
 
-    def __init__(self, grammar: str, tokenizer, vocab_size: int, eos_id: int | None):
+    def __init__(self, grammar: str, tokenizer, vocab_size: int, eos_ids: int | Sequence[int] | None):
         llg = _llg()
+        ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+        self.eos, self.other_eos = (ids[0] if ids else None), np.array(ids[1:], dtype=np.int64)
         self.vocab_size = vocab_size
-        self.matcher = llg.LLMatcher(ll_tokenizer(tokenizer, vocab_size, eos_id), grammar, log_level=0)
+        self.matcher = llg.LLMatcher(ll_tokenizer(tokenizer, vocab_size, self.eos), grammar, log_level=0)
         if self.matcher.is_error():
             raise ValueError(f"the grammar does not compile: {self.matcher.get_error()}")
         self.mask: np.ndarray | None = None  # (words,) int32, bit t of word t//32 = token t allowed
@@ -143,16 +149,24 @@ class Constraint:
         self.mask = _llg().numpy.allocate_token_bitmask(1, self.vocab_size)[0]
         _llg().numpy.fill_next_token_bitmask(self.matcher, self.mask[None, :], 0)
 
-    def apply(self, logits: np.ndarray) -> np.ndarray:
-        """logits (vocab,) with every token the grammar forbids at -inf (a new array)."""
+    def allowed(self, vocab: int) -> np.ndarray:
+        """(vocab,) bool: the tokens the grammar allows next."""
         if self.mask is None:
             self.fill()
-        allowed = np.unpackbits(self.mask.view(np.uint8), bitorder="little")[: logits.shape[-1]]
-        return np.where(allowed.astype(bool), logits, -np.inf).astype(logits.dtype, copy=False)
+        allowed = np.unpackbits(self.mask.view(np.uint8), bitorder="little")[:vocab].astype(bool)
+        if self.eos is not None and len(self.other_eos) and allowed[self.eos]:
+            allowed[self.other_eos[self.other_eos < vocab]] = True
+        return allowed
+
+    def apply(self, logits: np.ndarray) -> np.ndarray:
+        """logits (vocab,) with every token the grammar forbids at -inf (a new array)."""
+        return np.where(self.allowed(logits.shape[-1]), logits, -np.inf).astype(logits.dtype, copy=False)
 
     def advance(self, token: int) -> bool:
         """Move past a sampled token; False (and an error state) when the grammar did not allow it."""
         self.mask = None
+        if token in self.other_eos:
+            token = self.eos
         return bool(self.matcher.consume_token(int(token)))
 
 

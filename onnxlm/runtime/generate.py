@@ -423,7 +423,7 @@ def new_seq(prompt: list[int], params: GenerationParams, tokenizer: Tokenizer | 
     if params.compiled_grammar is not None:
         if tokenizer is None:
             raise ValueError("json_schema, regex and grammar need a tokenizer")
-        eos = None if params.ignore_eos else (facts.eos_token_ids or [None])[0]
+        eos = list(facts.eos_token_ids)  # any of them ends a complete output
         constraint = constraints.Constraint(params.compiled_grammar, tokenizer, facts.vocab_size, eos)
     processors = make_logits_processors(
         params.repetition_penalty,
