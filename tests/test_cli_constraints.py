@@ -17,7 +17,7 @@ def run(*args):
     return CliRunner().invoke(cli, ["-q", "generate", *map(str, args)])
 
 
-@pytest.mark.parametrize("name", ["nested", "array_bounds", "any_of", "string_pattern"])
+@pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_json_schema_file(tiny_llama_bundle, tmp_path, name):
     path = tmp_path / "schema.json"
     path.write_text(json.dumps(SCHEMAS[name]))

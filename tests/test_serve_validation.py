@@ -118,6 +118,7 @@ BAD_CHAT = [
     ({"messages": M, "echo": True}, "echo"),
     ({"messages": M, "model": 7}, "model"),
     ({"messages": M, "stream_options": 3}, "stream_options"),
+    ({"messages": M, "stream_options": {"continuous_usage_stats": True}}, "stream_options"),
 ]
 
 

@@ -187,6 +187,11 @@ def _common(
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    unknown = sorted(set(options or {}) - {"include_usage", "include_obfuscation"})
+    if unknown:  # include_obfuscation is harmless: these streams carry no padding to obfuscate
+        raise bad(
+            f"'stream_options.{unknown[0]}' is not supported", "stream_options", "unsupported_parameter"
+        )
     include_usage = _boolean(options or {}, "include_usage", False)
     max_tokens = _integer(body, "max_tokens", 0, 2**31, None)
     if chat:
