@@ -328,3 +328,32 @@ def test_chat_template_kwargs_reach_the_template(engine):
         assert post(srv, "/v1/chat/completions", body).json()["usage"]["prompt_tokens"] == on["count"]
     finally:
         srv.stop()
+
+
+def test_streamed_echo_and_chat_choices(engine, client):
+    text = "Once upon a time"
+    whole = client.completions.create(
+        model="tiny", prompt=text, max_tokens=4, echo=True, logprobs=2, temperature=0
+    )
+    parts, tokens, offsets = "", [], []
+    for chunk in client.completions.create(
+        model="tiny", prompt=text, max_tokens=4, echo=True, logprobs=2, temperature=0, stream=True
+    ):
+        for c in chunk.choices:
+            parts += c.text
+            if c.logprobs:
+                tokens += c.logprobs.tokens
+                offsets += c.logprobs.text_offset
+    assert parts == whole.choices[0].text and parts.startswith(text)
+    assert tokens == whole.choices[0].logprobs.tokens and offsets == whole.choices[0].logprobs.text_offset
+    roles, texts, reasons = {}, {}, {}
+    for chunk in client.chat.completions.create(
+        model="tiny", messages=ASK, n=2, max_tokens=5, stream=True, seed=1
+    ):
+        for c in chunk.choices:
+            roles[c.index] = roles.get(c.index) or c.delta.role
+            texts[c.index] = texts.get(c.index, "") + (c.delta.content or "")
+            reasons[c.index] = c.finish_reason or reasons.get(c.index)
+    assert roles == {0: "assistant", 1: "assistant"} and set(reasons.values()) <= {"stop", "length"}
+    whole = client.chat.completions.create(model="tiny", messages=ASK, n=2, max_tokens=5, seed=1)
+    assert texts == {c.index: c.message.content for c in whole.choices}
