@@ -7,8 +7,8 @@ scheduler and stream the outputs back; one loop (the scheduler's) does all gener
     uvicorn.run(app, host="127.0.0.1", port=8000)           # (`onnxlm serve` adds SIGTERM draining)
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with `stream: true`:
-server-sent events ending in `data: [DONE]`), POST /tokenize, POST /detokenize, GET /tokenizer_info, GET /health,
-GET /ready, GET /metrics (Prometheus). Which request fields are honoured: openai_fields.py.
+server-sent events ending in `data: [DONE]`), POST /tokenize, POST /detokenize, GET /tokenizer_info,
+GET /health, GET /ready, GET /metrics (Prometheus). Which request fields are honoured: openai_fields.py.
 """
 
 from __future__ import annotations
@@ -266,12 +266,16 @@ def _check_model(svc: Service, model: str) -> None:
 
 
 async def _echoes(svc: Service, req: GenRequest) -> dict[int, list]:
-    """With echo and logprobs: each prompt's token logprobs (one forward pass each, off the event loop)."""
+    """With echo and logprobs: each prompt's token logprobs (a forward pass each, one prompt at a time:
+    a prompt's logits are (tokens, vocab) floats; off the event loop)."""
     if not (req.echo and req.logprobs):
         return {}
     top = req.params.top_logprobs
-    scored = [asyncio.to_thread(prompt_logprobs, svc.engine, ids, top) for ids in req.prompts]
-    return dict(enumerate(await asyncio.gather(*scored)))
+
+    def score() -> list:
+        return [prompt_logprobs(svc.engine, ids, top) for ids in req.prompts]
+
+    return dict(enumerate(await asyncio.to_thread(score)))
 
 
 async def _on_disconnect(request: Request, streams: dict) -> None:
