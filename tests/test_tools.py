@@ -188,3 +188,28 @@ def test_smollm2_tool_round_trip(smollm2_bundle):
     ]
     final = engine.chat(history, tools=TOOLS, tool_choice="none", max_new_tokens=40)
     assert final.text and not final.tool_calls
+
+
+def test_a_template_with_tools_renders_them_itself(engine):
+    import dataclasses
+
+    from onnxlm.runtime.tokenizer import Tokenizer
+
+    template = (
+        "{% for t in tools or [] %}[tool {{ t.function.name }}]{% endfor %}"
+        "{% for m in messages %}<{{ m.role }}>{{ m.content or '' }}"
+        "{% for c in m.tool_calls or [] %}{{ c.function.name }}:{{ c.function.arguments.city }}{% endfor %}"
+        "{% endfor %}"
+    )
+    manifest = dataclasses.replace(engine.manifest, chat_template=template)
+    native = Engine(engine.model, Tokenizer(engine.tokenizer.tok, manifest), manifest)
+    call = {
+        "id": "c1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'},
+    }
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    ids, params, parse = native.chat_request(history, tools=TOOLS, tool_choice="required")
+    text = native.tokenizer.decode(ids, skip_special_tokens=False)
+    assert text.startswith("[tool get_weather][tool add]") and "get_weather:Oslo" in text
+    assert T.SYSTEM_HEADER not in text and parse and params.grammar is not None

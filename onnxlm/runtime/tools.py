@@ -24,6 +24,10 @@ A call is always written `<tool_call>\\n{"name": "NAME", "arguments": ARGS}\\n</
 line. tool_choice "required" or a named function constrain the output to such calls, with ARGS
 following the function's `parameters` schema (llguidance, %json); "auto" lets the model choose between
 plain text (which then cannot contain "<tool_call>") and constrained calls; "none" renders no tools.
+The answer's calls are read in this one format also where the template renders the tools itself
+(Qwen2.5 and Hermes models answer in it natively; a model trained on another call syntax, such as
+Llama 3.1's bare JSON, still produces valid calls under "required", while its "auto" calls come back
+as text).
 """
 
 from __future__ import annotations
@@ -296,7 +300,24 @@ def prepare_chat(
     offered = tools if choice != "none" else []
     if template_takes_tools(chat_template):
         extra = {"tools": offered} if offered else {}
+        messages = [_arguments_as_objects(m) for m in messages]
         return messages, extra, tool_grammar(tools, choice, parallel_tool_calls), bool(offered)
     if has_history or offered:
         messages = render_messages(messages, offered)
     return messages, {}, tool_grammar(tools, choice, parallel_tool_calls), bool(offered)
+
+
+def _arguments_as_objects(message: dict[str, Any]) -> dict[str, Any]:
+    """An assistant turn's tool calls with their arguments as objects: OpenAI sends them as JSON text,
+    templates (Qwen's, Llama's) write them with `tojson` and expect a mapping (as vLLM passes them)."""
+    if not message.get("tool_calls"):
+        return message
+    calls = []
+    for call in message["tool_calls"]:
+        name, args = _history_call(call)
+        try:
+            parsed = json.loads(args)
+        except ValueError:
+            parsed = args
+        calls.append({**call, "function": {**call["function"], "name": name, "arguments": parsed}})
+    return {**message, "tool_calls": calls}
