@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import collections
 import functools
+import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import click
 
@@ -168,6 +170,19 @@ def sampling_options(fn):
         click.option("--seed", type=int, default=None),
         click.option("--stop", multiple=True, help="Stop string; repeatable."),
         click.option("--ignore-eos", is_flag=True, help="Run to --max-new-tokens."),
+        click.option(
+            "--json-schema",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="Constrain the output to JSON following the schema in this file.",
+        ),
+        click.option("--regex", default=None, help="Constrain the output to this regular expression."),
+        click.option(
+            "--grammar",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="Constrain the output to the Lark (or GBNF) grammar in this file.",
+        ),
     ]
     for opt in reversed(options):
         fn = opt(fn)
@@ -187,7 +202,27 @@ def _params(kw: dict) -> dict:
     )
     params = {k: kw[k] for k in keys}
     params["stop"] = list(kw["stop"]) or None
-    return params
+    return {**params, **_constraint(kw)}
+
+
+def _constraint(kw: dict) -> dict:
+    """--json-schema FILE / --regex / --grammar FILE as the generation keywords they stand for."""
+    out: dict = {}
+    if kw.get("json_schema"):
+        text = Path(kw["json_schema"]).read_text(encoding="utf-8")
+        try:
+            out["json_schema"] = json.loads(text)
+        except ValueError as e:
+            raise click.BadParameter(
+                f"{kw['json_schema']} is not valid JSON: {e}", param_hint="--json-schema"
+            ) from None
+    if kw.get("regex") is not None:
+        out["regex"] = kw["regex"]
+    if kw.get("grammar"):
+        from .runtime.constraints import to_lark
+
+        out["grammar"] = to_lark(Path(kw["grammar"]).read_text(encoding="utf-8"))
+    return out
 
 
 def _load(bundle: str, providers, threads, draft=None, prefix_cache_mb=256):

@@ -15,7 +15,14 @@ from onnxlm.runtime.batch import Batch, generate_steps
 from onnxlm.runtime.driver import GROWTH, MIN_ROOM, SharedRows
 from onnxlm.runtime.generate import GenerationParams, new_seq
 from onnxlm.runtime.prefix import PrefixCache
-from onnxlm.runtime.speculate import Costs, ModelDrafter, NgramDrafter, Speculator, expected_tokens, ngram_draft
+from onnxlm.runtime.speculate import (
+    Costs,
+    ModelDrafter,
+    NgramDrafter,
+    Speculator,
+    expected_tokens,
+    ngram_draft,
+)
 
 PROMPTS = [
     "one two three four five six seven one two three four five six seven one two three",

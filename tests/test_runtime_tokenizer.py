@@ -1,5 +1,6 @@
 """Tokenizer wrapper, sandboxed chat template, streaming detokenizer (no model needed)."""
 
+import codecs
 import datetime
 
 import numpy as np
@@ -72,7 +73,29 @@ def test_detokenizer_equals_full_decode_on_random_ids(hf_tok):
         ids = rng.integers(0, tok.vocab_size, size=int(rng.integers(1, 25))).tolist()
         detok = Detokenizer(tok)
         text = "".join(detok.add(i) for i in ids) + detok.flush()
-        assert text == tok.decode(ids), ids
+        full = tok.decode(ids)
+        data = b"".join(tok.token_bytes(i) for i in ids if i not in tok.special_token_ids())
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(data, final=False)
+        if decoder.getstate()[0]:  # a character cut off at the end is dropped, not shown as U+FFFD
+            assert full.endswith("\ufffd")
+            full = full[:-1]
+        assert text == full, ids
+
+
+def test_detokenizer_drops_only_a_cut_off_character(hf_tok):
+    tok = make(hf_tok)
+    ids = tok.encode("你好😀", add_special_tokens=False)
+    texts = set()
+    for k in range(1, len(ids) + 1):
+        detok = Detokenizer(tok)
+        text = "".join(detok.add(i) for i in ids[:k]) + detok.flush()
+        assert "\ufffd" not in text and "你好😀".startswith(text)
+        texts.add(text)
+    assert len(texts) >= 2  # some prefixes end inside a character
+    real = tok.encode("a\ufffdb", add_special_tokens=False)  # a replacement character that is text
+    detok = Detokenizer(tok)
+    assert "".join(detok.add(i) for i in real) + detok.flush() == "a\ufffdb"
 
 
 def test_detokenizer_skips_special_tokens(hf_tok):

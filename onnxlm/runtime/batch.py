@@ -16,6 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 
+from . import constraints
 from .driver import make_rows
 from .generate import GenerationParams, SeqOutput, SeqState, Step, check_prompts, new_seq, sample_next
 from .prefix import PrefixCache
@@ -106,6 +107,7 @@ class Batch:
         if spec is not None:
             spec.observe(max(len(t) for t in tokens), self.forward_s)
         t1 = time.perf_counter()
+        constraints.fill_masks(self.seqs)  # a draft position's mask is filled when it is reached
         out = []
         for row, (seq, key, draft) in enumerate(zip(self.seqs, self.keys, drafts, strict=True)):
             emitted, agreed = [], 0

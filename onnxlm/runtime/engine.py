@@ -8,7 +8,10 @@
 Three layers: `steps` (the token-step generator) -> `stream` (small chunks) -> `generate` (the text).
 Generation parameters (keywords of every method): max_new_tokens=256, temperature=0 (greedy), top_k=0,
 top_p=1, min_p=0, repetition_penalty=1, seed=None, stop=None (str or list), stop_token_ids=None,
-ignore_eos=False.
+ignore_eos=False, top_logprobs=0, presence_penalty=0, frequency_penalty=0, logit_bias=None,
+min_tokens=0, and at most one constraint on the output (llguidance): json_schema= (a dict),
+regex=, grammar= (Lark). chat / stream_chat also take tools=, tool_choice=, parallel_tool_calls=
+(see tools.py; chat's Completion carries the parsed tool_calls).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from .prefix import PrefixCache
 from .session import make_session, release_free_heap, release_mapped_files
 from .speculate import Costs, ModelDrafter, NgramDrafter
 from .tokenizer import Tokenizer
+from .tools import ToolCall, parse_tool_calls, prepare_chat
 
 Prompt = str | Sequence[int]
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -65,6 +69,7 @@ class Completion:
     usage: Usage
     logprobs: list[float] = field(default_factory=list)
     timings: Timings = field(default_factory=Timings)
+    tool_calls: list[ToolCall] = field(default_factory=list)  # chat with tools: the calls made
 
 
 @dataclass
@@ -245,6 +250,28 @@ class Engine:
         text = self.render_chat(messages, **(template_vars or {}))
         return self.tokenizer.encode(text, add_special_tokens=False)  # the template wrote any BOS itself
 
+    def chat_request(
+        self,
+        messages,
+        template_vars: dict[str, Any] | None = None,
+        tools: Any = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool = True,
+        **params: Any,
+    ) -> tuple[list[int], GenerationParams, bool]:
+        """(prompt ids, parameters, whether the answer may hold tool calls) of a chat request: tools go
+        into the prompt, and tool_choice 'required' / a named function / 'auto' into the grammar."""
+        messages = check_messages(messages)
+        messages, extra, grammar, parse = prepare_chat(
+            messages, tools, tool_choice, parallel_tool_calls, self.manifest.chat_template
+        )
+        if grammar is not None:
+            taken = [k for k in ("json_schema", "regex", "grammar") if params.get(k) is not None]
+            if taken:
+                raise ValueError(f"{taken[0]} cannot be combined with tools the model may call")
+            params["grammar"] = grammar
+        return self._chat_ids(messages, {**extra, **(template_vars or {})}), _params(params), parse
+
     # --- layer 1: token steps ------------------------------------------------------------------
     def steps(self, prompts: Sequence[Prompt], **params: Any) -> Iterator[Step]:
         """The token-step generator over a batch of prompts (see generate.generate_steps)."""
@@ -272,9 +299,10 @@ class Engine:
     def stream_chat(
         self, messages: Sequence[dict[str, Any]], template_vars: dict[str, Any] | None = None, **params: Any
     ) -> Iterator[Chunk]:
-        """`stream` for chat messages; earlier turns' KV comes from the prefix cache when it holds them."""
-        p = _params(params)
-        return self._stream(self._chat_ids(messages, template_vars), p, reuse=True)
+        """Chunks of the answer's text (with tools, calls arrive as their text: tools.ToolCallStream
+        turns it into OpenAI deltas); earlier turns' KV comes from the prefix cache when it holds them."""
+        ids, p, _ = self.chat_request(messages, template_vars, **params)
+        return self._stream(ids, p, reuse=True)
 
     # --- layer 3: whole completions ------------------------------------------------------------
     def generate(self, prompt: Prompt, **params: Any) -> Completion:
@@ -283,7 +311,16 @@ class Engine:
     def chat(
         self, messages: Sequence[dict[str, Any]], template_vars: dict[str, Any] | None = None, **params: Any
     ) -> Completion:
-        return _collect(self.stream_chat(messages, template_vars, **params))
+        """The answer; with tools, `tool_calls` holds the calls, `text` what was said besides them and
+        finish_reason is "tool_calls"."""
+        ids, p, parse = self.chat_request(messages, template_vars, **params)
+        done = _collect(self._stream(ids, p, reuse=True))
+        if parse:
+            content, done.tool_calls = parse_tool_calls(done.text)
+            if done.tool_calls:
+                done.text = content or ""
+                done.finish_reason = "tool_calls" if done.finish_reason == "stop" else done.finish_reason
+        return done
 
     def generate_batch(self, prompts: Sequence[Prompt], **params: Any) -> list[Completion]:
         """Generate for several prompts at once (padded as the graph's KV layout wants: right-padded on
@@ -348,8 +385,8 @@ class Engine:
     async def astream_chat(
         self, messages: Sequence[dict[str, Any]], template_vars: dict[str, Any] | None = None, **params: Any
     ) -> AsyncIterator[Chunk]:
-        p = _params(params)
-        async for chunk in self._astream(self._chat_ids(messages, template_vars), p):
+        ids, p, _ = self.chat_request(messages, template_vars, **params)
+        async for chunk in self._astream(ids, p):
             yield chunk
 
     async def _astream(self, ids: list[int], p: GenerationParams) -> AsyncIterator[Chunk]:

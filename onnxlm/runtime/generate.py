@@ -11,6 +11,7 @@ driver.py (one driver per KV layout) and batch.py (the sequences on it, generate
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -18,11 +19,14 @@ import numpy as np
 import onnxruntime as ort
 
 from ..bundle import Manifest
+from . import constraints
 from .driver import window_feeds
 from .kv_cache import KVCache, SharedKVCache
-from .sampling import apply_processors, make_logits_processors, make_sampler
+from .sampling import apply_processors, check_logit_bias, make_logits_processors, make_sampler
 from .session import BoundBuffers, kv_device, run_bound, run_numpy
 from .tokenizer import Detokenizer, Tokenizer
+
+log = logging.getLogger("onnxlm.generate")
 
 _ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
@@ -42,6 +46,14 @@ class GenerationParams:
     stop_token_ids: list[int] | None = None
     ignore_eos: bool = False
     top_logprobs: int = 0  # also report this many most likely tokens per step (0..20)
+    presence_penalty: float = 0.0  # OpenAI's, over the generated tokens (-2..2)
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None  # token id -> bias in [-100, 100]
+    min_tokens: int = 0  # EOS and stop_token_ids are held back until this many tokens
+    json_schema: dict | str | None = None  # constrain the output (llguidance): at most one of these
+    regex: str | None = None
+    grammar: str | None = None  # a Lark grammar (llguidance's dialect, %json {...} allowed)
+    compiled_grammar: str | None = field(default=None, init=False, repr=False)  # the llguidance form
 
     def __post_init__(self):
         n = self.max_new_tokens
@@ -64,15 +76,19 @@ class GenerationParams:
             raise ValueError(f"top_logprobs must be an integer in [0, 20], got {k!r}")
         self.top_logprobs = int(k)
         self.sampler()  # validates temperature, top_k, top_p, min_p, seed
-        make_logits_processors(self.repetition_penalty)
+        self.logit_bias = check_logit_bias(self.logit_bias) or None
+        make_logits_processors(
+            self.repetition_penalty, self.presence_penalty, self.frequency_penalty, None, self.min_tokens
+        )
+        self.compiled_grammar = constraints.compile_grammar(self.json_schema, self.regex, self.grammar)
 
     @classmethod
     def from_kwargs(cls, **params) -> GenerationParams:
-        unknown = sorted(set(params) - set(cls.__dataclass_fields__))
+        known = [name for name, f in cls.__dataclass_fields__.items() if f.init]
+        unknown = sorted(set(params) - set(known))
         if unknown:
             raise TypeError(
-                f"unknown generation parameter(s) {', '.join(unknown)}; "
-                f"known: {', '.join(cls.__dataclass_fields__)}"
+                f"unknown generation parameter(s) {', '.join(unknown)}; known: {', '.join(known)}"
             )
         return cls(**params)
 
@@ -264,6 +280,7 @@ class SeqState:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    constraint: constraints.Constraint | None = None  # the grammar the output must follow
 
 
 def new_seq(prompt: list[int], params: GenerationParams, tokenizer: Tokenizer | None, facts) -> SeqState:
@@ -273,16 +290,33 @@ def new_seq(prompt: list[int], params: GenerationParams, tokenizer: Tokenizer | 
     stop_ids = set(params.stop_token_ids or [])
     if not params.ignore_eos:
         stop_ids |= set(facts.eos_token_ids)
+    bias = check_logit_bias(params.logit_bias, facts.vocab_size)
+    constraint = None
+    if params.compiled_grammar is not None:
+        if tokenizer is None:
+            raise ValueError("json_schema, regex and grammar need a tokenizer")
+        eos = list(facts.eos_token_ids)  # any of them ends a complete output
+        constraint = constraints.Constraint(params.compiled_grammar, tokenizer, facts.vocab_size, eos)
+    processors = make_logits_processors(
+        params.repetition_penalty,
+        params.presence_penalty,
+        params.frequency_penalty,
+        bias,
+        params.min_tokens,
+        sorted(stop_ids),
+        len(prompt),
+    )
     return SeqState(
         prompt=prompt,
         # never run past the context window: prompt + generated <= context_length
         limit=min(params.max_new_tokens, facts.context_length - len(prompt)),
         sampler=params.sampler(),  # one per sequence: a seeded batch row equals the prompt run alone
-        processors=make_logits_processors(params.repetition_penalty),
+        processors=processors,
         detok=Detokenizer(tokenizer) if tokenizer is not None else None,
         stop=StopText(params.stop),
         stop_ids=stop_ids,
         top_logprobs=params.top_logprobs,
+        constraint=constraint,
     )
 
 
@@ -312,6 +346,8 @@ def sample_next(seq: SeqState, index: int, logits: np.ndarray) -> SeqOutput:
     """Sample one token for `seq` from its logits (vocab,), update its text and finish state."""
     row = logits[None, :]  # (1, vocab)
     processed = apply_processors(seq.processors, [seq.prompt + seq.tokens], row)
+    if seq.constraint is not None:
+        processed = seq.constraint.apply(processed[0])[None, :]
     token = int(seq.sampler(processed)[0])
     # the token's log-probability needs only logsumexp: a full float64 log_softmax over a 49k
     # vocabulary every step cost more than the rest of the Python side of a decode step
@@ -327,13 +363,14 @@ def sample_next(seq: SeqState, index: int, logits: np.ndarray) -> SeqOutput:
         best = best[np.argsort(-logp[best], kind="stable")]
         top = [(int(t), float(logp[t])) for t in best]
     seq.tokens.append(token)
+    complete = seq.constraint is not None and _advance(seq.constraint, token)
     text, reason, hit = "", None, False
     if token in seq.stop_ids:
         reason = "stop"
     else:
         if seq.detok is not None:
             text, hit = seq.stop.push(seq.detok.add(token))
-        if hit:
+        if hit or complete:  # a finished grammar admits nothing more: the output is complete
             reason = "stop"
         elif len(seq.tokens) >= seq.limit:
             reason = "length"
@@ -344,3 +381,12 @@ def sample_next(seq: SeqState, index: int, logits: np.ndarray) -> SeqOutput:
         reason = "stop" if hit else reason
     seq.finish_reason = reason
     return SeqOutput(index, token, text, logprob, reason, top)
+
+
+def _advance(constraint: constraints.Constraint, token: int) -> bool:
+    """Move the grammar past `token`; whether the output is now complete (or the grammar failed, which
+    the mask prevents: then the sequence ends rather than run unconstrained)."""
+    if not constraint.advance(token):
+        log.warning("the grammar refused token %d (%s); ending the sequence", token, constraint.error)
+        return True
+    return constraint.done

@@ -1,7 +1,7 @@
 """Sampling: a function built once from a request's parameters, then called on every step's logits.
 
     sampler = make_sampler(temperature=0.7, top_p=0.9, seed=1)
-    processors = make_logits_processors(repetition_penalty=1.1)
+    processors = make_logits_processors(repetition_penalty=1.1, presence_penalty=0.5, prompt_len=12)
     for p in processors:
         logits = p(tokens, logits)      # tokens: per row, the prompt and generated ids so far
     next_ids = sampler(logits)          # (batch, vocab) -> (batch,)
@@ -119,13 +119,94 @@ def repetition_penalty_processor(penalty: float) -> LogitsProcessor:
     return process
 
 
-def make_logits_processors(repetition_penalty: float | None = None) -> list[LogitsProcessor]:
-    """The processors a request asks for, in the order they apply; none for default parameters."""
+def penalties_processor(presence: float, frequency: float, prompt_len: int) -> LogitsProcessor:
+    """OpenAI's presence and frequency penalties over the generated tokens (those after the first
+    `prompt_len` of each row): logit -= presence * [count > 0] + frequency * count."""
+
+    def process(tokens: Sequence[Sequence[int]], logits: np.ndarray) -> np.ndarray:
+        out = np.array(logits, copy=True)
+        for row, seen in enumerate(tokens):
+            generated = np.asarray(seen[prompt_len:], dtype=np.int64)
+            if len(generated) == 0:
+                continue
+            ids, counts = np.unique(generated, return_counts=True)
+            out[row, ids] -= presence + frequency * counts
+        return out
+
+    return process
+
+
+def logit_bias_processor(bias: dict[int, float]) -> LogitsProcessor:
+    """Add a fixed bias to some tokens' logits (OpenAI's logit_bias; -100 all but bans a token)."""
+    ids = np.array(list(bias), dtype=np.int64)
+    values = np.array(list(bias.values()), dtype=np.float32)
+
+    def process(tokens: Sequence[Sequence[int]], logits: np.ndarray) -> np.ndarray:
+        out = np.array(logits, copy=True)
+        out[:, ids] += values
+        return out
+
+    return process
+
+
+def min_tokens_processor(min_tokens: int, stop_ids: Sequence[int], prompt_len: int) -> LogitsProcessor:
+    """Forbid the stop tokens (EOS and stop_token_ids) until `min_tokens` tokens have been generated."""
+    ids = np.array(sorted(stop_ids), dtype=np.int64)
+
+    def process(tokens: Sequence[Sequence[int]], logits: np.ndarray) -> np.ndarray:
+        out = np.array(logits, copy=True)
+        for row, seen in enumerate(tokens):
+            if len(seen) - prompt_len < min_tokens:
+                out[row, ids] = -np.inf
+        return out
+
+    return process
+
+
+def check_logit_bias(bias, vocab_size: int | None = None) -> dict[int, float]:
+    """{token id: bias in [-100, 100]} from a dict whose keys may be ids as strings (JSON's)."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise ValueError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
+    out = {}
+    for key, value in bias.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"logit_bias: {key!r} is not a token id") from None
+        if isinstance(key, bool) or token < 0 or (vocab_size is not None and token >= vocab_size):
+            raise ValueError(f"logit_bias: token id {key!r} is outside the vocabulary (size {vocab_size})")
+        out[token] = _number(f"logit_bias[{key}]", value, -100.0, 100.0)
+    return out
+
+
+def make_logits_processors(
+    repetition_penalty: float | None = None,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+    min_tokens: int = 0,
+    stop_ids: Sequence[int] = (),
+    prompt_len: int = 0,
+) -> list[LogitsProcessor]:
+    """The processors a request asks for, in the order they apply; none for default parameters.
+    `prompt_len` tells where each row's generated tokens start (the penalties and min_tokens count
+    only those); `stop_ids` are the tokens min_tokens holds back."""
     processors: list[LogitsProcessor] = []
     if repetition_penalty is not None:
         _number("repetition_penalty", repetition_penalty, 0.0, math.inf, lo_open=True)
         if repetition_penalty != 1.0:
             processors.append(repetition_penalty_processor(repetition_penalty))
+    presence = _number("presence_penalty", presence_penalty, -2.0, 2.0)
+    frequency = _number("frequency_penalty", frequency_penalty, -2.0, 2.0)
+    if presence or frequency:
+        processors.append(penalties_processor(presence, frequency, prompt_len))
+    bias = check_logit_bias(logit_bias)
+    if bias:
+        processors.append(logit_bias_processor(bias))
+    if _integer("min_tokens", min_tokens, 0) and stop_ids:
+        processors.append(min_tokens_processor(min_tokens, stop_ids, prompt_len))
     return processors
 
 

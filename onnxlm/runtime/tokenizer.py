@@ -7,8 +7,11 @@ and any reach for an unsafe attribute (`__class__`, `__globals__`, ...) is an er
 
 from __future__ import annotations
 
+import codecs
+import functools
 import json
 import os
+import re
 from collections.abc import Iterable, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -23,6 +26,30 @@ from tokenizers import Tokenizer as HFTokenizer
 from ..bundle import TOKENIZER, Manifest
 
 REPLACEMENT = "\ufffd"
+_BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
+
+
+@functools.cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the printable character that stands for each byte."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _mentions(component: Any, kind: str) -> bool:
+    """Whether a tokenizer.json component (possibly a Sequence of them) has one of type `kind`."""
+    if isinstance(component, dict):
+        return component.get("type") == kind or any(_mentions(v, kind) for v in component.values())
+    if isinstance(component, list):
+        return any(_mentions(v, kind) for v in component)
+    return False
 
 
 class ChatTemplateError(ValueError):
@@ -98,6 +125,7 @@ class Tokenizer:
         adds_bos = len(with_special) > len(plain) and with_special[0] == self.bos_token_id
         self.prepend_bos = bool(facts.add_bos_token and self.bos_token_id is not None and not adds_bos)
         self._template: jinja2.Template | None = None
+        self._bytes: list[bytes] | None = None
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | os.PathLike, manifest: Manifest) -> Tokenizer:
@@ -117,6 +145,44 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for on its own: the pieces of a character split across tokens are
+        the character's UTF-8 bytes, split where the tokens split it (decode would give U+FFFD)."""
+        table = self.token_bytes_table()
+        return table[token_id] if 0 <= token_id < len(table) else b""
+
+    def token_bytes_table(self) -> list[bytes]:
+        """token_bytes of every id, built once: byte-level BPE characters map back to their bytes,
+        SentencePiece byte pieces (<0x..>) to their byte and '▁' to a space; added tokens are their text."""
+        if self._bytes is None:
+            spec = json.loads(self.tok.to_str())
+            byte_level = _mentions(spec.get("pre_tokenizer"), "ByteLevel") or _mentions(
+                spec.get("decoder"), "ByteLevel"
+            )
+            byte_fallback = bool((spec.get("model") or {}).get("byte_fallback")) or _mentions(
+                spec.get("decoder"), "ByteFallback"
+            )
+            alphabet = _byte_level_alphabet()
+            added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
+            table = []
+            for i in range(self.vocab_size):
+                piece = added.get(i) if i in added else self.tok.id_to_token(i)
+                if piece is None:
+                    table.append(b"")
+                elif i in added:
+                    table.append(piece.encode())
+                elif byte_fallback and (m := _BYTE_TOKEN.fullmatch(piece)):
+                    table.append(bytes([int(m.group(1), 16)]))
+                elif byte_level and all(c in alphabet for c in piece):
+                    table.append(bytes(alphabet[c] for c in piece))
+                else:
+                    table.append(piece.replace("\u2581", " ").encode())
+            self._bytes = table
+        return self._bytes
+
+    def special_token_ids(self) -> list[int]:
+        return sorted(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
 
     # --- chat ----------------------------------------------------------------------------------
     @property
@@ -144,6 +210,13 @@ class Tokenizer:
         )
 
 
+def _incomplete_tail(data: bytes) -> bool:
+    """Whether `data` ends in the first bytes of a UTF-8 character (more bytes would complete it)."""
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")
+    decoder.decode(data, final=False)
+    return bool(decoder.getstate()[0])
+
+
 class Detokenizer:
     """Turn a growing list of token ids into text deltas that are always complete characters.
 
@@ -151,11 +224,12 @@ class Detokenizer:
     leading space of the first token they see; so each step decodes a small anchor window (the tokens
     since the last-but-one emission) with and without the new tokens and emits the difference, holding
     back anything that ends in U+FFFD (an unfinished UTF-8 sequence). The concatenated deltas equal
-    `decode(all ids)` once `flush()` has run.
+    `decode(all ids)` once `flush()` has run (less a trailing U+FFFD for a character cut off by the end).
     """
 
     def __init__(self, tokenizer: Tokenizer | HFTokenizer, skip_special_tokens: bool = True):
         self._decode_fn = tokenizer.decode
+        self._tokenizer = tokenizer
         self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = 0  # window start: tokens before it are settled and emitted
@@ -164,6 +238,13 @@ class Detokenizer:
 
     def _decode(self, ids: Sequence[int]) -> str:
         return self._decode_fn(list(ids), skip_special_tokens=self.skip)
+
+    def _cut_character(self, ids: Sequence[int]) -> bool:
+        token_bytes = getattr(self._tokenizer, "token_bytes", None)
+        if token_bytes is None:
+            return False
+        skipped = set(self._tokenizer.special_token_ids()) if self.skip else set()
+        return _incomplete_tail(b"".join(token_bytes(i) for i in ids if i not in skipped))
 
     def add(self, token_ids: int | Iterable[int]) -> str:
         """Append token(s); return the new complete text (possibly "")."""
@@ -181,12 +262,15 @@ class Detokenizer:
         return ""
 
     def flush(self) -> str:
-        """Emit whatever is held back (an unfinished character decodes as U+FFFD, as a full decode would)."""
+        """Emit whatever is held back. A character cut off by the end (its first bytes only) is dropped,
+        not shown as U+FFFD: the text never carries a replacement character the tokens did not make."""
         if self.read == len(self.ids):
             return ""
         prefix_text = self._decode(self.ids[self.prefix : self.read])
         new_text = self._decode(self.ids[self.prefix :])
         delta = new_text[len(prefix_text) :]
+        if delta.endswith(REPLACEMENT) and self._cut_character(self.ids[self.read :]):
+            delta = delta[:-1]
         self.prefix, self.read = self.read, len(self.ids)
         self.text += delta
         return delta

@@ -7,7 +7,8 @@ scheduler and stream the outputs back; one loop (the scheduler's) does all gener
     uvicorn.run(app, host="127.0.0.1", port=8000)           # (`onnxlm serve` adds SIGTERM draining)
 
 Endpoints: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (with `stream: true`:
-server-sent events ending in `data: [DONE]`), GET /health, GET /ready, GET /metrics (Prometheus).
+server-sent events ending in `data: [DONE]`), POST /tokenize, POST /detokenize, GET /tokenizer_info,
+GET /health, GET /ready, GET /metrics (Prometheus). Which request fields are honoured: openai_fields.py.
 """
 
 from __future__ import annotations
@@ -15,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
-import json
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -28,22 +27,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..engine import Engine
+from .choices import cancel, collect, events, open_streams, queue_full
 from .metrics import ServerMetrics
-from .protocol import (
-    APIError,
-    GenRequest,
-    LogprobText,
-    bad,
-    chunk_body,
-    completion_body,
-    new_id,
-    parse_chat,
-    parse_completion,
-    parse_json,
-    stream_choice,
-    usage,
-)
-from .scheduler import Cancelled, GenerationAborted, QueueFull, Scheduler, Stream
+from .protocol import APIError, GenRequest, bad, parse_chat, parse_completion, parse_json
+from .responses import LogprobText, cached_tokens, completion_body, new_id, prompt_logprobs
+from .scheduler import Cancelled, GenerationAborted, QueueFull, Scheduler
+from .tokens import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("onnxlm.serving")
 
@@ -216,7 +205,7 @@ class _Track:
 
     def end(self, status: str | None) -> None:
         m = self.metrics
-        m.prompt_tokens.inc(len(self.req.prompt_ids))
+        m.prompt_tokens.inc(self.req.prompt_tokens)
         m.completion_tokens.inc(self.tokens)
         m.duration.observe(time.perf_counter() - self.start)
         if status is not None:
@@ -235,16 +224,12 @@ async def _generate(svc: Service, request: Request, chat: bool) -> Response:
         )
     body = parse_json(await _read_body(request))
     req = (parse_chat if chat else parse_completion)(body, svc.engine)
+    _check_model(svc, req.model)
+    echoes = await _echoes(svc, req)
     try:
-        stream = svc.scheduler.open_stream(req.prompt_ids, req.params)
+        streams = open_streams(svc.scheduler, req)
     except QueueFull as e:
-        raise APIError(
-            429,
-            str(e),
-            type="rate_limit_exceeded",
-            code="queue_full",
-            headers={"Retry-After": str(math.ceil(e.retry_after))},
-        ) from None
+        raise queue_full(e) from None
     except ValueError as e:
         raise bad(str(e)) from None
     except GenerationAborted as e:
@@ -252,16 +237,14 @@ async def _generate(svc: Service, request: Request, chat: bool) -> Response:
     track = _Track(svc, endpoint, req)
     rid, name = new_id(chat), svc.model_name
     if req.stream:
-        events = _events(svc, req, stream, track, rid, name)
+        events = _events(svc, req, streams, echoes, track, rid, name)
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
-    watcher = asyncio.ensure_future(_on_disconnect(request, stream))
-    outs, status = [], None
+    watcher = asyncio.ensure_future(_on_disconnect(request, streams))
+    status = None
     try:
-        async for out in stream:
-            outs.append(out)
-            track.token()
+        results = await collect(streams, req, track.token)
     except Cancelled:
         status = "499"
         return Response(status_code=499)  # the client is gone; nobody reads this
@@ -269,65 +252,77 @@ async def _generate(svc: Service, request: Request, chat: bool) -> Response:
         raise APIError(503, str(e), type="server_error", code="generation_aborted") from None
     finally:
         watcher.cancel()
-        stream.cancel()
+        cancel(streams)
         track.end(status)
-    cached = stream.request.seq.cached_tokens
-    return JSONResponse(completion_body(req, rid, name, outs, svc.text, cached))
+    cached = cached_tokens(req, streams)
+    return JSONResponse(completion_body(req, rid, name, results, svc.text, echoes, cached))
 
 
-async def _on_disconnect(request: Request, stream: Stream) -> None:
+def _check_model(svc: Service, model: str) -> None:
+    if model and model != svc.model_name:
+        raise APIError(
+            404,
+            f"no model {model!r}; this server serves {svc.model_name!r}",
+            code="model_not_found",
+            param="model",
+        )
+
+
+async def _echoes(svc: Service, req: GenRequest) -> dict[int, list]:
+    """With echo and logprobs: each prompt's token logprobs (a forward pass each, one prompt at a time:
+    a prompt's logits are (tokens, vocab) floats; off the event loop)."""
+    if not (req.echo and req.logprobs):
+        return {}
+    top = req.params.top_logprobs
+
+    def score() -> list:
+        return [prompt_logprobs(svc.engine, ids, top) for ids in req.prompts]
+
+    return dict(enumerate(await asyncio.to_thread(score)))
+
+
+async def _on_disconnect(request: Request, streams: dict) -> None:
     while True:
         message = await request.receive()
         if message["type"] == "http.disconnect":
-            stream.cancel()
+            cancel(streams)
             return
 
 
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
 async def _events(
-    svc: Service, req: GenRequest, stream: Stream, track: _Track, rid: str, name: str
+    svc: Service, req: GenRequest, streams: dict, echoes: dict, track: _Track, rid: str, name: str
 ) -> AsyncIterator[str]:
-    """Server-sent events: a chunk per token with text (or logprobs), a last chunk with the finish reason,
-    usage when asked, then [DONE]; a server-side abort sends an error event before [DONE]."""
-    created = int(time.time())
+    """Server-sent events (choices.events), counted into the metrics with how they ended."""
     status = "200"
-    reason = None
-    offset = 0
     try:
-        if req.chat:  # the role comes first, as OpenAI sends it
-            yield _sse(chunk_body(req, rid, name, created, stream_choice(req, "", None, None, role=True)))
-        async for out in stream:
-            track.token()
-            logprobs = None
-            if req.logprobs:
-                if req.chat:
-                    logprobs = {"content": [svc.text.chat_entry(out)]}
-                else:
-                    logprobs = svc.text.completion_logprobs([out], offset)
-            offset += len(out.text)
-            if out.text or logprobs:
-                yield _sse(chunk_body(req, rid, name, created, stream_choice(req, out.text, None, logprobs)))
-            reason = out.finish_reason or reason
-        yield _sse(chunk_body(req, rid, name, created, stream_choice(req, "", reason, None)))
-        if req.include_usage:
-            u = usage(len(req.prompt_ids), track.tokens, stream.request.seq.cached_tokens)
-            yield _sse(chunk_body(req, rid, name, created, None, u))
+        async for event in events(req, streams, svc.text, echoes, rid, name, int(time.time()), track.token):
+            if event.startswith('data: {"error"'):
+                status = "503"
+            yield event
     except Cancelled:
         status = "499"
         return
-    except GenerationAborted as e:
-        status = "503"
-        yield _sse(APIError(503, str(e), type="server_error", code="generation_aborted").body())
     except BaseException:  # cancelled by Starlette: the client disconnected
         status = "499"
         raise
     finally:
-        stream.cancel()
+        cancel(streams)
         track.end(status)
-    yield "data: [DONE]\n\n"
+
+
+@_endpoint("/tokenize")
+async def tokenize_endpoint(svc: Service, request: Request) -> Response:
+    return JSONResponse(tokenize(parse_json(await _read_body(request)), svc.engine))
+
+
+@_endpoint("/tokenizer_info")
+async def tokenizer_info_endpoint(svc: Service, request: Request) -> Response:
+    return JSONResponse(tokenizer_info(svc.engine))
+
+
+@_endpoint("/detokenize")
+async def detokenize_endpoint(svc: Service, request: Request) -> Response:
+    return JSONResponse(detokenize(parse_json(await _read_body(request)), svc.engine))
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -362,6 +357,9 @@ def create_app(
         Route("/v1/models/{model:path}", model, methods=["GET"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/tokenize", tokenize_endpoint, methods=["POST"]),
+        Route("/detokenize", detokenize_endpoint, methods=["POST"]),
+        Route("/tokenizer_info", tokenizer_info_endpoint, methods=["GET"]),
     ]
     app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
     app.state.service = svc

@@ -7,18 +7,23 @@ unchecked or end in a 500.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import secrets
-import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..engine import Engine, check_messages
-from ..generate import GenerationParams, SeqOutput, check_prompts
+from ..constraints import compile_grammar
+from ..engine import Engine
+from ..generate import GenerationParams, check_prompts
+from ..sampling import check_logit_bias
+from ..tools import check_tool_choice, check_tools
+from .openai_fields import FieldError, check_fields, constraint
 
-MAX_TOP_LOGPROBS = 5
+MAX_TOP_LOGPROBS = 20
 MAX_STOPS = 4
+MAX_N = 16  # choices per prompt
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
 
 
 class APIError(Exception):
@@ -94,11 +99,6 @@ def _boolean(body: dict, name: str, default: bool) -> bool:
     return value
 
 
-def _unsupported(body: dict, name: str, allowed=(None,)) -> None:
-    if body.get(name) not in allowed:
-        raise bad(f"'{name}' is not supported by this server", name, "unsupported_parameter")
-
-
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -114,234 +114,232 @@ def _stop(body: dict) -> list[str]:
 
 @dataclass
 class GenRequest:
-    """One checked request, ready for the scheduler."""
+    """One checked request, ready for the scheduler: `n` choices for each prompt."""
 
     chat: bool
     model: str
-    prompt_ids: list[int]
+    prompts: list[list[int]]  # token ids; chat has one, /v1/completions may have several
     params: GenerationParams
     stream: bool
     include_usage: bool
     logprobs: bool  # report the chosen tokens' logprobs (and params.top_logprobs alternatives)
+    n: int = 1
+    echo: bool = False  # completions: the prompt (and with logprobs, its tokens' logprobs) first
+    prompt_texts: list[str] = field(default_factory=list)  # what echo writes back
+    generate: bool = True  # False for max_tokens 0 with echo: score the prompt only
+    tools: bool = False  # the answer may hold tool calls to parse
+
+    @property
+    def prompt_ids(self) -> list[int]:
+        return self.prompts[0]
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(p) for p in self.prompts)
+
+    def choices(self) -> list[tuple[int, list[int], GenerationParams]]:
+        """(choice index, prompt ids, parameters) of every choice; with a seed each sample of a prompt
+        draws from its own seed (seed + sample), so n choices differ and each can be replayed."""
+        out = []
+        for i, ids in enumerate(self.prompts):
+            for j in range(self.n):
+                p = self.params
+                if j and p.seed is not None:
+                    p = dataclasses.replace(p, seed=(p.seed + j) % 2**64)
+                out.append((i * self.n + j, ids, p))
+        return out
+
+
+def _check(body: dict, chat: bool) -> tuple[str | None, dict[str, Any]]:
+    try:
+        check_fields(body, chat)
+        source, kwargs = constraint(body)
+        if kwargs:
+            compile_grammar(**kwargs)  # refuse a bad schema / regex / grammar naming its field
+    except FieldError as e:
+        raise bad(str(e), e.param, e.code) from None
+    except ValueError as e:
+        raise bad(f"'{source}': {e}", source, "invalid_value") from None
+    return source, kwargs
+
+
+def _token_ids(body: dict, name: str, vocab: int) -> list[int] | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in value):
+        raise bad(f"'{name}' must be a list of token ids", name, "invalid_type")
+    bad_ids = [t for t in value if not 0 <= t < vocab]
+    if bad_ids:
+        raise bad(f"'{name}': token ids outside the vocabulary (size {vocab}): {bad_ids[:5]}", name)
+    return value
 
 
 def _common(
-    body: dict, engine: Engine, prompt_ids: list[int], chat: bool, default_max: int | None, param: str
-):
+    body: dict, engine: Engine, chat: bool
+) -> tuple[str, dict[str, Any], bool, bool, int, int | None]:
+    """(model, generation keywords other than max_new_tokens, stream, include_usage, n, max_tokens)."""
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad(f"'model' must be a string, got {_kind(model)}", "model", "invalid_type")
-    if _integer(body, "n", 1, 1_000_000, 1) != 1:
-        raise bad("only 'n': 1 is supported", "n", "unsupported_parameter")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if _number(body, name, -2.0, 2.0, 0.0) != 0.0:
-            raise bad(
-                f"'{name}' other than 0 is not supported; use 'repetition_penalty'",
-                name,
-                "unsupported_parameter",
-            )
-    if body.get("logit_bias") not in (None, {}):
-        raise bad("'logit_bias' is not supported by this server", "logit_bias", "unsupported_parameter")
-    if body.get("user") is not None and not isinstance(body.get("user"), str):
-        raise bad("'user' must be a string", "user", "invalid_type")
+    n = _integer(body, "n", 1, MAX_N, 1)
     stream = _boolean(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad("'stream_options' must be an object", "stream_options", "invalid_type")
+    unknown = sorted(set(options or {}) - {"include_usage", "include_obfuscation"})
+    if unknown:  # include_obfuscation is harmless: these streams carry no padding to obfuscate
+        raise bad(
+            f"'stream_options.{unknown[0]}' is not supported", "stream_options", "unsupported_parameter"
+        )
     include_usage = _boolean(options or {}, "include_usage", False)
-    max_tokens = _integer(body, "max_tokens", 1, 2**31, None)
+    max_tokens = _integer(body, "max_tokens", 0, 2**31, None)
     if chat:
         max_tokens = _integer(body, "max_completion_tokens", 1, 2**31, None) or max_tokens
+        if max_tokens == 0:
+            raise bad("'max_tokens' must be at least 1", "max_tokens", "invalid_value")
     seed = _integer(body, "seed", -(2**63), 2**64 - 1, None)
+    vocab = engine.model.facts.vocab_size
     try:
-        (prompt_ids,) = check_prompts([prompt_ids], engine.model.facts)
+        bias = check_logit_bias(body.get("logit_bias"), vocab)
+    except ValueError as e:
+        raise bad(str(e), "logit_bias", "invalid_value") from None
+    kwargs = dict(
+        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
+        top_p=_number(body, "top_p", 0.0, 1.0, 1.0) or 1e-9,  # top_p 0 means: the top token only
+        top_k=_integer(body, "top_k", 0, 2**31, 0),
+        min_p=_number(body, "min_p", 0.0, 1.0, 0.0),
+        repetition_penalty=_number(body, "repetition_penalty", 0.01, 10.0, 1.0),
+        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        logit_bias=bias or None,
+        min_tokens=_integer(body, "min_tokens", 0, 2**31, 0),
+        stop_token_ids=_token_ids(body, "stop_token_ids", vocab),
+        seed=None if seed is None else seed % 2**64,
+        stop=_stop(body),
+        ignore_eos=_boolean(body, "ignore_eos", False),
+    )
+    return model or "", kwargs, stream, include_usage, n, max_tokens
+
+
+def _fit(engine: Engine, prompts: list[list[int]], param: str) -> list[list[int]]:
+    try:
+        return check_prompts(prompts, engine.model.facts)
     except ValueError as e:
         code = "context_length_exceeded" if "context window" in str(e) else "invalid_value"
-        raise bad(str(e).replace("prompt 0", "the prompt"), param, code) from None
+        message = str(e) if len(prompts) > 1 else str(e).replace("prompt 0", "the prompt")
+        raise bad(message, param, code) from None
+
+
+def _params(kwargs: dict[str, Any], room: int, max_tokens: int | None, default_max: int | None):
     # past the window max_tokens is clamped: the sequence ends there with finish_reason "length"
-    room = engine.context_length - len(prompt_ids)
     try:
-        params = GenerationParams(
-            max_new_tokens=min(max_tokens or default_max or room, room),
-            temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
-            top_p=_number(body, "top_p", 0.0, 1.0, 1.0) or 1e-9,  # top_p 0 means: the top token only
-            top_k=_integer(body, "top_k", 0, 2**31, 0),
-            min_p=_number(body, "min_p", 0.0, 1.0, 0.0),
-            repetition_penalty=_number(body, "repetition_penalty", 0.01, 10.0, 1.0),
-            seed=None if seed is None else seed % 2**64,
-            stop=_stop(body),
-            ignore_eos=_boolean(body, "ignore_eos", False),
-        )
+        return GenerationParams(max_new_tokens=max(1, min(max_tokens or default_max or room, room)), **kwargs)
     except (TypeError, ValueError) as e:
         raise bad(str(e)) from None
-    return model, params, stream, include_usage
 
 
-def parse_completion(body: dict, engine: Engine) -> GenRequest:
+def _prompts(body: dict, engine: Engine) -> tuple[list[list[int]], list[str]]:
     prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, str):
-        ids = engine.tokenizer.encode(prompt)
-    elif isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        ids = list(prompt)
-    elif prompt is None:
+    if prompt is None:
         raise bad("'prompt' is required", "prompt", "missing_required_parameter")
-    elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise bad("only one prompt per request is supported", "prompt", "unsupported_parameter")
-    else:
+    single = isinstance(prompt, str) or (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    )
+    items = [prompt] if single else prompt
+    if not isinstance(items, list) or not items or len(items) > MAX_PROMPTS:
         raise bad(
-            "'prompt' must be a string, a list of token ids, or a list of one of those",
+            f"'prompt' must be a string, a list of token ids, or a list of 1 to {MAX_PROMPTS} of those",
             "prompt",
             "invalid_type",
         )
-    _unsupported(body, "echo", (None, False))
-    _unsupported(body, "suffix", (None, ""))
-    _unsupported(body, "best_of", (None, 1))
+    ids, texts = [], []
+    for item in items:
+        if isinstance(item, str):
+            ids.append(engine.tokenizer.encode(item))
+            texts.append(item)
+        elif isinstance(item, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in item):
+            ids.append(list(item))
+            texts.append("")
+        else:
+            raise bad(
+                "'prompt' must be a string, a list of token ids, or a list of those", "prompt", "invalid_type"
+            )
+    return ids, texts
+
+
+def parse_completion(body: dict, engine: Engine) -> GenRequest:
+    _, constrained = _check(body, chat=False)
+    ids, texts = _prompts(body, engine)
+    if body.get("suffix") not in (None, ""):
+        raise bad("'suffix' is not supported by this server", "suffix", "unsupported_parameter")
+    echo = _boolean(body, "echo", False)
     top = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS, None)
-    model, params, stream, include_usage = _common(body, engine, ids, False, 16, "prompt")
-    params.top_logprobs = top or 0
+    model, kwargs, stream, include_usage, n, max_tokens = _common(body, engine, False)
+    if body.get("best_of") not in (None, 1, n):
+        raise bad(
+            "'best_of' other than 'n' is not supported by this server", "best_of", "unsupported_parameter"
+        )
+    if max_tokens == 0 and not echo:
+        raise bad("'max_tokens' 0 needs 'echo': true (scoring the prompt)", "max_tokens", "invalid_value")
+    prompts = _fit(engine, ids, "prompt")
+    room = engine.context_length - max(len(p) for p in prompts)
+    params = _params({**kwargs, **constrained, "top_logprobs": top or 0}, room, max_tokens, 16)
+    if echo:  # what echo writes back: the prompt as given, or its tokens' text
+        texts = [
+            t or engine.tokenizer.decode(p, skip_special_tokens=False)
+            for t, p in zip(texts, prompts, strict=True)
+        ]
     return GenRequest(
-        False, model or "", [int(t) for t in ids], params, stream, include_usage, top is not None
+        False, model, prompts, params, stream, include_usage, top is not None, n, echo, texts, max_tokens != 0
     )
 
 
+def _template_vars(body: dict) -> dict[str, Any]:
+    extra = body.get("chat_template_kwargs")
+    if extra is None:
+        return {}
+    if not isinstance(extra, dict) or not all(isinstance(k, str) for k in extra):
+        raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs", "invalid_type")
+    reserved = sorted(set(extra) & {"messages", "tools", "add_generation_prompt"})
+    if reserved:
+        raise bad(
+            f"'chat_template_kwargs' cannot set {reserved[0]!r}", "chat_template_kwargs", "invalid_value"
+        )
+    return extra
+
+
 def parse_chat(body: dict, engine: Engine) -> GenRequest:
+    _, constrained = _check(body, chat=True)
     messages = body.get("messages")
     if messages is None:
         raise bad("'messages' is required", "messages", "missing_required_parameter")
-    try:
-        messages = check_messages(messages)
-        if any(m["role"] == "tool" or m.get("tool_calls") for m in messages):
-            raise ValueError("tool messages and tool calls are not supported by this server")
-        ids = engine.tokenizer.encode(engine.render_chat(messages), add_special_tokens=False)
-    except ValueError as e:  # ChatTemplateError is a ValueError too
-        raise bad(str(e), "messages", "invalid_value") from None
-    for name in ("tools", "functions"):
-        _unsupported(body, name, (None, []))
-    _unsupported(body, "tool_choice", (None, "none", "auto"))
-    fmt = body.get("response_format")
-    if fmt is not None and fmt != {"type": "text"}:
-        raise bad(
-            'only \'response_format\': {"type": "text"} is supported',
-            "response_format",
-            "unsupported_parameter",
-        )
     logprobs = _boolean(body, "logprobs", False)
     top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None)
     if top is not None and not logprobs and top > 0:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
-    model, params, stream, include_usage = _common(body, engine, ids, True, None, "messages")
-    params.top_logprobs = top or 0
-    return GenRequest(True, model or "", ids, params, stream, include_usage, logprobs)
-
-
-# --- responses ----------------------------------------------------------------------------------------
-def new_id(chat: bool) -> str:
-    return ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
-
-
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
-    """OpenAI's usage object; cached_tokens: prompt tokens whose KV came from the prefix cache."""
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    model, kwargs, stream, include_usage, n, max_tokens = _common(body, engine, True)
+    template_vars = _template_vars(body)
+    tool_fields = {
+        k: body[k] for k in ("tools", "tool_choice", "parallel_tool_calls") if body.get(k) is not None
     }
-
-
-class LogprobText:
-    """Token strings for logprobs entries (special tokens shown, as OpenAI does)."""
-
-    def __init__(self, engine: Engine):
-        self.decode = engine.tokenizer.decode
-
-    def token(self, token_id: int) -> str:
-        return self.decode([token_id], skip_special_tokens=False)
-
-    def chat_entry(self, out: SeqOutput) -> dict[str, Any]:
-        def one(t: int, lp: float) -> dict[str, Any]:
-            s = self.token(t)
-            return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8"))}
-
-        return {
-            **one(out.token_id, out.logprob),
-            "top_logprobs": [one(t, lp) for t, lp in out.top_logprobs or []],
-        }
-
-    def completion_logprobs(self, outs: list[SeqOutput], offset: int = 0) -> dict[str, Any]:
-        tokens = [self.token(o.token_id) for o in outs]
-        offsets, at = [], offset
-        for s in tokens:
-            offsets.append(at)
-            at += len(s)
-        return {
-            "tokens": tokens,
-            "token_logprobs": [o.logprob for o in outs],
-            "top_logprobs": [{self.token(t): lp for t, lp in o.top_logprobs or []} for o in outs],
-            "text_offset": offsets,
-        }
-
-
-def completion_body(
-    req: GenRequest, rid: str, model: str, outs: list[SeqOutput], text: LogprobText, cached: int = 0
-) -> dict:
-    created = int(time.time())
-    content = "".join(o.text for o in outs)
-    reason = outs[-1].finish_reason if outs else "length"
-    u = usage(len(req.prompt_ids), len(outs), cached)
-    if req.chat:
-        logprobs = {"content": [text.chat_entry(o) for o in outs]} if req.logprobs else None
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": content},
-            "logprobs": logprobs,
-            "finish_reason": reason,
-        }
-        return {
-            "id": rid,
-            "object": "chat.completion",
-            "created": created,
-            "model": model,
-            "choices": [choice],
-            "usage": u,
-        }
-    logprobs = text.completion_logprobs(outs) if req.logprobs else None
-    choice = {"index": 0, "text": content, "logprobs": logprobs, "finish_reason": reason}
-    return {
-        "id": rid,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-        "usage": u,
-    }
-
-
-def chunk_body(
-    req: GenRequest, rid: str, model: str, created: int, choice: dict | None, u: dict | None = None
-) -> dict:
-    body = {
-        "id": rid,
-        "object": "chat.completion.chunk" if req.chat else "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice] if choice is not None else [],
-    }
-    if u is not None:
-        body["usage"] = u
-    return body
-
-
-def stream_choice(
-    req: GenRequest, text: str, finish_reason: str | None, logprobs: dict | None, role: bool = False
-) -> dict:
-    if req.chat:
-        delta: dict[str, Any] = (
-            {"role": "assistant", "content": text}
-            if role
-            else ({"content": text} if text or logprobs else {})
+    try:
+        tools = check_tools(tool_fields.get("tools"))
+        check_tool_choice(tool_fields.get("tool_choice"), tools)
+    except ValueError as e:
+        param = "tool_choice" if str(e).startswith("tool_choice") else "tools"
+        raise bad(str(e), param, "invalid_value") from None
+    try:
+        ids, params, parse = engine.chat_request(
+            messages, template_vars, **tool_fields, **kwargs, **constrained, top_logprobs=top or 0
         )
-        return {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-    return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    except ValueError as e:  # ChatTemplateError is a ValueError too
+        text = str(e)
+        param = next((p for p in ("parallel_tool_calls", "tools") if p in text), "messages")
+        raise bad(text, param, "invalid_value") from None
+    (ids,) = _fit(engine, [ids], "messages")
+    room = engine.context_length - len(ids)
+    params = dataclasses.replace(params, max_new_tokens=max(1, min(max_tokens or room, room)))
+    return GenRequest(True, model, [ids], params, stream, include_usage, logprobs, n, tools=parse)
