@@ -524,6 +524,18 @@ def bench(bundle, contexts, new_tokens, as_json, no_bandwidth, providers, thread
     show_default=True,
     help="Seconds streams get on SIGTERM.",
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="Without a key: also answer requests with this Host (repeatable; '*' any, '*.lan' a domain).",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="Let this web origin call the API from a browser (repeatable; off by default).",
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Run as Ray Serve replicas (needs the ray extra).")
 @click.option("--replicas", type=int, default=None, help="With --ray: replicas to start.  [default: 1]")
 @click.option(
@@ -555,6 +567,8 @@ def serve(
     max_queue,
     model_name,
     grace,
+    allowed_hosts,
+    cors_origins,
     use_ray,
     replicas,
     ray_address,
@@ -581,6 +595,8 @@ def serve(
         "--max-replicas": max_replicas,
         "--target-ongoing": target_ongoing,
     }
+    if use_ray and (allowed_hosts or cors_origins):
+        raise click.UsageError("--allowed-host and --cors-origin are not supported with --ray")
     if not use_ray:
         given = [name for name, value in ray_opts.items() if value is not None]
         if given:
@@ -620,6 +636,8 @@ def serve(
         grace=grace,
         providers=list(providers) or None,
         threads=threads,
+        allowed_hosts=allowed_hosts,
+        cors_origins=cors_origins,
     )
 
 

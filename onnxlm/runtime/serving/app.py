@@ -13,21 +13,25 @@ server-sent events ending in `data: [DONE]`), GET /health, GET /ready, GET /metr
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import hmac
 import json
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine import Engine
+from .guard import HostGuard, HostPolicy, check_encodable, check_json_content_type
 from .metrics import ServerMetrics
 from .protocol import (
     APIError,
@@ -48,6 +52,7 @@ from .scheduler import Cancelled, GenerationAborted, QueueFull, Scheduler, Strea
 log = logging.getLogger("onnxlm.serving")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+PREP_THREADS = 2  # parsing, template rendering and tokenizing run here, never on the event loop
 
 
 class Service:
@@ -70,6 +75,7 @@ class Service:
         self.text = LogprobText(engine)
         self.draining = False
         self.created = int(time.time())
+        self.prep = concurrent.futures.ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="onnxlm-prep")
 
     def drain(self) -> None:
         """Refuse new generation requests (503) and report not ready; running ones go on."""
@@ -127,6 +133,7 @@ def _endpoint(name: str, auth: bool = True):
 
 
 async def _read_body(request: Request) -> bytes:
+    check_json_content_type(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
         raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
@@ -231,8 +238,9 @@ async def _generate(svc: Service, request: Request, chat: bool) -> Response:
             code="server_shutting_down",
             headers={"Retry-After": "5"},
         )
-    body = parse_json(await _read_body(request))
-    req = (parse_chat if chat else parse_completion)(body, svc.engine)
+    raw = await _read_body(request)
+    # JSON parsing, the chat template and the tokenizer take seconds on a large body: off the loop
+    req = await asyncio.get_running_loop().run_in_executor(svc.prep, _prepare, raw, chat, svc.engine)
     try:
         stream = svc.scheduler.open_stream(req.prompt_ids, req.params)
     except QueueFull as e:
@@ -255,21 +263,27 @@ async def _generate(svc: Service, request: Request, chat: bool) -> Response:
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
     watcher = asyncio.ensure_future(_on_disconnect(request, stream))
-    outs, status = [], None
+    outs = []
     try:
         async for out in stream:
             outs.append(out)
             track.token()
     except Cancelled:
-        status = "499"
-        return Response(status_code=499)  # the client is gone; nobody reads this
+        return Response(status_code=499)  # the client is gone; nobody reads this (_endpoint counts it)
     except GenerationAborted as e:
         raise APIError(503, str(e), type="server_error", code="generation_aborted") from None
     finally:
         watcher.cancel()
         stream.cancel()
-        track.end(status)
+        track.end(None)  # a response that is not a stream is counted once, by _endpoint
     return JSONResponse(completion_body(req, rid, name, outs, svc.text))
+
+
+def _prepare(raw: bytes, chat: bool, engine: Engine) -> GenRequest:
+    """The checked request from the body's bytes (runs on the prep threads)."""
+    body = parse_json(raw)
+    check_encodable(body)
+    return (parse_chat if chat else parse_completion)(body, engine)
 
 
 async def _on_disconnect(request: Request, stream: Stream) -> None:
@@ -345,10 +359,15 @@ def create_app(
     max_batch: int = 8,
     max_queue: int = 64,
     scheduler: Scheduler | None = None,
+    allowed_hosts: Sequence[str] = (),
+    cors_origins: Sequence[str] = (),
 ) -> Starlette:
     """The OpenAI-compatible ASGI app for one engine. The scheduler thread starts with the first request
     (so a parent app that mounts this one need not run its lifespan); `app.state.service` holds the
-    state, and `app.state.service.scheduler.close()` stops generation."""
+    state, and `app.state.service.scheduler.close()` stops generation.
+
+    Without an API key only requests whose Host is a loopback name or one of `allowed_hosts` ('*' for
+    any) are answered. CORS is off unless `cors_origins` names the web origins allowed to call."""
     svc = Service(engine, model_name, api_key, max_batch, max_queue, scheduler)
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -359,6 +378,20 @@ def create_app(
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    middleware = [Middleware(HostGuard, policy=HostPolicy(allowed_hosts), enabled=svc.api_key is None)]
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
     app.state.service = svc
     return app
