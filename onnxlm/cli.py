@@ -207,6 +207,10 @@ def _stats(count: int, secs: float, reason: str | None) -> None:
 @friendly
 def generate(bundle, prompt, as_chat, system, providers, threads, **kw) -> None:
     """Generate from PROMPT with the model in BUNDLE, streaming the text."""
+    from .runtime.tokenizer import check_text
+
+    check_text(prompt, "PROMPT")  # invalid UTF-8 in argv arrives as lone surrogates
+    check_text(system or "", "--system")
     engine = _load(bundle, providers, threads)
     if as_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -226,16 +230,23 @@ def generate(bundle, prompt, as_chat, system, providers, threads, **kw) -> None:
 @friendly
 def chat(bundle, system, providers, threads, **kw) -> None:
     """Multi-turn chat with the model in BUNDLE (/reset clears the history, /exit or Ctrl-D quits)."""
+    from .runtime.tokenizer import check_text
+
+    check_text(system or "", "--system")
     engine = _load(bundle, providers, threads)
     history = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
             click.echo(click.style(">>> ", bold=True), nl=False)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline()
+        if not raw:
             break
-        line = line.strip()
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:  # one bad line costs that line, not the session
+            click.echo(f"error: that line is not valid UTF-8 (byte {e.start}); the chat goes on", err=True)
+            continue
         if not line:
             continue
         if line in ("/exit", "/quit"):
@@ -243,10 +254,14 @@ def chat(bundle, system, providers, threads, **kw) -> None:
         if line == "/reset":
             history = history[:1] if system else []
             continue
-        history.append({"role": "user", "content": line})
+        turn = {"role": "user", "content": line}
         pieces: list[str] = []
-        _stats(*_print_stream(engine.stream_chat(history, **_params(kw)), pieces))
-        history.append({"role": "assistant", "content": "".join(pieces)})
+        try:
+            _stats(*_print_stream(engine.stream_chat([*history, turn], **_params(kw)), pieces))
+        except ValueError as e:  # the template refused it, the window is full, ...: this turn only
+            click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+            continue
+        history += [turn, {"role": "assistant", "content": "".join(pieces)}]
 
 
 @cli.command()
