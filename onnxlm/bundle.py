@@ -277,13 +277,15 @@ def validate_manifest(raw: Any, path: Path | str) -> None:
         )
 
 
-def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
+def read_manifest(bundle_dir: str | os.PathLike, staging_ok: bool = False) -> Manifest:
+    """The bundle's validated manifest. A folder marked as staging (a bundle still being made) is refused
+    unless `staging_ok` (for the process making it)."""
     path = Path(bundle_dir) / MANIFEST
     if not Path(bundle_dir).is_dir():
         raise BundleError(f"{bundle_dir}: not a bundle folder (it does not exist or is not a folder)")
     if not path.is_file():
         raise BundleError(f"{path}: missing; this folder is not a complete onnxlm bundle")
-    if (Path(bundle_dir) / STAGING_MARK).exists():
+    if not staging_ok and (Path(bundle_dir) / STAGING_MARK).exists():
         raise BundleError(
             f"{bundle_dir}: an unfinished bundle (a quantize run's staging folder); it is not loaded"
         )
@@ -359,24 +361,23 @@ def _node_tensors(node) -> Iterator[Any]:
             yield from _graph_tensors(g)
 
 
-def external_locations(model) -> set[str]:
-    """Every external-data location the model names, in any subgraph or function (read without loading
-    the weights); `model` is a ModelProto or the path of one."""
+def external_tensors(model) -> list[Any]:
+    """The model's tensors stored as external data, in any subgraph or function."""
     import onnx
 
-    if isinstance(model, (str, os.PathLike)):
-        model = load_graph(Path(model))
     tensors = list(_graph_tensors(model.graph))
     for function in model.functions:
         for node in function.node:
             tensors += _node_tensors(node)
-    locations = set()
-    for t in tensors:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return locations
+    return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def external_locations(model) -> set[str]:
+    """Every external-data location the model names (read without loading the weights); `model` is a
+    ModelProto or the path of one."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load_graph(Path(model))
+    return {e.value for t in external_tensors(model) for e in t.external_data if e.key == "location"}
 
 
 def _names(names: list[str], limit: int = 4) -> str:
@@ -415,12 +416,14 @@ def check_graph_io(model, manifest: Manifest, model_path: Path, manifest_path: P
             )
 
 
-def check_bundle(bundle_dir: str | os.PathLike, verify_hashes: bool = False) -> Manifest:
+def check_bundle(
+    bundle_dir: str | os.PathLike, verify_hashes: bool = False, staging_ok: bool = False
+) -> Manifest:
     """Read and validate the manifest, check every file it lists (present, right size, optionally right
     hash), every external-data location the graph names (subgraphs included), and that the graph's
     inputs and outputs are the ones the manifest describes."""
     root = Path(bundle_dir)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, staging_ok)
     mpath = root / MANIFEST
     for name in (MODEL, TOKENIZER):
         if name not in manifest.files:
@@ -477,6 +480,54 @@ def copy_side_files(manifest: Manifest, src: Path, dst: Path) -> None:
             shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
+def swap_in(new: Path, out: Path) -> None:
+    """Move the complete folder `new` to `out`; an `out` already there is renamed aside first and removed
+    only once `new` is in its place, so a crash leaves the old bundle or the new one, never neither."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        try:
+            os.rename(new, out)
+        except OSError:
+            os.rename(old, out)  # put the old bundle back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, out)
+    _fsync_dir(out.parent)
+
+
+def finish_staging(folder: Path) -> None:
+    """Clear a staging folder's mark once its bundle has passed every check (it loads from then on)."""
+    (folder / STAGING_MARK).unlink(missing_ok=True)
+    _fsync_dir(folder)
+
+
+def load_weights(model, root: Path) -> None:
+    """Read every external tensor of `model` (subgraphs included) from the bundle at `root` into the
+    proto. onnx's own loader refuses a data file with more than one hard link; here the bundle's checks
+    (inside the folder, not a link, listed with its size and hash) vouch for the file instead."""
+    import onnx
+
+    handles: dict[Path, Any] = {}
+    try:
+        for t in external_tensors(model):
+            info = {e.key: e.value for e in t.external_data}
+            path = _inside(root, info.get("location", ""), root / MODEL, "external data")
+            f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+            f.seek(int(info.get("offset", 0)))
+            data = f.read(int(info["length"])) if "length" in info else f.read()
+            if "length" in info and len(data) != int(info["length"]):
+                raise BundleError(f"{root / MODEL}: tensor {t.name!r} runs past the end of {path.name}")
+            t.raw_data = data
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    finally:
+        for f in handles.values():
+            f.close()
+
+
 class BundleWriter:
     """Write a bundle atomically: files go into a temporary folder beside the target,
     the manifest is written last, everything is fsynced, then the folder is renamed into place.
@@ -486,9 +537,10 @@ class BundleWriter:
             writer.commit(manifest)
     """
 
-    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False, staging: bool = False):
         self.out = Path(out_dir).absolute()
         self.overwrite = overwrite
+        self.staging = staging  # mark the result unfinished (see finish_staging): it will not load
         if self.out.exists() and not overwrite:
             raise BundleError(f"{self.out}: already exists (pass overwrite to replace it)")
         if self.out.exists() and not (self.out / MANIFEST).is_file() and any(self.out.iterdir()):
@@ -498,6 +550,8 @@ class BundleWriter:
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+        if self.staging:
+            (self.tmp / STAGING_MARK).write_text("a bundle still being made; not to be loaded\n")
         return self.tmp
 
     def commit(self, manifest: Manifest) -> Path:
@@ -507,7 +561,7 @@ class BundleWriter:
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is ordinary files
         for path in sorted(self.tmp.iterdir()):
-            if path.name == MANIFEST or not path.is_file():
+            if path.name in (MANIFEST, STAGING_MARK) or not path.is_file():
                 continue
             os.chmod(path, 0o666 & ~umask)
             manifest.files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
@@ -520,15 +574,7 @@ class BundleWriter:
             os.fsync(f.fileno())
         os.chmod(mpath, 0o666 & ~umask)
         _fsync_dir(self.tmp)
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(self.out, old)
-            os.rename(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
+        swap_in(self.tmp, self.out)
         self.tmp = None
         return self.out
 
