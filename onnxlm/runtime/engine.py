@@ -14,6 +14,7 @@ ignore_eos=False.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -118,7 +119,17 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
 
 
 class Engine:
-    """One bundle, ready to generate. Build with `Engine.load(bundle_dir)`."""
+    """One bundle, ready to generate. Build with `Engine.load(bundle_dir)`.
+
+    Thread-safe: any number of threads may call `generate`, `stream`, `chat`, ... on one Engine at the
+    same time, each getting exactly what it would get alone. Each call has its own KV cache and IO
+    binding; the shared parts are read-only after loading (the onnxruntime session, whose `run` is
+    thread-safe; the tokenizer; the chat template, compiled once under a lock) and the scheduler is
+    made once under `_lock`. Concurrent calls each run their own forward passes; for batching, use
+    the async methods (`astream`, ...), which share the continuous-batching scheduler.
+    """
+
+    _lock = threading.Lock()  # guards the scheduler's one-time creation
 
     def __init__(
         self, model: Model, tokenizer: Tokenizer, manifest: Manifest, bundle_dir: Path | None = None
@@ -246,9 +257,10 @@ class Engine:
         calls return the same one. `close()` it to stop the thread."""
         from .serving.scheduler import Scheduler
 
-        if self._scheduler is None:
-            self._scheduler = Scheduler(self.model, self.tokenizer, max_batch, max_queue)
-            self._scheduler.start()
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = Scheduler(self.model, self.tokenizer, max_batch, max_queue)
+                self._scheduler.start()
         return self._scheduler
 
     async def astream(self, prompt: Prompt, **params: Any) -> AsyncIterator[Chunk]:
