@@ -610,8 +610,6 @@ def serve(
         "--max-replicas": max_replicas,
         "--target-ongoing": target_ongoing,
     }
-    if use_ray and (allowed_hosts or cors_origins):
-        raise click.UsageError("--allowed-host and --cors-origin are not supported with --ray")
     if not use_ray:
         given = [name for name, value in ray_opts.items() if value is not None]
         if given:
@@ -619,17 +617,24 @@ def serve(
     else:
         from pathlib import Path
 
+        from .runtime.serving.guard import is_wildcard_bind
         from .runtime.serving.ray_serve import ReplicaArgs, Scaling, deploy
+        from .runtime.serving.server import exposure_warning
 
+        key = read_api_key(api_key, api_key_file)
         args = ReplicaArgs(
             str(Path(bundle).resolve()),
             model_name=model_name,
-            api_key=read_api_key(api_key, api_key_file),
+            api_key=key,
             max_batch=max_batch,
             max_queue=max_queue,
             threads=threads,
             providers=list(providers) or None,
+            allowed_hosts=[*allowed_hosts, *([] if is_wildcard_bind(host) else [host])],
+            cors_origins=list(cors_origins),
         )
+        if warning := exposure_warning(host, key):
+            log.warning("%s", warning)
         scaling = Scaling(
             replicas=1 if replicas is None else replicas,
             cpus_per_replica=1.0 if cpus_per_replica is None else cpus_per_replica,

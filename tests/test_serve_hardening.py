@@ -329,3 +329,26 @@ def test_an_abandoned_request_is_counted_once(engine):
         assert f'onnxlm_requests_total{{endpoint="{COMP}",status="200"}} 1' in text
     finally:
         srv.stop()
+
+
+def test_serve_warns_once_and_takes_allowed_hosts_from_the_command_line():
+    import signal
+
+    from test_serve_process import start_server
+
+    proc, base = start_server("--host", "0.0.0.0", "--allowed-host", "my.lan")
+    try:
+        port = int(base.rsplit(":", 1)[1])
+        assert raw_request(port, "POST", COMP, "my.lan", BODY)[0] == 200
+        assert raw_request(port, "POST", COMP, "evil.example", BODY)[0] == 400
+        assert raw_request(port, "GET", "/v1/models", f"127.0.0.1:{port}")[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=60)
+    warnings = [line for line in stderr.splitlines() if "no API key" in line]
+    assert len(warnings) == 1 and "0.0.0.0" in warnings[0], stderr
+
+    proc, base = start_server()  # loopback: no warning
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert "no API key" not in stderr, stderr

@@ -39,6 +39,8 @@ class ReplicaArgs:
     max_queue: int = 64
     threads: int | None = None
     providers: list[str] | None = None
+    allowed_hosts: list[str] | None = None  # without a key: Host names answered besides loopback ones
+    cors_origins: list[str] | None = None  # web origins allowed to call from a browser (CORS)
 
     def __post_init__(self):
         if not self.bundle:
@@ -138,6 +140,8 @@ def replica_class():
                 api_key=a.api_key,
                 max_batch=a.max_batch,
                 max_queue=a.max_queue,
+                allowed_hosts=a.allowed_hosts or (),
+                cors_origins=a.cors_origins or (),
             )
             self._svc = self._app.state.service
             self._svc.scheduler.start()
