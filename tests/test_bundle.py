@@ -280,3 +280,15 @@ def test_a_staging_folder_never_loads(bundle_copy):
     (bundle_copy / B.STAGING_MARK).write_text("")
     with pytest.raises(B.BundleError, match="unfinished bundle"):
         B.check_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("content", [b"{ not json", b"[" * 100_000, b'{"model": 5}'])
+def test_a_bad_tokenizer_is_an_error_naming_tokenizer_json(bundle_copy, content):
+    from onnxlm.runtime import load
+
+    (bundle_copy / B.TOKENIZER).write_bytes(content)
+    resign(bundle_copy)
+    with pytest.raises(B.BundleError) as e:
+        load(bundle_copy)
+    assert str(e.value).startswith(f"{bundle_copy / B.TOKENIZER}: not a usable tokenizer (")
+    assert "\n" not in str(e.value)

@@ -32,6 +32,7 @@ PROBES = {
     "range too long": "{{ range(10**30) | list }}",
     "type error": "{{ messages + 1 }}",
     "zero division": "{{ 1 // 0 }}",
+    "lorem ipsum": "{{ lipsum(n=10**6) }}",
 }
 
 

@@ -352,3 +352,31 @@ def test_serve_warns_once_and_takes_allowed_hosts_from_the_command_line():
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=60)
     assert "no API key" not in stderr, stderr
+
+
+def test_requests_waiting_to_be_tokenized_are_bounded(engine):
+    """With room for one request (batch 1, no queue) a second arrival while a 4 MB prompt is still
+    being tokenized is refused at once instead of holding another body in memory."""
+    srv = ServerThread(create_app(engine, max_batch=1, max_queue=0))
+    try:
+        (_, path, body), _ = _huge_bodies(engine)
+        first = {}
+        worker = threading.Thread(target=lambda: first.update(r=http("POST", srv.base + path, json=body)))
+        worker.start()
+        deadline = time.time() + 30
+        while srv.service.preparing == 0 and time.time() < deadline:
+            time.sleep(0.005)
+        t0 = time.perf_counter()
+        r = http("POST", srv.base + COMP, json={"prompt": "Hi", "max_tokens": 2})
+        assert time.perf_counter() - t0 < 0.5 and r.status_code == 429, r.text
+        assert r.json()["error"]["code"] == "queue_full" and r.headers["retry-after"] == "1"
+        worker.join()
+        assert first["r"].status_code == 400 and srv.service.preparing == 0
+        assert http("POST", srv.base + COMP, json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
+    finally:
+        srv.stop()
+
+
+def test_host_names_with_a_final_dot_are_the_same_names(server):
+    assert raw_request(server.port, "GET", "/v1/models", "localhost.:8000")[0] == 200
+    assert raw_request(server.port, "GET", "/v1/models", "my.lan.")[0] == 200

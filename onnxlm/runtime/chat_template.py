@@ -186,6 +186,7 @@ def compile_chat_template(source: str) -> jinja2.Template:
     )
     env.filters["tojson"] = _tojson
     env.filters = {name: _guarded_filter(f) for name, f in env.filters.items()}
+    del env.globals["lipsum"]  # lipsum(n=10**6) is one uninterruptible call building gigabytes
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
     try:

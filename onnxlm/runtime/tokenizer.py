@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..bundle import TOKENIZER, Manifest
+from ..bundle import TOKENIZER, BundleError, Manifest
 from .chat_template import ChatTemplateError, compile_chat_template, render_chat_template
 
 __all__ = ["ChatTemplateError", "Detokenizer", "Tokenizer", "compile_chat_template", "render_chat_template"]
@@ -64,7 +64,13 @@ class Tokenizer:
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | os.PathLike, manifest: Manifest) -> Tokenizer:
-        return cls(HFTokenizer.from_file(str(Path(bundle_dir) / TOKENIZER)), manifest)
+        path = Path(bundle_dir) / TOKENIZER
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception with serde's message
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BundleError(f"{path}: not a usable tokenizer ({first})") from None
+        return cls(tok, manifest)
 
     def _token(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.tok.id_to_token(token_id)

@@ -76,6 +76,9 @@ class Service:
         self.draining = False
         self.created = int(time.time())
         self.prep = concurrent.futures.ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="onnxlm-prep")
+        # requests being parsed and tokenized: past what the scheduler could take anyway, refuse (429)
+        # rather than hold more bodies in memory
+        self.preparing, self.max_preparing = 0, max_batch + max_queue
 
     def drain(self) -> None:
         """Refuse new generation requests (503) and report not ready; running ones go on."""
@@ -239,8 +242,20 @@ async def _generate(svc: Service, request: Request, chat: bool) -> Response:
             headers={"Retry-After": "5"},
         )
     raw = await _read_body(request)
-    # JSON parsing, the chat template and the tokenizer take seconds on a large body: off the loop
-    req = await asyncio.get_running_loop().run_in_executor(svc.prep, _prepare, raw, chat, svc.engine)
+    if svc.preparing >= svc.max_preparing:
+        raise APIError(
+            429,
+            f"{svc.preparing} requests are being prepared already; try again shortly",
+            type="rate_limit_exceeded",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+    svc.preparing += 1  # (the event loop's own counter: no lock needed)
+    try:
+        # JSON parsing, the chat template and the tokenizer take seconds on a large body: off the loop
+        req = await asyncio.get_running_loop().run_in_executor(svc.prep, _prepare, raw, chat, svc.engine)
+    finally:
+        svc.preparing -= 1
     try:
         stream = svc.scheduler.open_stream(req.prompt_ids, req.params)
     except QueueFull as e:

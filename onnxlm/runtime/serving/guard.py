@@ -21,14 +21,14 @@ JSON_TYPES = ("application/json",)
 
 
 def host_name(header: str) -> str:
-    """The name in a Host header, without its port, lower-cased ('[::1]:8000' -> '::1')."""
+    """The name in a Host header, without its port or a final dot, lower-cased ('[::1]:8000' -> '::1')."""
     header = header.strip().lower()
     if header.startswith("["):  # an IPv6 literal
         return header[1:].partition("]")[0]
     if header.count(":") > 1:  # a bare IPv6 address (a bind address, not a Host header)
         return header
     name, _, port = header.rpartition(":")
-    return name if name and port.isdigit() else header
+    return (name if name and port.isdigit() else header).rstrip(".")
 
 
 def is_loopback(name: str) -> bool:
