@@ -135,6 +135,28 @@ def engine_options(fn):
     return fn
 
 
+def draft_options(fn):
+    options = [
+        click.option(
+            "--draft",
+            default=None,
+            metavar="ngram|BUNDLE",
+            help="Speculative decoding: 'ngram' (drafts copied from the prompt and the text so far) or a "
+            "draft bundle with the same tokenizer. Greedy output is unchanged.",
+        ),
+        click.option(
+            "--prefix-cache-mb",
+            type=click.FloatRange(0),
+            default=256,
+            show_default=True,
+            help="KV of recent prompts kept for reuse (chat turns, shared system prompts); 0: off.",
+        ),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
 def sampling_options(fn):
     options = [
         click.option("-n", "--max-new-tokens", type=int, default=256, show_default=True),
@@ -168,10 +190,16 @@ def _params(kw: dict) -> dict:
     return params
 
 
-def _load(bundle: str, providers, threads):
+def _load(bundle: str, providers, threads, draft=None, prefix_cache_mb=256):
     from .runtime import load
 
-    return load(bundle, providers=list(providers) or None, threads=threads)
+    return load(
+        bundle,
+        providers=list(providers) or None,
+        threads=threads,
+        draft=draft,
+        prefix_cache_mb=prefix_cache_mb,
+    )
 
 
 def _print_stream(chunks, pieces: list[str] | None = None) -> tuple[int, float, str | None]:
@@ -204,14 +232,15 @@ def _stats(count: int, secs: float, reason: str | None) -> None:
 @click.option("--system", default=None, help="System message (with --chat).")
 @sampling_options
 @engine_options
+@draft_options
 @friendly
-def generate(bundle, prompt, as_chat, system, providers, threads, **kw) -> None:
+def generate(bundle, prompt, as_chat, system, providers, threads, draft, prefix_cache_mb, **kw) -> None:
     """Generate from PROMPT with the model in BUNDLE, streaming the text."""
     from .runtime.tokenizer import check_text
 
     check_text(prompt, "PROMPT")  # invalid UTF-8 in argv arrives as lone surrogates
     check_text(system or "", "--system")
-    engine = _load(bundle, providers, threads)
+    engine = _load(bundle, providers, threads, draft, prefix_cache_mb)
     if as_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
@@ -227,13 +256,15 @@ def generate(bundle, prompt, as_chat, system, providers, threads, **kw) -> None:
 @click.option("--system", default=None, help="System message.")
 @sampling_options
 @engine_options
+@draft_options
 @friendly
-def chat(bundle, system, providers, threads, **kw) -> None:
-    """Multi-turn chat with the model in BUNDLE (/reset clears the history, /exit or Ctrl-D quits)."""
+def chat(bundle, system, providers, threads, draft, prefix_cache_mb, **kw) -> None:
+    """Multi-turn chat with the model in BUNDLE (/reset clears the history, /exit or Ctrl-D quits).
+    Each turn reuses the earlier turns' KV from the prefix cache."""
     from .runtime.tokenizer import check_text
 
     check_text(system or "", "--system")
-    engine = _load(bundle, providers, threads)
+    engine = _load(bundle, providers, threads, draft, prefix_cache_mb)
     history = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     while True:
@@ -571,6 +602,7 @@ def bench(bundle, contexts, new_tokens, as_json, no_bandwidth, providers, thread
     help="With autoscaling: requests per replica Ray aims at.  [default: --max-batch]",
 )
 @engine_options
+@draft_options
 @friendly
 def serve(
     bundle,
@@ -593,6 +625,8 @@ def serve(
     target_ongoing,
     providers,
     threads,
+    draft,
+    prefix_cache_mb,
 ) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API, continuously batching concurrent requests.
 
@@ -632,6 +666,8 @@ def serve(
             providers=list(providers) or None,
             allowed_hosts=[*allowed_hosts, *([] if is_wildcard_bind(host) else [host])],
             cors_origins=list(cors_origins),
+            draft=str(Path(draft).resolve()) if draft and draft != "ngram" else draft,
+            prefix_cache_mb=prefix_cache_mb,
         )
         if warning := exposure_warning(host, key):
             log.warning("%s", warning)
@@ -658,6 +694,8 @@ def serve(
         threads=threads,
         allowed_hosts=allowed_hosts,
         cors_origins=cors_origins,
+        draft=draft,
+        prefix_cache_mb=prefix_cache_mb,
     )
 
 

@@ -15,7 +15,7 @@ from runtime_fixtures import tiny_bundle
 from onnxlm import bundle as B
 from onnxlm.export.convert import ExportError, export
 from onnxlm.runtime import load
-from onnxlm.runtime.generate import decode_step_shared, left_pad, prefill_shared, right_pad
+from onnxlm.runtime.driver import SharedRows, left_pad
 from onnxlm.runtime.session import run_bound
 
 PROMPTS = ["The quick brown fox", "我们今天去公园散步。 Hello world! This is a much longer prompt"]
@@ -78,18 +78,22 @@ def test_graph_and_manifest(fused):
 
 def test_decode_step_copies_no_cache(fused):
     """Every step's presents are the buffers bound as past (same memory, one binding kept across
-    steps); the buffers never move or grow, and each step writes exactly one new position per row."""
-    model = fused.model
-    ids, lengths = right_pad([fused.tokenizer.encode(p) for p in PROMPTS], 0)
-    cache = model.new_cache(2, capacity=int(lengths.max()) + 8)
-    logits = prefill_shared(model, cache, ids, lengths)
+    steps); once grown, the buffers stay put while there is room, and each step writes exactly one new
+    position per row."""
+    rows = SharedRows(fused.model)
+    job = rows.start([fused.tokenizer.encode(p) for p in PROMPTS])
+    last = job.run()
+    rows.join(job)
+    logits = rows.decode(last.argmax(-1))[:, 0]  # the first step grows the prompt-sized buffer
+    cache = rows.cache
+    assert cache.capacity >= int(cache.lengths.max()) + 6
     buffers = [v for _, _, v in cache.buffers()]
     ptrs = [v.data_ptr() for v in buffers]
     nbytes, binding = cache.nbytes(), cache.binding
     for _ in range(6):
         before = cache.layer(1)[0]  # (batch, kv_heads, offset, head_dim), a copy
         held = cache.lengths.copy()
-        logits = decode_step_shared(model, cache, logits.argmax(-1))
+        logits = rows.decode(logits.argmax(-1))[:, 0]
         presents = binding.binding.get_outputs()[: len(buffers)]  # bound first, in buffers() order
         assert [p.data_ptr() for p in presents] == ptrs  # present aliases past: nothing copied
         assert cache.binding is binding and [v.data_ptr() for _, _, v in cache.buffers()] == ptrs

@@ -245,7 +245,8 @@ def test_load_refuses_a_broken_bundle(bundle, tmp_path):
 
 
 def test_chunked_prefill_equals_whole_prompt(engine):
-    from onnxlm.runtime.generate import GenerationParams, generate_steps
+    from onnxlm.runtime.batch import generate_steps
+    from onnxlm.runtime.generate import GenerationParams
 
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     params = GenerationParams(max_new_tokens=12, ignore_eos=True)

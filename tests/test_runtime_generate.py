@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from onnxlm.runtime.generate import GenerationParams, StopText, left_pad
+from onnxlm.runtime.driver import left_pad
+from onnxlm.runtime.generate import GenerationParams, StopText
 
 
 def test_left_pad_mask_and_positions():

@@ -323,7 +323,7 @@ def test_disconnects_free_their_rows_and_leak_nothing(engine):
         deadline = time.time() + 10
         while (srv.service.scheduler.active or srv.service.scheduler.queue_depth) and time.time() < deadline:
             time.sleep(0.01)
-        assert srv.service.scheduler.active == 0 and srv.service.scheduler._batch.cache is None
+        assert srv.service.scheduler.active == 0 and srv.service.scheduler._batch.rows.cache is None
         time.sleep(0.5)
         after = (threading.active_count(), fds(), rss())
         assert after[0] <= before[0] and after[1] <= before[1] + 2, (before, after)

@@ -163,7 +163,7 @@ def test_requests_joining_mid_flight_equal_running_alone(engine):
         for c in collectors:
             c.wait()
         assert sched.active == 0 and sched.queue_depth == 0
-        assert sched._batch.cache is None  # every row left: nothing held
+        assert sched._batch.rows.cache is None  # every row left: nothing held
         assert max(batch_sizes) == 3  # requests really ran together
     finally:
         sched.close()
@@ -193,7 +193,7 @@ def test_cancel_frees_the_row_and_the_queue_is_bounded(engine):
         sched.cancel(req)
         waiting.wait()  # the cancelled request left its row to the waiting one
         assert len(waiting.outputs) == 3 and len(long.outputs) < 120 and long.error is None
-        assert sched.active == 0 and sched._batch.cache is None
+        assert sched.active == 0 and sched._batch.rows.cache is None
     finally:
         sched.close()
 

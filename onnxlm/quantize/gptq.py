@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..runtime.driver import window_feeds
 from .pack import Packed, from_integers, half
 
 WINDOW = 512  # tokens per calibration sample
@@ -44,22 +45,7 @@ def calibration_feeds(text: str, tokenizer_file: Path, manifest) -> list[dict[st
             break
         if facts.add_bos_token and facts.bos_token_id is not None:
             window = [facts.bos_token_id] + window[:-1]
-        n = len(window)
-        feed = {io.input_ids: np.array([window], np.int64)}
-        if getattr(io, "shared", False):
-            feed[io.seqlens_k] = np.array([n - 1], np.int32)
-            feed[io.total_sequence_length] = np.array(n, np.int32)
-            feed[io.query_seqlens] = np.array([n], np.int32)
-            feed[io.logits_index] = np.array([[n - 1]], np.int64)
-            past = n  # a buffer that holds the window
-        else:
-            feed[io.attention_mask] = np.ones((1, n), np.int64)
-            if io.position_ids:
-                feed[io.position_ids] = np.arange(n, dtype=np.int64)[None]
-            past = 0
-        for i in range(facts.num_layers):
-            for name in (io.past_key.format(i=i), io.past_value.format(i=i)):
-                feed[name] = np.zeros((1, facts.num_kv_heads, past, facts.head_dim), np.float32)
+        feed = window_feeds(io, facts, window)
         feeds.append(feed)
     return feeds
 

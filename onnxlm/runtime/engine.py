@@ -23,9 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import MODEL, Manifest, check_bundle
-from .generate import GenerationParams, Model, Step, generate_steps
+from ..bundle import MODEL, TOKENIZER, BundleError, Manifest, check_bundle
+from .batch import generate_steps
+from .generate import GenerationParams, Model, Step
+from .prefix import PrefixCache
 from .session import make_session, release_free_heap, release_mapped_files
+from .speculate import Costs, ModelDrafter, NgramDrafter
 from .tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -37,6 +40,7 @@ class Usage:
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    cached_tokens: int = 0  # prompt tokens whose KV was reused from the prefix cache
 
 
 @dataclass
@@ -118,8 +122,30 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
     return out
 
 
+def load_model(
+    root: Path,
+    providers: Sequence[str] | str | None = None,
+    threads: int | None = None,
+    verify_hashes: bool = False,
+    io_binding: bool = True,
+) -> Model:
+    """A bundle's checked manifest and graph, in a session."""
+    manifest = check_bundle(root, verify_hashes=verify_hashes)
+    release_free_heap()  # the JSON parse's leftovers stay out of the peak the session adds to
+    session = make_session(root / MODEL, providers=providers, threads=threads)
+    release_free_heap()
+    release_mapped_files(root)  # weights packed at load are held once, not also as mapped file pages
+    return Model(session, manifest, io_binding=io_binding)
+
+
 class Engine:
     """One bundle, ready to generate. Build with `Engine.load(bundle_dir)`.
+
+    draft: speculative decoding for every generation method: "ngram" (prompt lookup: drafts copied
+    from the prompt and the text so far) or a draft Model / bundle path sharing this tokenizer (e.g. an
+    int4 bundle drafting for an fp32 one). Greedy output is unchanged token for token; sampled output
+    keeps its distribution. prefix_cache_mb: KV of recent chats kept for reuse by `chat`,
+    `stream_chat` and the scheduler (0: none).
 
     Thread-safe: any number of threads may call `generate`, `stream`, `chat`, ... on one Engine at the
     same time, each getting exactly what it would get alone. Each call has its own KV cache and IO
@@ -132,13 +158,28 @@ class Engine:
     _lock = threading.Lock()  # guards the scheduler's one-time creation
 
     def __init__(
-        self, model: Model, tokenizer: Tokenizer, manifest: Manifest, bundle_dir: Path | None = None
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        manifest: Manifest,
+        bundle_dir: Path | None = None,
+        draft: str | Model | None = None,
+        prefix_cache_mb: float = 256,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.manifest = manifest
         self.bundle_dir = bundle_dir
         self._scheduler = None
+        self.draft: str | Model | None = None
+        self.use_draft(draft)
+        if (
+            isinstance(prefix_cache_mb, bool)
+            or not isinstance(prefix_cache_mb, (int, float))
+            or prefix_cache_mb < 0
+        ):
+            raise ValueError(f"prefix_cache_mb must be a number >= 0, got {prefix_cache_mb!r}")
+        self.prefix_cache = PrefixCache(int(prefix_cache_mb * 2**20)) if prefix_cache_mb else None
 
     @classmethod
     def load(
@@ -148,16 +189,40 @@ class Engine:
         threads: int | None = None,
         verify_hashes: bool = False,
         io_binding: bool = True,
+        draft: str | os.PathLike | None = None,
+        prefix_cache_mb: float = 256,
     ) -> Engine:
-        """Check the bundle (sizes; hashes on request), open a session and the tokenizer."""
+        """Check the bundle (sizes; hashes on request), open a session and the tokenizer; `draft` is
+        "ngram", a draft bundle's folder, or None (see the class)."""
         root = Path(bundle_dir)
         manifest = check_bundle(root, verify_hashes=verify_hashes)
         tokenizer = Tokenizer.from_bundle(root, manifest)
-        release_free_heap()  # the JSON parse's leftovers stay out of the peak the session adds to
-        session = make_session(root / MODEL, providers=providers, threads=threads)
-        release_free_heap()
-        release_mapped_files(root)  # weights packed at load are held once, not also as mapped file pages
-        return cls(Model(session, manifest, io_binding=io_binding), tokenizer, manifest, root)
+        model = load_model(root, providers, threads, verify_hashes, io_binding)
+        if draft is not None and draft != "ngram":
+            draft = load_model(Path(draft), providers, threads, verify_hashes, io_binding)
+        return cls(model, tokenizer, manifest, root, draft=draft, prefix_cache_mb=prefix_cache_mb)
+
+    def use_draft(self, draft: str | Model | None) -> None:
+        """Speculate with `draft` from now on ("ngram", a draft Model, or None to stop)."""
+        if draft is not None and draft != "ngram" and not isinstance(draft, Model):
+            raise ValueError(f"draft must be 'ngram', a draft bundle or None, got {draft!r}")
+        if isinstance(draft, Model):
+            mine = self.manifest.files.get(TOKENIZER, {}).get("sha256")
+            theirs = draft.manifest.files.get(TOKENIZER, {}).get("sha256")
+            if mine is None or mine != theirs:
+                raise BundleError(
+                    "the draft bundle's tokenizer.json differs from this bundle's; a draft must share the tokenizer"
+                )
+        self.draft = draft
+        self._costs = Costs()  # verify-step costs measured across calls, for choosing k
+
+    def speculator(self):
+        """A fresh drafter for one batch (None without a draft); cost measurements carry over."""
+        if self.draft is None:
+            return None
+        spec = NgramDrafter() if self.draft == "ngram" else ModelDrafter(self.draft)
+        spec.costs = self._costs
+        return spec
 
     @property
     def context_length(self) -> int:
@@ -196,7 +261,13 @@ class Engine:
         """The token-step generator over a batch of prompts (see generate.generate_steps)."""
         p = _params(params)
         ids = [self.encode_prompt(x) for x in prompts]
-        return generate_steps(self.model, self.tokenizer, ids, p)
+        return self._steps(ids, p)
+
+    def _steps(self, ids: list[list[int]], p: GenerationParams, reuse: bool = False) -> Iterator[Step]:
+        cache = self.prefix_cache if reuse else None
+        return generate_steps(
+            self.model, self.tokenizer, ids, p, speculator=self.speculator(), prefix_cache=cache
+        )
 
     # --- layer 2: streaming --------------------------------------------------------------------
     def stream(self, prompt: Prompt, **params: Any) -> Iterator[Chunk]:
@@ -205,14 +276,16 @@ class Engine:
         ids = self.encode_prompt(prompt)
         return self._stream(ids, p)
 
-    def _stream(self, ids: list[int], p: GenerationParams) -> Iterator[Chunk]:
-        return _chunks(generate_steps(self.model, self.tokenizer, [ids], p), len(ids))
+    def _stream(self, ids: list[int], p: GenerationParams, reuse: bool = False) -> Iterator[Chunk]:
+        steps = self._steps([ids], p, reuse)
+        return _chunks(steps, len(ids))
 
     def stream_chat(
         self, messages: Sequence[dict[str, Any]], template_vars: dict[str, Any] | None = None, **params: Any
     ) -> Iterator[Chunk]:
+        """`stream` for chat messages; earlier turns' KV comes from the prefix cache when it holds them."""
         p = _params(params)
-        return self._stream(self._chat_ids(messages, template_vars), p)
+        return self._stream(self._chat_ids(messages, template_vars), p, reuse=True)
 
     # --- layer 3: whole completions ------------------------------------------------------------
     def generate(self, prompt: Prompt, **params: Any) -> Completion:
@@ -224,7 +297,8 @@ class Engine:
         return _collect(self.stream_chat(messages, template_vars, **params))
 
     def generate_batch(self, prompts: Sequence[Prompt], **params: Any) -> list[Completion]:
-        """Generate for several prompts at once (left-padded); each result equals running it alone."""
+        """Generate for several prompts at once (padded as the graph's KV layout wants: right-padded on
+        the default shared-buffer graph); each result equals running it alone."""
         if isinstance(prompts, str) or not isinstance(prompts, Sequence):
             raise TypeError("generate_batch expects a list of prompts")
         p = _params(params)
@@ -235,7 +309,7 @@ class Engine:
         reasons: list[str | None] = [None] * len(ids)
         timings = Timings()
         steps = 0
-        for step in generate_steps(self.model, self.tokenizer, ids, p):
+        for step in self._steps(ids, p):
             _account(timings, step)
             steps += 1
             for out in step.outputs:
@@ -255,13 +329,25 @@ class Engine:
     def scheduler(self, max_batch: int = 8, max_queue: int = 64):
         """The engine's continuous-batching scheduler, made (and its thread started) on first use; later
         calls return the same one. `close()` it to stop the thread."""
-        from .serving.scheduler import Scheduler
-
         with self._lock:
             if self._scheduler is None:
-                self._scheduler = Scheduler(self.model, self.tokenizer, max_batch, max_queue)
+                self._scheduler = self.new_scheduler(max_batch, max_queue)
                 self._scheduler.start()
         return self._scheduler
+
+    def new_scheduler(self, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | None = 512):
+        """A continuous-batching scheduler on this engine's model, draft and prefix cache (not started)."""
+        from .serving.scheduler import Scheduler
+
+        return Scheduler(
+            self.model,
+            self.tokenizer,
+            max_batch,
+            max_queue,
+            prefill_chunk,
+            speculator=self.speculator(),
+            prefix_cache=self.prefix_cache,
+        )
 
     async def astream(self, prompt: Prompt, **params: Any) -> AsyncIterator[Chunk]:
         """`stream` for asyncio code: concurrent calls are batched together by `scheduler()`. Raises
@@ -294,7 +380,7 @@ class Engine:
                     secs = time.perf_counter() - start - timings.ttft_s
                     timings.decode_s = secs
                     timings.tokens_per_s = (n - 1) / secs if n > 1 and secs > 0 else 0.0
-                    chunk.usage = Usage(len(ids), n, len(ids) + n)
+                    chunk.usage = Usage(len(ids), n, len(ids) + n, stream.request.seq.cached_tokens)
                     chunk.timings = timings
                 yield chunk
         finally:
@@ -303,14 +389,16 @@ class Engine:
 
 def _chunks(steps: Iterator[Step], prompt_tokens: int) -> Iterator[Chunk]:
     timings = Timings()
-    n = 0
+    n = cached = 0
     for step in steps:
         _account(timings, step)
+        if step.cached_tokens:
+            cached = step.cached_tokens[0]
         out = step.outputs[0]
         n += 1
         chunk = Chunk(out.text, out.token_id, out.logprob, out.finish_reason, top_logprobs=out.top_logprobs)
         if out.finish_reason is not None:
-            chunk.usage = Usage(prompt_tokens, n, prompt_tokens + n)
+            chunk.usage = Usage(prompt_tokens, n, prompt_tokens + n, cached)
             chunk.timings = timings._finish(prompt_tokens, n)
         yield chunk
 

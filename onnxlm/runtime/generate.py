@@ -1,32 +1,24 @@
-"""The decode loop, in layers (mlx-lm style):
+"""One sequence's generation: its parameters, the model's forward call, sampling and stop handling.
 
-    Model.forward          one graph call: tokens + mask + positions + past -> last logits, cache updated
-    prefill / decode_step  the whole prompt (in chunks) / one token per sequence
-    generate_steps         a generator: one Step per token, per live sequence its token id, text delta,
-                           logprob and finish reason; everything else (Engine.generate, stream, batch)
-                           is built on it.
+    Model.forward / Model.step   one graph call (concat / shared-buffer layout), the cache updated
+    GenerationParams             a request's parameters, validated once
+    SeqState, sample_next        one sequence's sampler, text, stop strings and finish reason; each
+                                 sampled token goes through sample_next, whoever drives the batch
 
-The manifest's kv_layout decides how a batch is driven:
-- concat: left-padded; attention_mask (batch, past + seq) is 1 on real tokens, 0 on padding, and
-  position_ids = cumsum(mask) - 1 with padding at 1 (transformers' convention); the cache grows by
-  concatenation (KVCache).
-- shared_buffer: right-padded; per row the count of real tokens in the chunk (query_seqlens) and held
-  after it; the graph writes into one preallocated buffer per layer (SharedKVCache), so a decode step
-  copies no cache and allocates nothing that grows with the context.
-A sequence that finishes leaves the batch (its rows are dropped from the cache), so the others run on
-unchanged.
+The batch itself (padding, prefill, decode rounds, speculation, prefix reuse) is driven by
+driver.py (one driver per KV layout) and batch.py (the sequences on it, generate_steps).
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnxruntime as ort
 
 from ..bundle import Manifest
+from .driver import window_feeds
 from .kv_cache import KVCache, SharedKVCache
 from .sampling import apply_processors, make_logits_processors, make_sampler
 from .session import BoundBuffers, kv_device, run_bound, run_numpy
@@ -120,15 +112,19 @@ class Model:
         attention_mask: np.ndarray,
         position_ids: np.ndarray,
         cache: KVCache | SharedKVCache,
+        all_positions: bool = False,
     ) -> np.ndarray:
         """input_ids, position_ids (batch, seq); attention_mask (batch, past + seq). Returns the last
-        position's logits (batch, vocab) as float32 and moves the cache forward by seq.
+        position's logits (batch, vocab) as float32, or every position's (batch, seq, vocab) with
+        all_positions (concat graphs only), and moves the cache forward by seq.
 
         On a shared-buffer graph the chunk's real tokens (mask 1) move to the front of their row and
         positions follow from what the cache holds (the runtime's cumsum convention)."""
         io = self.io
         if io.shared:
             seq = input_ids.shape[1]
+            if all_positions:
+                raise ValueError("all_positions needs a concat graph; a shared-buffer graph uses step()")
             real = np.asarray(attention_mask)[:, -seq:].astype(bool)  # (batch, seq)
             q = real.sum(axis=1)
             ids = np.zeros_like(input_ids)
@@ -150,6 +146,8 @@ class Model:
             out = run_numpy(self.session, feeds, names)
             logits = out[io.logits]
         cache.update(out)
+        if all_positions:
+            return np.asarray(logits, dtype=np.float32)  # (batch, seq, vocab)
         return np.asarray(logits[:, -1, :], dtype=np.float32)  # (batch, vocab)
 
     def step(
@@ -186,14 +184,10 @@ class Model:
         ids = np.asarray(ids, dtype=np.int64)[None, :]  # (1, seq)
         seq = ids.shape[1]
         if not self.io.shared:
-            cache = self.new_cache(1)
-            feeds = {
-                self.io.input_ids: ids.astype(self._int[self.io.input_ids], copy=False),
-                self.io.attention_mask: np.ones((1, seq), self._int[self.io.attention_mask]),
-                **cache.feeds(),
-            }
-            if self.io.position_ids:
-                feeds[self.io.position_ids] = np.arange(seq, dtype=self._int[self.io.position_ids])[None]
+            feeds = window_feeds(self.io, self.facts, ids[0])
+            for name in (self.io.input_ids, self.io.attention_mask, self.io.position_ids):
+                if name:
+                    feeds[name] = feeds[name].astype(self._int[name], copy=False)
             (logits,) = self.session.run([self.io.logits], feeds)
             return np.asarray(logits[0], dtype=np.float32)
         cache = self.new_cache(1, capacity=seq)
@@ -201,130 +195,6 @@ class Model:
             return self.step(ids, np.array([seq]), np.arange(seq)[None], cache)[0]
         finally:
             cache.free()
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """input_ids, attention_mask, position_ids, each (batch, longest prompt), left-padded."""
-    width = max(len(p) for p in prompts)
-    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
-    mask = np.zeros((len(prompts), width), dtype=np.int64)
-    for row, p in enumerate(prompts):
-        if len(p):
-            ids[row, width - len(p) :] = p
-            mask[row, width - len(p) :] = 1
-    pos = np.cumsum(mask, axis=1) - 1
-    pos[mask == 0] = 1
-    return ids, mask, pos
-
-
-def prefill(
-    model: Model,
-    cache: KVCache,
-    input_ids: np.ndarray,
-    attention_mask: np.ndarray,
-    position_ids: np.ndarray,
-    chunk_size: int | None = None,
-) -> np.ndarray:
-    """Run the prompt (batch, seq) through the graph, `chunk_size` positions per call; last logits."""
-    seq = input_ids.shape[1]
-    step = seq if not chunk_size else chunk_size
-    past = cache.offset  # mask covers past + prompt
-    logits = None
-    for start in range(0, seq, step):
-        end = min(seq, start + step)
-        logits = model.forward(
-            input_ids[:, start:end], attention_mask[:, : past + end], position_ids[:, start:end], cache
-        )
-    assert logits is not None, "empty prompt"
-    return logits
-
-
-def decode_step(
-    model: Model, cache: KVCache, tokens: np.ndarray, attention_mask: np.ndarray, positions: np.ndarray
-) -> np.ndarray:
-    """One token per sequence: tokens, positions (batch,); attention_mask (batch, past + 1)."""
-    return model.forward(tokens[:, None], attention_mask, positions[:, None], cache)
-
-
-def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """input_ids (batch, longest prompt) right-padded, and each prompt's length (batch,)."""
-    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
-    ids = np.full((len(prompts), int(lengths.max())), pad_id, dtype=np.int64)
-    for row, p in enumerate(prompts):
-        ids[row, : len(p)] = p
-    return ids, lengths
-
-
-def prefill_shared(
-    model: Model,
-    cache: SharedKVCache,
-    input_ids: np.ndarray,
-    lengths: np.ndarray,
-    chunk_size: int | None = None,
-) -> np.ndarray:
-    """Right-padded prompts (batch, seq) of `lengths` through a shared-buffer graph, `chunk_size`
-    positions per call; each row's logits at its own last token (batch, vocab). Only that position
-    goes through the output head. A row whose prompt ended in an earlier chunk idles (0 tokens)."""
-    seq = input_ids.shape[1]
-    step = seq if not chunk_size else chunk_size
-    last = None
-    for start in range(0, seq, step):
-        end = min(seq, start + step)
-        q = np.clip(lengths - start, 0, end - start)  # (batch,) real tokens in this chunk
-        logits = model.step(input_ids[:, start:end], q, np.maximum(q - 1, 0)[:, None], cache)[:, 0]
-        if last is None:
-            last = np.empty_like(logits)  # (batch, vocab)
-        ends = (lengths > start) & (lengths <= end)  # rows whose last prompt token is in this chunk
-        last[ends] = logits[ends]
-    assert last is not None, "empty prompt"
-    return last
-
-
-def decode_step_shared(model: Model, cache: SharedKVCache, tokens: np.ndarray) -> np.ndarray:
-    """One token per sequence (batch,) through a shared-buffer graph; logits (batch, vocab)."""
-    batch = len(tokens)
-    return model.step(tokens[:, None], np.ones(batch, np.int32), np.zeros((batch, 1), np.int64), cache)[:, 0]
-
-
-class _LeftPadded:
-    """A batch on a concat-layout graph: mask and positions, the cache grows every step."""
-
-    def __init__(self, model: Model, prompts: list[list[int]], pad: int, chunk: int | None, capacity: int):
-        self.model, self.chunk = model, chunk
-        self.ids, self.mask, self.pos = left_pad(prompts, pad)
-        self.cache = model.new_cache(len(prompts))
-        self.next_pos = self.mask.sum(axis=1)  # (batch,) position of the next token = real tokens so far
-
-    def prefill(self) -> np.ndarray:
-        return prefill(self.model, self.cache, self.ids, self.mask, self.pos, self.chunk)
-
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), dtype=self.mask.dtype)], axis=1)
-        logits = decode_step(self.model, self.cache, tokens, self.mask, self.next_pos)
-        self.next_pos = self.next_pos + 1
-        return logits
-
-    def select(self, rows: list[int]) -> None:
-        self.cache.select(rows)
-        self.mask, self.next_pos = self.mask[rows], self.next_pos[rows]
-
-
-class _RightPadded:
-    """A batch on a shared-buffer graph: buffers sized once for the longest prompt + its new tokens."""
-
-    def __init__(self, model: Model, prompts: list[list[int]], pad: int, chunk: int | None, capacity: int):
-        self.model, self.chunk = model, chunk
-        self.ids, self.lengths = right_pad(prompts, pad)
-        self.cache = model.new_cache(len(prompts), capacity)
-
-    def prefill(self) -> np.ndarray:
-        return prefill_shared(self.model, self.cache, self.ids, self.lengths, self.chunk)
-
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        return decode_step_shared(self.model, self.cache, tokens)
-
-    def select(self, rows: list[int]) -> None:
-        self.cache.select(rows)
 
 
 class StopText:
@@ -376,6 +246,7 @@ class Step:
     index: int  # 0 for the token sampled from the prefill's logits
     forward_s: float  # model time that produced this step's logits (the prefill for step 0)
     sample_s: float
+    cached_tokens: list[int] | None = None  # step 0: per output, prompt tokens reused from the prefix cache
 
 
 @dataclass
@@ -392,6 +263,7 @@ class SeqState:
     top_logprobs: int = 0
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
 
 
 def new_seq(prompt: list[int], params: GenerationParams, tokenizer: Tokenizer | None, facts) -> SeqState:
@@ -434,51 +306,6 @@ def check_prompts(prompts: Sequence[Sequence[int]], facts) -> list[list[int]]:
             )
         out.append(p)
     return out
-
-
-def generate_steps(
-    model: Model,
-    tokenizer: Tokenizer | None,
-    prompts: Sequence[Sequence[int]],
-    params: GenerationParams,
-    prefill_chunk: int | None = 512,
-) -> Iterator[Step]:
-    """Generate for a batch of token-id prompts; yield one Step per generated position."""
-    facts = model.facts
-    seqs = [new_seq(p, params, tokenizer, facts) for p in check_prompts(prompts, facts)]
-    return _run(model, seqs, prefill_chunk)  # errors above are raised on the call, not on iteration
-
-
-def _run(model: Model, seqs: list[SeqState], prefill_chunk: int | None) -> Iterator[Step]:
-    facts = model.facts
-    prompts = [s.prompt for s in seqs]
-    pad = facts.pad_token_id if facts.pad_token_id is not None else (facts.eos_token_ids or [0])[0]
-    # the last sampled token is never fed back: a row holds at most prompt + limit - 1 positions
-    capacity = max(len(s.prompt) + s.limit - 1 for s in seqs)
-    batch = (_RightPadded if model.io.shared else _LeftPadded)(model, prompts, pad, prefill_chunk, capacity)
-    active = list(range(len(prompts)))  # sequence index of each cache row
-    t0 = time.perf_counter()
-    logits = batch.prefill()
-    forward_s = time.perf_counter() - t0
-    index = 0
-    try:
-        while True:
-            t1 = time.perf_counter()
-            outputs = [sample_next(seqs[s], s, logits[row]) for row, s in enumerate(active)]
-            yield Step(outputs, index, forward_s, time.perf_counter() - t1)
-            keep = [row for row, s in enumerate(active) if seqs[s].finish_reason is None]
-            if not keep:
-                return
-            tokens = np.array([seqs[active[row]].tokens[-1] for row in keep], dtype=np.int64)
-            if len(keep) < len(active):
-                batch.select(keep)
-                active = [active[row] for row in keep]
-            t0 = time.perf_counter()
-            logits = batch.decode(tokens)
-            forward_s = time.perf_counter() - t0
-            index += 1
-    finally:
-        batch.cache.free()
 
 
 def sample_next(seq: SeqState, index: int, logits: np.ndarray) -> SeqOutput:

@@ -475,6 +475,50 @@ class SharedKVCache:
         self._pending = None
         self.binding = None
 
+    def write(self, row: int, arrays: Sequence[np.ndarray], n: int) -> None:
+        """Fill row `row`'s first `n` slots with `arrays` (per layer key then value, each (kv_heads,
+        >= n, head_dim)), e.g. a cached prefix; the row then holds `n` tokens."""
+        if not 0 <= row < self._batch or not 0 < n <= self.capacity or len(arrays) != len(self._past_names):
+            raise ValueError(f"SharedKVCache.write: row {row}, {n} tokens, {len(arrays)} arrays for {self!r}")
+        if self._values is None:
+            self._allocate()
+        if self._arrays is not None:
+            for dst, src in zip(self._arrays, arrays, strict=True):
+                dst[row, :, :n] = src[:, :n]
+        else:  # device buffers: a host round trip (rare)
+            for value, src in zip(self._values, arrays, strict=True):
+                host = value.numpy()
+                host[row, :, :n] = src[:, :n]
+                value.update_inplace(host)
+        self.lengths = self.lengths.copy()
+        self.lengths[row] = n
+
+    def read(self, row: int) -> list[np.ndarray]:
+        """Row `row`'s filled slots, per layer key then value (kv_heads, held, head_dim), as copies."""
+        if self._values is None:
+            return []
+        n = int(self.lengths[row])
+        return [np.array(h[row, :, :n]) for h in self._host()]
+
+    def forget(self, row: int, n: int) -> None:
+        """Row `row` forgets its last `n` tokens (rejected drafts); their slots are written over later."""
+        if not 0 <= n <= int(self.lengths[row]):
+            raise ValueError(f"SharedKVCache.forget: row {row} holds {int(self.lengths[row])}, not {n}")
+        self.lengths = self.lengths.copy()
+        self.lengths[row] -= n
+
+    def shrink(self, room: int) -> bool:
+        """Give memory back (cpu): rebuild smaller when the buffers hold more than twice the rows or
+        slots in use (`room`: slots to keep per row, at least the longest row). True if rebuilt."""
+        if self._bases is None:
+            return False
+        room = max(room, self.offset, 1)
+        if self._bases[0].shape[0] <= 2 * self._batch and self.capacity <= 2 * room:
+            return False
+        rows = [(self, r) for r in range(self._batch)]
+        self._rebuild(self._batch, min(self.capacity, room), self._batch, rows)
+        return True
+
     def reserve(self, capacity: int) -> None:
         """At least `capacity` slots per row (filled slots are copied when the buffers must grow)."""
         if capacity <= self.capacity:

@@ -70,8 +70,10 @@ class Service:
         self.engine = engine
         self.model_name = model_name or (engine.bundle_dir.name if engine.bundle_dir else "onnxlm")
         self.api_key = api_key or None
-        self.scheduler = scheduler or Scheduler(engine.model, engine.tokenizer, max_batch, max_queue)
-        self.metrics = ServerMetrics(lambda: self.scheduler.queue_depth, lambda: self.scheduler.active)
+        self.scheduler = scheduler or engine.new_scheduler(max_batch, max_queue)
+        self.metrics = ServerMetrics(
+            lambda: self.scheduler.queue_depth, lambda: self.scheduler.active, self.scheduler.work
+        )
         self.text = LogprobText(engine)
         self.draining = False
         self.created = int(time.time())
@@ -291,7 +293,8 @@ async def _generate(svc: Service, request: Request, chat: bool) -> Response:
         watcher.cancel()
         stream.cancel()
         track.end(None)  # a response that is not a stream is counted once, by _endpoint
-    return JSONResponse(completion_body(req, rid, name, outs, svc.text))
+    cached = stream.request.seq.cached_tokens
+    return JSONResponse(completion_body(req, rid, name, outs, svc.text, cached))
 
 
 def _prepare(raw: bytes, chat: bool, engine: Engine) -> GenRequest:
@@ -339,7 +342,8 @@ async def _events(
             reason = out.finish_reason or reason
         yield _sse(chunk_body(req, rid, name, created, stream_choice(req, "", reason, None)))
         if req.include_usage:
-            yield _sse(chunk_body(req, rid, name, created, None, usage(len(req.prompt_ids), track.tokens)))
+            u = usage(len(req.prompt_ids), track.tokens, stream.request.seq.cached_tokens)
+            yield _sse(chunk_body(req, rid, name, created, None, u))
     except Cancelled:
         status = "499"
         return

@@ -55,6 +55,17 @@ class Gauge:
         ]
 
 
+class ReadCounter(Gauge):
+    """A counter kept elsewhere (the prefix cache, the drafter), read at scrape time."""
+
+    def render(self) -> list[str]:
+        return [
+            f"# HELP {self.name} {self.help}",
+            f"# TYPE {self.name} counter",
+            f"{self.name} {self.read():g}",
+        ]
+
+
 class Histogram:
     def __init__(self, name: str, help: str, buckets: tuple[float, ...] = LATENCY_BUCKETS):
         self.name, self.help, self.buckets = name, help, tuple(sorted(buckets))
@@ -90,7 +101,12 @@ class Histogram:
 class ServerMetrics:
     """The series `GET /metrics` shows."""
 
-    def __init__(self, queue_depth: Callable[[], float], active: Callable[[], float]):
+    def __init__(
+        self,
+        queue_depth: Callable[[], float],
+        active: Callable[[], float],
+        work: Callable[[], dict[str, float]] = dict,
+    ):
         self.requests = Counter(
             "onnxlm_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status")
         )
@@ -101,6 +117,17 @@ class ServerMetrics:
         self.duration = Histogram("onnxlm_request_duration_seconds", "Generation requests, start to end.")
         self.queue = Gauge("onnxlm_queue_depth", "Requests waiting for a batch row.", queue_depth)
         self.active = Gauge("onnxlm_active_sequences", "Sequences in the running batch.", active)
+        saved = [  # work not done twice: from the scheduler's prefix cache and drafter
+            ("prefix_cache_hits", "Requests whose prompt started with cached KV."),
+            ("prefix_cache_misses", "Requests that found no cached prefix."),
+            ("prefix_cache_reused_tokens", "Prompt tokens whose KV came from the prefix cache."),
+            ("draft_tokens", "Tokens drafted for speculative decoding."),
+            ("draft_accepted_tokens", "Drafted tokens the model agreed with."),
+        ]
+        self.saved = [
+            ReadCounter(f"onnxlm_{key}_total", text, lambda key=key: work().get(key, 0))
+            for key, text in saved
+        ]
 
     def render(self) -> str:
         series = (
@@ -112,5 +139,6 @@ class ServerMetrics:
             self.duration,
             self.queue,
             self.active,
+            *self.saved,
         )
         return "\n".join(line for s in series for line in s.render()) + "\n"

@@ -241,11 +241,13 @@ def new_id(chat: bool) -> str:
     return ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; cached_tokens: prompt tokens whose KV came from the prefix cache."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -282,11 +284,13 @@ class LogprobText:
         }
 
 
-def completion_body(req: GenRequest, rid: str, model: str, outs: list[SeqOutput], text: LogprobText) -> dict:
+def completion_body(
+    req: GenRequest, rid: str, model: str, outs: list[SeqOutput], text: LogprobText, cached: int = 0
+) -> dict:
     created = int(time.time())
     content = "".join(o.text for o in outs)
     reason = outs[-1].finish_reason if outs else "length"
-    u = usage(len(req.prompt_ids), len(outs))
+    u = usage(len(req.prompt_ids), len(outs), cached)
     if req.chat:
         logprobs = {"content": [text.chat_entry(o) for o in outs]} if req.logprobs else None
         choice = {

@@ -39,6 +39,8 @@ class ReplicaArgs:
     max_queue: int = 64
     threads: int | None = None
     providers: list[str] | None = None
+    draft: str | None = None  # "ngram" or a draft bundle's path (on every node)
+    prefix_cache_mb: float = 256
     allowed_hosts: list[str] | None = None  # without a key: Host names answered besides loopback ones
     cors_origins: list[str] | None = None  # web origins allowed to call from a browser (CORS)
 
@@ -133,7 +135,13 @@ def replica_class():
 
             a = ReplicaArgs(**args)
             a.threads = a.threads or _assigned_threads()
-            engine = Engine.load(a.bundle, providers=a.providers, threads=a.threads)
+            engine = Engine.load(
+                a.bundle,
+                providers=a.providers,
+                threads=a.threads,
+                draft=a.draft,
+                prefix_cache_mb=a.prefix_cache_mb,
+            )
             self._app = create_app(
                 engine,
                 model_name=a.model_name,

@@ -1,14 +1,15 @@
 """Continuous batching: one loop, on its own thread, advances every active sequence together one decode
-step at a time; new requests are prefilled and join between steps; finished or cancelled ones leave at
-once, and their KV rows with them.
+round at a time; new requests are prefilled a chunk at a time between rounds (a long prompt slows the
+running streams but never freezes them) and then join; finished or cancelled ones leave at once, and
+their KV rows with them (into the prefix cache, when there is one).
 
     scheduler = Scheduler(engine.model, engine.tokenizer, max_batch=8, max_queue=64)
     stream = scheduler.open_stream(prompt_ids, GenerationParams(max_new_tokens=32))  # QueueFull: busy
     async for out in stream:                                                        # SeqOutput per token
         print(out.text, end="")
 
-The sequence logic (sampling, stop strings, detokenizing, finish reasons) is generate.py's `SeqState`
-and `sample_next`, the same code `Engine.generate` runs; this module only decides who is in the batch.
+The batch is batch.py's `Batch` (the driver, speculation, prefix reuse), the same code `Engine.generate`
+runs; this module only decides who is in it and when.
 onnxruntime releases the GIL while a step runs, so an asyncio server on the main thread stays responsive.
 """
 
@@ -23,24 +24,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
-
-from ..generate import (
-    GenerationParams,
-    Model,
-    SeqOutput,
-    SeqState,
-    check_prompts,
-    decode_step,
-    decode_step_shared,
-    left_pad,
-    new_seq,
-    prefill,
-    prefill_shared,
-    right_pad,
-    sample_next,
-)
-from ..kv_cache import KVCache, SharedKVCache
+from ..batch import Admission, Batch
+from ..generate import GenerationParams, Model, SeqOutput, SeqState, check_prompts, new_seq
+from ..prefix import PrefixCache
 from ..tokenizer import Tokenizer
 
 log = logging.getLogger("onnxlm.serving")
@@ -70,106 +56,6 @@ class Request:
     submitted: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
 
-    def need(self) -> int:
-        """KV positions the sequence can come to hold (the last sampled token is never fed back)."""
-        return len(self.seq.prompt) + self.seq.limit - 1
-
-
-# --- the rows of the running batch, for each KV layout ----------------------------------------------
-class _SharedRows:
-    """Shared-buffer graph: rows of any lengths in one buffer (seqlens_k per row); a joiner is prefilled
-    alone in a buffer of its prompt's size, then its filled slots are copied in."""
-
-    def __init__(self, model: Model, pad: int, chunk: int | None):
-        self.model, self.pad, self.chunk = model, pad, chunk
-        self.cache: SharedKVCache | None = None
-
-    def prefill(self, prompts: list[list[int]]) -> tuple[np.ndarray, SharedKVCache]:
-        ids, lengths = right_pad(prompts, self.pad)
-        part = self.model.new_cache(len(prompts), capacity=int(lengths.max()))
-        assert isinstance(part, SharedKVCache)
-        return prefill_shared(self.model, part, ids, lengths, self.chunk), part  # (k, vocab)
-
-    def join(self, part: SharedKVCache, need: int) -> None:
-        if self.cache is None:
-            self.cache = part
-        else:
-            self.cache.append(part)
-            part.free()
-        if need > self.cache.capacity:  # grow geometrically: rebuilding copies every row's slots
-            ceiling = self.model.facts.context_length
-            self.cache.reserve(max(need, min(ceiling, 2 * self.cache.capacity)))
-
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        assert self.cache is not None
-        return decode_step_shared(self.model, self.cache, tokens)
-
-    def drop(self, row: int) -> None:
-        assert self.cache is not None
-        if self.cache.batch == 1:
-            self.free()
-        else:
-            self.cache.drop(row)
-
-    def free(self) -> None:
-        if self.cache is not None:
-            self.cache.free()
-        self.cache = None
-
-
-class _ConcatRows:
-    """Concat graph: left-padded rows; a joiner or the batch is padded on the left to line up, and
-    padding columns no row needs any more are trimmed."""
-
-    def __init__(self, model: Model, pad: int, chunk: int | None):
-        self.model, self.pad, self.chunk = model, pad, chunk
-        self.cache: KVCache | None = None
-        self.mask = np.zeros((0, 0), np.int64)  # (batch, offset) 1 on real positions
-        self.next_pos = np.zeros(0, np.int64)  # (batch,)
-
-    def prefill(self, prompts: list[list[int]]):
-        ids, mask, pos = left_pad(prompts, self.pad)
-        part = self.model.new_cache(len(prompts))
-        assert isinstance(part, KVCache)
-        logits = prefill(self.model, part, ids, mask, pos, self.chunk)
-        return logits, (part, mask, mask.sum(axis=1))
-
-    def join(self, part, need: int) -> None:
-        cache, mask, next_pos = part
-        if self.cache is None:
-            self.cache, self.mask, self.next_pos = cache, mask, next_pos
-            return
-        pad_self, pad_other = self.cache.append(cache)
-        self.mask = np.concatenate(
-            [np.pad(self.mask, ((0, 0), (pad_self, 0))), np.pad(mask, ((0, 0), (pad_other, 0)))]
-        )
-        self.next_pos = np.concatenate([self.next_pos, next_pos])
-
-    def decode(self, tokens: np.ndarray) -> np.ndarray:
-        assert self.cache is not None
-        self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), self.mask.dtype)], axis=1)
-        logits = decode_step(self.model, self.cache, tokens, self.mask, self.next_pos)
-        self.next_pos = self.next_pos + 1
-        return logits
-
-    def drop(self, row: int) -> None:
-        assert self.cache is not None
-        if self.cache.batch == 1:
-            self.free()
-            return
-        moved = self.cache.drop(row)
-        if moved is not None:
-            self.mask[row], self.next_pos[row] = self.mask[moved], self.next_pos[moved]
-        self.mask, self.next_pos = self.mask[:-1], self.next_pos[:-1]
-        unused = int(np.argmax(self.mask.any(axis=0)))  # leading columns that are padding in every row
-        if unused >= max(32, self.mask.shape[1] // 4):
-            self.cache.trim_front(unused)
-            self.mask = self.mask[:, unused:]
-
-    def free(self) -> None:
-        self.cache = None
-        self.mask, self.next_pos = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
-
 
 # --- the scheduler ------------------------------------------------------------------------------------
 class Scheduler:
@@ -182,25 +68,45 @@ class Scheduler:
         max_batch: int = 8,
         max_queue: int = 64,
         prefill_chunk: int | None = 512,
+        speculator=None,
+        prefix_cache: PrefixCache | None = None,
     ):
         if max_batch < 1 or max_queue < 0:
             raise ValueError(f"max_batch must be >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
-        facts = model.facts
-        pad = facts.pad_token_id if facts.pad_token_id is not None else (facts.eos_token_ids or [0])[0]
-        self._batch = (_SharedRows if model.io.shared else _ConcatRows)(model, pad, prefill_chunk)
-        self._rows: list[Request] = []  # aligned with the batch's cache rows
+        self.prefill_chunk = prefill_chunk
+        self._batch = Batch(model, prefill_chunk, speculator, prefix_cache)
+        self.prefix_cache = self._batch.prefix_cache
+        self.speculator = speculator
+        self._rows: list[Request] = []  # aligned with the batch's rows
+        self._admission: Admission | None = None  # a prefill in flight, run a chunk between decode rounds
+        self._joining: list[Request] = []  # its requests
         self._waiting: collections.deque[Request] = collections.deque()
         self._cv = threading.Condition()
         self._thread: threading.Thread | None = None
         self._closing = False
         self._abort: str | None = None
         self._ids = itertools.count(1)
-        self.steps = 0  # decode steps run
-        self.step_s = 0.0  # seconds of the last decode step (a hint for Retry-After)
+        self.steps = 0  # decode rounds run
+        self.step_s = 0.0  # seconds of the last decode round (a hint for Retry-After)
+        self.prefill_rate = 0.0  # prompt tokens per second of the last prefill chunks (EMA)
 
     # --- state, for metrics and readiness ------------------------------------------------------------
+    def work(self) -> dict[str, float]:
+        """Counts of work saved: prefix-cache hits and reused tokens, drafted and accepted tokens."""
+        out: dict[str, float] = {}
+        if self.prefix_cache is not None:
+            st = self.prefix_cache.stats()
+            out.update(
+                prefix_cache_hits=st["hits"],
+                prefix_cache_misses=st["misses"],
+                prefix_cache_reused_tokens=st["reused_tokens"],
+            )
+        if self.speculator is not None:
+            out.update(draft_tokens=self.speculator.drafted, draft_accepted_tokens=self.speculator.accepted)
+        return out
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -255,7 +161,7 @@ class Scheduler:
         req = Request(new_seq(ids, params, self.tokenizer, self.model.facts), deliver)
         self.start()
         with self._cv:
-            if len(self._waiting) + len(self._rows) >= self.max_batch + self.max_queue:
+            if len(self._waiting) + len(self._rows) + len(self._joining) >= self.max_batch + self.max_queue:
                 raise QueueFull(
                     f"the server is at capacity ({self.max_batch} running, {len(self._waiting)} waiting); "
                     "retry later",
@@ -281,68 +187,99 @@ class Scheduler:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not (self._closing or self._abort or self._waiting or self._rows):
+                while not (self._closing or self._abort or self._waiting or self._rows or self._admission):
                     self._cv.wait()
                 if self._closing:
                     return
                 abort, self._abort = self._abort, None
                 self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
                 admit = []
-                while self._waiting and len(self._rows) + len(admit) < self.max_batch and not abort:
-                    admit.append(self._waiting.popleft())
+                if self._admission is None:
+                    while self._waiting and len(self._rows) + len(admit) < self.max_batch and not abort:
+                        admit.append(self._waiting.popleft())
             if abort:
                 self._fail_all(GenerationAborted(abort))
                 continue
             try:
                 self._leave([row for row, r in enumerate(self._rows) if r.cancelled])
                 if admit:
-                    self._prefill(admit)
-                    admit = []
+                    self._admission = self._batch.admit([r.seq for r in admit])
+                    self._joining = admit
+                if self._admission is not None:
+                    self._prefill_chunk()
                 if self._rows:
                     self._decode()
             except Exception as e:  # a failed step must not take the server down: fail its requests
-                log.exception(
-                    "generation step failed; ending the %d request(s) in it", len(self._rows) + len(admit)
-                )
+                everyone = [*self._rows, *self._joining]
+                log.exception("generation step failed; ending the %d request(s) in it", len(everyone))
                 err = GenerationAborted(f"generation failed: {type(e).__name__}: {e}")
-                for r in [*self._rows, *admit]:
+                for r in everyone:
                     _deliver(r, err)
-                self._rows = []
-                self._batch.free()
+                self._reset()
 
-    def _prefill(self, admit: list[Request]) -> None:
-        logits, part = self._batch.prefill([r.seq.prompt for r in admit])  # (k, vocab)
-        outputs = [sample_next(r.seq, 0, logits[i]) for i, r in enumerate(admit)]
+    def _chunk(self) -> int | None:
+        """Prompt positions per prefill call: everything up to prefill_chunk while nobody is decoding;
+        with running streams, about two of their decode rounds' worth, so a long prompt slows them but
+        never freezes them."""
+        if not self._rows or not self.prefill_chunk:
+            return self.prefill_chunk
+        if not self.prefill_rate or not self.step_s:
+            return min(64, self.prefill_chunk)
+        return int(min(self.prefill_chunk, max(16, 2 * self.step_s * self.prefill_rate)))
+
+    def _prefill_chunk(self) -> None:
+        adm = self._admission
+        assert adm is not None
+        if all(r.cancelled for r in self._joining):
+            adm.free()
+            self._admission, self._joining = None, []
+            return
+        before, spent = adm.pending, adm.seconds
+        done = adm.step(self._chunk())
+        ran, secs = before - adm.pending, adm.seconds - spent
+        if ran > 0 and secs > 0:
+            rate = ran * len(adm.seqs) / secs
+            self.prefill_rate = rate if not self.prefill_rate else 0.7 * self.prefill_rate + 0.3 * rate
+        if not done:
+            return
+        joined, self._admission, self._joining = self._joining, None, []
+        outputs = self._batch.join(adm)
         first = len(self._rows)
-        self._rows.extend(admit)
-        self._batch.join(part, max(r.need() for r in self._rows))
-        for r, out in zip(admit, outputs, strict=True):
+        self._rows.extend(joined)
+        for r, out in zip(joined, outputs, strict=True):
             _deliver(r, out)
-        self._leave([first + i for i, r in enumerate(admit) if r.seq.finish_reason or r.cancelled])
+        self._leave([first + i for i, r in enumerate(joined) if r.seq.finish_reason or r.cancelled])
 
     def _decode(self) -> None:
-        tokens = np.array([r.seq.tokens[-1] for r in self._rows], dtype=np.int64)
         t0 = time.perf_counter()
-        logits = self._batch.decode(tokens)  # (batch, vocab)
+        emitted = self._batch.step()  # per row, 1 + accepted drafts
         self.step_s = time.perf_counter() - t0
         self.steps += 1
-        for row, r in enumerate(self._rows):
-            _deliver(r, sample_next(r.seq, 0, logits[row]))
+        for r, outs in zip(self._rows, emitted, strict=True):
+            for out in outs:
+                _deliver(r, out)
         self._leave([row for row, r in enumerate(self._rows) if r.seq.finish_reason or r.cancelled])
 
     def _leave(self, rows: list[int]) -> None:
         """Remove rows from the batch; highest first, so the last row that moves in is never one to drop."""
-        for row in sorted(rows, reverse=True):
-            self._batch.drop(row)
+        self._batch.leave(rows)
+        for row in sorted(set(rows), reverse=True):
             last = self._rows.pop()
             if row < len(self._rows):
                 self._rows[row] = last
 
+    def _reset(self) -> None:
+        self._rows, self._joining = [], []
+        if self._admission is not None:
+            self._admission.free()
+            self._admission = None
+        self._batch.free()
+
     def _fail_all(self, err: BaseException) -> None:
         with self._cv:
-            everyone = [*self._rows, *self._waiting]
-            self._rows, self._waiting = [], collections.deque()
-        self._batch.free()
+            everyone = [*self._rows, *self._joining, *self._waiting]
+            self._waiting = collections.deque()
+            self._reset()
         for r in everyone:
             _deliver(r, err)
 

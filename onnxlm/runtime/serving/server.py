@@ -54,10 +54,13 @@ def serve(
     grace: float = 30.0,
     providers=None,
     threads: int | None = None,
+    draft: str | None = None,
+    prefix_cache_mb: float = 256,
     allowed_hosts: Sequence[str] = (),
     cors_origins: Sequence[str] = (),
 ) -> None:
-    """Load BUNDLE and serve the OpenAI API on host:port until SIGTERM / Ctrl-C.
+    """Load BUNDLE and serve the OpenAI API on host:port until SIGTERM / Ctrl-C; `draft` ("ngram" or a
+    draft bundle) turns on speculative decoding, `prefix_cache_mb` sizes the prefix cache (0: off).
 
     Without an API key, requests must name the server by a loopback name, the bound address or one of
     `allowed_hosts`; `cors_origins` lets those web origins call it from a browser."""
@@ -67,7 +70,9 @@ def serve(
 
     if max_batch < 1 or max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {max_batch}, {max_queue}")
-    engine = Engine.load(bundle, providers=providers, threads=threads)
+    engine = Engine.load(
+        bundle, providers=providers, threads=threads, draft=draft, prefix_cache_mb=prefix_cache_mb
+    )
     hosts = [*allowed_hosts, *([] if is_wildcard_bind(host) else [host])]
     app = create_app(
         engine,

@@ -1,0 +1,345 @@
+"""The decode driver: one per KV layout, the only code that pads, prefills and steps a batch. Engine
+generation (generate.py), the server's scheduler, speculation and prefix reuse all stand on it.
+
+    rows = make_rows(model, chunk=512)           # SharedRows or ConcatRows, by the manifest's kv_layout
+    job = rows.start([ids_a, ids_b])             # a prefill of new rows, run one chunk per call
+    while (last := job.step()) is None: ...      # last: (k, vocab) each new row's last-token logits
+    rows.join(job)                               # the new rows join after the running ones
+    logits = rows.decode([[t0], [t1, d1, d2]])   # (batch, K, vocab): row b's logits after each token
+    rows.rollback(1, 2)                          # row 1 forgets its last 2 tokens (rejected drafts)
+    rows.drop(0)                                 # the last row moves into row 0's place
+
+A row's KV grows with the tokens it holds (SharedRows reserves ~25% ahead, so the long-decode
+MatMul form, which reads the whole buffer, stays within its 4/3 bound), and rows that leave give
+their slots back: buffers shrink when most of them are unused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import numpy as np
+
+from .kv_cache import KVCache, SharedKVCache
+
+GROWTH = 1.25  # a full buffer is rebuilt this much larger (at least MIN_ROOM more slots)
+MIN_ROOM = 64
+
+
+class Forward(Protocol):
+    """What the drivers need of a model (generate.Model)."""
+
+    facts: object
+    io: object
+
+    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache | SharedKVCache: ...
+
+
+def pad_token(facts) -> int:
+    return facts.pad_token_id if facts.pad_token_id is not None else (facts.eos_token_ids or [0])[0]
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """input_ids, attention_mask, position_ids, each (batch, longest prompt), left-padded."""
+    width = max(len(p) for p in prompts)
+    ids = np.full((len(prompts), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(prompts), width), dtype=np.int64)
+    for row, p in enumerate(prompts):
+        if len(p):
+            ids[row, width - len(p) :] = p
+            mask[row, width - len(p) :] = 1
+    pos = np.cumsum(mask, axis=1) - 1
+    pos[mask == 0] = 1
+    return ids, mask, pos
+
+
+def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids (batch, longest prompt) right-padded, and each prompt's length (batch,)."""
+    lengths = np.array([len(p) for p in prompts], dtype=np.int64)
+    ids = np.full((len(prompts), int(lengths.max())), pad_id, dtype=np.int64)
+    for row, p in enumerate(prompts):
+        ids[row, : len(p)] = p
+    return ids, lengths
+
+
+def window_feeds(io, facts, ids: Sequence[int], every_position: bool = False) -> dict[str, np.ndarray]:
+    """The feeds of one graph call that runs `ids` from an empty cache, for either KV layout, as plain
+    numpy (no binding; a shared-buffer graph gets a buffer of the window's size): for evaluation and
+    calibration runs that want the graph's outputs over a window, not generation. Logits at the last
+    position, or at every position (`every_position`)."""
+    n = len(ids)
+    feed = {io.input_ids: np.array([list(ids)], np.int64)}
+    if io.shared:
+        feed[io.seqlens_k] = np.array([n - 1], np.int32)
+        feed[io.total_sequence_length] = np.array(n, np.int32)
+        feed[io.query_seqlens] = np.array([n], np.int32)
+        feed[io.logits_index] = (np.arange(n) if every_position else np.array([n - 1]))[None].astype(np.int64)
+        past = n  # a buffer that holds the window
+    else:
+        feed[io.attention_mask] = np.ones((1, n), np.int64)
+        if io.position_ids:
+            feed[io.position_ids] = np.arange(n, dtype=np.int64)[None]
+        past = 0
+    for i in range(facts.num_layers):
+        for name in (io.past_key.format(i=i), io.past_value.format(i=i)):
+            feed[name] = np.zeros((1, facts.num_kv_heads, past, facts.head_dim), np.dtype(io.kv_dtype))
+    return feed
+
+
+def _token_lists(tokens) -> list[list[int]]:
+    arr = np.asarray(tokens) if not isinstance(tokens, list) else None
+    if arr is not None and arr.ndim == 1:
+        return [[int(t)] for t in arr]
+    return [[int(t) for t in row] for row in tokens]
+
+
+# --- shared-buffer graphs -----------------------------------------------------------------------------
+class SharedPrefill:
+    """New rows' prompts through a shared-buffer graph, `chunk` positions per call, in a buffer of
+    their own; a row may start from reused KV (a cached prefix), then only the rest is prefilled."""
+
+    def __init__(self, rows: SharedRows, prompts: Sequence[Sequence[int]], reuse=None):
+        self.model, self.chunk = rows.model, rows.chunk
+        reuse = list(reuse or [None] * len(prompts))
+        held = [0 if r is None else r[0] for r in reuse]  # tokens each row starts with
+        self.rest = [list(p[n:]) for p, n in zip(prompts, held, strict=True)]
+        if any(not r for r in self.rest):
+            raise ValueError("a prefill must bring at least one new token per row")
+        self.cache = self.model.new_cache(len(prompts), capacity=max(len(p) for p in prompts))
+        assert isinstance(self.cache, SharedKVCache)
+        for row, r in enumerate(reuse):
+            if r is not None:
+                self.cache.write(row, r[1], r[0])
+        self.ids, self.lengths = right_pad(self.rest, rows.pad)
+        self.start = 0
+        self.last: np.ndarray | None = None  # (k, vocab)
+
+    @property
+    def tokens(self) -> int:
+        """Positions this prefill still has to run (its whole width at first)."""
+        return max(0, self.ids.shape[1] - self.start)
+
+    def step(self) -> np.ndarray | None:
+        """Run the next chunk; the last-token logits (k, vocab) once the whole prompt is in."""
+        seq = self.ids.shape[1]
+        start, end = self.start, min(seq, self.start + (self.chunk or seq))
+        q = np.clip(self.lengths - start, 0, end - start)  # (k,) real tokens in this chunk
+        logits = self.model.step(self.ids[:, start:end], q, np.maximum(q - 1, 0)[:, None], self.cache)[:, 0]
+        if self.last is None:
+            self.last = np.empty_like(logits)  # (k, vocab)
+        ends = (self.lengths > start) & (self.lengths <= end)  # rows whose last token is in this chunk
+        self.last[ends] = logits[ends]
+        self.start = end
+        return self.last if end >= seq else None
+
+    def run(self) -> np.ndarray:
+        while (last := self.step()) is None:
+            pass
+        return last
+
+    def free(self) -> None:
+        self.cache.free()
+
+
+class SharedRows:
+    """Rows of any lengths in one buffer per layer (seqlens_k per row); joiners are prefilled in a
+    buffer of their own and copied in."""
+
+    def __init__(self, model, chunk: int | None = 512):
+        self.model, self.chunk = model, chunk
+        self.pad = pad_token(model.facts)
+        self.ceiling = model.facts.context_length
+        self.cache: SharedKVCache | None = None
+
+    supports_reuse = True
+
+    @property
+    def batch(self) -> int:
+        return 0 if self.cache is None else self.cache.batch
+
+    def held(self, row: int) -> int:
+        assert self.cache is not None
+        return int(self.cache.lengths[row])
+
+    def start(self, prompts: Sequence[Sequence[int]], reuse=None) -> SharedPrefill:
+        return SharedPrefill(self, prompts, reuse)
+
+    def join(self, job: SharedPrefill) -> None:
+        if self.cache is None:
+            self.cache = job.cache
+        else:
+            self.cache.append(job.cache)
+            job.free()
+
+    def decode(self, tokens) -> np.ndarray:
+        """Row b brings tokens[b] (one or more); logits (batch, K, vocab) after each of them (K the
+        most any row brings; a row bringing fewer repeats its last)."""
+        assert self.cache is not None
+        rows = _token_lists(tokens)
+        q = np.array([len(r) for r in rows], np.int32)
+        width = int(q.max())
+        ids = np.zeros((len(rows), width), np.int64)
+        for b, r in enumerate(rows):
+            ids[b, : len(r)] = r
+        self._ensure(int((self.cache.lengths + q).max()))
+        index = np.minimum(np.arange(width)[None, :], q[:, None] - 1)  # (batch, K)
+        return self.model.step(ids, q, index, self.cache)
+
+    def _ensure(self, need: int) -> None:
+        assert self.cache is not None
+        if need > self.cache.capacity:
+            room = max(int(need * GROWTH), need + MIN_ROOM)
+            self.cache.reserve(min(self.ceiling, room))
+
+    def rollback(self, row: int, n: int) -> None:
+        assert self.cache is not None
+        if n:
+            self.cache.forget(row, n)
+
+    def read(self, row: int) -> list[np.ndarray]:
+        """Row `row`'s keys and values, per layer (kv_heads, held, head_dim) copies (for reuse)."""
+        assert self.cache is not None
+        return self.cache.read(row)
+
+    def drop(self, row: int) -> None:
+        assert self.cache is not None
+        if self.cache.batch == 1:
+            self.free()
+            return
+        self.cache.drop(row)
+        self.cache.shrink(room=max(int(self.cache.offset * GROWTH), self.cache.offset + MIN_ROOM))
+
+    def free(self) -> None:
+        if self.cache is not None:
+            self.cache.free()
+        self.cache = None
+
+
+# --- concat graphs ------------------------------------------------------------------------------------
+class ConcatPrefill:
+    """New rows' prompts through a concat graph, left-padded, `chunk` positions per call."""
+
+    def __init__(self, rows: ConcatRows, prompts: Sequence[Sequence[int]], reuse=None):
+        if reuse is not None and any(r is not None for r in reuse):
+            raise ValueError("a concat-layout graph does not reuse cached prefixes")
+        self.model, self.chunk = rows.model, rows.chunk
+        self.ids, self.mask, self.pos = left_pad(prompts, rows.pad)
+        self.cache = self.model.new_cache(len(prompts))
+        self.start = 0
+
+    @property
+    def tokens(self) -> int:
+        return max(0, self.ids.shape[1] - self.start)
+
+    def step(self) -> np.ndarray | None:
+        seq = self.ids.shape[1]
+        start, end = self.start, min(seq, self.start + (self.chunk or seq))
+        logits = self.model.forward(
+            self.ids[:, start:end], self.mask[:, :end], self.pos[:, start:end], self.cache
+        )
+        self.start = end
+        return logits if end >= seq else None  # (k, vocab): left padding puts every row's last token last
+
+    def run(self) -> np.ndarray:
+        while (last := self.step()) is None:
+            pass
+        return last
+
+    def free(self) -> None:
+        self.cache.free()
+
+
+class ConcatRows:
+    """Left-padded rows whose cache grows by concatenation; a joiner or the batch is padded on the left
+    to line up. Forgotten tokens (rejected drafts) become holes in the attention mask, and leading
+    columns no row needs any more are trimmed."""
+
+    supports_reuse = False
+
+    def __init__(self, model, chunk: int | None = 512):
+        self.model, self.chunk = model, chunk
+        self.pad = pad_token(model.facts)
+        self.cache: KVCache | None = None
+        self.mask = np.zeros((0, 0), np.int64)  # (batch, offset) 1 on real positions
+        self.next_pos = np.zeros(0, np.int64)  # (batch,) position of each row's next token
+
+    @property
+    def batch(self) -> int:
+        return 0 if self.cache is None else self.cache.batch
+
+    def held(self, row: int) -> int:
+        return int(self.mask[row].sum())
+
+    def start(self, prompts: Sequence[Sequence[int]], reuse=None) -> ConcatPrefill:
+        return ConcatPrefill(self, prompts, reuse)
+
+    def join(self, job: ConcatPrefill) -> None:
+        mask, next_pos = job.mask, job.mask.sum(axis=1)
+        if self.cache is None:
+            self.cache, self.mask, self.next_pos = job.cache, mask, next_pos
+            return
+        pad_self, pad_other = self.cache.append(job.cache)
+        self.mask = np.concatenate(
+            [np.pad(self.mask, ((0, 0), (pad_self, 0))), np.pad(mask, ((0, 0), (pad_other, 0)))]
+        )
+        self.next_pos = np.concatenate([self.next_pos, next_pos])
+
+    def decode(self, tokens) -> np.ndarray:
+        """As SharedRows.decode; a row bringing fewer tokens than K is left-padded within the chunk."""
+        assert self.cache is not None
+        rows = _token_lists(tokens)
+        q = np.array([len(r) for r in rows], np.int64)
+        width = int(q.max())
+        ids = np.full((len(rows), width), self.pad, np.int64)
+        cols = np.zeros((len(rows), width), np.int64)
+        pos = np.ones((len(rows), width), np.int64)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r) :] = r
+            cols[b, width - len(r) :] = 1
+            pos[b, width - len(r) :] = self.next_pos[b] + np.arange(len(r))
+        self.mask = np.concatenate([self.mask, cols], axis=1)
+        raw = self.model.forward(ids, self.mask, pos, self.cache, all_positions=True)  # (batch, K, vocab)
+        self.next_pos = self.next_pos + q
+        if width == 1:
+            return raw
+        out = np.empty_like(raw)
+        for b, n in enumerate(q):
+            out[b, :n] = raw[b, width - n :]
+            out[b, n:] = raw[b, width - 1]
+        return out
+
+    def rollback(self, row: int, n: int) -> None:
+        if n:
+            real = np.flatnonzero(self.mask[row])
+            self.mask[row, real[-n:]] = 0
+            self.next_pos[row] -= n
+
+    def read(self, row: int) -> list[np.ndarray]:
+        raise NotImplementedError("a concat-layout graph does not reuse cached prefixes")
+
+    def drop(self, row: int) -> None:
+        assert self.cache is not None
+        if self.cache.batch == 1:
+            self.free()
+            return
+        moved = self.cache.drop(row)
+        if moved is not None:
+            self.mask[row], self.next_pos[row] = self.mask[moved], self.next_pos[moved]
+        self.mask, self.next_pos = self.mask[:-1], self.next_pos[:-1]
+        unused = int(np.argmax(self.mask.any(axis=0)))  # leading columns that are padding in every row
+        if unused >= max(32, self.mask.shape[1] // 4):
+            self.cache.trim_front(unused)
+            self.mask = self.mask[:, unused:]
+
+    def free(self) -> None:
+        self.cache = None
+        self.mask, self.next_pos = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
+
+
+Rows = SharedRows | ConcatRows
+
+
+def make_rows(model, chunk: int | None = 512) -> Rows:
+    """The driver the model's kv_layout calls for."""
+    return (SharedRows if model.io.shared else ConcatRows)(model, chunk)

@@ -1,0 +1,106 @@
+"""Prefix reuse: the KV of recent prompts (and what was generated after them), bounded in bytes, least
+recently used out. A new prompt that starts with one of them (a system prompt, the earlier turns of a
+chat) copies those positions into its row and prefills only the rest.
+
+    cache = PrefixCache(max_bytes=256 << 20)
+    hit = cache.lookup(prompt_ids)            # (tokens reused, per-layer KV arrays) or None
+    cache.store(context_ids, kv_arrays)       # after a sequence: its tokens and their keys/values
+
+Keys and values are per layer (kv_heads, positions, head_dim) arrays in the order the cache's buffers
+are bound (layer 0 key, layer 0 value, layer 1 key, ...). Entries are only ever read whole-prefix,
+so a later entry that extends an earlier one replaces it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass
+class Entry:
+    tokens: np.ndarray  # (n,) int64
+    kv: list[np.ndarray]  # per layer key, value: (kv_heads, n, head_dim)
+    nbytes: int
+
+
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+class PrefixCache:
+    """Recently computed KV, keyed by the token ids it holds; thread-safe."""
+
+    def __init__(self, max_bytes: int = 256 << 20, min_tokens: int = 16):
+        if max_bytes < 0 or min_tokens < 1:
+            raise ValueError(
+                f"PrefixCache needs max_bytes >= 0 and min_tokens >= 1, got {max_bytes}, {min_tokens}"
+            )
+        self.max_bytes, self.min_tokens = max_bytes, min_tokens
+        self._entries: OrderedDict[int, Entry] = OrderedDict()
+        self._ids = 0
+        self._lock = threading.Lock()
+        self.nbytes = 0
+        self.hits = self.misses = self.reused_tokens = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def lookup(self, prompt: Sequence[int]) -> tuple[int, list[np.ndarray]] | None:
+        """The longest cached prefix of `prompt`, leaving at least one token to prefill: (n, kv) with
+        kv sliced to n positions, or None when no entry shares min_tokens with it."""
+        ids = np.asarray(prompt, np.int64)
+        with self._lock:
+            best, best_n = None, 0
+            for key, e in self._entries.items():
+                n = min(common_prefix(e.tokens, ids), len(ids) - 1)
+                if n > best_n:
+                    best, best_n = key, n
+            if best is None or best_n < self.min_tokens:
+                self.misses += 1
+                return None
+            self._entries.move_to_end(best)
+            entry = self._entries[best]
+            self.hits += 1
+            self.reused_tokens += best_n
+        return best_n, [a[:, :best_n] for a in entry.kv]
+
+    def store(self, tokens: Sequence[int], kv: list[np.ndarray]) -> bool:
+        """Keep `tokens`' keys and values (they are not copied: give arrays no one else writes). Entries
+        that are prefixes of it go; least recently used entries go until the total fits."""
+        ids = np.asarray(tokens, np.int64)
+        nbytes = sum(a.nbytes for a in kv)
+        if len(ids) < self.min_tokens or nbytes > self.max_bytes or not kv:
+            return False
+        if any(a.shape[1] != len(ids) for a in kv):
+            raise ValueError(f"PrefixCache.store: {len(ids)} tokens but KV of {kv[0].shape[1]} positions")
+        with self._lock:
+            for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, ids) == len(e.tokens)]:
+                self.nbytes -= self._entries.pop(key).nbytes
+            self._ids += 1
+            self._entries[self._ids] = Entry(ids, kv, nbytes)
+            self.nbytes += nbytes
+            while self.nbytes > self.max_bytes:
+                _, old = self._entries.popitem(last=False)
+                self.nbytes -= old.nbytes
+        return True
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+            self.nbytes = 0
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "entries": len(self._entries),
+            "bytes": self.nbytes,
+            "hits": self.hits,
+            "misses": self.misses,
+            "reused_tokens": self.reused_tokens,
+        }

@@ -1,0 +1,240 @@
+"""Speculative decoding: a cheap drafter proposes up to k tokens per row, the target model checks them
+all in one forward pass (the driver's multi-token decode), and the tokens it would not have produced
+leave the KV cache.
+
+Verification samples each position from the target's own distribution and stops at the first token
+that differs from the draft. Drafts here are deterministic (copied n-grams, or the draft model's
+argmax), so this is the speculative-sampling acceptance rule for a draft distribution that is a point
+mass: a draft token d is kept with probability p(d), and a rejected position emits a sample of p
+conditioned on not being d. Every emitted token is therefore a sample of the target's distribution,
+greedy output is token for token what it is without speculation, and a seeded sampler draws once per
+emitted token, as it does without speculation.
+
+Two drafters:
+- NgramDrafter (prompt lookup): the longest recent n-gram match of the row's last tokens in its prompt
+  and output so far; the tokens that followed it are the draft. Costs microseconds.
+- ModelDrafter: a smaller bundle with the same tokenizer, run greedily on its own KV driver, kept in
+  step with what the target accepted.
+
+k adapts: per row an acceptance estimate, per draft length the measured cost of a verify step relative
+to a one-token step; each round takes the k with the most expected tokens per unit of time, and none
+when no k beats plain decoding (so speculation turns itself off where it does not pay).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .driver import make_rows
+
+PRIOR = 0.5  # acceptance assumed for a row before any of its drafts are checked
+EMA = 0.3  # weight of the newest observation in the acceptance and cost estimates
+
+
+def expected_tokens(a: float, k: int) -> float:
+    """Tokens one verify step emits on average with k drafts each accepted with probability a."""
+    if k <= 0:
+        return 1.0
+    if a >= 1.0:
+        return float(k + 1)
+    return (1.0 - a ** (k + 1)) / (1.0 - a)
+
+
+@dataclass
+class Costs:
+    """Measured seconds of a decode step by the number of tokens the widest row brought."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+    draft_step: float = 0.0  # seconds of one draft-model step (0 for n-gram drafts)
+
+    def observe(self, width: int, secs: float) -> None:
+        old = self.seconds.get(width)
+        self.seconds[width] = secs if old is None else (1 - EMA) * old + EMA * secs
+
+    def relative(self, k: int) -> float:
+        """Cost of a round with k drafts (verify + drafting) in one-token steps."""
+        base = self.seconds.get(1)
+        if k == 0:
+            return 1.0
+        verify = self.seconds.get(k + 1)
+        if base is None or verify is None:
+            verify_rel = 1.0 + 0.05 * k  # optimistic until measured, so that every k gets tried
+        else:
+            verify_rel = verify / base
+        draft_rel = (k * self.draft_step / base) if base else 0.0
+        return verify_rel + draft_rel
+
+
+class Speculator:
+    """The policy shared by both drafters: per-row acceptance, choice of k, bookkeeping of rows."""
+
+    def __init__(self, k_max: int = 8):
+        if not 1 <= k_max <= 32:
+            raise ValueError(f"draft length k_max must be in [1, 32], got {k_max}")
+        self.k_max = k_max
+        self.costs = Costs()
+        self.accept: list[float] = []  # per row
+        self.idle: list[int] = []  # rounds since the row last had a draft checked
+        self.drafted = self.accepted = self.rounds = self.speculated = 0
+
+    # rows join and leave as the driver's do
+    def join(self, seqs: Sequence, rows) -> None:
+        self.accept += [PRIOR] * len(seqs)
+        self.idle += [0] * len(seqs)
+
+    def drop(self, row: int) -> None:
+        last = len(self.accept) - 1
+        self.accept[row], self.idle[row] = self.accept[last], self.idle[last]
+        self.accept.pop()
+        self.idle.pop()
+
+    def free(self) -> None:
+        self.accept, self.idle = [], []
+
+    def choose(self, avail: Sequence[int]) -> int:
+        """The draft length for this round, given how many tokens each row could draft at most."""
+        best_k, best = 0, float(len(avail))  # plain decoding: one token per row per step
+        for k in range(1, max(avail, default=0) + 1):
+            gain = sum(expected_tokens(a, min(k, n)) for a, n in zip(self.accept, avail, strict=True))
+            value = gain / self.costs.relative(k)
+            if value > best * 1.02:
+                best_k, best = k, value
+        return best_k
+
+    def limit(self, seq) -> int:
+        """Drafts a row may take: never past its token limit (the round emits at most k + 1)."""
+        return max(0, min(self.k_max, seq.limit - len(seq.tokens) - 1))
+
+    def propose(self, seqs: Sequence, rows) -> list[list[int]]:
+        raise NotImplementedError
+
+    def feedback(self, row: int, drafted: int, accepted: int) -> None:
+        if drafted:
+            rate = accepted / drafted
+            self.accept[row] = (1 - EMA) * self.accept[row] + EMA * rate
+            self.idle[row] = 0
+            self.drafted += drafted
+            self.accepted += accepted
+        else:  # drift back toward the prior, so a row that stopped drafting is tried again later
+            self.idle[row] += 1
+            self.accept[row] += (PRIOR - self.accept[row]) * 0.02
+
+    def observe(self, width: int, secs: float) -> None:
+        self.rounds += 1
+        self.speculated += width > 1
+        self.costs.observe(width, secs)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "drafted": self.drafted,
+            "accepted": self.accepted,
+            "acceptance": self.accepted / self.drafted if self.drafted else 0.0,
+            "rounds": self.rounds,
+            "speculated_rounds": self.speculated,
+        }
+
+
+def ngram_draft(context: np.ndarray, k: int, n_max: int = 4, n_min: int = 2) -> list[int]:
+    """The up to k tokens that followed the latest earlier occurrence of the context's last n tokens
+    (the longest n in [n_min, n_max] that matches); [] when none does."""
+    size = len(context)
+    for n in range(min(n_max, size - 1), n_min - 1, -1):
+        tail = context[size - n :]
+        windows = np.lib.stride_tricks.sliding_window_view(context[: size - 1], n)  # starts < size - n
+        hits = np.flatnonzero((windows == tail).all(axis=1))
+        if len(hits):
+            start = int(hits[-1]) + n
+            return context[start : start + k].tolist()
+    return []
+
+
+class NgramDrafter(Speculator):
+    """Prompt lookup: drafts copied from the row's own prompt and output."""
+
+    def __init__(self, k_max: int = 8, n_max: int = 4, n_min: int = 2):
+        super().__init__(k_max)
+        if not 1 <= n_min <= n_max:
+            raise ValueError(f"n-gram sizes must satisfy 1 <= n_min <= n_max, got {n_min}, {n_max}")
+        self.n_max, self.n_min = n_max, n_min
+
+    def propose(self, seqs: Sequence, rows) -> list[list[int]]:
+        limits = [self.limit(s) for s in seqs]
+        drafts = [
+            ngram_draft(np.asarray(s.prompt + s.tokens, np.int64), n, self.n_max, self.n_min) if n else []
+            for s, n in zip(seqs, limits, strict=True)
+        ]
+        k = self.choose([len(d) for d in drafts])
+        return [d[:k] for d in drafts]
+
+
+class ModelDrafter(Speculator):
+    """A draft model (same tokenizer) proposes its greedy continuation. Its own driver holds each row's
+    context; after verification its rows forget what the target did not keep."""
+
+    def __init__(self, model, k_max: int = 4, chunk: int | None = 512):
+        super().__init__(k_max)
+        self.model = model
+        self.rows = make_rows(model, chunk)
+        self.fed: list[list[int]] = []  # per row: the tokens the draft's cache holds
+
+    def join(self, seqs: Sequence, rows) -> None:
+        super().join(seqs, rows)
+        job = self.rows.start([s.prompt for s in seqs])
+        job.run()
+        self.rows.join(job)
+        self.fed += [list(s.prompt) for s in seqs]
+
+    def drop(self, row: int) -> None:
+        super().drop(row)
+        self.rows.drop(row)
+        self.fed[row] = self.fed[-1]
+        self.fed.pop()
+
+    def free(self) -> None:
+        super().free()
+        self.rows.free()
+        self.fed = []
+
+    def propose(self, seqs: Sequence, rows) -> list[list[int]]:
+        limits = [self.limit(s) for s in seqs]
+        k = self.choose(limits)
+        contexts = [s.prompt + s.tokens for s in seqs]
+        for b, ctx in enumerate(contexts):  # forget what the target replaced
+            fed = self.fed[b]
+            keep = _common(fed, ctx)
+            if keep < len(fed):
+                self.rows.rollback(b, len(fed) - keep)
+                del fed[keep:]
+        if k == 0:
+            return [[] for _ in seqs]
+        # catch up on the tokens the draft has not seen (at least the last sampled one), then k - 1
+        # single steps; the kth draft token is never fed (the target may replace it anyway)
+        pending = [ctx[len(fed) :] for ctx, fed in zip(contexts, self.fed, strict=True)]
+        drafts: list[list[int]] = [[] for _ in seqs]
+        t0 = time.perf_counter()
+        tokens = pending
+        for i in range(k):
+            logits = self.rows.decode(tokens)  # (batch, K, vocab)
+            last = np.array([len(t) - 1 for t in tokens])
+            nxt = logits[np.arange(len(tokens)), last].argmax(-1)
+            for b, t in enumerate(tokens):
+                self.fed[b].extend(t)
+                if i < limits[b]:
+                    drafts[b].append(int(nxt[b]))
+            tokens = [[int(t)] for t in nxt]
+            if i == k - 1:
+                break
+        steps = k
+        self.costs.draft_step = (time.perf_counter() - t0) / steps
+        return [d[: min(k, n)] for d, n in zip(drafts, limits, strict=True)]
+
+
+def _common(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    x, y = np.asarray(a[:n]), np.asarray(b[:n])
+    diff = np.flatnonzero(x != y)
+    return int(diff[0]) if len(diff) else n
