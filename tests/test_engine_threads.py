@@ -31,10 +31,11 @@ def _jobs(engine):
 
 
 def test_threads_on_one_engine_get_what_each_gets_alone():
-    for graph in ("fused", "plain"):
-        alone = _jobs(load(tiny_bundle(graph).path, threads=1))
+    for graph, draft in (("fused", None), ("plain", None), ("fused", "ngram")):
+        alone = _jobs(load(tiny_bundle(graph).path, threads=1, draft=draft))
         expected = [job() for job in alone]
-        shared = load(tiny_bundle(graph).path, threads=1)  # a fresh engine: the template compiles under load
+        # a fresh engine: the template compiles and the prefix cache fills while the threads run
+        shared = load(tiny_bundle(graph).path, threads=1, draft=draft)
         barrier = threading.Barrier(4)
 
         def run(job, barrier=barrier):
@@ -46,7 +47,7 @@ def test_threads_on_one_engine_get_what_each_gets_alone():
 
         with concurrent.futures.ThreadPoolExecutor(4) as pool:
             got = list(pool.map(run, _jobs(shared) * 2))
-        assert got == expected * 2, graph
+        assert got == expected * 2, (graph, draft)
 
 
 def test_the_scheduler_is_made_once_however_many_threads_ask(monkeypatch):

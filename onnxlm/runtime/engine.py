@@ -150,8 +150,8 @@ class Engine:
     Thread-safe: any number of threads may call `generate`, `stream`, `chat`, ... on one Engine at the
     same time, each getting exactly what it would get alone. Each call has its own KV cache and IO
     binding; the shared parts are read-only after loading (the onnxruntime session, whose `run` is
-    thread-safe; the tokenizer; the chat template, compiled once under a lock) and the scheduler is
-    made once under `_lock`. Concurrent calls each run their own forward passes; for batching, use
+    thread-safe; the tokenizer; the chat template, compiled once under a lock) or locked (the prefix
+    cache), and the scheduler is made once under `_lock`. Concurrent calls each run their own forward passes; for batching, use
     the async methods (`astream`, ...), which share the continuous-batching scheduler.
     """
 
