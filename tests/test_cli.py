@@ -171,3 +171,29 @@ def test_chat_keeps_its_history_after_a_bad_line(tiny_llama_bundle, monkeypatch)
     first, _overlong, last = seen
     assert [m["role"] for m in last] == ["user", "assistant", "user"]
     assert last[0] == first[0] and last[2]["content"] == "second" and last[1]["content"]
+
+
+def test_a_hostile_chat_template_is_one_line_in_the_cli(bundle_copy):
+    import json
+    import time
+
+    for source in (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "{{ 'a' * 10**10 }}",
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    ):
+        path = bundle_copy / "onnxlm.json"
+        manifest = json.loads(path.read_text())
+        manifest["chat_template"] = source
+        path.write_text(json.dumps(manifest))
+        t0 = time.perf_counter()
+        r = subprocess.run(
+            [sys.executable, "-m", "onnxlm", "generate", "--chat", str(bundle_copy), "hi", "-n", "2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        errors = [x for x in r.stderr.splitlines() if x.startswith("error")]
+        assert len(errors) == 1 and errors[0].startswith("error: chat template"), r.stderr
+        assert time.perf_counter() - t0 < 60
