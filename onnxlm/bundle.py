@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ MANIFEST = "onnxlm.json"
 MODEL = "model.onnx"
 MODEL_DATA = "model.onnx.data"
 TOKENIZER = "tokenizer.json"
+# In a folder that holds a bundle still being made (quantize's staging folder): never load it as one
+STAGING_MARK = ".onnxlm-staging"
 
 
 class BundleError(Exception):
@@ -195,14 +198,14 @@ class Manifest:
         return json.dumps(dataclasses.asdict(self), indent=2, ensure_ascii=False)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Manifest:
+    def from_dict(cls, d: dict[str, Any], path: Path | str = MANIFEST) -> Manifest:
         d = dict(d)
         try:
             d["model"] = ModelFacts(**d["model"])
             d["io"] = GraphIO(**d.get("io", {}))
             return cls(**d)
         except (KeyError, TypeError, ValueError) as e:
-            raise BundleError(f"{MANIFEST}: malformed manifest ({e})") from None
+            raise BundleError(f"{path}: malformed manifest ({e})") from None
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -213,16 +216,89 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
+MAX_MANIFEST_BYTES = 64 * 2**20  # a manifest with a large quantization record is well under 1 MB
+
+
+def manifest_schema() -> dict[str, Any]:
+    """The JSON Schema every manifest is validated against (onnxlm/data/manifest.schema.json)."""
+    global _SCHEMA
+    if _SCHEMA is None:
+        from importlib.resources import files
+
+        _SCHEMA = json.loads((files("onnxlm") / "data" / "manifest.schema.json").read_text("utf-8"))
+    return _SCHEMA
+
+
+_SCHEMA: dict[str, Any] | None = None
+
+
+def _field(path) -> str:
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif out and part.replace("_", "").isalnum():
+            out += f".{part}"
+        else:
+            out += part if not out else f"[{part!r}]"
+    return out or "(the top level)"
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def validate_manifest(raw: Any, path: Path | str) -> None:
+    """Check a parsed manifest against the schema and the facts that tie fields together; the first
+    violation is a one-line BundleError naming the file and the field."""
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(manifest_schema())
+    errors = sorted(validator.iter_errors(raw), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    if errors:
+        first = errors[0]
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise BundleError(f"{path}: field {_field(first.absolute_path)}: {_short(first.message)}{more}")
+    facts = raw["model"]
+    ids = [
+        ("model.bos_token_id", facts.get("bos_token_id")),
+        ("model.pad_token_id", facts.get("pad_token_id")),
+    ]
+    ids += [(f"model.eos_token_ids[{i}]", t) for i, t in enumerate(facts.get("eos_token_ids", []))]
+    for name, token in ids:
+        if token is not None and token >= facts["vocab_size"]:
+            raise BundleError(
+                f"{path}: field {name}: token {token} is outside the vocabulary of {facts['vocab_size']}"
+            )
+    if facts["num_heads"] % facts["num_kv_heads"]:
+        raise BundleError(
+            f"{path}: field model.num_kv_heads: {facts['num_kv_heads']} does not divide num_heads "
+            f"{facts['num_heads']}"
+        )
+
+
+def read_manifest(bundle_dir: str | os.PathLike, staging_ok: bool = False) -> Manifest:
+    """The bundle's validated manifest. A folder marked as staging (a bundle still being made) is refused
+    unless `staging_ok` (for the process making it)."""
     path = Path(bundle_dir) / MANIFEST
     if not Path(bundle_dir).is_dir():
         raise BundleError(f"{bundle_dir}: not a bundle folder (it does not exist or is not a folder)")
     if not path.is_file():
         raise BundleError(f"{path}: missing; this folder is not a complete onnxlm bundle")
+    if not staging_ok and (Path(bundle_dir) / STAGING_MARK).exists():
+        raise BundleError(
+            f"{bundle_dir}: an unfinished bundle (a quantize run's staging folder); it is not loaded"
+        )
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(
+            f"{path}: {path.stat().st_size} bytes, over the {MAX_MANIFEST_BYTES >> 20} MB a manifest may have"
+        )
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise BundleError(f"{path}: not a manifest (JSON nested too deeply to read)") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise BundleError(f"{path}: not an onnxlm manifest (format is not {FORMAT!r})")
     version = raw.get("format_version")
@@ -230,68 +306,147 @@ def read_manifest(bundle_dir: str | os.PathLike) -> Manifest:
         raise BundleError(
             f"{path}: unknown format version {version!r}; this onnxlm reads version {FORMAT_VERSION}"
         )
-    return Manifest.from_dict(raw)
+    try:
+        validate_manifest(raw, path)
+    except RecursionError:
+        raise BundleError(f"{path}: not a manifest (nested too deeply to check)") from None
+    return Manifest.from_dict(raw, path)
 
 
-def _inside(root: Path, location: str) -> Path:
-    """Resolve an external-data location, refusing any that leaves the bundle."""
+def _inside(root: Path, location: str, owner: Path, what: str) -> Path:
+    """Resolve a path `owner` names (an external-data location, a manifest entry), refusing any that
+    leaves the bundle; errors name `owner`, the file that holds the bad path."""
     if os.path.isabs(location) or location.startswith(("/", "\\")):
-        raise BundleError(f"{MODEL}: external data location {location!r} is an absolute path")
+        raise BundleError(f"{owner}: {what} {location!r} is an absolute path")
     target = root / location
     if target.is_symlink():
-        raise BundleError(f"{MODEL}: external data {location!r} is a symbolic link")
+        raise BundleError(f"{owner}: {what} {location!r} is a symbolic link")
     resolved = target.resolve()
     if resolved.parent != root.resolve() and root.resolve() not in resolved.parents:
-        raise BundleError(f"{MODEL}: external data location {location!r} leaves the bundle")
+        raise BundleError(f"{owner}: {what} {location!r} leaves the bundle")
     return resolved
 
 
-def external_locations(model_path: Path) -> set[str]:
-    """Every external-data location the graph names (read without loading the weights)."""
+def load_graph(model_path: Path):
+    """The graph's ModelProto without its weights."""
     import onnx
 
     try:
-        proto = onnx.load(str(model_path), load_external_data=False)
+        return onnx.load(str(model_path), load_external_data=False)
     except Exception as e:  # onnx raises DecodeError, ValueError, ... on damaged files
         raise BundleError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
-    locations = set()
-    tensors = list(proto.graph.initializer)
-    for node in proto.graph.node:
-        for attr in node.attribute:
-            if attr.t is not None and attr.t.data_location == onnx.TensorProto.EXTERNAL:
-                tensors.append(attr.t)
-    for t in tensors:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            for entry in t.external_data:
-                if entry.key == "location":
-                    locations.add(entry.value)
-    return locations
 
 
-def check_bundle(bundle_dir: str | os.PathLike, verify_hashes: bool = False) -> Manifest:
-    """Read the manifest and check every file it lists: present, right size, (optionally) right hash."""
+def _graph_tensors(graph) -> Iterator[Any]:
+    """Every tensor a graph holds, subgraphs (If / Loop / Scan bodies) included."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield from (sparse.values, sparse.indices)
+    for node in graph.node:
+        yield from _node_tensors(node)
+
+
+def _node_tensors(node) -> Iterator[Any]:
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield from (attr.sparse_tensor.values, attr.sparse_tensor.indices)
+        for sparse in attr.sparse_tensors:
+            yield from (sparse.values, sparse.indices)
+        if attr.HasField("g"):
+            yield from _graph_tensors(attr.g)
+        for g in attr.graphs:
+            yield from _graph_tensors(g)
+
+
+def external_tensors(model) -> list[Any]:
+    """The model's tensors stored as external data, in any subgraph or function."""
+    import onnx
+
+    tensors = list(_graph_tensors(model.graph))
+    for function in model.functions:
+        for node in function.node:
+            tensors += _node_tensors(node)
+    return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+
+
+def external_locations(model) -> set[str]:
+    """Every external-data location the model names (read without loading the weights); `model` is a
+    ModelProto or the path of one."""
+    if isinstance(model, (str, os.PathLike)):
+        model = load_graph(Path(model))
+    return {e.value for t in external_tensors(model) for e in t.external_data if e.key == "location"}
+
+
+def _names(names: list[str], limit: int = 4) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
+
+
+def _graph_layers(inputs: list[str], io: GraphIO) -> int:
+    """How many layers' past keys the graph takes (0, 1, 2, ... with none skipped)."""
+    names, n = set(inputs), 0
+    while io.past_key.format(i=n) in names:
+        n += 1
+    return n
+
+
+def check_graph_io(model, manifest: Manifest, model_path: Path, manifest_path: Path) -> None:
+    """The graph's inputs and outputs are exactly the ones the manifest's IO and layer count name."""
+    n = manifest.model.num_layers
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in initializers]
+    outputs = [o.name for o in model.graph.output]
+    for kind, got, want in (
+        ("inputs", inputs, manifest.io.input_names(n)),
+        ("outputs", outputs, manifest.io.output_names(n)),
+    ):
+        missing = [x for x in want if x not in set(got)]
+        extra = [x for x in got if x not in set(want)]
+        if missing or extra:
+            problems = ([f"lacks {_names(missing)}"] if missing else []) + (
+                [f"also has {_names(extra)}"] if extra else []
+            )
+            raise BundleError(
+                f"{model_path}: the graph's {kind} do not match {manifest_path.name} (which says {n} "
+                f"layers; the graph takes KV for {_graph_layers(inputs, manifest.io)}): it "
+                + " and ".join(problems)
+            )
+
+
+def check_bundle(
+    bundle_dir: str | os.PathLike, verify_hashes: bool = False, staging_ok: bool = False
+) -> Manifest:
+    """Read and validate the manifest, check every file it lists (present, right size, optionally right
+    hash), every external-data location the graph names (subgraphs included), and that the graph's
+    inputs and outputs are the ones the manifest describes."""
     root = Path(bundle_dir)
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, staging_ok)
+    mpath = root / MANIFEST
     for name in (MODEL, TOKENIZER):
         if name not in manifest.files:
-            raise BundleError(f"{root / MANIFEST}: lists no {name}")
+            raise BundleError(f"{mpath}: lists no {name}")
     for name, meta in manifest.files.items():
-        path = _inside(root, name)
+        path = _inside(root, name, mpath, "the listed file")
         if not path.is_file():
             raise BundleError(f"{root / name}: missing (the manifest lists it)")
         size = path.stat().st_size
-        if size != meta.get("size"):
+        if size != meta["size"]:
             raise BundleError(
-                f"{root / name}: {size} bytes, the manifest says {meta.get('size')} (truncated or replaced)"
+                f"{root / name}: {size} bytes, the manifest says {meta['size']} (truncated or replaced)"
             )
-        if verify_hashes and sha256_file(path) != meta.get("sha256"):
+        if verify_hashes and sha256_file(path) != meta["sha256"]:
             raise BundleError(f"{root / name}: sha256 differs from the manifest (corrupt or replaced)")
-    for location in external_locations(root / MODEL):
-        path = _inside(root, location)
+    model = load_graph(root / MODEL)
+    for location in sorted(external_locations(model)):
+        path = _inside(root, location, root / MODEL, "external data")
         if not path.is_file():
             raise BundleError(f"{root / MODEL}: external data {location!r} is missing")
         if location not in manifest.files:
             raise BundleError(f"{root / MODEL}: external data {location!r} is not listed in the manifest")
+    check_graph_io(model, manifest, root / MODEL, mpath)
     return manifest
 
 
@@ -325,6 +480,54 @@ def copy_side_files(manifest: Manifest, src: Path, dst: Path) -> None:
             shutil.copyfile(Path(src) / name, Path(dst) / name)
 
 
+def swap_in(new: Path, out: Path) -> None:
+    """Move the complete folder `new` to `out`; an `out` already there is renamed aside first and removed
+    only once `new` is in its place, so a crash leaves the old bundle or the new one, never neither."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(out, old)
+        try:
+            os.rename(new, out)
+        except OSError:
+            os.rename(old, out)  # put the old bundle back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, out)
+    _fsync_dir(out.parent)
+
+
+def finish_staging(folder: Path) -> None:
+    """Clear a staging folder's mark once its bundle has passed every check (it loads from then on)."""
+    (folder / STAGING_MARK).unlink(missing_ok=True)
+    _fsync_dir(folder)
+
+
+def load_weights(model, root: Path) -> None:
+    """Read every external tensor of `model` (subgraphs included) from the bundle at `root` into the
+    proto. onnx's own loader refuses a data file with more than one hard link; here the bundle's checks
+    (inside the folder, not a link, listed with its size and hash) vouch for the file instead."""
+    import onnx
+
+    handles: dict[Path, Any] = {}
+    try:
+        for t in external_tensors(model):
+            info = {e.key: e.value for e in t.external_data}
+            path = _inside(root, info.get("location", ""), root / MODEL, "external data")
+            f = handles.get(path) or handles.setdefault(path, open(path, "rb"))
+            f.seek(int(info.get("offset", 0)))
+            data = f.read(int(info["length"])) if "length" in info else f.read()
+            if "length" in info and len(data) != int(info["length"]):
+                raise BundleError(f"{root / MODEL}: tensor {t.name!r} runs past the end of {path.name}")
+            t.raw_data = data
+            del t.external_data[:]
+            t.data_location = onnx.TensorProto.DEFAULT
+    finally:
+        for f in handles.values():
+            f.close()
+
+
 class BundleWriter:
     """Write a bundle atomically: files go into a temporary folder beside the target,
     the manifest is written last, everything is fsynced, then the folder is renamed into place.
@@ -334,9 +537,10 @@ class BundleWriter:
             writer.commit(manifest)
     """
 
-    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False):
+    def __init__(self, out_dir: str | os.PathLike, overwrite: bool = False, staging: bool = False):
         self.out = Path(out_dir).absolute()
         self.overwrite = overwrite
+        self.staging = staging  # mark the result unfinished (see finish_staging): it will not load
         if self.out.exists() and not overwrite:
             raise BundleError(f"{self.out}: already exists (pass overwrite to replace it)")
         if self.out.exists() and not (self.out / MANIFEST).is_file() and any(self.out.iterdir()):
@@ -346,6 +550,8 @@ class BundleWriter:
     def __enter__(self) -> Path:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".partial", dir=self.out.parent))
+        if self.staging:
+            (self.tmp / STAGING_MARK).write_text("a bundle still being made; not to be loaded\n")
         return self.tmp
 
     def commit(self, manifest: Manifest) -> Path:
@@ -355,7 +561,7 @@ class BundleWriter:
         os.umask(umask)
         os.chmod(self.tmp, 0o777 & ~umask)  # mkdtemp makes it private; a bundle is ordinary files
         for path in sorted(self.tmp.iterdir()):
-            if path.name == MANIFEST or not path.is_file():
+            if path.name in (MANIFEST, STAGING_MARK) or not path.is_file():
                 continue
             os.chmod(path, 0o666 & ~umask)
             manifest.files[path.name] = {"size": path.stat().st_size, "sha256": sha256_file(path)}
@@ -368,15 +574,7 @@ class BundleWriter:
             os.fsync(f.fileno())
         os.chmod(mpath, 0o666 & ~umask)
         _fsync_dir(self.tmp)
-        if self.out.exists():
-            old = self.out.with_name(f".{self.out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(self.out, old)
-            os.rename(self.tmp, self.out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(self.tmp, self.out)
-        _fsync_dir(self.out.parent)
+        swap_in(self.tmp, self.out)
         self.tmp = None
         return self.out
 

@@ -271,6 +271,10 @@ def _stats(count: int, secs: float, reason: str | None) -> None:
 @friendly
 def generate(bundle, prompt, as_chat, system, providers, threads, draft, prefix_cache_mb, **kw) -> None:
     """Generate from PROMPT with the model in BUNDLE, streaming the text."""
+    from .runtime.tokenizer import check_text
+
+    check_text(prompt, "PROMPT")  # invalid UTF-8 in argv arrives as lone surrogates
+    check_text(system or "", "--system")
     engine = _load(bundle, providers, threads, draft, prefix_cache_mb)
     if as_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
@@ -292,16 +296,23 @@ def generate(bundle, prompt, as_chat, system, providers, threads, draft, prefix_
 def chat(bundle, system, providers, threads, draft, prefix_cache_mb, **kw) -> None:
     """Multi-turn chat with the model in BUNDLE (/reset clears the history, /exit or Ctrl-D quits).
     Each turn reuses the earlier turns' KV from the prefix cache."""
+    from .runtime.tokenizer import check_text
+
+    check_text(system or "", "--system")
     engine = _load(bundle, providers, threads, draft, prefix_cache_mb)
     history = [{"role": "system", "content": system}] if system else []
     interactive = sys.stdin.isatty()
     while True:
         if interactive:
             click.echo(click.style(">>> ", bold=True), nl=False)
-        line = sys.stdin.readline()
-        if not line:
+        raw = sys.stdin.buffer.readline()
+        if not raw:
             break
-        line = line.strip()
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:  # one bad line costs that line, not the session
+            click.echo(f"error: that line is not valid UTF-8 (byte {e.start}); the chat goes on", err=True)
+            continue
         if not line:
             continue
         if line in ("/exit", "/quit"):
@@ -309,10 +320,14 @@ def chat(bundle, system, providers, threads, draft, prefix_cache_mb, **kw) -> No
         if line == "/reset":
             history = history[:1] if system else []
             continue
-        history.append({"role": "user", "content": line})
+        turn = {"role": "user", "content": line}
         pieces: list[str] = []
-        _stats(*_print_stream(engine.stream_chat(history, **_params(kw)), pieces))
-        history.append({"role": "assistant", "content": "".join(pieces)})
+        try:
+            _stats(*_print_stream(engine.stream_chat([*history, turn], **_params(kw)), pieces))
+        except ValueError as e:  # the template refused it, the window is full, ...: this turn only
+            click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
+            continue
+        history += [turn, {"role": "assistant", "content": "".join(pieces)}]
 
 
 @cli.command()
@@ -590,6 +605,18 @@ def bench(bundle, contexts, new_tokens, as_json, no_bandwidth, providers, thread
     show_default=True,
     help="Seconds streams get on SIGTERM.",
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="Without a key: also answer requests with this Host (repeatable; '*' any, '*.lan' a domain).",
+)
+@click.option(
+    "--cors-origin",
+    "cors_origins",
+    multiple=True,
+    help="Let this web origin call the API from a browser (repeatable; off by default).",
+)
 @click.option("--ray", "use_ray", is_flag=True, help="Run as Ray Serve replicas (needs the ray extra).")
 @click.option("--replicas", type=int, default=None, help="With --ray: replicas to start.  [default: 1]")
 @click.option(
@@ -622,6 +649,8 @@ def serve(
     max_queue,
     model_name,
     grace,
+    allowed_hosts,
+    cors_origins,
     use_ray,
     replicas,
     ray_address,
@@ -657,19 +686,26 @@ def serve(
     else:
         from pathlib import Path
 
+        from .runtime.serving.guard import is_wildcard_bind
         from .runtime.serving.ray_serve import ReplicaArgs, Scaling, deploy
+        from .runtime.serving.server import exposure_warning
 
+        key = read_api_key(api_key, api_key_file)
         args = ReplicaArgs(
             str(Path(bundle).resolve()),
             model_name=model_name,
-            api_key=read_api_key(api_key, api_key_file),
+            api_key=key,
             max_batch=max_batch,
             max_queue=max_queue,
             threads=threads,
             providers=list(providers) or None,
+            allowed_hosts=[*allowed_hosts, *([] if is_wildcard_bind(host) else [host])],
+            cors_origins=list(cors_origins),
             draft=str(Path(draft).resolve()) if draft and draft != "ngram" else draft,
             prefix_cache_mb=prefix_cache_mb,
         )
+        if warning := exposure_warning(host, key):
+            log.warning("%s", warning)
         scaling = Scaling(
             replicas=1 if replicas is None else replicas,
             cpus_per_replica=1.0 if cpus_per_replica is None else cpus_per_replica,
@@ -691,6 +727,8 @@ def serve(
         grace=grace,
         providers=list(providers) or None,
         threads=threads,
+        allowed_hosts=allowed_hosts,
+        cors_origins=cors_origins,
         draft=draft,
         prefix_cache_mb=prefix_cache_mb,
     )

@@ -158,3 +158,137 @@ def test_cli_reports_one_line(bundle_copy, damage):
         assert "Traceback" not in r.stderr
         errors = [line for line in r.stderr.splitlines() if line.startswith("error")]
         assert len(errors) == 1 and str(bundle_copy) in errors[0], r.stderr
+
+
+def edit_manifest(path, change):
+    m = json.loads((path / B.MANIFEST).read_text())
+    change(m)
+    (path / B.MANIFEST).write_text(json.dumps(m))
+
+
+MANIFEST_DAMAGE = {
+    "files entry a string": (lambda m: m["files"].update({B.TOKENIZER: "x"}), "files['tokenizer.json']"),
+    "file without its size": (lambda m: m["files"][B.MODEL].pop("size"), "files['model.onnx']"),
+    "validation without its keys": (lambda m: m.update(validation={"greedy_agreement": 1.0}), "validation"),
+    "eos_token_ids an int": (lambda m: m["model"].update(eos_token_ids=2), "model.eos_token_ids"),
+    "context_length -5": (lambda m: m["model"].update(context_length=-5), "model.context_length"),
+    "context_length 1e12": (lambda m: m["model"].update(context_length=1e12), "model.context_length"),
+    "num_layers a string": (lambda m: m["model"].update(num_layers="2"), "model.num_layers"),
+    "no model": (lambda m: m.pop("model"), "(the top level)"),
+    "unknown field": (lambda m: m.update(colour="blue"), "(the top level)"),
+    "layer template without {i}": (lambda m: m["io"].update(past_key="past.{x}"), "io.past_key"),
+    "eos outside the vocabulary": (
+        lambda m: m["model"].update(eos_token_ids=[10**6]),
+        "model.eos_token_ids[0]",
+    ),
+    "kv heads not dividing heads": (lambda m: m["model"].update(num_kv_heads=3), "model.num_kv_heads"),
+    "chat_template a list": (lambda m: m.update(chat_template=["x"]), "chat_template"),
+    "quantization nodes not names": (
+        lambda m: m.update(quantization={"nodes": {"a": 1}}),
+        "quantization.nodes.a",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", list(MANIFEST_DAMAGE))
+def test_manifest_fields_are_checked_against_the_schema(bundle_copy, damage):
+    change, field = MANIFEST_DAMAGE[damage]
+    edit_manifest(bundle_copy, change)
+    with pytest.raises(B.BundleError) as e:
+        B.check_bundle(bundle_copy)
+    message = str(e.value)
+    assert message.startswith(str(bundle_copy / B.MANIFEST) + ": ") and "\n" not in message, message
+    assert f"field {field}" in message, message
+
+
+def test_deeply_nested_manifest_is_one_error(bundle_copy):
+    text = (bundle_copy / B.MANIFEST).read_text()
+    deep = '"deep": ' + "[" * 200_000 + "]" * 200_000 + ", "
+    (bundle_copy / B.MANIFEST).write_text(text.replace('"provenance": {', '"provenance": {' + deep, 1))
+    with pytest.raises(B.BundleError, match="nested too deeply"):
+        B.check_bundle(bundle_copy)
+
+
+def test_info_prints_nothing_but_the_error_for_a_bad_manifest(bundle_copy):
+    edit_manifest(bundle_copy, lambda m: m.update(validation={"reference": "x"}))
+    r = subprocess.run(
+        [sys.executable, "-m", "onnxlm", "info", str(bundle_copy)], capture_output=True, text=True
+    )
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr, (r.stdout, r.stderr)
+    assert r.stderr.startswith("error: ") and "field validation" in r.stderr
+
+
+@pytest.mark.parametrize("layers", [1, 3])
+def test_graph_layers_must_match_the_manifest(bundle_copy, layers):
+    edit_manifest(bundle_copy, lambda m: m["model"].update(num_layers=layers))
+    with pytest.raises(
+        B.BundleError, match=r"model\.onnx: the graph's inputs do not match onnxlm\.json"
+    ) as e:
+        B.check_bundle(bundle_copy)
+    assert f"says {layers} layers; the graph takes KV for 2" in str(e.value)
+
+
+def test_graph_with_an_extra_output_is_refused(bundle_copy):
+    model = onnx.load(str(bundle_copy / B.MODEL), load_external_data=False)
+    model.graph.output.append(onnx.helper.make_tensor_value_info("extra", onnx.TensorProto.FLOAT, [1]))
+    onnx.save(model, str(bundle_copy / B.MODEL))
+    resign(bundle_copy)
+    with pytest.raises(B.BundleError, match="outputs do not match.*also has extra"):
+        B.check_bundle(bundle_copy)
+
+
+def _subgraph_with_external(location):
+    """An If node whose then-branch holds an initializer stored at `location`."""
+    t = onnx.helper.make_tensor("w", onnx.TensorProto.FLOAT, [1], [0.0])
+    t.ClearField("float_data")
+    t.data_location = onnx.TensorProto.EXTERNAL
+    t.external_data.add(key="location", value=location)
+    t.external_data.add(key="length", value="4")
+    out = onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [1])
+    branch = onnx.helper.make_graph([], "then", [], [out], initializer=[t])
+    return onnx.helper.make_node("If", ["cond"], ["y"], then_branch=branch, else_branch=branch)
+
+
+@pytest.mark.parametrize(
+    "location,match", [("../../etc/passwd", "leaves the bundle"), ("/etc/passwd", "absolute path")]
+)
+def test_external_data_in_subgraphs_is_checked(bundle_copy, location, match):
+    model = onnx.load(str(bundle_copy / B.MODEL), load_external_data=False)
+    model.graph.node.append(_subgraph_with_external(location))
+    onnx.save(model, str(bundle_copy / B.MODEL))
+    resign(bundle_copy)
+    with pytest.raises(B.BundleError, match=rf"model\.onnx: external data .*{match}"):
+        B.check_bundle(bundle_copy)
+
+
+def test_messages_name_the_file_at_fault(bundle_copy, tmp_path):
+    edit_manifest(bundle_copy, lambda m: m["files"].update({"..": m["files"][B.TOKENIZER]}))
+    with pytest.raises(B.BundleError) as e:
+        B.check_bundle(bundle_copy)
+    assert str(e.value).startswith(str(bundle_copy / B.MANIFEST)) and "model.onnx" not in str(e.value)
+    edit_manifest(bundle_copy, lambda m: m["files"].pop(".."))
+    os.replace(bundle_copy / B.TOKENIZER, tmp_path / B.TOKENIZER)
+    os.symlink(tmp_path / B.TOKENIZER, bundle_copy / B.TOKENIZER)
+    with pytest.raises(B.BundleError) as e:
+        B.check_bundle(bundle_copy)
+    assert str(e.value) == (
+        f"{bundle_copy / B.MANIFEST}: the listed file 'tokenizer.json' is a symbolic link"
+    ), str(e.value)
+
+
+def test_a_staging_folder_never_loads(bundle_copy):
+    (bundle_copy / B.STAGING_MARK).write_text("")
+    with pytest.raises(B.BundleError, match="unfinished bundle"):
+        B.check_bundle(bundle_copy)
+
+
+@pytest.mark.parametrize("content", [b"{ not json", b"[" * 100_000, b'{"model": 5}'])
+def test_a_bad_tokenizer_is_an_error_naming_tokenizer_json(bundle_copy, content):
+    from onnxlm.runtime import load
+
+    (bundle_copy / B.TOKENIZER).write_bytes(content)
+    resign(bundle_copy)
+    with pytest.raises(B.BundleError) as e:
+        load(bundle_copy)
+    assert str(e.value).startswith(f"{bundle_copy / B.TOKENIZER}: not a usable tokenizer (")
+    assert "\n" not in str(e.value)

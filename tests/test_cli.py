@@ -134,3 +134,66 @@ def test_public_face_from_a_fresh_interpreter():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "False"  # naming export does not import torch until it is called
+
+
+def test_invalid_utf8_arguments_are_one_line_errors(tiny_llama_bundle):
+    for args in (
+        ["generate", str(tiny_llama_bundle), b"caf\xe9"],
+        ["chat", str(tiny_llama_bundle), "--system", b"\xff"],
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "onnxlm", *args], capture_output=True, input=b"", timeout=120
+        )
+        stderr = r.stderr.decode()
+        assert r.returncode == 1 and "Traceback" not in stderr, stderr
+        errors = [x for x in stderr.splitlines() if x.startswith("error")]
+        assert len(errors) == 1 and "not valid Unicode" in errors[0] and "TypeError" not in errors[0], stderr
+
+
+def test_chat_keeps_its_history_after_a_bad_line(tiny_llama_bundle, monkeypatch):
+    """A line of invalid UTF-8, or one the model refuses (past its window), costs that line only."""
+    import onnxlm.cli as cli_module
+    from onnxlm.runtime import load
+
+    engine = load(tiny_llama_bundle)
+    seen = []
+
+    class Recording:
+        def stream_chat(self, messages, **params):
+            seen.append([dict(m) for m in messages])
+            return engine.stream_chat(messages, **params)
+
+    monkeypatch.setattr(cli_module, "_load", lambda *a: Recording())
+    lines = b"hello\n\xff\xfe broken\n" + b"fox " * 400 + b"\nsecond\n"
+    r = CliRunner().invoke(cli, ["chat", str(tiny_llama_bundle), "-n", "3", "--ignore-eos"], input=lines)
+    assert r.exit_code == 0, r.output
+    assert "not valid UTF-8" in r.output and "context window" in r.output
+    first, _overlong, last = seen
+    assert [m["role"] for m in last] == ["user", "assistant", "user"]
+    assert last[0] == first[0] and last[2]["content"] == "second" and last[1]["content"]
+
+
+def test_a_hostile_chat_template_is_one_line_in_the_cli(bundle_copy):
+    import json
+    import time
+
+    for source in (
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}",
+        "{{ 'a' * 10**10 }}",
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+    ):
+        path = bundle_copy / "onnxlm.json"
+        manifest = json.loads(path.read_text())
+        manifest["chat_template"] = source
+        path.write_text(json.dumps(manifest))
+        t0 = time.perf_counter()
+        r = subprocess.run(
+            [sys.executable, "-m", "onnxlm", "generate", "--chat", str(bundle_copy), "hi", "-n", "2"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        errors = [x for x in r.stderr.splitlines() if x.startswith("error")]
+        assert len(errors) == 1 and errors[0].startswith("error: chat template"), r.stderr
+        assert time.perf_counter() - t0 < 60

@@ -30,7 +30,9 @@ def fp32(tmp_path_factory):
 
 
 def int4_share(bundle) -> float:
-    nodes = B.read_manifest(bundle).quantization["nodes"]
+    """`bundle`: a folder, or the Engine the report evaluates."""
+    manifest = bundle.manifest if hasattr(bundle, "manifest") else B.read_manifest(bundle)
+    nodes = manifest.quantization["nodes"]
     kinds = [str(v) for v in nodes.values()]
     return sum("int4" in k for k in kinds) / len(kinds)
 
@@ -114,3 +116,44 @@ def test_cli_real_report(fp32, tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert "perplexity" in r.output and "KL" in r.output and "model.onnx.data" in r.output
+
+
+def test_hard_linked_source_quantizes(fp32, tmp_path):
+    import os
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(fp32, src)
+    os.link(src / B.MODEL_DATA, tmp_path / "second-name.data")  # a dedup tool or `cp -l` did this
+    out, _ = R.quantize_with_report(src, tmp_path / "int8", "int8", report=False, progress=False)
+    assert B.check_bundle(out, verify_hashes=True).quantization["recipe"] == "int8"
+
+
+def test_staging_folder_never_loads_and_overwrite_keeps_the_old_bundle(fp32, tmp_path, monkeypatch):
+    """While the report runs (a kill would leave things as they are then) the staging folder is refused
+    as a bundle and the bundle being replaced is still whole; only the passed candidate replaces it."""
+    out = tmp_path / "q"
+    old, _ = R.quantize_with_report(fp32, out, "int8", report=False, progress=False)
+    old_recipe = B.check_bundle(old).quantization["recipe"]
+    seen = []
+
+    def evaluate(bundle, text=None, against=None, **kw):
+        staging = bundle.bundle_dir
+        with pytest.raises(B.BundleError, match="unfinished bundle"):
+            B.check_bundle(staging)
+        r = CliRunner().invoke(cli, ["info", str(staging)])
+        assert r.exit_code == 1 and "unfinished bundle" in r.output
+        assert B.check_bundle(out, verify_hashes=True).quantization["recipe"] == old_recipe
+        seen.append(staging)
+        change = 10.0 * int4_share(bundle)
+        return {"bundle": {}, "reference": {}, "texts": {}, "worst": {"ppl_change_pct": change}}
+
+    monkeypatch.setattr(R, "evaluate", evaluate)
+    with pytest.raises(QuantizeError, match="over the budget"):
+        R.quantize_with_report(fp32, out, "int4", max_ppl_increase=5.0, overwrite=True, progress=False)
+    assert B.check_bundle(out, verify_hashes=True).quantization["recipe"] == old_recipe  # untouched
+    R.quantize_with_report(fp32, out, "int4", overwrite=True, progress=False)
+    assert len(seen) == 2
+    assert B.check_bundle(out, verify_hashes=True).quantization["recipe"] == "int4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]  # no staging or old folder left
+    assert B.STAGING_MARK not in B.read_manifest(out).files

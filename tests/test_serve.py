@@ -294,7 +294,7 @@ def test_disconnects_free_their_rows_and_leak_nothing(engine):
     srv = ServerThread(create_app(engine, max_batch=4, max_queue=8))
     body = json.dumps({"prompt": "Once", "max_tokens": 100, "ignore_eos": True, "stream": True}).encode()
     request = (
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
 

@@ -28,6 +28,9 @@ def server(engine):
     srv.stop()
 
 
+JSON = {"Content-Type": "application/json"}
+
+
 def post(server, path, body=None, raw: bytes | None = None, headers=None):
     return http("POST", server.base + path, json=body, body=raw, headers=headers)
 
@@ -163,7 +166,7 @@ def test_context_window_and_other_statuses(server, engine):
     )
     assert_error(http("GET", server.base + "/v1/nothing"), 404)
     assert_error(http("GET", server.base + CHAT), 405)
-    assert_error(post(server, CHAT, raw=b"{" + b" " * (5 * 2**20) + b"}"), 413)
+    assert_error(post(server, CHAT, raw=b"{" + b" " * (5 * 2**20) + b"}", headers=JSON), 413)
     assert_served(server)
 
 

@@ -31,13 +31,15 @@ def quantize(
     calibration_text: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    staging: bool = False,
 ) -> Path:
     """Write a quantized copy of the float32 bundle `bundle_dir` to `out_dir`; returns out_dir.
 
     recipe: int8 | int4 | int4-mixed | fp16 (see recipes.RECIPES). block_size, scheme (of 4-bit
     weights: min = per-block scale and float minimum, sym, asym = integer zero point; see pack.py),
     accuracy_level (MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute) and algorithm
-    (rtn | hqq | gptq; gptq needs calibration_text) apply to the integer recipes.
+    (rtn | hqq | gptq; gptq needs calibration_text) apply to the integer recipes. staging: mark the
+    result unfinished so that it does not load until bundle.finish_staging (quantize_with_report's use).
     """
     started = time.perf_counter()
     rec = _check_options(recipe, block_size, scheme, accuracy_level, algorithm, calibration_text)
@@ -48,10 +50,9 @@ def quantize(
             f"{src}: is already a {manifest.dtype} bundle; quantize the float32 bundle it was made from"
         )
     _check_out(src, Path(out_dir), overwrite)
-    writer = B.BundleWriter(out_dir, overwrite=overwrite)
+    writer = B.BundleWriter(out_dir, overwrite=overwrite, staging=staging)
 
     import onnx
-    from onnx.external_data_helper import load_external_data_for_model
     from tqdm.auto import tqdm
 
     from . import graph as G
@@ -59,7 +60,7 @@ def quantize(
     model = onnx.load(str(src / B.MODEL), load_external_data=False)
     if rec.name == "fp16":
         model = onnx.shape_inference.infer_shapes(model)  # types for the converter's casts, weights unloaded
-    load_external_data_for_model(model, str(src))
+    B.load_weights(model, src)  # (onnx's loader refuses a data file with several hard links)
     facts, io = manifest.model, B.GraphIO(**vars(manifest.io))
     sites = G.find_sites(model, facts.num_layers, facts.hidden_size, facts.vocab_size)
     if not sites:

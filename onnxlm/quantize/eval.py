@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import MODEL, MODEL_DATA, Manifest
+from ..bundle import MODEL, MODEL_DATA, STAGING_MARK, Manifest
 from ..runtime.engine import Engine
 from ..runtime.generate import Model
 from ..runtime.session import make_session
@@ -102,7 +102,9 @@ def describe(engine: Engine) -> dict[str, Any]:
     root = engine.bundle_dir
     sizes = {}
     if root is not None and Path(root).is_dir():
-        sizes = {p.name: p.stat().st_size for p in Path(root).iterdir() if p.is_file()}
+        sizes = {
+            p.name: p.stat().st_size for p in Path(root).iterdir() if p.is_file() and p.name != STAGING_MARK
+        }
     quant = engine.manifest.quantization or {}
     return {
         "path": str(root) if root is not None else None,

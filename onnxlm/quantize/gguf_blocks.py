@@ -223,8 +223,10 @@ def keep_blocks(
     accuracy_level: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    staging: bool = False,
 ) -> Path:
-    """Write a bundle whose weights are the source GGUF's own Q4_1 / Q8_0 blocks (recipe `gguf`)."""
+    """Write a bundle whose weights are the source GGUF's own Q4_1 / Q8_0 blocks (recipe `gguf`);
+    staging as in quantize()."""
     import time
 
     import onnx
@@ -240,12 +242,13 @@ def keep_blocks(
         raise ValueError(f"{src}: is already quantized; keep blocks from the float32 bundle")
     gguf = find_gguf(manifest, gguf_path)
     _check_out(src, Path(out_dir), overwrite)
-    writer = B.BundleWriter(out_dir, overwrite=overwrite)
+    writer = B.BundleWriter(out_dir, overwrite=overwrite, staging=staging)
     bar = tqdm(total=3, desc="quantize gguf", unit="step", disable=not progress)
     try:
         bar.set_postfix_str("reading blocks")
         blocks = read_gguf_blocks(gguf, manifest.model.num_heads, manifest.model.num_kv_heads)
-        model = onnx.load(str(src / B.MODEL))
+        model = onnx.load(str(src / B.MODEL), load_external_data=False)
+        B.load_weights(model, src)  # (onnx's loader refuses a data file with several hard links)
         bar.update()
         bar.set_postfix_str("rewriting")
         nodes = keep_gguf_blocks(model, blocks, manifest.model.vocab_size, accuracy_level=accuracy_level)

@@ -16,7 +16,7 @@ from typing import Any
 
 from .. import bundle as B
 from .api import QuantizeError, _check_out, quantize
-from .eval import evaluate
+from .eval import evaluate, load_engine
 from .recipes import V_PROJ, Recipe, Rule, Site
 
 # Raised to int8 in this order by `auto`, most sensitive first (per-group KL on SmolLM2: down_proj
@@ -42,7 +42,7 @@ def auto_recipe(groups: int) -> Recipe:
 
 def _store_report(bundle: Path, report: dict[str, Any], extra: dict[str, Any]) -> None:
     """Add the report to a bundle's manifest (the manifest lists no hash of itself, so nothing else changes)."""
-    manifest = B.read_manifest(bundle)
+    manifest = B.read_manifest(bundle, staging_ok=True)
     manifest.quantization = {**(manifest.quantization or {}), **extra, "report": report}
     tmp = bundle / f".{B.MANIFEST}.tmp"
     tmp.write_text(manifest.to_json(), encoding="utf-8")
@@ -93,14 +93,17 @@ def quantize_with_report(
                         options.get("gguf"),
                         accuracy_level=options.get("accuracy_level"),
                         progress=progress,
+                        staging=True,
                     )
                 except ValueError as e:
                     raise QuantizeError(str(e)) from None
             else:
-                quantize(src, staging, rec, progress=progress, **options)
+                quantize(src, staging, rec, progress=progress, staging=True, **options)
             if not report:
                 break
-            result = evaluate(staging, text, against=src, max_tokens=eval_tokens, progress=progress)
+            candidate = load_engine(staging, B.check_bundle(staging, staging_ok=True))
+            result = evaluate(candidate, text, against=src, max_tokens=eval_tokens, progress=progress)
+            del candidate
             change = result["worst"]["ppl_change_pct"]
             if groups:
                 log(
@@ -121,10 +124,9 @@ def quantize_with_report(
         if report:
             result["bundle"]["path"] = str(out)  # where it will live, not the staging folder
             _store_report(staging, result, extra)
+        B.finish_staging(staging)
         B.check_bundle(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
+        B.swap_in(staging, out)  # the old bundle stays until the new one is complete and in place
         return out, (result if report else None)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -17,6 +17,7 @@ regex=, grammar= (Lark). chat / stream_chat also take tools=, tool_choice=, para
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -149,7 +150,17 @@ class Engine:
     from the prompt and the text so far) or a draft Model / bundle path sharing this tokenizer (e.g. an
     int4 bundle drafting for an fp32 one). Greedy output is unchanged token for token; sampled output
     keeps its distribution. prefix_cache_mb: KV of recent chats kept for reuse by `chat`,
-    `stream_chat` and the scheduler (0: none)."""
+    `stream_chat` and the scheduler (0: none).
+
+    Thread-safe: any number of threads may call `generate`, `stream`, `chat`, ... on one Engine at the
+    same time, each getting exactly what it would get alone. Each call has its own KV cache and IO
+    binding; the shared parts are read-only after loading (the onnxruntime session, whose `run` is
+    thread-safe; the tokenizer; the chat template, compiled once under a lock) or locked (the prefix
+    cache), and the scheduler is made once under `_lock`. Concurrent calls each run their own forward passes; for batching, use
+    the async methods (`astream`, ...), which share the continuous-batching scheduler.
+    """
+
+    _lock = threading.Lock()  # guards the scheduler's one-time creation
 
     def __init__(
         self,
@@ -355,9 +366,10 @@ class Engine:
     def scheduler(self, max_batch: int = 8, max_queue: int = 64):
         """The engine's continuous-batching scheduler, made (and its thread started) on first use; later
         calls return the same one. `close()` it to stop the thread."""
-        if self._scheduler is None:
-            self._scheduler = self.new_scheduler(max_batch, max_queue)
-            self._scheduler.start()
+        with self._lock:
+            if self._scheduler is None:
+                self._scheduler = self.new_scheduler(max_batch, max_queue)
+                self._scheduler.start()
         return self._scheduler
 
     def new_scheduler(self, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | None = 512):

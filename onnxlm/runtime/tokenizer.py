@@ -1,8 +1,11 @@
 """Tokenizer, chat template and streaming detokenizer, driven by the bundle's tokenizer.json and manifest.
 
-The chat template is untrusted code from a model repository: it runs in jinja2's immutable sandbox
-with transformers' settings (trim_blocks, lstrip_blocks, loopcontrols, raise_exception, strftime_now),
-and any reach for an unsafe attribute (`__class__`, `__globals__`, ...) is an error, not an empty string.
+The chat template is untrusted code from a model repository: it renders in a sandbox with a time
+budget and an output cap (see chat_template.py).
+
+Thread-safe: `encode` of a long text releases the GIL (other threads, an event loop among them, keep
+running while it works), and nothing here mutates shared state after construction but the compiled
+template, which is built once and then only read.
 """
 
 from __future__ import annotations
@@ -12,18 +15,18 @@ import functools
 import json
 import os
 import re
+import threading
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import jinja2
-from jinja2 import nodes
-from jinja2.ext import Extension
-from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 from tokenizers import Tokenizer as HFTokenizer
 
-from ..bundle import TOKENIZER, Manifest
+from ..bundle import TOKENIZER, BundleError, Manifest
+from .chat_template import ChatTemplateError, compile_chat_template, render_chat_template
+
+__all__ = ["ChatTemplateError", "Detokenizer", "Tokenizer", "compile_chat_template", "render_chat_template"]
 
 REPLACEMENT = "\ufffd"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
@@ -52,59 +55,21 @@ def _mentions(component: Any, kind: str) -> bool:
     return False
 
 
-class ChatTemplateError(ValueError):
-    """The chat template could not be rendered (missing, refused by the sandbox, or raised an error)."""
+# Past this many characters encode goes through encode_batch_fast, which releases the GIL (plain encode
+# holds it: a 4 MB prompt froze every other thread for 6 s) and skips the offsets nobody reads.
+GIL_FREE_CHARS = 4096
 
 
-class _Sandbox(ImmutableSandboxedEnvironment):
-    def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
-        # jinja2 would return an Undefined that prints as ""; a template probing internals is refused
-        raise SecurityError(f"access to attribute {attribute!r} of a {type(obj).__name__!r} object is unsafe")
-
-
-class _GenerationTag(Extension):
-    """`{% generation %}...{% endgeneration %}` (transformers' assistant-mask marker): render the body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser):
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.Scope(body, lineno=lineno)
-
-
-def _raise_exception(message: str):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _strftime_now(fmt: str) -> str:
-    return datetime.now().strftime(fmt)
-
-
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys=False):
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-
-def compile_chat_template(source: str) -> jinja2.Template:
-    env = _Sandbox(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, "jinja2.ext.loopcontrols"]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = _strftime_now
+def check_text(text: str, what: str = "the text") -> None:
+    """A ValueError naming the first character that is not valid Unicode (a lone surrogate: what Python
+    makes of invalid UTF-8 on the command line, or a JSON "\\ud800" escape)."""
     try:
-        return env.from_string(source)
-    except jinja2.TemplateSyntaxError as e:
-        raise ChatTemplateError(f"chat template: syntax error on line {e.lineno}: {e.message}") from None
-
-
-def render_chat_template(template: jinja2.Template, **variables: Any) -> str:
-    try:
-        return template.render(**variables)
-    except SecurityError as e:
-        raise ChatTemplateError(f"chat template refused by the sandbox: {e}") from None
-    except jinja2.TemplateError as e:
-        raise ChatTemplateError(f"chat template: {e}") from None
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(
+            f"{what} is not valid Unicode: character {e.start} is a lone surrogate "
+            f"(U+{ord(text[e.start]):04X}; invalid UTF-8 input?)"
+        ) from None
 
 
 class Tokenizer:
@@ -126,10 +91,17 @@ class Tokenizer:
         self.prepend_bos = bool(facts.add_bos_token and self.bos_token_id is not None and not adds_bos)
         self._template: jinja2.Template | None = None
         self._bytes: list[bytes] | None = None
+        self._template_lock = threading.Lock()
 
     @classmethod
     def from_bundle(cls, bundle_dir: str | os.PathLike, manifest: Manifest) -> Tokenizer:
-        return cls(HFTokenizer.from_file(str(Path(bundle_dir) / TOKENIZER)), manifest)
+        path = Path(bundle_dir) / TOKENIZER
+        try:
+            tok = HFTokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises a bare Exception with serde's message
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise BundleError(f"{path}: not a usable tokenizer ({first})") from None
+        return cls(tok, manifest)
 
     def _token(self, token_id: int | None) -> str | None:
         return None if token_id is None else self.tok.id_to_token(token_id)
@@ -138,7 +110,11 @@ class Tokenizer:
         """Token ids of `text`; with special tokens, BOS first when the model expects one."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+        check_text(text)
+        if len(text) > GIL_FREE_CHARS:
+            ids = self.tok.encode_batch_fast([text], add_special_tokens=add_special_tokens)[0].ids
+        else:
+            ids = self.tok.encode(text, add_special_tokens=add_special_tokens).ids
         if add_special_tokens and self.prepend_bos and (not ids or ids[0] != self.bos_token_id):
             ids = [self.bos_token_id, *ids]
         return ids
@@ -198,8 +174,9 @@ class Tokenizer:
                 "this bundle has no chat template (the manifest's chat_template is empty); "
                 "use generate() with a plain prompt instead"
             )
-        if self._template is None:
-            self._template = compile_chat_template(self.manifest.chat_template)
+        with self._template_lock:
+            if self._template is None:
+                self._template = compile_chat_template(self.manifest.chat_template)
         return render_chat_template(
             self._template,
             messages=list(messages),

@@ -14,20 +14,24 @@ GET /health, GET /ready, GET /metrics (Prometheus). Which request fields are hon
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import functools
 import hmac
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine import Engine
 from .choices import cancel, collect, events, open_streams, queue_full
+from .guard import HostGuard, HostPolicy, check_encodable, check_json_content_type
 from .metrics import ServerMetrics
 from .protocol import APIError, GenRequest, bad, parse_chat, parse_completion, parse_json
 from .responses import LogprobText, cached_tokens, completion_body, new_id, prompt_logprobs
@@ -37,6 +41,7 @@ from .tokens import detokenize, tokenize, tokenizer_info
 log = logging.getLogger("onnxlm.serving")
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+PREP_THREADS = 2  # parsing, template rendering and tokenizing run here, never on the event loop
 
 
 class Service:
@@ -61,6 +66,10 @@ class Service:
         self.text = LogprobText(engine)
         self.draining = False
         self.created = int(time.time())
+        self.prep = concurrent.futures.ThreadPoolExecutor(PREP_THREADS, thread_name_prefix="onnxlm-prep")
+        # requests being parsed and tokenized: past what the scheduler could take anyway, refuse (429)
+        # rather than hold more bodies in memory
+        self.preparing, self.max_preparing = 0, max_batch + max_queue
 
     def drain(self) -> None:
         """Refuse new generation requests (503) and report not ready; running ones go on."""
@@ -118,6 +127,7 @@ def _endpoint(name: str, auth: bool = True):
 
 
 async def _read_body(request: Request) -> bytes:
+    check_json_content_type(request.headers.get("content-type"))
     declared = request.headers.get("content-length")
     if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
         raise APIError(413, f"the request body is over {MAX_BODY_BYTES} bytes", code="request_too_large")
@@ -222,8 +232,21 @@ async def _generate(svc: Service, request: Request, chat: bool) -> Response:
             code="server_shutting_down",
             headers={"Retry-After": "5"},
         )
-    body = parse_json(await _read_body(request))
-    req = (parse_chat if chat else parse_completion)(body, svc.engine)
+    raw = await _read_body(request)
+    if svc.preparing >= svc.max_preparing:
+        raise APIError(
+            429,
+            f"{svc.preparing} requests are being prepared already; try again shortly",
+            type="rate_limit_exceeded",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        )
+    svc.preparing += 1  # (the event loop's own counter: no lock needed)
+    try:
+        # JSON parsing, the chat template and the tokenizer take seconds on a large body: off the loop
+        req = await asyncio.get_running_loop().run_in_executor(svc.prep, _prepare, raw, chat, svc.engine)
+    finally:
+        svc.preparing -= 1
     _check_model(svc, req.model)
     echoes = await _echoes(svc, req)
     try:
@@ -242,18 +265,16 @@ async def _generate(svc: Service, request: Request, chat: bool) -> Response:
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
     watcher = asyncio.ensure_future(_on_disconnect(request, streams))
-    status = None
     try:
         results = await collect(streams, req, track.token)
     except Cancelled:
-        status = "499"
-        return Response(status_code=499)  # the client is gone; nobody reads this
+        return Response(status_code=499)  # the client is gone; nobody reads this (_endpoint counts it)
     except GenerationAborted as e:
         raise APIError(503, str(e), type="server_error", code="generation_aborted") from None
     finally:
         watcher.cancel()
         cancel(streams)
-        track.end(status)
+        track.end(None)  # a response that is not a stream is counted once, by _endpoint
     cached = cached_tokens(req, streams)
     return JSONResponse(completion_body(req, rid, name, results, svc.text, echoes, cached))
 
@@ -279,6 +300,13 @@ async def _echoes(svc: Service, req: GenRequest) -> dict[int, list]:
         return [prompt_logprobs(svc.engine, ids, top) for ids in req.prompts]
 
     return dict(enumerate(await asyncio.to_thread(score)))
+
+
+def _prepare(raw: bytes, chat: bool, engine: Engine) -> GenRequest:
+    """The checked request from the body's bytes (runs on the prep threads)."""
+    body = parse_json(raw)
+    check_encodable(body)
+    return (parse_chat if chat else parse_completion)(body, engine)
 
 
 async def _on_disconnect(request: Request, streams: dict) -> None:
@@ -344,10 +372,15 @@ def create_app(
     max_batch: int = 8,
     max_queue: int = 64,
     scheduler: Scheduler | None = None,
+    allowed_hosts: Sequence[str] = (),
+    cors_origins: Sequence[str] = (),
 ) -> Starlette:
     """The OpenAI-compatible ASGI app for one engine. The scheduler thread starts with the first request
     (so a parent app that mounts this one need not run its lifespan); `app.state.service` holds the
-    state, and `app.state.service.scheduler.close()` stops generation."""
+    state, and `app.state.service.scheduler.close()` stops generation.
+
+    Without an API key only requests whose Host is a loopback name or one of `allowed_hosts` ('*' for
+    any) are answered. CORS is off unless `cors_origins` names the web origins allowed to call."""
     svc = Service(engine, model_name, api_key, max_batch, max_queue, scheduler)
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -361,6 +394,20 @@ def create_app(
         Route("/detokenize", detokenize_endpoint, methods=["POST"]),
         Route("/tokenizer_info", tokenizer_info_endpoint, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={HTTPException: _http_error, Exception: _server_error})
+    middleware = [Middleware(HostGuard, policy=HostPolicy(allowed_hosts), enabled=svc.api_key is None)]
+    if cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type"],
+            )
+        )
+    app = Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={HTTPException: _http_error, Exception: _server_error},
+    )
     app.state.service = svc
     return app

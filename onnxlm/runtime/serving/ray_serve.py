@@ -41,6 +41,8 @@ class ReplicaArgs:
     providers: list[str] | None = None
     draft: str | None = None  # "ngram" or a draft bundle's path (on every node)
     prefix_cache_mb: float = 256
+    allowed_hosts: list[str] | None = None  # without a key: Host names answered besides loopback ones
+    cors_origins: list[str] | None = None  # web origins allowed to call from a browser (CORS)
 
     def __post_init__(self):
         if not self.bundle:
@@ -146,6 +148,8 @@ def replica_class():
                 api_key=a.api_key,
                 max_batch=a.max_batch,
                 max_queue=a.max_queue,
+                allowed_hosts=a.allowed_hosts or (),
+                cors_origins=a.cors_origins or (),
             )
             self._svc = self._app.state.service
             self._svc.scheduler.start()

@@ -10,7 +10,10 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+
+from .guard import host_name, is_loopback, is_wildcard_bind
 
 log = logging.getLogger("onnxlm.serving")
 
@@ -53,9 +56,14 @@ def serve(
     threads: int | None = None,
     draft: str | None = None,
     prefix_cache_mb: float = 256,
+    allowed_hosts: Sequence[str] = (),
+    cors_origins: Sequence[str] = (),
 ) -> None:
     """Load BUNDLE and serve the OpenAI API on host:port until SIGTERM / Ctrl-C; `draft` ("ngram" or a
-    draft bundle) turns on speculative decoding, `prefix_cache_mb` sizes the prefix cache (0: off)."""
+    draft bundle) turns on speculative decoding, `prefix_cache_mb` sizes the prefix cache (0: off).
+
+    Without an API key, requests must name the server by a loopback name, the bound address or one of
+    `allowed_hosts`; `cors_origins` lets those web origins call it from a browser."""
     uvicorn = _web_stack()
     from ..engine import Engine
     from .app import create_app
@@ -65,7 +73,16 @@ def serve(
     engine = Engine.load(
         bundle, providers=providers, threads=threads, draft=draft, prefix_cache_mb=prefix_cache_mb
     )
-    app = create_app(engine, model_name=model_name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    hosts = [*allowed_hosts, *([] if is_wildcard_bind(host) else [host])]
+    app = create_app(
+        engine,
+        model_name=model_name,
+        api_key=api_key,
+        max_batch=max_batch,
+        max_queue=max_queue,
+        allowed_hosts=hosts,
+        cors_origins=cors_origins,
+    )
     svc = app.state.service
     svc.scheduler.start()
     config = uvicorn.Config(
@@ -87,12 +104,26 @@ def serve(
         max_queue,
         ", API key required" if api_key else "",
     )
+    warning = exposure_warning(host, api_key)
+    if warning:
+        log.warning("%s", warning)
     try:
         server.run()
     finally:
         server.cancel_timer()
         svc.scheduler.close()
     log.warning("stopped")
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """The one line printed at start when a server without a key listens beyond loopback (the Host check
+    stops browsers, not other programs on the network)."""
+    if api_key or is_loopback(host_name(host)):
+        return None
+    return (
+        f"WARNING: no API key and listening on {host}: any program that can reach this port can use "
+        "the model; pass --api-key-file to require a key"
+    )
 
 
 class _DrainingServer:
