@@ -106,6 +106,7 @@ class ServerMetrics:
         queue_depth: Callable[[], float],
         active: Callable[[], float],
         work: Callable[[], dict[str, float]] = dict,
+        memory: Callable[[], dict[str, float]] = dict,
     ):
         self.requests = Counter(
             "onnxlm_requests_total", "HTTP requests by endpoint and status.", ("endpoint", "status")
@@ -129,6 +130,14 @@ class ServerMetrics:
             for key, text in saved
         ]
 
+        self.memory = [
+            Gauge(f"onnxlm_{key}", text, lambda key=key: memory().get(key, 0))
+            for key, text in (
+                ("kv_cache_bytes", "Bytes of KV buffers the running batch holds."),
+                ("prefix_cache_bytes", "Bytes of KV the prefix cache keeps for reuse."),
+            )
+        ]
+
     def render(self) -> str:
         series = (
             self.requests,
@@ -140,5 +149,6 @@ class ServerMetrics:
             self.queue,
             self.active,
             *self.saved,
+            *self.memory,
         )
         return "\n".join(line for s in series for line in s.render()) + "\n"
