@@ -116,7 +116,7 @@ def chat_turns(srv: Server, turns: int = 4) -> list[dict]:
         t0, first, _pieces = time.perf_counter(), [], []
         usage = srv.stream(
             {"messages": history, "max_tokens": 48, "temperature": 0},
-            lambda t: first.append(t) if not first else None,
+            lambda t, first=first: first.append(t) if not first else None,
         )
         out.append(
             {
