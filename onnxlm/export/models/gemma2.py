@@ -16,6 +16,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from . import rope
 from .llama import LlamaArgs, build_from, hf_to_ours
 
 # transformers' names -> ours (decoder.Block: post_attention_layernorm is the norm before the MLP)
@@ -27,7 +28,7 @@ RENAMES = {
 
 
 def context_length(config) -> int:
-    return config.max_position_embeddings
+    return rope.context_length(config)
 
 
 def layer_windows(config) -> tuple[int | None, ...]:

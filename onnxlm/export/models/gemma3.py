@@ -17,7 +17,7 @@ from .llama import build_from
 
 
 def context_length(config) -> int:
-    return config.max_position_embeddings
+    return rope.context_length(config)
 
 
 def rotaries(config, head_dim: int) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from . import fused
+from . import fused, rope
 from .decoder import Decoder as LlamaDecoder
 from .decoder import DecoderArgs as LlamaArgs
 from .decoder import build_plain, global_rotary, hf_to_ours
@@ -21,7 +21,7 @@ __all__ = ["LlamaArgs", "LlamaDecoder", "build", "context_length", "hf_to_ours"]
 
 
 def context_length(config) -> int:
-    return int(config.max_position_embeddings)
+    return rope.context_length(config)
 
 
 GRAPHS = ("fused", "plain")  # the graphs this family exports (fused.py builds the fused one)
@@ -37,7 +37,7 @@ def build_from(args: LlamaArgs, config, tensors: dict[str, torch.Tensor], graph:
     (rotaries: {"global": ..., ["local": ...]}, the config's own rotary when None)."""
     rotaries = rotaries or global_rotary(config, args)  # refuses an unknown rope type before weight work
     if graph == "fused":
-        return fused.build(args, rotaries, tensors, int(config.max_position_embeddings))
+        return fused.build(args, rotaries, tensors, context_length(config))
     return build_plain(args, rotaries, tensors)
 
 

@@ -11,6 +11,7 @@ import dataclasses
 
 from torch import nn
 
+from . import rope
 from .llama import LlamaArgs, build_from, hf_to_ours
 
 # transformers' names -> ours (decoder.Block)
@@ -18,7 +19,7 @@ RENAMES = {"post_attention_layernorm": "attn_out_norm", "post_feedforward_layern
 
 
 def context_length(config) -> int:
-    return config.max_position_embeddings
+    return rope.context_length(config)
 
 
 def args_from_config(config) -> LlamaArgs:

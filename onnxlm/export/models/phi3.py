@@ -19,11 +19,12 @@ import dataclasses
 import torch
 from torch import nn
 
+from . import rope
 from .llama import LlamaArgs, build_from, hf_to_ours
 
 
 def context_length(config) -> int:
-    return config.max_position_embeddings
+    return rope.context_length(config)
 
 
 def args_from_config(config) -> LlamaArgs:

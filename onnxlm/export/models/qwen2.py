@@ -11,11 +11,12 @@ import dataclasses
 
 from torch import nn
 
+from . import rope
 from .llama import LlamaArgs, build_from, hf_to_ours
 
 
 def context_length(config) -> int:
-    return config.max_position_embeddings
+    return rope.context_length(config)
 
 
 def layer_windows(config) -> list[int | None]:

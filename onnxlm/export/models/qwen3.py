@@ -8,12 +8,13 @@ import dataclasses
 
 from torch import nn
 
+from . import rope
 from .llama import LlamaArgs, build_from, hf_to_ours
 from .qwen2 import layer_windows
 
 
 def context_length(config) -> int:
-    return config.max_position_embeddings
+    return rope.context_length(config)
 
 
 def args_from_config(config) -> LlamaArgs:

@@ -87,3 +87,12 @@ def dynamic_inv_freq(
     grown = base * ((factor * seq / max_pos) - (factor - 1)) ** (dim / (dim - 2))
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).float() / dim
     return 1.0 / (grown**exponents)
+
+
+def context_length(config) -> int:
+    """The context a model serves: max_position_embeddings, stretched by the factor for dynamic NTK (whose
+    max_position_embeddings is where the stretching starts; the other scalings state the extended one)."""
+    params = rope_params(config)
+    if params["rope_type"] == "dynamic":
+        return int(config.max_position_embeddings * float(params["factor"]))
+    return int(config.max_position_embeddings)
