@@ -1,0 +1,60 @@
+"""Which graph a family's export gets, what `onnxlm info` says of it, and what is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+from fixtures import make_hf_folder
+
+from onnxlm import bundle as B
+from onnxlm.cli import cli
+from onnxlm.export.convert import ExportError, export
+
+DYNAMIC = {"max_position_embeddings": 24, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}
+
+
+@pytest.fixture(scope="module")
+def dynamic_folder(tmp_path_factory):
+    return make_hf_folder(tmp_path_factory.mktemp("dyn") / "hf", "llama", **DYNAMIC)
+
+
+def _info(bundle) -> str:
+    result = CliRunner().invoke(cli, ["info", str(bundle)])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def test_length_dependent_rope_falls_back_to_plain_and_says_why(dynamic_folder, tmp_path):
+    bundle = export(dynamic_folder, tmp_path / "b", progress=False, validate=False)
+    m = B.read_manifest(bundle)
+    assert m.io.graph == "plain"
+    assert "dynamic rotary" in m.provenance["graph_fallback"]
+    assert m.model.context_length == 96  # 24 stretched by the factor 4
+    assert "graph       plain" in _info(bundle)
+
+
+def test_fused_family_export_is_fused_and_info_says_so(tmp_path):
+    folder = make_hf_folder(tmp_path / "hf", "gemma2")
+    bundle = export(folder, tmp_path / "b", progress=False, validate=False)
+    m = B.read_manifest(bundle)
+    assert m.io.graph == "fused" and "graph_fallback" not in m.provenance
+    assert "graph       fused" in _info(bundle)
+
+
+def test_asking_for_a_fused_graph_it_cannot_have_is_refused_by_name(dynamic_folder, tmp_path):
+    with pytest.raises(ExportError, match="no fused graph for this config .dynamic rotary") as e:
+        export(dynamic_folder, tmp_path / "b", graph="fused", progress=False)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "b").exists()
+
+
+def test_a_feature_neither_graph_reproduces_is_refused_in_one_line(tmp_path):
+    folder = make_hf_folder(tmp_path / "hf", "gemma3_text", use_bidirectional_attention=True)
+    result = CliRunner().invoke(cli, ["export", str(folder), "-o", str(tmp_path / "b")])
+    assert result.exit_code != 0
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error")]
+    assert lines == [
+        "error: cannot export this gemma3_text model: gemma3_text with use_bidirectional_attention "
+        "(an encoder) is not exported"
+    ]
+    assert not (tmp_path / "b").exists()
