@@ -59,7 +59,7 @@ TINY = {
     "gemma2": dict(
         _DECODER,
         head_dim=16,
-        query_pre_attn_scalar=16,
+        query_pre_attn_scalar=24,
         sliding_window=8,
         attn_logit_softcapping=5.0,
         final_logit_softcapping=10.0,
@@ -67,7 +67,7 @@ TINY = {
     "gemma3_text": dict(
         _DECODER,
         head_dim=16,
-        query_pre_attn_scalar=16,
+        query_pre_attn_scalar=24,
         sliding_window=8,
         layer_types=["sliding_attention", "full_attention"],
         rope_local_base_freq=100.0,

@@ -77,7 +77,7 @@ def _new_family_configs(T):
     """The families of 2025-26 and the rope scalings: each with its twist active on a 9-token prompt."""
     rot = 4  # phi3 below: head_dim 16 * partial_rotary_factor 0.5, halved
     gemma = dict(
-        head_dim=16, query_pre_attn_scalar=16, sliding_window=4, hidden_activation="gelu_pytorch_tanh"
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=4, hidden_activation="gelu_pytorch_tanh"
     )
     return {
         "qwen3_untied": lambda: T.Qwen3Config(head_dim=32, tie_word_embeddings=False, **LLAMA_LIKE),

@@ -195,7 +195,7 @@ def hf_to_ours(state: dict[str, torch.Tensor], a: DecoderArgs, renames: dict[str
     names (the last dotted part before .weight) to ours."""
     out = {}
     for name, t in state.items():
-        if name.endswith("rotary_emb.inv_freq") or "rotary_emb" in name:
+        if "rotary_emb" in name:  # inv_freq buffers (gemma3 has a local one too)
             continue
         n = name.removeprefix("model.")
         n = n.replace("self_attn.", "").replace("mlp.", "")

@@ -13,6 +13,13 @@ TorchScript exporter writes one node where the plain graph has a dozen:
         h, x = SkipSimplifiedLayerNormalization(m, x)          x += m; h = next layer's input_layernorm(x)
     logits = head(norm(gather(x, logits_index)))               only the positions asked for
 
+The families' twists (decoder.DecoderArgs) change this picture in place: q/k norms split q|k|v and norm
+q and k (SimplifiedLayerNormalization per head or over the projection) before a GroupQueryAttention that
+takes them apart; attention scale and soft-cap, windows and do_rotary=0 (NoPE) are its attributes, a
+gemma3 local layer reads cos_cache_local; post norms (gemma, olmo2) norm `a` and `m` before the add, which
+then fuses into the next norm's SkipSimplifiedLayerNormalization (olmo2 has no pre-norms: plain Adds);
+Granite's multipliers are Muls on the embedding and each residual addend, a Div on the logits.
+
 Merged gate|up would save no node here (com.microsoft SwiGLU, which could take it whole, has no CPU
 kernel; a Split costs what the second MatMul saves), and separate gate/up keep their names for the
 per-projection quantization recipes and GGUF block mapping.
@@ -63,9 +70,10 @@ class GroupQueryAttention(torch.autograd.Function):
     ):  # fmt: skip
         batch, seq, _ = qkv.shape
         d = past_k.shape[-1]
-        q = qkv if k is not None else None
-        if k is None:
+        if k is None:  # packed q|k|v
             q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        else:
+            q = qkv
         q = q.reshape(batch, seq, heads, d).transpose(1, 2)  # (batch, heads, seq, d)
         k = k.reshape(batch, seq, kv_heads, d).transpose(1, 2)  # (batch, kv_heads, seq, d)
         v = v.reshape(batch, seq, kv_heads, d).transpose(1, 2)
@@ -165,13 +173,16 @@ def rotary_caches(rotary: Rotary, context: int) -> tuple[torch.Tensor, torch.Ten
     return freqs.cos() * rotary.scaling, freqs.sin() * rotary.scaling
 
 
+def ones(n: int) -> nn.Parameter:
+    return nn.Parameter(torch.ones(n))
+
+
 class FusedBlock(nn.Module):
     def __init__(self, a, window: int | None, rope: str | None):
         super().__init__()
         self.a = a
         self.window = -1 if window is None else window  # keys visible to a query, itself included
         self.rope = rope  # "global", "local" or None (no rotary)
-        ones = lambda n: nn.Parameter(torch.ones(n))  # noqa: E731
         if a.pre_norms:
             self.input_layernorm, self.post_attention_layernorm = ones(a.hidden_size), ones(a.hidden_size)
         if a.post_norms:
