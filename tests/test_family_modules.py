@@ -102,6 +102,8 @@ def _new_family_configs(T):
         ),
         "gemma3_local_global": lambda: T.Gemma3TextConfig(
             layer_types=["sliding_attention", "full_attention"],
+            attn_logit_softcapping=3.0,  # set in the config, unused by transformers' Gemma 3
+            final_logit_softcapping=5.0,
             rope_theta=1_000_000.0,
             rope_local_base_freq=100.0,
             rope_scaling={"rope_type": "linear", "factor": 2.0},

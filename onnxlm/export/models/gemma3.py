@@ -40,7 +40,9 @@ def args_from_config(config):
         raise NotImplementedError("gemma3_text with use_bidirectional_attention (an encoder) is not exported")
     args = gemma_args(config)
     ropes = tuple("local" if t == "sliding_attention" else "global" for t in config.layer_types)
-    return dataclasses.replace(args, qk_norm="head", layer_rope=ropes)
+    # transformers' Gemma 3 reads attn_logit_softcapping into the config but never applies it (q/k norms
+    # bound the scores instead): the reference, so neither do we
+    return dataclasses.replace(args, qk_norm="head", layer_rope=ropes, attn_softcap=None)
 
 
 GRAPHS = ("fused", "plain")  # fused: local and global layers read their own cos/sin caches
