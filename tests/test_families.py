@@ -60,6 +60,7 @@ LONGROPE = {  # Phi-4-mini's partial rotary; both test prompts are past the orig
         "long_factor": [4.0] * 6,
     },
 }
+FULL_FACTORS = {"short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0], "long_factor": [4.0] * 8}
 NEW = [
     ("qwen3", "fused", {}),
     ("qwen3", "fused", {"tie_word_embeddings": True, "head_dim": 48}),
@@ -84,7 +85,14 @@ NEW = [
         "onnxlm",
         {"max_position_embeddings": 24, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
     ),
-    ("phi3", "onnxlm", LONGROPE),
+    ("phi3", "onnxlm", LONGROPE),  # rotary over 12 channels: plain (GroupQueryAttention wants 16)
+    (
+        "phi3",
+        "fused",
+        dict(
+            LONGROPE, partial_rotary_factor=1.0, rope_scaling=dict(LONGROPE["rope_scaling"], **FULL_FACTORS)
+        ),
+    ),
 ]
 CASES += NEW
 NEW_PLAIN = [

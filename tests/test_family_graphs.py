@@ -58,3 +58,27 @@ def test_a_feature_neither_graph_reproduces_is_refused_in_one_line(tmp_path):
         "(an encoder) is not exported"
     ]
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize(
+    "model_type,overrides,extra",
+    [
+        ("gemma3_text", {}, "_local"),  # the local layers' rotary
+        (
+            "phi3",
+            {
+                "original_max_position_embeddings": 4,
+                "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8},
+            },
+            "_long",  # longrope's second pair, chosen per step
+        ),
+    ],
+)
+def test_every_cos_sin_cache_is_computed_in_the_graph(tmp_path, model_type, overrides, extra):
+    import onnx
+
+    folder = make_hf_folder(tmp_path / "hf", model_type, **overrides)
+    bundle = export(folder, tmp_path / "b", graph="fused", progress=False, validate=False)
+    inits = {t.name for t in onnx.load(str(bundle / B.MODEL), load_external_data=False).graph.initializer}
+    assert not any(name.startswith(("cos_cache", "sin_cache")) for name in inits)
+    assert {"rotary_inv_freq", f"rotary_inv_freq{extra}"} <= inits

@@ -120,6 +120,24 @@ def _new_family_configs(T):
             rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0] * 4},
             **dict(LLAMA_LIKE, max_position_embeddings=128),
         ),
+        "phi3_longrope_fused": lambda: T.Phi3Config(
+            original_max_position_embeddings=4,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+                "long_factor": [4.0] * 8,
+            },
+            **dict(LLAMA_LIKE, max_position_embeddings=32),
+        ),
+        "phi3_longrope_short_fused": lambda: T.Phi3Config(
+            original_max_position_embeddings=64,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+                "long_factor": [4.0] * 8,
+            },
+            **dict(LLAMA_LIKE, max_position_embeddings=128),
+        ),
         "qwen2_yarn": lambda: T.Qwen2Config(
             rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
             **LLAMA_LIKE,
@@ -316,10 +334,9 @@ def test_unknown_rope_type_refused_by_name():
         get_family("llama").build(config, {})
 
 
-@pytest.mark.parametrize("case", ["llama_dynamic", "phi3_longrope"])
-def test_fused_refuses_length_dependent_rope(case):
-    hf, _, config = models(case)
-    with pytest.raises(NotImplementedError, match="change with the sequence length"):
+def test_fused_refuses_dynamic_rope():
+    hf, _, config = models("llama_dynamic")
+    with pytest.raises(NotImplementedError, match="dynamic rotary: its frequencies change with the sequence"):
         get_family(config.model_type).build(config, hf.state_dict(), graph="fused")
 
 
@@ -339,10 +356,13 @@ def test_hub_checkpoint_names(case):
 
 
 # --- the fused graph's module: eager math of the contrib operators, then their ONNX export ------------
-# the rest of NEW_FAMILIES: rotaries whose frequencies follow the sequence length (plain graph only)
-FUSED_CASES = ["llama_bias", "mistral_window", "qwen2", "qwen2_mixed_window"] + [
-    c for c in NEW_FAMILIES if c not in ("llama_dynamic", "phi3_longrope", "phi3_longrope_short")
-]
+# the rest of NEW_FAMILIES: dynamic NTK (plain graph only) and longrope over 8 of 16 channels (4 cos/sin
+# columns, fewer than GroupQueryAttention's 8): the *_fused longrope cases rotate all 16
+FUSED_CASES = (
+    ["llama_bias", "mistral_window", "qwen2", "qwen2_mixed_window"]
+    + [c for c in NEW_FAMILIES if c not in ("llama_dynamic", "phi3_longrope", "phi3_longrope_short")]
+    + ["phi3_longrope_fused", "phi3_longrope_short_fused"]
+)
 
 
 @functools.cache

@@ -206,38 +206,43 @@ def _drop_unused_outputs(model) -> None:
                     node.output[i] = ""
 
 
-def rotary_caches_in_graph(model, inv_freq, scaling: float, context: int) -> bool:
+def rotary_caches_in_graph(model, caches: dict[str, tuple], context: int) -> bool:
     """Replace the cos/sin cache initializers (context × rotary_dim/2 floats each, 2 MB for SmolLM2)
     by the nodes that compute them from inv_freq; onnxruntime folds them when it loads the model, so
-    the kernels see the same constants and the bundle carries a few hundred bytes instead."""
+    the kernels see the same constants and the bundle carries a few hundred bytes instead.
+
+    caches: cache name suffix ("" for cos_cache / sin_cache, "_local", "_long") -> (inv_freq, scaling)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    if "cos_cache" not in inits or "sin_cache" not in inits:
+    present = {k: v for k, v in caches.items() if f"cos_cache{k}" in inits and f"sin_cache{k}" in inits}
+    if not present:
         return False
-    for name in ("cos_cache", "sin_cache"):
-        model.graph.initializer.remove(inits[name])
     consts = {
         "rotary_start": np.array(0, np.float32),
         "rotary_limit": np.array(context, np.float32),
         "rotary_delta": np.array(1, np.float32),
         "rotary_axis": np.array([1], np.int64),
-        "rotary_inv_freq": np.asarray(inv_freq, np.float32),
     }
-    if scaling != 1.0:
-        consts["rotary_scaling"] = np.array(scaling, np.float32)
-    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     nodes = [
         helper.make_node("Range", ["rotary_start", "rotary_limit", "rotary_delta"], ["rotary_pos"]),
         helper.make_node("Unsqueeze", ["rotary_pos", "rotary_axis"], ["rotary_pos2d"]),
-        helper.make_node("Mul", ["rotary_pos2d", "rotary_inv_freq"], ["rotary_freqs"]),
     ]
-    for fn, out in (("Cos", "cos_cache"), ("Sin", "sin_cache")):
-        raw = out if scaling == 1.0 else f"{out}_unscaled"
-        nodes.append(helper.make_node(fn, ["rotary_freqs"], [raw]))
-        if raw != out:
-            nodes.append(helper.make_node("Mul", [raw, "rotary_scaling"], [out]))
+    for suffix, (inv_freq, scaling) in present.items():
+        for name in (f"cos_cache{suffix}", f"sin_cache{suffix}"):
+            model.graph.initializer.remove(inits[name])
+        consts[f"rotary_inv_freq{suffix}"] = np.asarray(inv_freq, np.float32)
+        freqs = f"rotary_freqs{suffix}"
+        nodes.append(helper.make_node("Mul", ["rotary_pos2d", f"rotary_inv_freq{suffix}"], [freqs]))
+        if scaling != 1.0:
+            consts[f"rotary_scaling{suffix}"] = np.array(scaling, np.float32)
+        for fn, out in (("Cos", f"cos_cache{suffix}"), ("Sin", f"sin_cache{suffix}")):
+            raw = out if scaling == 1.0 else f"{out}_unscaled"
+            nodes.append(helper.make_node(fn, [freqs], [raw]))
+            if raw != out:
+                nodes.append(helper.make_node("Mul", [raw, f"rotary_scaling{suffix}"], [out]))
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     for i, node in enumerate(nodes):
         node.name = f"/rotary_caches/{node.op_type}_{i}"
     for node in reversed(nodes):
@@ -258,7 +263,7 @@ def write_graph(
     model = onnx.load(str(raw_path))  # the family module's output_head keeps a tied head as one tensor
     _drop_unused_outputs(model)
     if rotary_spec is not None:
-        rotary_caches_in_graph(model, *rotary_spec)
+        rotary_caches_in_graph(model, *rotary_spec)  # (caches, context)
     if long_decode_from is not None:
         wrap_long_decode(model, long_decode_from)
     B.save_graph(model, bundle_tmp)

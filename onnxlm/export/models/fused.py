@@ -167,12 +167,6 @@ class SkipRMSNormOp(torch.autograd.Function):
         return y, s
 
 
-def rotary_caches(rotary: Rotary, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (context, rotary_dim / 2) from the same inv_freq and scaling as common.Rotary."""
-    freqs = torch.arange(context).float().unsqueeze(-1) * rotary.inv_freq  # (context, rot/2)
-    return freqs.cos() * rotary.scaling, freqs.sin() * rotary.scaling
-
-
 def ones(n: int) -> nn.Parameter:
     return nn.Parameter(torch.ones(n))
 
@@ -228,8 +222,36 @@ class FusedBlock(nn.Module):
         )  # fmt: skip
         return self.o_proj(attn), k, v
 
-    def mlp(self, h):
-        return self.down_proj(activation(self.a.act, self.gate_proj(h)) * self.up_proj(h))
+    def _norm(self, x, pending, weight):
+        """norm(x + pending) and the new residual (pending None: norm(x), x unchanged)."""
+        if pending is None:
+            return RMSNormOp.apply(x, weight, self.a.rms_norm_eps), x
+        return SkipRMSNormOp.apply(pending, x, weight, self.a.rms_norm_eps)
+
+    def _scaled(self, y):
+        return y * self.a.residual_scale if self.a.residual_scale != 1.0 else y
+
+    def forward(self, x, pending, kv, caches, past_k, past_v):
+        """x: the residual stream (batch, seq, hidden) without `pending`, the previous layer's addend
+        (None before the first layer). Returns the residual, this layer's addend, and the buffers."""
+        a = self.a
+        if a.pre_norms:
+            h, x = self._norm(x, pending, self.input_layernorm)
+        else:
+            x = x if pending is None else x + pending
+            h = x
+        attn, k, v = self.attention(h, kv, caches, past_k, past_v)
+        if a.post_norms:
+            attn = RMSNormOp.apply(attn, self.attn_out_norm, a.rms_norm_eps)
+        if a.pre_norms:
+            h, x = self._norm(x, self._scaled(attn), self.post_attention_layernorm)
+        else:
+            x = x + self._scaled(attn)
+            h = x
+        m = self.down_proj(activation(a.act, self.gate_proj(h)) * self.up_proj(h))
+        if a.post_norms:
+            m = RMSNormOp.apply(m, self.mlp_out_norm, a.rms_norm_eps)
+        return x, self._scaled(m), k, v
 
 
 class FusedDecoder(nn.Module):
@@ -250,56 +272,50 @@ class FusedDecoder(nn.Module):
         self.norm = nn.Parameter(torch.ones(a.hidden_size))
         if not a.tie_word_embeddings:
             self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
+        self.longrope: dict[str, int] = {}  # rotary name -> the length past which it takes its long caches
+        caches = {}  # cache name suffix -> (inv_freq, scaling): how to recompute them in the graph
         for name, rotary in rotaries.items():
-            cos, sin = rotary_caches(rotary, context)
             suffix = "" if name == "global" else f"_{name}"
-            self.register_buffer(f"cos_cache{suffix}", cos)
-            self.register_buffer(f"sin_cache{suffix}", sin)
-        # how to recompute the global caches inside the graph (see convert.rotary_caches_in_graph)
-        g = rotaries["global"]
-        self.rotary_spec = (g.inv_freq.float().numpy().copy(), float(g.scaling), context)
+            caches[suffix] = (rotary.inv_freq, rotary.scaling)
+            if rotary.kind == "longrope":
+                self.longrope[name] = rotary.extra["original"]
+                caches[f"{suffix}_long"] = (rotary.long_inv_freq, rotary.scaling)
+        for suffix, (inv_freq, scaling) in caches.items():
+            freqs = torch.arange(context).float().unsqueeze(-1) * inv_freq  # (context, rot/2)
+            self.register_buffer(f"cos_cache{suffix}", freqs.cos() * scaling)
+            self.register_buffer(f"sin_cache{suffix}", freqs.sin() * scaling)
+        # see convert.rotary_caches_in_graph
+        self.rotary_spec = (
+            {k: (v[0].float().numpy().copy(), float(v[1])) for k, v in caches.items()},
+            context,
+        )
 
-    def _caches(self):
-        out = {"global": (self.cos_cache, self.sin_cache)}
-        if hasattr(self, "cos_cache_local"):
-            out["local"] = (self.cos_cache_local, self.sin_cache_local)
+    def _caches(self, seqlens_k):
+        """name -> (cos, sin) caches of each rotary; a longrope one picks its long caches once the batch's
+        longest sequence passes the original length (as transformers decides per forward)."""
+        out = {}
+        for name in ("global", "local"):
+            suffix = "" if name == "global" else f"_{name}"
+            if not hasattr(self, f"cos_cache{suffix}"):
+                continue
+            cos, sin = getattr(self, f"cos_cache{suffix}"), getattr(self, f"sin_cache{suffix}")
+            if name in self.longrope:
+                long = (seqlens_k.max() + 1) > self.longrope[name]  # () bool
+                cos = torch.where(long, getattr(self, f"cos_cache{suffix}_long"), cos)
+                sin = torch.where(long, getattr(self, f"sin_cache{suffix}_long"), sin)
+            out[name] = (cos, sin)
         return out
-
-    def _norm(self, x, pending, weight):
-        """norm(x + pending) and the new residual (pending None: norm(x), x unchanged)."""
-        if pending is None:
-            return RMSNormOp.apply(x, weight, self.a.rms_norm_eps), x
-        return SkipRMSNormOp.apply(pending, x, weight, self.a.rms_norm_eps)
-
-    def _scaled(self, y):
-        return y * self.a.residual_scale if self.a.residual_scale != 1.0 else y
 
     def forward(self, input_ids, seqlens_k, total_sequence_length, query_seqlens, logits_index, *past):
         a = self.a
-        kv, caches = (seqlens_k, total_sequence_length, query_seqlens), self._caches()
+        kv, caches = (seqlens_k, total_sequence_length, query_seqlens), self._caches(seqlens_k)
         x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
         if a.embed_scale != 1.0:
             x = x * a.embed_scale
         pending, presents = None, []  # pending: the addend not yet in the residual x
         for i, layer in enumerate(self.layers):
-            if a.pre_norms:
-                h, x = self._norm(x, pending, layer.input_layernorm)
-            else:
-                x = x if pending is None else x + pending
-                h = x
-            attn, k, v = layer.attention(h, kv, caches, past[2 * i], past[2 * i + 1])
+            x, pending, k, v = layer(x, pending, kv, caches, past[2 * i], past[2 * i + 1])
             presents += [k, v]
-            if a.post_norms:
-                attn = RMSNormOp.apply(attn, layer.attn_out_norm, a.rms_norm_eps)
-            if a.pre_norms:
-                h, x = self._norm(x, self._scaled(attn), layer.post_attention_layernorm)
-            else:
-                x = x + self._scaled(attn)
-                h = x
-            m = layer.mlp(h)
-            if a.post_norms:
-                m = RMSNormOp.apply(m, layer.mlp_out_norm, a.rms_norm_eps)
-            pending = self._scaled(m)
         x = x + pending
         index = logits_index.unsqueeze(-1).expand(-1, -1, a.hidden_size)  # (batch, n, hidden)
         x = RMSNormOp.apply(torch.gather(x, 1, index), self.norm, a.rms_norm_eps)  # (batch, n, hidden)
@@ -332,9 +348,9 @@ def build(a, rotaries: dict[str, Rotary], tensors: dict[str, torch.Tensor], cont
     from .common import load_state
 
     for name, rotary in rotaries.items():
-        if rotary.kind != "fixed":
+        if rotary.kind == "dynamic":
             raise NotImplementedError(
-                f"{rotary.kind} rotary: its frequencies change with the sequence length, which the fused "
+                "dynamic rotary: its frequencies change with the sequence length, which the fused "
                 "graph's precomputed cos/sin caches cannot follow (the plain graph can)"
             )
         half = rotary.rotary_dim // 2

@@ -5,8 +5,8 @@
 
 partial_rotary_factor (Phi-4-mini) and longrope scaling (Phi-3.5-mini, Phi-4-mini) come from
 common.rotary_from_config: each forward rotates with the short factors while the batch's longest sequence
-holds at most original_max_position_embeddings tokens, with the long ones past it (plain graph only: the
-fused graph's cos/sin caches are fixed). transformers' generate goes one step further when a sequence
+holds at most original_max_position_embeddings tokens, with the long ones past it (the fused graph holds
+both cos/sin cache pairs and picks one per step). transformers' generate goes one step further when a sequence
 crosses that length during decoding: it drops its cache and recomputes every position with the long
 factors, which a bundle cannot do by itself (the runtime would have to re-prefill); a prompt already past
 the original length, or a generation that stays below it, is exact.
@@ -57,7 +57,7 @@ def split_fused(state: dict[str, torch.Tensor], a: LlamaArgs) -> dict[str, torch
     return out
 
 
-GRAPHS = ("fused", "plain")  # fused needs rotary_dim a multiple of 16 and no longrope (see fused.build)
+GRAPHS = ("fused", "plain")  # fused needs rotary_dim a multiple of 16 (see fused.build)
 
 
 def build(config, state, graph: str = "plain") -> nn.Module:
