@@ -79,10 +79,11 @@ NEW = [
         "fused",
         {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
     ),
-    # dynamic NTK from 24 tokens (the longer prompt's generation crosses it); context 24 * 4
+    # dynamic NTK from 24 tokens (the longer prompt's generation crosses it); context 24 * 4; its caches
+    # computed at each step
     (
         "llama",
-        "onnxlm",
+        "fused",
         {"max_position_embeddings": 24, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
     ),
     ("phi3", "onnxlm", LONGROPE),  # rotary over 12 channels: plain (GroupQueryAttention wants 16)

@@ -10,12 +10,12 @@ from onnxlm import bundle as B
 from onnxlm.cli import cli
 from onnxlm.export.convert import ExportError, export
 
-DYNAMIC = {"max_position_embeddings": 24, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}
+PARTIAL = {"partial_rotary_factor": 0.5}  # phi3, head 16: rotary over 8 channels, 4 cos/sin columns
 
 
 @pytest.fixture(scope="module")
-def dynamic_folder(tmp_path_factory):
-    return make_hf_folder(tmp_path_factory.mktemp("dyn") / "hf", "llama", **DYNAMIC)
+def partial_folder(tmp_path_factory):
+    return make_hf_folder(tmp_path_factory.mktemp("partial") / "hf", "phi3", **PARTIAL)
 
 
 def _info(bundle) -> str:
@@ -24,13 +24,19 @@ def _info(bundle) -> str:
     return result.output
 
 
-def test_length_dependent_rope_falls_back_to_plain_and_says_why(dynamic_folder, tmp_path):
-    bundle = export(dynamic_folder, tmp_path / "b", progress=False, validate=False)
+def test_a_config_gqa_cannot_run_falls_back_to_plain_and_says_why(partial_folder, tmp_path):
+    bundle = export(partial_folder, tmp_path / "b", progress=False, validate=False)
     m = B.read_manifest(bundle)
     assert m.io.graph == "plain"
-    assert "dynamic rotary" in m.provenance["graph_fallback"]
-    assert m.model.context_length == 96  # 24 stretched by the factor 4
+    assert "rotary over 8 of 16 channels" in m.provenance["graph_fallback"]
     assert "graph       plain" in _info(bundle)
+
+
+def test_dynamic_ntk_serves_the_stretched_context_on_the_fused_graph(tmp_path):
+    dynamic = {"max_position_embeddings": 24, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}}
+    folder = make_hf_folder(tmp_path / "hf", "llama", **dynamic)
+    m = B.read_manifest(export(folder, tmp_path / "b", progress=False, validate=False))
+    assert m.io.graph == "fused" and m.model.context_length == 96  # 24 stretched by the factor 4
 
 
 def test_fused_family_export_is_fused_and_info_says_so(tmp_path):
@@ -41,9 +47,9 @@ def test_fused_family_export_is_fused_and_info_says_so(tmp_path):
     assert "graph       fused" in _info(bundle)
 
 
-def test_asking_for_a_fused_graph_it_cannot_have_is_refused_by_name(dynamic_folder, tmp_path):
-    with pytest.raises(ExportError, match="no fused graph for this config .dynamic rotary") as e:
-        export(dynamic_folder, tmp_path / "b", graph="fused", progress=False)
+def test_asking_for_a_fused_graph_it_cannot_have_is_refused_by_name(partial_folder, tmp_path):
+    with pytest.raises(ExportError, match="no fused graph for this config .global rotary over 8 of 16") as e:
+        export(partial_folder, tmp_path / "b", graph="fused", progress=False)
     assert "\n" not in str(e.value)
     assert not (tmp_path / "b").exists()
 

@@ -334,10 +334,36 @@ def test_unknown_rope_type_refused_by_name():
         get_family("llama").build(config, {})
 
 
-def test_fused_refuses_dynamic_rope():
-    hf, _, config = models("llama_dynamic")
-    with pytest.raises(NotImplementedError, match="dynamic rotary: its frequencies change with the sequence"):
-        get_family(config.model_type).build(config, hf.state_dict(), graph="fused")
+def test_fused_dynamic_rope_equals_plain_step_by_step():
+    """Dynamic NTK rotates each key with the frequencies of the step that cached it (path-dependent, like
+    transformers' generate): the fused module's per-step caches follow the plain module's rotary, prefill
+    below max_position_embeddings (8) and decode steps past it."""
+    hf, plain, config = models("llama_dynamic")
+    fused = get_family("llama").build(config, hf.state_dict(), graph="fused")
+    ids = torch.randint(2, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    want, past = run_ours(plain, ids, mask, positions(mask), empty_past(plain, 1))
+    with torch.no_grad():
+        out = fused(*fused_inputs(ids, [0], [5], torch.arange(5)[None]), *empty_buffers(fused, 1, 16))
+    got, buffers = out[0], list(out[1:])
+    assert (got - want).abs().max() < TOL
+    held = 5
+    for _ in range(6):  # crosses 8 tokens held
+        tok = want[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+        want, past = run_ours(plain, tok, mask, positions(mask)[:, -1:], past)
+        with torch.no_grad():
+            out = fused(*fused_inputs(tok, [held], [1], torch.zeros(1, 1, dtype=torch.long)), *buffers)
+        got, buffers = out[0], list(out[1:])
+        held += 1
+        assert (got[:, 0] - want[:, -1]).abs().max() < TOL, f"{held} tokens held"
+
+
+def test_fused_refuses_dynamic_rope_over_part_of_the_head():
+    config = transformers.LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, **LLAMA_LIKE)
+    config.partial_rotary_factor = 0.5
+    with pytest.raises(NotImplementedError, match="dynamic rotary over part of the head"):
+        get_family("llama").build(config, {}, graph="fused")
 
 
 @pytest.mark.parametrize("case", ["gpt2", "bloom"])
@@ -356,8 +382,8 @@ def test_hub_checkpoint_names(case):
 
 
 # --- the fused graph's module: eager math of the contrib operators, then their ONNX export ------------
-# the rest of NEW_FAMILIES: dynamic NTK (plain graph only) and longrope over 8 of 16 channels (4 cos/sin
-# columns, fewer than GroupQueryAttention's 8): the *_fused longrope cases rotate all 16
+# the rest of NEW_FAMILIES: dynamic NTK (path-dependent: its own test below) and longrope over 8 of 16
+# channels (4 cos/sin columns, fewer than GroupQueryAttention's 8): the *_fused longrope cases rotate all 16
 FUSED_CASES = (
     ["llama_bias", "mistral_window", "qwen2", "qwen2_mixed_window"]
     + [c for c in NEW_FAMILIES if c not in ("llama_dynamic", "phi3_longrope", "phi3_longrope_short")]
@@ -429,7 +455,7 @@ def test_fused_module_refuses_what_gqa_cannot_do():
         get_family("phi3").build(config, hf.state_dict(), graph="fused")
 
 
-@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("case", [*FUSED_CASES, "llama_dynamic"])
 def test_fused_onnx_export_matches_torch(case, tmp_path):
     """The contrib operators in onnxruntime equal the module's eager math, with one buffer per layer
     bound as both past and present (IO binding), at other shapes than traced."""

@@ -125,16 +125,20 @@ def test_sliding_window_family_matches_gqa_alone(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "model_type",
+    "model_type,overrides",
     [
-        "gemma2",  # scale, attention soft-cap, windows on alternate layers
-        "gemma3_text",  # q, k, v apart (q/k norms), local and global cos/sin caches
-        "smollm3",  # a layer without rotary
-        "granite",  # attention multiplier as the scale
+        ("gemma2", {}),  # scale, attention soft-cap, windows on alternate layers
+        ("gemma3_text", {}),  # q, k, v apart (q/k norms), local and global cos/sin caches
+        ("smollm3", {}),  # a layer without rotary
+        ("granite", {}),  # attention multiplier as the scale
+        # cos/sin computed at each step, from 16 tokens held on
+        ("llama", {"max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 8.0}}),
     ],
+    ids=["gemma2", "gemma3_text", "smollm3", "granite", "llama-dynamic"],
 )
-def test_new_family_attention_matches_gqa_alone(model_type, tmp_path):
-    folder = make_hf_folder(tmp_path / "hf", model_type, init_std=0.1, max_position_embeddings=128)
+def test_new_family_attention_matches_gqa_alone(model_type, overrides, tmp_path):
+    overrides = {"max_position_embeddings": 128, **overrides}
+    folder = make_hf_folder(tmp_path / "hf", model_type, init_std=0.1, **overrides)
     wrapped = load(
         export(folder, tmp_path / "w", long_decode_from=10, progress=False, validate=False), threads=1
     )

@@ -273,9 +273,13 @@ class FusedDecoder(nn.Module):
         if not a.tie_word_embeddings:
             self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
         self.longrope: dict[str, int] = {}  # rotary name -> the length past which it takes its long caches
+        self.dynamic: dict[str, Rotary] = {}  # rotaries whose caches are computed at each step
         caches = {}  # cache name suffix -> (inv_freq, scaling): how to recompute them in the graph
         for name, rotary in rotaries.items():
             suffix = "" if name == "global" else f"_{name}"
+            if rotary.kind == "dynamic":
+                self.dynamic[name] = rotary
+                continue
             caches[suffix] = (rotary.inv_freq, rotary.scaling)
             if rotary.kind == "longrope":
                 self.longrope[name] = rotary.extra["original"]
@@ -290,17 +294,24 @@ class FusedDecoder(nn.Module):
             context,
         )
 
-    def _caches(self, seqlens_k):
+    def _caches(self, seqlens_k, capacity: int):
         """name -> (cos, sin) caches of each rotary; a longrope one picks its long caches once the batch's
-        longest sequence passes the original length (as transformers decides per forward)."""
+        longest sequence passes the original length, a dynamic one computes its caches over the buffer's
+        capacity from the NTK inv_freq of that length (both as transformers decides per forward)."""
         out = {}
+        longest = seqlens_k.max() + 1  # () tokens the batch's longest row holds after this step
+        for name, rotary in self.dynamic.items():
+            freqs = torch.arange(capacity).float().unsqueeze(-1) * rotary.inv_freq_for(
+                longest
+            )  # (cap, rot/2)
+            out[name] = (freqs.cos() * rotary.scaling, freqs.sin() * rotary.scaling)
         for name in ("global", "local"):
             suffix = "" if name == "global" else f"_{name}"
             if not hasattr(self, f"cos_cache{suffix}"):
                 continue
             cos, sin = getattr(self, f"cos_cache{suffix}"), getattr(self, f"sin_cache{suffix}")
             if name in self.longrope:
-                long = (seqlens_k.max() + 1) > self.longrope[name]  # () bool
+                long = longest > self.longrope[name]  # () bool
                 cos = torch.where(long, getattr(self, f"cos_cache{suffix}_long"), cos)
                 sin = torch.where(long, getattr(self, f"sin_cache{suffix}_long"), sin)
             out[name] = (cos, sin)
@@ -308,7 +319,8 @@ class FusedDecoder(nn.Module):
 
     def forward(self, input_ids, seqlens_k, total_sequence_length, query_seqlens, logits_index, *past):
         a = self.a
-        kv, caches = (seqlens_k, total_sequence_length, query_seqlens), self._caches(seqlens_k)
+        kv = (seqlens_k, total_sequence_length, query_seqlens)
+        caches = self._caches(seqlens_k, past[0].shape[2])
         x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
         if a.embed_scale != 1.0:
             x = x * a.embed_scale
@@ -348,10 +360,10 @@ def build(a, rotaries: dict[str, Rotary], tensors: dict[str, torch.Tensor], cont
     from .common import load_state
 
     for name, rotary in rotaries.items():
-        if rotary.kind == "dynamic":
+        if rotary.kind == "dynamic" and rotary.rotary_dim != a.head_dim:
             raise NotImplementedError(
-                "dynamic rotary: its frequencies change with the sequence length, which the fused "
-                "graph's precomputed cos/sin caches cannot follow (the plain graph can)"
+                "dynamic rotary over part of the head: the long-context decode branch reads the rotary "
+                "width from a cache the fused graph computes each step"
             )
         half = rotary.rotary_dim // 2
         if half % 8 or rotary.rotary_dim > a.head_dim:

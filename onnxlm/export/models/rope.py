@@ -6,7 +6,8 @@ layers differ (gemma3: {"sliding_attention": {...}, "full_attention": {...}}).
 
 Three kinds of rotary by how inv_freq depends on the sequence:
   fixed    default, linear, llama3, yarn                 inv_freq and a cos/sin scaling, once
-  dynamic  NTK ("dynamic")                               inv_freq of max(position)+1 at each forward
+  dynamic  NTK ("dynamic")                               inv_freq of max(position)+1 at each forward (the
+                                                         cached keys keep theirs, as in transformers' generate)
   longrope phi3 ("longrope")                             short factors up to original_max_position_embeddings,
                                                          long ones past it (and transformers recomputes the
                                                          cached keys when a sequence crosses it)
