@@ -334,6 +334,14 @@ def test_unknown_rope_type_refused_by_name():
         get_family("llama").build(config, {})
 
 
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text"])
+def test_unknown_attention_layer_type_refused_by_name(model_type):
+    config = transformers.AutoConfig.for_model(model_type, **LLAMA_LIKE)
+    config.layer_types = ["full_attention", "chunked_attention"]  # e.g. Llama 4's; not built here
+    with pytest.raises(NotImplementedError, match="layer_types 'chunked_attention' are not exported"):
+        get_family(model_type).build(config, {})
+
+
 def test_fused_dynamic_rope_equals_plain_step_by_step():
     """Dynamic NTK rotates each key with the frequencies of the step that cached it (path-dependent, like
     transformers' generate): the fused module's per-step caches follow the plain module's rotary, prefill

@@ -93,6 +93,20 @@ class DecoderArgs:
         return list(self.layer_rope or ["global"] * self.num_layers)
 
 
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def layer_types(config) -> list[str] | None:
+    """config.layer_types, refusing a kind of attention layer we do not build (chunked, linear, ...)."""
+    types = getattr(config, "layer_types", None)
+    unknown = sorted(set(types or ()) - set(LAYER_TYPES))
+    if unknown:
+        raise NotImplementedError(
+            f"{config.model_type}: layer_types {', '.join(map(repr, unknown))} are not exported"
+        )
+    return list(types) if types else None
+
+
 def activation(name: str, x: torch.Tensor) -> torch.Tensor:
     return F.silu(x) if name == "silu" else F.gelu(x, approximate="tanh")
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import rope
+from .decoder import layer_types
 from .llama import LlamaArgs, build_from, hf_to_ours
 
 # transformers' names -> ours (decoder.Block: post_attention_layernorm is the norm before the MLP)
@@ -32,7 +33,7 @@ def context_length(config) -> int:
 
 
 def layer_windows(config) -> tuple[int | None, ...]:
-    return tuple(config.sliding_window if t == "sliding_attention" else None for t in config.layer_types)
+    return tuple(config.sliding_window if t == "sliding_attention" else None for t in layer_types(config))
 
 
 def gemma_args(config) -> LlamaArgs:

@@ -12,6 +12,7 @@ import dataclasses
 from torch import nn
 
 from . import rope
+from .decoder import layer_types
 from .llama import LlamaArgs, build_from, hf_to_ours
 
 
@@ -21,10 +22,11 @@ def context_length(config) -> int:
 
 def layer_windows(config) -> list[int | None]:
     """The sliding window of each layer (None: full attention), as transformers' Qwen2 decides it."""
+    types = layer_types(config)
     window = config.sliding_window if getattr(config, "use_sliding_window", False) else None
     if window is None:
         return [None] * config.num_hidden_layers
-    types = getattr(config, "layer_types", None) or [
+    types = types or [
         "sliding_attention" if i >= config.max_window_layers else "full_attention"
         for i in range(config.num_hidden_layers)
     ]

@@ -9,6 +9,7 @@ import dataclasses
 from torch import nn
 
 from . import rope
+from .decoder import layer_types
 from .llama import LlamaArgs, build_from, hf_to_ours
 
 
@@ -18,9 +19,9 @@ def context_length(config) -> int:
 
 def layer_windows(config) -> list[int | None]:
     n = config.num_hidden_layers
+    types = layer_types(config) or ["full_attention"] * n
     if not getattr(config, "use_sliding_window", False) or config.sliding_window is None:
         return [None] * n
-    types = getattr(config, "layer_types", None) or ["full_attention"] * n
     return [config.sliding_window if t == "sliding_attention" else None for t in types]
 
 
