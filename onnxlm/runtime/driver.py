@@ -138,6 +138,11 @@ class SharedPrefill:
             pass
         return last
 
+    def expand(self, rows: Sequence[int]) -> None:
+        """After the prefill: the cache's rows become `rows` (indices may repeat: prompts shared by
+        several sequences were prefilled once)."""
+        self.cache.repeat(rows)
+
     def free(self) -> None:
         self.cache.free()
 
@@ -245,6 +250,11 @@ class ConcatPrefill:
         while (last := self.step()) is None:
             pass
         return last
+
+    def expand(self, rows: Sequence[int]) -> None:
+        """As SharedPrefill.expand (KVCache.select takes repeated rows)."""
+        self.cache.select(list(rows))
+        self.ids, self.mask, self.pos = self.ids[rows], self.mask[rows], self.pos[rows]
 
     def free(self) -> None:
         self.cache.free()
