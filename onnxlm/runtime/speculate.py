@@ -33,6 +33,7 @@ from .driver import make_rows
 
 PRIOR = 0.5  # acceptance assumed for a row before any of its drafts are checked
 EMA = 0.3  # weight of the newest observation in the acceptance and cost estimates
+REMEASURE = 32  # rounds between the plain rounds that measure a one-token step
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -96,7 +97,11 @@ class Speculator:
         self.accept, self.idle = [], []
 
     def choose(self, avail: Sequence[int]) -> int:
-        """The draft length for this round, given how many tokens each row could draft at most."""
+        """The draft length for this round, given how many tokens each row could draft at most. Every
+        REMEASURE rounds (and first) a plain round keeps the one-token step's cost current: every
+        other cost is relative to it."""
+        if 1 not in self.costs.seconds or self.rounds % REMEASURE == REMEASURE - 1:
+            return 0
         best_k, best = 0, float(len(avail))  # plain decoding: one token per row per step
         for k in range(1, max(avail, default=0) + 1):
             gain = sum(expected_tokens(a, min(k, n)) for a, n in zip(self.accept, avail, strict=True))
@@ -124,9 +129,12 @@ class Speculator:
             self.accept[row] += (PRIOR - self.accept[row]) * 0.02
 
     def observe(self, width: int, secs: float) -> None:
+        """A decode round's width and model seconds. The first round after a prefill grows the
+        prompt-sized KV buffer (a one-off copy), so it is not taken as a step's cost."""
         self.rounds += 1
         self.speculated += width > 1
-        self.costs.observe(width, secs)
+        if self.rounds > 1:
+            self.costs.observe(width, secs)
 
     def stats(self) -> dict[str, float]:
         return {
@@ -229,7 +237,9 @@ class ModelDrafter(Speculator):
             if i == k - 1:
                 break
         steps = k
-        self.costs.draft_step = (time.perf_counter() - t0) / steps
+        secs = (time.perf_counter() - t0) / steps
+        old = self.costs.draft_step
+        self.costs.draft_step = secs if not old else (1 - EMA) * old + EMA * secs
         return [d[: min(k, n)] for d, n in zip(drafts, limits, strict=True)]
 
 
