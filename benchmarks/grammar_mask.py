@@ -21,7 +21,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxlm.runtime import load  # noqa: E402
-from onnxlm.runtime.generate import GenerationParams, generate_steps  # noqa: E402
+from onnxlm.runtime.batch import generate_steps  # noqa: E402
+from onnxlm.runtime.generate import GenerationParams  # noqa: E402
 
 # long enough to fill the steps: a list of records with strings, numbers and enums
 SCHEMA = {

@@ -129,3 +129,24 @@ def test_q4_1_blocks_dequantize_as_the_kernel_reads_them():
     dense = gemv.q4_1_dense(w)
     d, m = float(w["d"][0, 0]), float(w["m"][0, 0])
     assert np.allclose(dense[0, :16], 1 * d + m) and np.allclose(dense[0, 16:32], 2 * d + m)
+
+
+@pytest.mark.parametrize(
+    "script", sorted(p.name for p in (Path(__file__).parent.parent / "benchmarks").glob("*.py"))
+)
+def test_every_benchmark_script_starts(script):
+    """Each script's imports still resolve against the package (a moved function breaks a benchmark
+    no other test runs): `--help` imports it and exits."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).parent.parent
+    r = subprocess.run(
+        [sys.executable, str(root / "benchmarks" / script), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "usage" in r.stdout.lower()

@@ -159,8 +159,23 @@ class Constraint:
         return allowed
 
     def apply(self, logits: np.ndarray) -> np.ndarray:
-        """logits (vocab,) with every token the grammar forbids at -inf (a new array)."""
-        return np.where(self.allowed(logits.shape[-1]), logits, -np.inf).astype(logits.dtype, copy=False)
+        """logits (vocab,) with every token the grammar forbids at -inf (a new float32 array), through
+        llguidance's native bitmask kernel (a numpy unpack and select cost ~0.3 ms a row here)."""
+        if self.mask is None:
+            self.fill()
+        mask = self.mask
+        if (
+            self.eos is not None
+            and len(self.other_eos)
+            and (int(mask[self.eos // 32]) >> (self.eos % 32)) & 1
+        ):
+            mask = mask.copy().view(np.uint32)  # the model's other end tokens go where its first may
+            for t in self.other_eos[self.other_eos < 32 * len(mask)]:
+                mask[t // 32] |= np.uint32(1 << int(t % 32))
+            mask = mask.view(np.int32)
+        out = np.array(logits, dtype=np.float32)  # (vocab,), a copy
+        _llg().numpy.apply_token_bitmask_inplace(out, mask)
+        return out
 
     def advance(self, token: int) -> bool:
         """Move past a sampled token; False (and an error state) when the grammar did not allow it."""
