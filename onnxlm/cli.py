@@ -103,7 +103,7 @@ def export(
 ) -> None:
     """Export SOURCE (a Hugging Face folder, a .gguf file, or `smollm2`) to a bundle."""
     from .export.convert import export as do_export
-    from .export.long_decode import FROM_TOKENS
+    from .rewrites import FROM_TOKENS
 
     if long_decode_from is None:
         long_decode_from = FROM_TOKENS
@@ -412,7 +412,7 @@ def _quantization_summary(q: dict) -> str:
     "gguf_file",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="With --recipe gguf: the GGUF the bundle was exported from (default: the cached default model's).",
+    help="With --recipe gguf: the GGUF the bundle was exported from (default: the default model's, once `onnxlm pull` has cached it).",
 )
 @click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True)
 @click.option(
@@ -472,8 +472,8 @@ def quantize(
     """Quantize BUNDLE into a new bundle and report what it cost in quality."""
     from pathlib import Path
 
-    from .quantize.eval import format_report, read_text
     from .quantize.report import quantize_with_report
+    from .runtime.eval import format_report, read_text
 
     options = dict(
         block_size=int(block_size),
@@ -482,7 +482,9 @@ def quantize(
         calibration_text=read_text(calibration_text) if calibration_text else None,
     )
     if recipe == "gguf":  # the block layout comes from the file; only the compute type is ours to choose
-        options = {"gguf": gguf_file}
+        from .commands import default_gguf
+
+        options = {"gguf": gguf_file or default_gguf(bundle)}
     elif accuracy_level is None:
         accuracy_level = 4
     out, report = quantize_with_report(
@@ -528,7 +530,7 @@ def eval_cmd(bundle, text_file, against, window, max_tokens, as_json, providers,
     import json
     from pathlib import Path
 
-    from .quantize.eval import evaluate, format_report
+    from .runtime.eval import evaluate, format_report
 
     result = evaluate(
         bundle,

@@ -211,7 +211,7 @@ def _integer(model, sites, rec, src, manifest, settings, text, bar) -> dict:
 
 
 def _fp16(model, sites, manifest, io: B.GraphIO):
-    from ..export.long_decode import unwrap_long_decode
+    from ..rewrites import unwrap_long_decode
     from . import fp16
 
     if unwrap_long_decode(model):  # float16 MatMul has no CPU kernel; GPUs run GroupQueryAttention well

@@ -30,12 +30,12 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from starlette.routing import Route
 
 from ..engine import Engine
+from ..scheduler import Cancelled, GenerationAborted, QueueFull, Scheduler
 from .choices import cancel, collect, events, open_streams, queue_full
 from .guard import HostGuard, HostPolicy, check_encodable, check_json_content_type
 from .metrics import ServerMetrics
 from .protocol import APIError, GenRequest, bad, parse_chat, parse_completion, parse_json
 from .responses import LogprobText, cached_tokens, completion_body, new_id, prompt_logprobs
-from .scheduler import Cancelled, GenerationAborted, QueueFull, Scheduler
 from .tokens import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("onnxlm.serving")
