@@ -13,7 +13,7 @@ bundle's manifest (`quantization`). Paths in, a bundle out: nothing here fetches
 from __future__ import annotations
 
 from .api import ALGORITHMS, BLOCK_SIZES, QuantizeError, quantize
-from .recipes import RECIPES, Recipe, Rule, Site
+from .recipes import RECIPES, SCHEMES, Recipe, Rule, Site
 
 CHOICES = (*RECIPES, "auto", "gguf")  # every recipe name quantize_with_report (and the CLI) takes
 
@@ -27,4 +27,5 @@ __all__ = [
     "Site",
     "ALGORITHMS",
     "BLOCK_SIZES",
+    "SCHEMES",
 ]

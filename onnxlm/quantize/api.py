@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import bundle as B
-from .recipes import RECIPES, get_recipe
+from .recipes import RECIPES, SCHEMES, get_recipe
 
 BLOCK_SIZES = (16, 32, 64, 128)
 ALGORITHMS = ("rtn", "hqq", "gptq")
@@ -95,8 +95,6 @@ def quantize(
 
 
 def _check_options(recipe, block_size, scheme, accuracy_level, algorithm, calibration_text):
-    from .weights import SCHEMES
-
     try:
         rec = get_recipe(recipe)
     except ValueError as e:
