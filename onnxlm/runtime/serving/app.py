@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine import Engine
@@ -158,15 +158,11 @@ async def ready(svc: Service, request: Request) -> Response:
 
 @_endpoint("/metrics")
 async def metrics(svc: Service, request: Request) -> Response:
-    text = svc.metrics.render()
     replica = getattr(request.app.state, "replica", None)  # set under Ray Serve: which replica answered
-    if replica is None:
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
-    text += (
-        "# HELP onnxlm_replica_info The Ray Serve replica these series come from.\n"
-        f'# TYPE onnxlm_replica_info gauge\nonnxlm_replica_info{{replica="{replica}"}} 1\n'
-    )
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    if replica is not None:
+        svc.metrics.set_replica(replica)
+    body, content_type = svc.metrics.render(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 def _model_card(svc: Service) -> dict:
