@@ -6,6 +6,7 @@ This is the top layer (it may use export, quantize and the runtime); nothing imp
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import sys
@@ -19,6 +20,41 @@ from . import bundle as B
 log = logging.getLogger("onnxlm")
 
 
+# transformers' notices that tell an onnxlm user nothing: how transformers itself reads a GGUF's tokenizer
+NOTICES = (
+    "You are using the default legacy behaviour",
+    "The tokenizer class you load from this checkpoint is not the same type",
+)
+
+
+class _DropNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(NOTICES)
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """Inside: transformers' NOTICES and its own progress bars are not shown (onnxlm's progress says
+    where export is); its other warnings are. Records of transformers' modules reach the handlers of
+    its root logger, so the filter goes on those."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.get_logger()  # transformers sets up its root logger's handler on first use
+    handlers = logging.getLogger("transformers").handlers
+    drop = _DropNotices()
+    bars = hf_logging.is_progress_bar_enabled()
+    for h in handlers:
+        h.addFilter(drop)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        for h in handlers:
+            h.removeFilter(drop)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def export_bundle(source: str, out_dir: str | Path, long_decode_from: int | None = None, **options) -> Path:
     """`onnxlm export`: long_decode_from None takes the default switch point, 0 never switches."""
     from .export.convert import export
@@ -26,7 +62,8 @@ def export_bundle(source: str, out_dir: str | Path, long_decode_from: int | None
 
     if long_decode_from is None:
         long_decode_from = FROM_TOKENS
-    return export(source, out_dir, long_decode_from=long_decode_from or None, **options)
+    with quiet_transformers():
+        return export(source, out_dir, long_decode_from=long_decode_from or None, **options)
 
 
 def default_gguf(bundle_dir: str | Path) -> Path | None:
