@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 from . import bundle as B
 
@@ -34,7 +35,7 @@ class _DropNotices(logging.Filter):
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """Inside: transformers' NOTICES and its own progress bars are not shown (onnxlm's progress says
+    """Inside: transformers' NOTICES and its own progress bars (the GGUF reader's too) are not shown (onnxlm's progress says
     where export is); its other warnings are. Records of transformers' modules reach the handlers of
     its root logger, so the filter goes on those."""
     from transformers.utils import logging as hf_logging
@@ -47,12 +48,22 @@ def quiet_transformers():
         h.addFilter(drop)
     hf_logging.disable_progress_bar()
     try:
-        yield
+        with _no_gguf_bar():
+            yield
     finally:
         for h in handlers:
             h.removeFilter(drop)
         if bars:
             hf_logging.enable_progress_bar()
+
+
+def _no_gguf_bar():
+    """transformers' GGUF reader draws its own tqdm bar, outside its progress-bar switch."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_reader
+    except ImportError:
+        return contextlib.nullcontext()
+    return mock.patch.object(gguf_reader, "tqdm", lambda items, *args, **kwargs: items)
 
 
 def export_bundle(source: str, out_dir: str | Path, long_decode_from: int | None = None, **options) -> Path:

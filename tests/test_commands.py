@@ -35,12 +35,18 @@ def test_export_drops_transformers_notices_and_keeps_its_warnings(transformers_r
         child.warning("The tokenizer class you load from this checkpoint is not the same type as the class")
         child.warning("something the user should read")
         assert not hf_logging.is_progress_bar_enabled()
+        from transformers import modeling_gguf_pytorch_utils as gguf_reader
+
+        assert gguf_reader.tqdm([1, 2], desc="Converting") == [1, 2]  # no bar: the items as they are
     child.warning("You are using the default legacy behaviour, outside onnxlm export")
     assert transformers_records == [
         "something the user should read",
         "You are using the default legacy behaviour, outside onnxlm export",
     ]
     assert hf_logging.is_progress_bar_enabled()
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+
+    assert gguf_reader.tqdm is not None and gguf_reader.tqdm.__module__.startswith("tqdm")
 
 
 def test_info_text_names_the_bundle_and_its_files(tiny_llama_bundle):
