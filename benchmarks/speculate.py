@@ -5,8 +5,8 @@ prompts (summarise, extract from or rewrite a document given in the prompt) and 
         --genai int4=GENAI_INT4 --gguf Q4_1=FILE --new-tokens 128 --rounds 2 --out results/
 
 Every engine gets the same prompt token ids (onnxlm's chat template over benchmarks/prompts/), greedy
-decoding to --new-tokens or the end of sequence, and runs are interleaved prompt by prompt and round
-by round. Each onnxlm bundle runs plain, with n-gram drafts (`ngram`) and, given --draft NAME=BUNDLE,
+decoding of exactly --new-tokens tokens (the end of sequence ignored, as compare.py does, so every
+engine decodes as many), and runs are interleaved prompt by prompt and round by round. Each onnxlm bundle runs plain, with n-gram drafts (`ngram`) and, given --draft NAME=BUNDLE,
 drafted by that bundle; their tokens are checked equal to the plain run's (a mismatch is reported,
 not hidden). llama.cpp runs plain and with llama-cpp-python's prompt-lookup drafting. Decode tokens/s
 is (tokens - 1) / (time after the first token); medians over rounds, then the geometric mean over
@@ -35,7 +35,6 @@ def onnxlm_run(bundle: str, threads: int, draft: str | None) -> Run:
     import onnxlm
 
     engine = onnxlm.load(bundle, threads=threads, draft=draft, prefix_cache_mb=0)
-    eos = set(engine.manifest.model.eos_token_ids)
 
     def run(ids, n):
         spec = engine.speculator()
@@ -45,7 +44,11 @@ def onnxlm_run(bundle: str, threads: int, draft: str | None) -> Run:
         t0 = time.perf_counter()
         tokens, first = [], None
         for step in generate_steps(
-            engine.model, engine.tokenizer, [ids], GenerationParams(max_new_tokens=n), speculator=spec
+            engine.model,
+            engine.tokenizer,
+            [ids],
+            GenerationParams(max_new_tokens=n, ignore_eos=True),
+            speculator=spec,
         ):
             if first is None:
                 first = time.perf_counter()
@@ -54,7 +57,7 @@ def onnxlm_run(bundle: str, threads: int, draft: str | None) -> Run:
         out = {"ttft": first - t0, "tps": (len(tokens) - 1) / (end - first) if len(tokens) > 1 else 0.0}
         if spec is not None:
             out.update(spec.stats())
-        out["tokens"] = [t for t in tokens if t not in eos]
+        out["tokens"] = tokens
         return out
 
     return run
@@ -73,7 +76,7 @@ def genai_run(folder: str, threads: int) -> Run:
 
     def run(ids, n):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(ids) + n, do_sample=False)
+        params.set_search_options(max_length=len(ids) + n, min_length=len(ids) + n, do_sample=False)
         gen = og.Generator(model, params)
         t0 = time.perf_counter()
         gen.append_tokens(ids)
@@ -104,9 +107,9 @@ def gguf_run(path: str, threads: int, lookup: bool) -> Run:
         n_threads_batch=threads,
         n_batch=512,
         draft_model=draft,
+        logits_all=lookup,  # llama-cpp-python verifies drafts from every position's logits
         verbose=False,
     )
-    eos = llm.token_eos()
 
     def run(ids, n):
         t0 = time.perf_counter()
@@ -114,13 +117,11 @@ def gguf_run(path: str, threads: int, lookup: bool) -> Run:
         for tok in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
             if first is None:
                 first = time.perf_counter()
-            if tok == eos:
-                break
-            tokens.append(int(tok))
+            tokens.append(int(tok))  # llama.cpp's generate does not stop at the end of sequence itself
             if len(tokens) >= n:
                 break
         end = time.perf_counter()
-        count = len(tokens) + (1 if len(tokens) < n else 0)  # the eos was decoded too
+        count = len(tokens)
         return {
             "ttft": first - t0,
             "tps": (count - 1) / (end - first) if count > 1 else 0.0,

@@ -160,30 +160,42 @@ def _layer(
     one_token (decode steps): probabilities times values as one GEMV per query head, which reads the
     values where they lie; a GEMM over a KV head's group of queries repacks them first."""
     qkv, past_k, past_v, cos, sin = (node.input[j] for j in (0, 3, 4, 7, 8))
-    window = _attrs(node).get("local_window_size", -1)
+    attrs = _attrs(node)
+    window = attrs.get("local_window_size", -1)
     rot = {} if rotary_dim == d else {"rotary_embedding_dim": rotary_dim}
-    q, k, v = b.op(
-        "Split",
-        [qkv, b.ints("split", heads * d, kv_heads * d, kv_heads * d)],
-        [f"{node.name}/{x}" for x in "qkv"],
-        axis=2,
-    )
-    q = b.op("RotaryEmbedding", [q, shared.pos, cos, sin], domain="com.microsoft", num_heads=heads, **rot)
-    k = b.op("RotaryEmbedding", [k, shared.pos, cos, sin], domain="com.microsoft", num_heads=kv_heads, **rot)
+    if node.input[1]:  # q, k, v apart (q/k norms ran before the node)
+        q, k, v = node.input[0], node.input[1], node.input[2]
+    else:
+        q, k, v = b.op(
+            "Split",
+            [qkv, b.ints("split", heads * d, kv_heads * d, kv_heads * d)],
+            [f"{node.name}/{x}" for x in "qkv"],
+            axis=2,
+        )
+    if attrs.get("do_rotary", 0):  # a NoPE layer's node does not rotate
+        q = b.op("RotaryEmbedding", [q, shared.pos, cos, sin], domain="com.microsoft", num_heads=heads, **rot)
+        k = b.op(
+            "RotaryEmbedding", [k, shared.pos, cos, sin], domain="com.microsoft", num_heads=kv_heads, **rot
+        )
     kv_rows = b.ints("kv_rows", 0, 0, kv_heads, d)
     k = b.op("Transpose", [b.op("Reshape", [k, kv_rows])], perm=[0, 2, 1, 3])  # (batch, kv_heads, seq, d)
     v = b.op("Transpose", [b.op("Reshape", [v, kv_rows])], perm=[0, 2, 1, 3])
     keys = b.op("ScatterND", [past_k, shared.index, k], [outputs[1]])
     values = b.op("ScatterND", [past_v, shared.index, v], [outputs[2]])
     q = b.op("Transpose", [b.op("Reshape", [q, b.ints("q_rows", 0, 0, heads, d)])], perm=[0, 2, 1, 3])
+    scale = attrs.get("scale", 0.0) or d**-0.5  # GroupQueryAttention's 0 means 1/sqrt(d)
     q = b.op(
         "Mul",
         [
             b.op("Reshape", [q, b.ints("by_group", 0, kv_heads, -1, d)]),
-            b.const("scale", np.array(d**-0.5, np.float32)),
+            b.const(f"scale_{scale!r}", np.array(scale, np.float32)),
         ],
     )
     scores = b.op("MatMul", [q, b.op("Transpose", [keys], perm=[0, 1, 3, 2])])  # (batch, kv, group·seq, cap)
+    cap = attrs.get("softcap", 0.0)
+    if cap:  # cap·tanh(scores / cap), before the mask as in GroupQueryAttention
+        c = b.const(f"softcap_{cap!r}", np.array(cap, np.float32))
+        scores = b.op("Mul", [b.op("Tanh", [b.op("Div", [scores, c])]), c])
     scores = b.op("Add", [b.op("Reshape", [scores, shared.grouped]), shared.mask(window)])
     probs = b.op("Softmax", [scores], axis=-1)  # (batch, kv, group, seq, cap)
     if one_token:  # (batch, kv, group, 1, cap) @ (batch, kv, 1, cap, d)

@@ -44,6 +44,34 @@ TINY = {
     "gpt2": dict(n_embd=64, n_layer=2, n_head=4, n_positions=256),
     "bloom": dict(hidden_size=64, n_layer=2, n_head=4),
     "opt": dict(_BASE, ffn_dim=128, word_embed_proj_dim=64),
+    # head_dim 32: not hidden / heads
+    "qwen3": dict(_DECODER, head_dim=32, tie_word_embeddings=False),
+    "olmo2": dict(_DECODER),
+    "granite": dict(
+        _DECODER,
+        embedding_multiplier=12.0,
+        residual_multiplier=0.22,
+        attention_multiplier=0.0625,
+        logits_scaling=8.0,
+    ),
+    "smollm3": dict(_DECODER, no_rope_layers=[1, 0]),  # layer 1 has no rotary
+    # caps small enough to bend the scores and logits of N(0, 0.3) weights; a window shorter than the prompts
+    "gemma2": dict(
+        _DECODER,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        attn_logit_softcapping=5.0,
+        final_logit_softcapping=10.0,
+    ),
+    "gemma3_text": dict(
+        _DECODER,
+        head_dim=16,
+        query_pre_attn_scalar=24,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_local_base_freq=100.0,
+    ),
 }
 
 

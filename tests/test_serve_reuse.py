@@ -70,6 +70,8 @@ def test_second_turn_reuses_the_first_and_says_so(server, client):
     hits = [line for line in metrics.splitlines() if line.startswith("onnxlm_prefix_cache_hits_total ")]
     assert hits and float(hits[0].split()[1]) >= 1
     assert "onnxlm_draft_tokens_total" in metrics
+    cached = [line for line in metrics.splitlines() if line.startswith("onnxlm_prefix_cache_bytes ")]
+    assert cached and float(cached[0].split()[1]) > 0
 
 
 def test_long_prompt_is_prefilled_between_running_rounds(engine):

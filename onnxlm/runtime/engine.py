@@ -16,6 +16,7 @@ regex=, grammar= (Lark). chat / stream_chat also take tools=, tool_choice=, para
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -33,12 +34,14 @@ from .generate import GenerationParams, Model, Step
 from .prefix import PrefixCache
 from .scheduler import Scheduler
 from .session import make_session, release_free_heap, release_mapped_files
-from .speculate import Costs, ModelDrafter, NgramDrafter
+from .speculate import Costs, ModelDrafter, NgramDrafter, verify_gap
 from .tokenizer import Tokenizer
 from .tools import ToolCall, parse_tool_calls, prepare_chat
 
+log = logging.getLogger("onnxlm.runtime")
 Prompt = str | Sequence[int]
 ROLES = ("system", "developer", "user", "assistant", "tool")
+VERIFY_EXACT = 1e-3  # max |Δ logit| between a multi-token and a one-token call still called exact
 
 
 @dataclass
@@ -179,6 +182,7 @@ class Engine:
         self.manifest = manifest
         self.bundle_dir = bundle_dir
         self._scheduler = None
+        self.verify_gap: float | None = None  # see speculate.verify_gap; measured when a draft is set
         self.draft: str | Model | None = None
         self.use_draft(draft)
         if (
@@ -241,6 +245,18 @@ class Engine:
                 )
         self.draft = draft
         self._costs = Costs()  # verify-step costs measured across calls, for choosing k
+        if draft is not None and self.verify_gap is None:
+            self.verify_gap = verify_gap(self.model)
+            if self.verify_gap > VERIFY_EXACT:
+                log.warning(
+                    "%s: this graph computes several tokens in one call differently from one at a time "
+                    "(up to %.2g in a logit; onnxruntime's 4-bit kernel at accuracy level 4 does): with "
+                    "speculation, greedy output can differ from plain decoding where the two most likely "
+                    "tokens are that close. A float bundle, or int4 quantized with --accuracy-level 1, "
+                    "speculates exactly.",
+                    self.bundle_dir or "the model",
+                    self.verify_gap,
+                )
 
     def speculator(self):
         """A fresh drafter for one batch (None without a draft); cost measurements carry over."""

@@ -500,6 +500,17 @@ class SharedKVCache:
         n = int(self.lengths[row])
         return [np.array(h[row, :, :n]) for h in self._host()]
 
+    def repeat(self, rows: Sequence[int]) -> None:
+        """The batch becomes `rows` of this one, in that order; a row may appear several times (each
+        copy then grows on its own)."""
+        rows = list(rows)
+        if not rows or any(not 0 <= r < self._batch for r in rows):
+            raise ValueError(f"SharedKVCache.repeat: rows {rows} out of range for batch {self._batch}")
+        if self._values is None:
+            self.lengths, self._batch = self.lengths[rows], len(rows)
+            return
+        self._rebuild(len(rows), self.capacity, len(rows), [(self, r) for r in rows])
+
     def forget(self, row: int, n: int) -> None:
         """Row `row` forgets its last `n` tokens (rejected drafts); their slots are written over later."""
         if not 0 <= n <= int(self.lengths[row]):

@@ -107,6 +107,19 @@ class Scheduler:
             out.update(draft_tokens=self.speculator.drafted, draft_accepted_tokens=self.speculator.accepted)
         return out
 
+    def memory(self) -> dict[str, float]:
+        """Bytes of KV held: the running batch's buffers and the prefix cache's entries (read from
+        another thread: a snapshot, not a lock-step figure)."""
+        cache = self._batch.rows.cache
+        try:
+            kv = cache.nbytes() if cache is not None else 0
+        except (AttributeError, TypeError):  # the buffers were swapped while we looked
+            kv = 0
+        return {
+            "kv_cache_bytes": kv,
+            "prefix_cache_bytes": self.prefix_cache.nbytes if self.prefix_cache else 0,
+        }
+
     @property
     def queue_depth(self) -> int:
         return len(self._waiting)
@@ -219,13 +232,14 @@ class Scheduler:
 
     def _chunk(self) -> int | None:
         """Prompt positions per prefill call: everything up to prefill_chunk while nobody is decoding;
-        with running streams, about two of their decode rounds' worth, so a long prompt slows them but
-        never freezes them."""
+        with running streams, about one of their decode rounds' worth (measured prefill speed, which
+        falls as the prompt's past grows), so a long prompt at most doubles their inter-token time
+        instead of freezing them."""
         if not self._rows or not self.prefill_chunk:
             return self.prefill_chunk
         if not self.prefill_rate or not self.step_s:
-            return min(64, self.prefill_chunk)
-        return int(min(self.prefill_chunk, max(16, 2 * self.step_s * self.prefill_rate)))
+            return min(32, self.prefill_chunk)
+        return int(min(self.prefill_chunk, max(8, self.step_s * self.prefill_rate)))
 
     def _prefill_chunk(self) -> None:
         adm = self._admission
@@ -239,7 +253,7 @@ class Scheduler:
         ran, secs = before - adm.pending, adm.seconds - spent
         if ran > 0 and secs > 0:
             rate = ran * len(adm.seqs) / secs
-            self.prefill_rate = rate if not self.prefill_rate else 0.7 * self.prefill_rate + 0.3 * rate
+            self.prefill_rate = rate if not self.prefill_rate else 0.5 * self.prefill_rate + 0.5 * rate
         if not done:
             return
         joined, self._admission, self._joining = self._joining, None, []

@@ -233,6 +233,36 @@ class ModelDrafter(Speculator):
         return [d[: min(k, n)] for d, n in zip(drafts, limits, strict=True)]
 
 
+def verify_gap(model, probe: int = 24, width: int = 8) -> float:
+    """How differently the model computes several tokens in one call from one token a call: max |Δ
+    logit| over `width` positions after a `probe`-token prefix (token ids spread over the vocabulary).
+    0 (or float noise) on float graphs; onnxruntime's 4-bit MatMulNBits at accuracy level 4 takes
+    another kernel for more than one row and differs by tenths of a logit, so where the top two tokens
+    are that close, greedy output under speculation can differ from plain decoding."""
+    vocab = model.facts.vocab_size
+    ids = [int(t) for t in np.linspace(3, vocab - 3, probe + width).astype(np.int64) % vocab]
+    prefix, more = ids[:probe], ids[probe:]
+
+    def fresh():
+        rows = make_rows(model, None)
+        job = rows.start([prefix])
+        job.run()
+        rows.join(job)
+        return rows
+
+    rows = fresh()
+    try:
+        single = np.stack([rows.decode([[t]])[0, 0] for t in more])
+    finally:
+        rows.free()
+    rows = fresh()
+    try:
+        multi = rows.decode([more])[0]
+    finally:
+        rows.free()
+    return float(np.abs(single - multi).max())
+
+
 def _common(a: Sequence[int], b: Sequence[int]) -> int:
     n = min(len(a), len(b))
     x, y = np.asarray(a[:n]), np.asarray(b[:n])

@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .rope import dynamic_inv_freq
+
 
 def causal_mask(attention_mask: torch.Tensor, seq: int, dtype: torch.dtype, window: int | None = None):
     """Additive mask (batch, 1, seq, total) from the padding mask (batch, total).
@@ -33,16 +35,33 @@ def causal_mask(attention_mask: torch.Tensor, seq: int, dtype: torch.dtype, wind
 
 
 class Rotary(nn.Module):
-    """Rotary position embedding over the first `rotary_dim` channels (half-split layout)."""
+    """Rotary position embedding over the first `rotary_dim` channels (half-split layout).
 
-    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0):
+    kind "fixed": one inv_freq; "dynamic": NTK inv_freq of the batch's longest sequence at each forward;
+    "longrope": short inv_freq up to `original` tokens, long past it (see rope.py)."""
+
+    def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0, kind: str = "fixed", **extra):
         super().__init__()
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.scaling = scaling
         self.rotary_dim = inv_freq.shape[0] * 2
+        self.kind = kind
+        self.extra = extra  # dynamic: base, factor, max_pos; longrope: long_inv_freq, original
+        if kind == "longrope":
+            self.register_buffer("long_inv_freq", extra.pop("long_inv_freq").float(), persistent=False)
+
+    def inv_freq_for(self, seq_len: torch.Tensor) -> torch.Tensor:
+        """inv_freq (rot/2,) for a forward whose longest sequence holds `seq_len` tokens (0-d)."""
+        if self.kind == "dynamic":
+            e = self.extra
+            return dynamic_inv_freq(seq_len, e["base"], self.rotary_dim, e["factor"], e["max_pos"])
+        if self.kind == "longrope":
+            return torch.where(seq_len > self.extra["original"], self.long_inv_freq, self.inv_freq)
+        return self.inv_freq
 
     def cos_sin(self, position_ids: torch.Tensor):
-        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # (batch, seq, rot/2)
+        inv_freq = self.inv_freq_for(position_ids.max() + 1) if self.kind != "fixed" else self.inv_freq
+        freqs = position_ids.float().unsqueeze(-1) * inv_freq  # (batch, seq, rot/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (batch, seq, rot)
         cos = (emb.cos() * self.scaling).unsqueeze(1)  # (batch, 1, seq, rot)
         sin = (emb.sin() * self.scaling).unsqueeze(1)
@@ -56,28 +75,35 @@ class Rotary(nn.Module):
         return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
-def rotary_from_config(config, head_dim: int) -> Rotary:
-    """Build inv_freq with transformers' own rope initialisers, so every rope_type it knows is covered."""
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+def rotary_from_config(
+    config, head_dim: int, params: dict | None = None, layer_type: str | None = None
+) -> Rotary:
+    """The rotary of a layer type (or the model's one), every rope_type transformers 4.x / 5.x know that
+    rope.KNOWN lists; `params` overrides the config's (gemma3's local layers under transformers 4)."""
+    from . import rope
 
-    params = getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    if rope_type in ("dynamic", "longrope"):
-        raise NotImplementedError(
-            f"rope_type {rope_type!r} changes with sequence length and is not exported yet"
-        )
-    if rope_type == "default":
-        factor = getattr(config, "partial_rotary_factor", 1.0)
-        dim = int(head_dim * factor)
-        base = getattr(config, "rope_theta", 10000.0)
-        inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
-        return Rotary(inv_freq, 1.0)
-    inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-    return Rotary(inv_freq, float(scaling))
+    params = params or rope.rope_params(config, layer_type)
+    rope.check_known(params, config.model_type)
+    kind = params["rope_type"]
+    dim = rope.rotary_dim(params, head_dim)
+    if kind == "default":
+        return Rotary(rope.default_inv_freq(params["rope_theta"], dim), 1.0)
+    if kind == "dynamic":
+        base = rope.default_inv_freq(params["rope_theta"], dim)
+        extra = dict(base=float(params["rope_theta"]), factor=float(params["factor"]))
+        return Rotary(base, 1.0, "dynamic", max_pos=int(config.max_position_embeddings), **extra)
+    if kind == "longrope":
+        original = rope.original_length(config, params)
+        short, scaling = rope.hf_inv_freq(config, params, layer_type)
+        long, _ = rope.hf_inv_freq(config, params, layer_type, seq_len=original + 1)
+        return Rotary(short, scaling, "longrope", long_inv_freq=long, original=original)
+    inv_freq, scaling = rope.hf_inv_freq(config, params, layer_type)
+    return Rotary(inv_freq, scaling)
 
 
-def attend(q, k, v, mask, scale: float | None = None):
-    """Scaled dot-product attention with grouped KV heads.
+def attend(q, k, v, mask, scale: float | None = None, softcap: float | None = None):
+    """Scaled dot-product attention with grouped KV heads (scores soft-capped as cap·tanh(s/cap) before the
+    mask, when a cap is given).
 
     q: (batch, heads, seq, d); k, v: (batch, kv_heads, total, d); mask: (batch, 1, seq, total) additive.
     """
@@ -88,7 +114,10 @@ def attend(q, k, v, mask, scale: float | None = None):
         k = k.unsqueeze(2).expand(batch, kv_heads, group, k.shape[2], d).reshape(batch, heads, k.shape[2], d)
         v = v.unsqueeze(2).expand(batch, kv_heads, group, v.shape[2], d).reshape(batch, heads, v.shape[2], d)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
-    scores = torch.matmul(q, k.transpose(-1, -2)) * scale + mask  # (batch, heads, seq, total)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale  # (batch, heads, seq, total)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + mask
     probs = torch.softmax(scores, dim=-1)
     return torch.matmul(probs, v)  # (batch, heads, seq, d)
 

@@ -13,6 +13,13 @@ TorchScript exporter writes one node where the plain graph has a dozen:
         h, x = SkipSimplifiedLayerNormalization(m, x)          x += m; h = next layer's input_layernorm(x)
     logits = head(norm(gather(x, logits_index)))               only the positions asked for
 
+The families' twists (decoder.DecoderArgs) change this picture in place: q/k norms split q|k|v and norm
+q and k (SimplifiedLayerNormalization per head or over the projection) before a GroupQueryAttention that
+takes them apart; attention scale and soft-cap, windows and do_rotary=0 (NoPE) are its attributes, a
+gemma3 local layer reads cos_cache_local; post norms (gemma, olmo2) norm `a` and `m` before the add, which
+then fuses into the next norm's SkipSimplifiedLayerNormalization (olmo2 has no pre-norms: plain Adds);
+Granite's multipliers are Muls on the embedding and each residual addend, a Div on the logits.
+
 Merged gate|up would save no node here (com.microsoft SwiGLU, which could take it whole, has no CPU
 kernel; a Split costs what the second MatMul saves), and separate gate/up keep their names for the
 per-projection quantization recipes and GGUF block mapping.
@@ -29,10 +36,10 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 from torch.onnx import symbolic_helper
 
 from .common import Rotary, output_head
+from .decoder import activation, softcap
 
 
 def _none(g):
@@ -47,37 +54,50 @@ def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor
 
 
 class GroupQueryAttention(torch.autograd.Function):
-    """com.microsoft GroupQueryAttention, packed q|k|v in, past/present sharing one buffer.
+    """com.microsoft GroupQueryAttention, past/present sharing one buffer.
 
-    qkv (batch, seq, (heads + 2 kv_heads) * d); past_k, past_v (batch, kv_heads, capacity, d);
-    seqlens_k, query_seqlens (batch,) int32; total_sequence_length () int32; cos, sin (context, rot/2).
+    qkv packed (batch, seq, (heads + 2 kv_heads) * d) with k, v None, or q, k, v apart (after q/k norms);
+    past_k, past_v (batch, kv_heads, capacity, d); seqlens_k, query_seqlens (batch,) int32;
+    total_sequence_length () int32; cos, sin (context, rot/2), None for a layer without rotary (NoPE).
+    scale None: 1/sqrt(d); softcap: scores become cap·tanh(scores/cap) before the mask.
     Returns (batch, seq, heads * d) and the buffers with this chunk's keys/values written in.
     """
 
     @staticmethod
     def forward(
-        ctx, qkv, past_k, past_v, seqlens_k, total_len, cos, sin, query_seqlens, heads, kv_heads, window
-    ):
+        ctx, qkv, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, query_seqlens,
+        heads, kv_heads, window, scale, softcap,
+    ):  # fmt: skip
         batch, seq, _ = qkv.shape
         d = past_k.shape[-1]
-        q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        if k is None:  # packed q|k|v
+            q, k, v = qkv.split([heads * d, kv_heads * d, kv_heads * d], dim=-1)
+        else:
+            q = qkv
         q = q.reshape(batch, seq, heads, d).transpose(1, 2)  # (batch, heads, seq, d)
         k = k.reshape(batch, seq, kv_heads, d).transpose(1, 2)  # (batch, kv_heads, seq, d)
         v = v.reshape(batch, seq, kv_heads, d).transpose(1, 2)
         present_k, present_v = past_k.clone(), past_v.clone()
         out = torch.zeros(batch, heads, seq, d, dtype=qkv.dtype)
         group = heads // kv_heads
+        scale = scale if scale is not None else 1 / math.sqrt(d)
+
+        def rope(x, pos):
+            return x if cos is None else _rope(x, cos[pos], sin[pos])
+
         for b in range(batch):
             total, n = int(seqlens_k[b]) + 1, int(query_seqlens[b])
             start = total - n  # tokens cached before this chunk
             if n == 0:
                 continue
             pos = torch.arange(start, total)
-            present_k[b, :, start:total] = _rope(k[b, :, :n], cos[pos], sin[pos])
+            present_k[b, :, start:total] = rope(k[b, :, :n], pos)
             present_v[b, :, start:total] = v[b, :, :n]
             keys = present_k[b, :, :total].repeat_interleave(group, dim=0)  # (heads, total, d)
             values = present_v[b, :, :total].repeat_interleave(group, dim=0)
-            scores = _rope(q[b, :, :n], cos[pos], sin[pos]) @ keys.transpose(-1, -2) / math.sqrt(d)
+            scores = rope(q[b, :, :n], pos) @ keys.transpose(-1, -2) * scale
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
             k_pos = torch.arange(total)[None, :]  # (1, total)
             allowed = k_pos <= pos[:, None]  # (n, total)
             if window >= 0:
@@ -88,18 +108,26 @@ class GroupQueryAttention(torch.autograd.Function):
 
     @staticmethod
     def symbolic(
-        g, qkv, past_k, past_v, seqlens_k, total_len, cos, sin, query_seqlens, heads, kv_heads, window
-    ):
+        g, qkv, k, v, past_k, past_v, seqlens_k, total_len, cos, sin, query_seqlens,
+        heads, kv_heads, window, scale, softcap,
+    ):  # fmt: skip
         none = _none(g)
+        extra = {}
+        if scale is not None:
+            extra["scale_f"] = scale
+        if softcap is not None:
+            extra["softcap_f"] = softcap
         out, present_k, present_v = g.op(
             "com.microsoft::GroupQueryAttention",
-            qkv, none, none, past_k, past_v, seqlens_k, total_len, cos, sin,
+            qkv, none if k is None else k, none if v is None else v, past_k, past_v, seqlens_k, total_len,
+            none if cos is None else cos, none if sin is None else sin,
             none, none, none, none, none, none, none, query_seqlens,  # position_ids .. k_norm_weight unused
             num_heads_i=heads,
             kv_num_heads_i=kv_heads,
-            do_rotary_i=1,
+            do_rotary_i=int(cos is not None),
             local_window_size_i=window,
             outputs=3,
+            **extra,
         )  # fmt: skip
         out.setType(qkv.type().with_sizes([None, None, None]))
         present_k.setType(past_k.type())
@@ -139,76 +167,175 @@ class SkipRMSNormOp(torch.autograd.Function):
         return y, s
 
 
-def rotary_caches(rotary: Rotary, context: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (context, rotary_dim / 2) from the same inv_freq and scaling as common.Rotary."""
-    freqs = torch.arange(context).float().unsqueeze(-1) * rotary.inv_freq  # (context, rot/2)
-    return freqs.cos() * rotary.scaling, freqs.sin() * rotary.scaling
+def ones(n: int) -> nn.Parameter:
+    return nn.Parameter(torch.ones(n))
 
 
 class FusedBlock(nn.Module):
-    def __init__(self, a, window: int | None):
+    def __init__(self, a, window: int | None, rope: str | None):
         super().__init__()
         self.a = a
         self.window = -1 if window is None else window  # keys visible to a query, itself included
-        self.input_layernorm = nn.Parameter(torch.ones(a.hidden_size))
+        self.rope = rope  # "global", "local" or None (no rotary)
+        if a.pre_norms:
+            self.input_layernorm, self.post_attention_layernorm = ones(a.hidden_size), ones(a.hidden_size)
+        if a.post_norms:
+            self.attn_out_norm, self.mlp_out_norm = ones(a.hidden_size), ones(a.hidden_size)
+        if a.qk_norm is not None:
+            per_head = a.qk_norm == "head"
+            self.q_norm = ones(a.head_dim if per_head else a.num_heads * a.head_dim)
+            self.k_norm = ones(a.head_dim if per_head else a.num_kv_heads * a.head_dim)
         qkv_rows = (a.num_heads + 2 * a.num_kv_heads) * a.head_dim
         self.qkv_proj = nn.Linear(a.hidden_size, qkv_rows, bias=a.qkv_bias)
         self.o_proj = nn.Linear(a.num_heads * a.head_dim, a.hidden_size, bias=a.o_bias)
-        self.post_attention_layernorm = nn.Parameter(torch.ones(a.hidden_size))
         self.gate_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.up_proj = nn.Linear(a.hidden_size, a.intermediate_size, bias=a.mlp_bias)
         self.down_proj = nn.Linear(a.intermediate_size, a.hidden_size, bias=a.mlp_bias)
 
-    def forward(self, h, x, kv, past_k, past_v):
-        """h: this layer's normed input, x: the residual stream (batch, seq, hidden). Returns the MLP
-        output (not yet added), the residual, and the buffers."""
+    def _qk_normed(self, qkv):
+        """q, k, v apart with q and k RMS-normed, per head or over the whole projection."""
         a = self.a
-        seqlens_k, total, query_seqlens, cos, sin = kv
+        q, k, v = qkv.split(
+            [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim], -1
+        )
+        if a.qk_norm == "proj":
+            return (
+                RMSNormOp.apply(q, self.q_norm, a.rms_norm_eps),
+                RMSNormOp.apply(k, self.k_norm, a.rms_norm_eps),
+                v,
+            )
+        batch, seq = qkv.shape[0], qkv.shape[1]
+        q = RMSNormOp.apply(q.reshape(batch, seq, a.num_heads, a.head_dim), self.q_norm, a.rms_norm_eps)
+        k = RMSNormOp.apply(k.reshape(batch, seq, a.num_kv_heads, a.head_dim), self.k_norm, a.rms_norm_eps)
+        return q.reshape(batch, seq, -1), k.reshape(batch, seq, -1), v
+
+    def attention(self, h, kv, caches, past_k, past_v):
+        """o_proj(attention) of this layer's normed input h (batch, seq, hidden), and the buffers."""
+        a = self.a
+        seqlens_k, total, query_seqlens = kv
+        cos, sin = caches[self.rope] if self.rope else (None, None)
+        qkv = self.qkv_proj(h)
+        q, k, v = self._qk_normed(qkv) if a.qk_norm else (qkv, None, None)
         attn, k, v = GroupQueryAttention.apply(
-            self.qkv_proj(h), past_k, past_v, seqlens_k, total, cos, sin, query_seqlens,
-            a.num_heads, a.num_kv_heads, self.window,
+            q, k, v, past_k, past_v, seqlens_k, total, cos, sin, query_seqlens,
+            a.num_heads, a.num_kv_heads, self.window, a.attn_scale, a.attn_softcap,
         )  # fmt: skip
-        h, x = SkipRMSNormOp.apply(self.o_proj(attn), x, self.post_attention_layernorm, a.rms_norm_eps)
-        return self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), x, k, v
+        return self.o_proj(attn), k, v
+
+    def _norm(self, x, pending, weight):
+        """norm(x + pending) and the new residual (pending None: norm(x), x unchanged)."""
+        if pending is None:
+            return RMSNormOp.apply(x, weight, self.a.rms_norm_eps), x
+        return SkipRMSNormOp.apply(pending, x, weight, self.a.rms_norm_eps)
+
+    def _scaled(self, y):
+        return y * self.a.residual_scale if self.a.residual_scale != 1.0 else y
+
+    def forward(self, x, pending, kv, caches, past_k, past_v):
+        """x: the residual stream (batch, seq, hidden) without `pending`, the previous layer's addend
+        (None before the first layer). Returns the residual, this layer's addend, and the buffers."""
+        a = self.a
+        if a.pre_norms:
+            h, x = self._norm(x, pending, self.input_layernorm)
+        else:
+            x = x if pending is None else x + pending
+            h = x
+        attn, k, v = self.attention(h, kv, caches, past_k, past_v)
+        if a.post_norms:
+            attn = RMSNormOp.apply(attn, self.attn_out_norm, a.rms_norm_eps)
+        if a.pre_norms:
+            h, x = self._norm(x, self._scaled(attn), self.post_attention_layernorm)
+        else:
+            x = x + self._scaled(attn)
+            h = x
+        m = self.down_proj(activation(a.act, self.gate_proj(h)) * self.up_proj(h))
+        if a.post_norms:
+            m = RMSNormOp.apply(m, self.mlp_out_norm, a.rms_norm_eps)
+        return x, self._scaled(m), k, v
 
 
 class FusedDecoder(nn.Module):
     """forward(input_ids, seqlens_k, total_sequence_length, query_seqlens, logits_index, *past)
-    -> (logits (batch, len(logits_index[0]), vocab), *present)."""
+    -> (logits (batch, len(logits_index[0]), vocab), *present).
+
+    A residual addend waits in `pending` until the next norm, so that add and norm fuse into one
+    SkipSimplifiedLayerNormalization wherever the family has a norm there."""
 
     uses_position_ids = False
     graph = "fused"
 
-    def __init__(self, a, rotary: Rotary, context: int, windows: list[int | None]):
+    def __init__(self, a, rotaries: dict[str, Rotary], context: int):
         super().__init__()
         self.a = a
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
-        self.layers = nn.ModuleList(FusedBlock(a, w) for w in windows)
+        self.layers = nn.ModuleList(FusedBlock(a, w, r) for w, r in zip(a.windows(), a.ropes(), strict=True))
         self.norm = nn.Parameter(torch.ones(a.hidden_size))
         if not a.tie_word_embeddings:
             self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
-        cos, sin = rotary_caches(rotary, context)
-        self.register_buffer("cos_cache", cos)
-        self.register_buffer("sin_cache", sin)
-        # how to recompute the caches inside the graph (see convert.rotary_caches_in_graph)
-        self.rotary_spec = (rotary.inv_freq.float().numpy().copy(), float(rotary.scaling), context)
+        self.longrope: dict[str, int] = {}  # rotary name -> the length past which it takes its long caches
+        self.dynamic: dict[str, Rotary] = {}  # rotaries whose caches are computed at each step
+        caches = {}  # cache name suffix -> (inv_freq, scaling): how to recompute them in the graph
+        for name, rotary in rotaries.items():
+            suffix = "" if name == "global" else f"_{name}"
+            if rotary.kind == "dynamic":
+                self.dynamic[name] = rotary
+                continue
+            caches[suffix] = (rotary.inv_freq, rotary.scaling)
+            if rotary.kind == "longrope":
+                self.longrope[name] = rotary.extra["original"]
+                caches[f"{suffix}_long"] = (rotary.long_inv_freq, rotary.scaling)
+        for suffix, (inv_freq, scaling) in caches.items():
+            freqs = torch.arange(context).float().unsqueeze(-1) * inv_freq  # (context, rot/2)
+            self.register_buffer(f"cos_cache{suffix}", freqs.cos() * scaling)
+            self.register_buffer(f"sin_cache{suffix}", freqs.sin() * scaling)
+        # see convert.rotary_caches_in_graph
+        self.rotary_spec = (
+            {k: (v[0].float().numpy().copy(), float(v[1])) for k, v in caches.items()},
+            context,
+        )
+
+    def _caches(self, seqlens_k, capacity: int):
+        """name -> (cos, sin) caches of each rotary; a longrope one picks its long caches once the batch's
+        longest sequence passes the original length, a dynamic one computes its caches over the buffer's
+        capacity from the NTK inv_freq of that length (both as transformers decides per forward)."""
+        out = {}
+        longest = seqlens_k.max() + 1  # () tokens the batch's longest row holds after this step
+        for name, rotary in self.dynamic.items():
+            freqs = torch.arange(capacity).float().unsqueeze(-1) * rotary.inv_freq_for(
+                longest
+            )  # (cap, rot/2)
+            out[name] = (freqs.cos() * rotary.scaling, freqs.sin() * rotary.scaling)
+        for name in ("global", "local"):
+            suffix = "" if name == "global" else f"_{name}"
+            if not hasattr(self, f"cos_cache{suffix}"):
+                continue
+            cos, sin = getattr(self, f"cos_cache{suffix}"), getattr(self, f"sin_cache{suffix}")
+            if name in self.longrope:
+                long = longest > self.longrope[name]  # () bool
+                cos = torch.where(long, getattr(self, f"cos_cache{suffix}_long"), cos)
+                sin = torch.where(long, getattr(self, f"sin_cache{suffix}_long"), sin)
+            out[name] = (cos, sin)
+        return out
 
     def forward(self, input_ids, seqlens_k, total_sequence_length, query_seqlens, logits_index, *past):
         a = self.a
-        kv = (seqlens_k, total_sequence_length, query_seqlens, self.cos_cache, self.sin_cache)
+        kv = (seqlens_k, total_sequence_length, query_seqlens)
+        caches = self._caches(seqlens_k, past[0].shape[2])
         x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
-        h = RMSNormOp.apply(x, self.layers[0].input_layernorm, a.rms_norm_eps)
-        presents = []
+        if a.embed_scale != 1.0:
+            x = x * a.embed_scale
+        pending, presents = None, []  # pending: the addend not yet in the residual x
         for i, layer in enumerate(self.layers):
-            m, x, k, v = layer(h, x, kv, past[2 * i], past[2 * i + 1])
+            x, pending, k, v = layer(x, pending, kv, caches, past[2 * i], past[2 * i + 1])
             presents += [k, v]
-            if i + 1 < len(self.layers):
-                h, x = SkipRMSNormOp.apply(m, x, self.layers[i + 1].input_layernorm, a.rms_norm_eps)
-        x = x + m
+        x = x + pending
         index = logits_index.unsqueeze(-1).expand(-1, -1, a.hidden_size)  # (batch, n, hidden)
         x = RMSNormOp.apply(torch.gather(x, 1, index), self.norm, a.rms_norm_eps)  # (batch, n, hidden)
         head = self.embed_tokens.weight if a.tie_word_embeddings else self.lm_head.weight
-        return (output_head(x, head), *presents)
+        logits = output_head(x, head)
+        if a.logits_divisor != 1.0:
+            logits = logits / a.logits_divisor
+        return (softcap(logits, a.final_softcap), *presents)
 
 
 def fused_state(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
@@ -221,32 +348,34 @@ def fused_state(tensors: dict[str, torch.Tensor], num_layers: int) -> dict[str, 
             qkv = [out.pop(f"{p}{n}_proj.{part}", None) for n in "qkv"]
             if all(t is not None for t in qkv):
                 out[f"{p}qkv_proj.{part}"] = torch.cat(qkv, dim=0)
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            out[p + norm] = out.pop(f"{p}{norm}.weight")
-    out["norm"] = out.pop("norm.weight")
+    for name in [n for n in out if n.endswith("norm.weight")]:
+        out[name.removesuffix(".weight")] = out.pop(name)
     return out
 
 
-def build(
-    a, config, tensors: dict[str, torch.Tensor], windows: list[int | None], context: int
-) -> FusedDecoder:
+def build(a, rotaries: dict[str, Rotary], tensors: dict[str, torch.Tensor], context: int) -> FusedDecoder:
     """The fused decoder from the plain module's weights (`tensors`, the plain module's names).
 
     Raises NotImplementedError for what GroupQueryAttention cannot do (the caller keeps the plain graph)."""
-    from .common import load_state, rotary_from_config
+    from .common import load_state
 
-    rotary = rotary_from_config(config, a.head_dim)
-    half = rotary.rotary_dim // 2
-    if half % 8 or rotary.rotary_dim > a.head_dim:
-        raise NotImplementedError(
-            f"rotary over {rotary.rotary_dim} of {a.head_dim} channels: GroupQueryAttention's cos/sin caches "
-            "need a multiple of 8 columns (rotary_dim a multiple of 16)"
-        )
+    for name, rotary in rotaries.items():
+        if rotary.kind == "dynamic" and rotary.rotary_dim != a.head_dim:
+            raise NotImplementedError(
+                "dynamic rotary over part of the head: the long-context decode branch reads the rotary "
+                "width from a cache the fused graph computes each step"
+            )
+        half = rotary.rotary_dim // 2
+        if half % 8 or rotary.rotary_dim > a.head_dim:
+            raise NotImplementedError(
+                f"{name} rotary over {rotary.rotary_dim} of {a.head_dim} channels: GroupQueryAttention's "
+                "cos/sin caches need a multiple of 8 columns (rotary_dim a multiple of 16)"
+            )
     if a.head_dim % 8 or a.num_heads % a.num_kv_heads:
         raise NotImplementedError(
             f"head size {a.head_dim} (GroupQueryAttention wants a multiple of 8), "
             f"{a.num_heads} query heads over {a.num_kv_heads} KV heads"
         )
-    module = FusedDecoder(a, rotary, context, windows)
+    module = FusedDecoder(a, rotaries, context)
     load_state(module, fused_state(tensors, a.num_layers))
     return module.eval()

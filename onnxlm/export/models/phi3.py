@@ -3,8 +3,13 @@
     qkv_proj     (heads*d + 2*kv_heads*d, hidden) -> q_proj, k_proj, v_proj   (rows in that order)
     gate_up_proj (2*intermediate, hidden)         -> gate_proj, up_proj       (gate first, as transformers' chunk)
 
-partial_rotary_factor is honoured by common.rotary_from_config; longrope scaling (which changes with the
-sequence length) is refused there with NotImplementedError.
+partial_rotary_factor (Phi-4-mini) and longrope scaling (Phi-3.5-mini, Phi-4-mini) come from
+common.rotary_from_config: each forward rotates with the short factors while the batch's longest sequence
+holds at most original_max_position_embeddings tokens, with the long ones past it (the fused graph holds
+both cos/sin cache pairs and picks one per step). transformers' generate goes one step further when a sequence
+crosses that length during decoding: it drops its cache and recomputes every position with the long
+factors, which a bundle cannot do by itself (the runtime would have to re-prefill); a prompt already past
+the original length, or a generation that stays below it, is exact.
 """
 
 from __future__ import annotations
@@ -14,12 +19,12 @@ import dataclasses
 import torch
 from torch import nn
 
-from . import fused
-from .llama import LlamaArgs, LlamaDecoder, _load, hf_to_ours
+from . import rope
+from .llama import LlamaArgs, build_from, hf_to_ours
 
 
 def context_length(config) -> int:
-    return config.max_position_embeddings
+    return rope.context_length(config)
 
 
 def args_from_config(config) -> LlamaArgs:
@@ -56,11 +61,5 @@ GRAPHS = ("fused", "plain")  # fused needs rotary_dim a multiple of 16 (see fuse
 
 
 def build(config, state, graph: str = "plain") -> nn.Module:
-    args = args_from_config(config)
-    if graph == "fused":  # the fused graph merges q|k|v again: split and re-merged, the order is the same
-        tensors = hf_to_ours(split_fused(state, args), args)
-        return fused.build(
-            args, config, tensors, [args.sliding_window] * args.num_layers, context_length(config)
-        )
-    module = LlamaDecoder(args, config)  # builds the rotary first: refuses longrope before any weight work
-    return _load(module, hf_to_ours(split_fused(state, args), args))
+    args = args_from_config(config)  # the fused graph merges q|k|v again: split and re-merged, same order
+    return build_from(args, config, hf_to_ours(split_fused(state, args), args), graph)

@@ -61,7 +61,10 @@ class Service:
         self.api_key = api_key or None
         self.scheduler = scheduler or engine.new_scheduler(max_batch, max_queue)
         self.metrics = ServerMetrics(
-            lambda: self.scheduler.queue_depth, lambda: self.scheduler.active, self.scheduler.work
+            lambda: self.scheduler.queue_depth,
+            lambda: self.scheduler.active,
+            self.scheduler.work,
+            self.scheduler.memory,
         )
         self.text = LogprobText(engine)
         self.draining = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import prometheus_client as prom
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -58,11 +58,18 @@ SAVED = (
 )
 
 
-class _WorkCollector:
-    """Counters kept by the scheduler, read at scrape time (one `work()` call per scrape)."""
+# KV memory the scheduler holds: Scheduler.memory()'s keys
+HELD = (
+    ("kv_cache_bytes", "Bytes of KV buffers the running batch holds."),
+    ("prefix_cache_bytes", "Bytes of KV the prefix cache keeps for reuse."),
+)
 
-    def __init__(self, work: Callable[[], dict[str, float]]):
-        self.work = work
+
+class _SchedulerCollector:
+    """Series the scheduler keeps, read at scrape time (one `work()` and one `memory()` call each)."""
+
+    def __init__(self, work: Callable[[], dict[str, float]], memory: Callable[[], dict[str, float]]):
+        self.work, self.memory = work, memory
 
     def describe(self):
         return []  # nothing to check for duplicates at registration: the names are ours alone
@@ -71,6 +78,9 @@ class _WorkCollector:
         done = self.work()
         for key, text in SAVED:
             yield CounterMetricFamily(f"onnxlm_{key}", text, value=done.get(key, 0))
+        held = self.memory()
+        for key, text in HELD:
+            yield GaugeMetricFamily(f"onnxlm_{key}", text, value=held.get(key, 0))
 
 
 class ServerMetrics:
@@ -81,6 +91,7 @@ class ServerMetrics:
         queue_depth: Callable[[], float],
         active: Callable[[], float],
         work: Callable[[], dict[str, float]] = dict,
+        memory: Callable[[], dict[str, float]] = dict,
     ):
         r = self.registry = prom.CollectorRegistry()
         prom.ProcessCollector(registry=r)  # process_cpu_seconds_total, process_resident_memory_bytes, ...
@@ -98,7 +109,7 @@ class ServerMetrics:
         self.duration = Histogram(r, "onnxlm_request_duration_seconds", "Generation requests, start to end.")
         self.queue = Gauge(r, "onnxlm_queue_depth", "Requests waiting for a batch row.", queue_depth)
         self.active = Gauge(r, "onnxlm_active_sequences", "Sequences in the running batch.", active)
-        r.register(_WorkCollector(work))
+        r.register(_SchedulerCollector(work, memory))
         self._replica: prom.Gauge | None = None
 
     def set_replica(self, replica: str) -> None:
