@@ -16,7 +16,7 @@ once with IO binding as both past and present:
 Every form's output is checked against gqa's before it is timed.
 
 Part 2 (--bundle): the whole model with every GroupQueryAttention of the bundle's graph replaced by
-the matmul form (onnxlm.export.long_decode.matmul_attention; a batch of one),
+the matmul form (onnxlm.rewrites.matmul_attention; a batch of one),
 against the bundle as it is, interleaved: time to first token and decode tokens/s per context.
 The rewritten graph lives in memory only; the bundle is not touched.
 """
@@ -38,7 +38,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxlm.export.long_decode import matmul_attention, wrap_long_decode  # noqa: E402
+from onnxlm.rewrites import matmul_attention, wrap_long_decode  # noqa: E402
 
 FORMS = ("gqa", "gqa-fp16", "matmul", "long-decode")
 
@@ -183,9 +183,7 @@ def whole_model(args, contexts: list[int]) -> dict:
     """The bundle as it is against its graph with matmul attention: TTFT and decode tok/s, interleaved."""
     from onnxlm.bundle import MODEL, check_bundle
     from onnxlm.runtime.engine import Engine
-    from onnxlm.runtime.generate import Model
     from onnxlm.runtime.session import session_options
-    from onnxlm.runtime.tokenizer import Tokenizer
 
     root = Path(args.bundle)
     manifest = check_bundle(root)
@@ -195,9 +193,7 @@ def whole_model(args, contexts: list[int]) -> dict:
         graph.SerializeToString(), session_options(args.threads), providers=["CPUExecutionProvider"]
     )
     del graph
-    engines["matmul"] = Engine(
-        Model(session, manifest), Tokenizer.from_bundle(root, manifest), manifest, root
-    )
+    engines["matmul"] = Engine.from_parts(root, manifest, session)
     rng = np.random.default_rng(0)
     out = {}
     for context in contexts:

@@ -226,7 +226,7 @@ def model_bytes(path: str) -> int:
 def prompt_ids(tokenizer_json: str, n: int) -> list[int]:
     from tokenizers import Tokenizer
 
-    from onnxlm.quantize.eval import builtin_text
+    from onnxlm.runtime.eval import builtin_text
 
     tok = Tokenizer.from_file(tokenizer_json)
     ids = tok.encode(builtin_text("en"), add_special_tokens=False).ids

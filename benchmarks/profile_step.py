@@ -26,9 +26,7 @@ def profiled_engine(bundle: str, threads: int, prefix: str):
 
     from onnxlm.bundle import MODEL, check_bundle
     from onnxlm.runtime import Engine
-    from onnxlm.runtime.generate import Model
     from onnxlm.runtime.session import choose_providers, session_options
-    from onnxlm.runtime.tokenizer import Tokenizer
 
     root = Path(bundle)
     manifest = check_bundle(root)
@@ -36,8 +34,7 @@ def profiled_engine(bundle: str, threads: int, prefix: str):
     so.enable_profiling = True
     so.profile_file_prefix = prefix
     session = ort.InferenceSession(str(root / MODEL), sess_options=so, providers=choose_providers(None))
-    model = Model(session, manifest)
-    return Engine(model, Tokenizer.from_bundle(root, manifest), manifest, root, prefix_cache_mb=0)
+    return Engine.from_parts(root, manifest, session, prefix_cache_mb=0)
 
 
 def summarize(trace: list[dict], skip_runs: int) -> dict:

@@ -3,7 +3,7 @@
     python benchmarks/quality.py --bundle fp32=B1 --bundle int4=B2 \
         --onnx genai-int4=DIR --gguf llama.cpp-Q4_1=FILE --text en --json out.json
 
---bundle   an onnxlm bundle (through onnxlm.quantize.eval)
+--bundle   an onnxlm bundle (through onnxlm.runtime.eval)
 --onnx     a foreign ONNX decoder folder (model.onnx + data, e.g. onnxruntime-genai's builder output):
            its inputs/outputs are read off the graph and it runs through the same onnxlm code
 --gguf     a GGUF file through llama-cpp-python (`pip install llama-cpp-python`), fed the same token ids
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxlm import bundle as B
-from onnxlm.quantize import eval as E
+from onnxlm.runtime import eval as E
 
 
 def _pairs(values: list[str], flag: str) -> list[tuple[str, str]]:

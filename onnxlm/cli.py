@@ -5,15 +5,16 @@ Imports are lazy so `onnxlm --help` and the runtime commands never load torch.
 
 from __future__ import annotations
 
-import collections
 import functools
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 
 import click
+
+from . import quantize as quantize_api  # its registries (recipes, block sizes); light, no torch
+from .commands import chat_session, constraint_keywords, print_stream
 
 log = logging.getLogger("onnxlm")
 
@@ -102,22 +103,18 @@ def export(
     source, out_dir, via, allow_pickle, trust_remote_code, overwrite, no_validate, graph, long_decode_from
 ) -> None:
     """Export SOURCE (a Hugging Face folder, a .gguf file, or `smollm2`) to a bundle."""
-    from .export.convert import export as do_export
-    from .export.long_decode import FROM_TOKENS
+    from .commands import export_bundle
 
-    if long_decode_from is None:
-        long_decode_from = FROM_TOKENS
-
-    path = do_export(
+    path = export_bundle(
         source,
         out_dir,
+        long_decode_from,
         via=via,
         allow_pickle=allow_pickle,
         trust_remote_code=trust_remote_code,
         overwrite=overwrite,
         validate=not no_validate,
         graph=graph,
-        long_decode_from=long_decode_from or None,
     )
     click.echo(f"wrote {path}")
 
@@ -202,27 +199,13 @@ def _params(kw: dict) -> dict:
     )
     params = {k: kw[k] for k in keys}
     params["stop"] = list(kw["stop"]) or None
-    return {**params, **_constraint(kw)}
-
-
-def _constraint(kw: dict) -> dict:
-    """--json-schema FILE / --regex / --grammar FILE as the generation keywords they stand for."""
-    out: dict = {}
-    if kw.get("json_schema"):
-        text = Path(kw["json_schema"]).read_text(encoding="utf-8")
-        try:
-            out["json_schema"] = json.loads(text)
-        except ValueError as e:
-            raise click.BadParameter(
-                f"{kw['json_schema']} is not valid JSON: {e}", param_hint="--json-schema"
-            ) from None
-    if kw.get("regex") is not None:
-        out["regex"] = kw["regex"]
-    if kw.get("grammar"):
-        from .runtime.constraints import to_lark
-
-        out["grammar"] = to_lark(Path(kw["grammar"]).read_text(encoding="utf-8"))
-    return out
+    try:
+        constraint = constraint_keywords(kw.get("json_schema"), kw.get("regex"), kw.get("grammar"))
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(
+            f"{kw['json_schema']} is not valid JSON: {e}", param_hint="--json-schema"
+        ) from None
+    return {**params, **constraint}
 
 
 def _load(bundle: str, providers, threads, draft=None, prefix_cache_mb=256):
@@ -237,97 +220,84 @@ def _load(bundle: str, providers, threads, draft=None, prefix_cache_mb=256):
     )
 
 
-def _print_stream(chunks, pieces: list[str] | None = None) -> tuple[int, float, str | None]:
-    """Write streamed deltas as they come (and keep them in `pieces`); return
-    (tokens, seconds from the first token, finish reason)."""
-    count, first, reason = 0, None, None
-    for chunk in chunks:
-        if first is None:
-            first = time.perf_counter()
-        count += 1
-        if chunk.text:
-            if pieces is not None:
-                pieces.append(chunk.text)
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-        reason = getattr(chunk, "finish_reason", None) or reason
-    sys.stdout.write("\n")
-    return count, (time.perf_counter() - first) if first else 0.0, reason
-
-
-def _stats(count: int, secs: float, reason: str | None) -> None:
-    rate = (count - 1) / secs if count > 1 and secs > 0 else 0.0
-    log.info("%d tokens, %.1f tok/s decode, finish: %s", count, rate, reason)
-
-
 @cli.command()
 @click.argument("bundle", type=click.Path())
 @click.argument("prompt")
 @click.option("--chat", "as_chat", is_flag=True, help="Wrap PROMPT in the bundle's chat template.")
 @click.option("--system", default=None, help="System message (with --chat).")
+@click.option(
+    "--chat-template-kwargs",
+    "template_kwargs",
+    default=None,
+    metavar="JSON",
+    help="Extra variables for the chat template, a JSON object (e.g. '{\"enable_thinking\": false}').",
+)
 @sampling_options
 @engine_options
 @draft_options
 @friendly
-def generate(bundle, prompt, as_chat, system, providers, threads, draft, prefix_cache_mb, **kw) -> None:
+def generate(
+    bundle, prompt, as_chat, system, template_kwargs, providers, threads, draft, prefix_cache_mb, **kw
+) -> None:
     """Generate from PROMPT with the model in BUNDLE, streaming the text."""
     from .runtime.tokenizer import check_text
 
     check_text(prompt, "PROMPT")  # invalid UTF-8 in argv arrives as lone surrogates
     check_text(system or "", "--system")
+    template_vars = _template_kwargs(template_kwargs)
+    if template_vars is not None and not as_chat:
+        raise click.UsageError("--chat-template-kwargs needs --chat")
     engine = _load(bundle, providers, threads, draft, prefix_cache_mb)
     if as_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
         ]
-        chunks = engine.stream_chat(messages, **_params(kw))
+        chunks = engine.stream_chat(messages, template_vars, **_params(kw))
     else:
         chunks = engine.stream(prompt, **_params(kw))
-    _stats(*_print_stream(chunks))
+    print_stream(chunks)
 
 
 @cli.command()
 @click.argument("bundle", type=click.Path())
 @click.option("--system", default=None, help="System message.")
+@click.option(
+    "--chat-template-kwargs",
+    "template_kwargs",
+    default=None,
+    metavar="JSON",
+    help="Extra variables for the chat template, a JSON object (e.g. '{\"enable_thinking\": false}').",
+)
 @sampling_options
 @engine_options
 @draft_options
 @friendly
-def chat(bundle, system, providers, threads, draft, prefix_cache_mb, **kw) -> None:
+def chat(bundle, system, template_kwargs, providers, threads, draft, prefix_cache_mb, **kw) -> None:
     """Multi-turn chat with the model in BUNDLE (/reset clears the history, /exit or Ctrl-D quits).
     Each turn reuses the earlier turns' KV from the prefix cache."""
     from .runtime.tokenizer import check_text
 
     check_text(system or "", "--system")
+    template_vars = _template_kwargs(template_kwargs)
     engine = _load(bundle, providers, threads, draft, prefix_cache_mb)
-    history = [{"role": "system", "content": system}] if system else []
-    interactive = sys.stdin.isatty()
-    while True:
-        if interactive:
-            click.echo(click.style(">>> ", bold=True), nl=False)
-        raw = sys.stdin.buffer.readline()
-        if not raw:
-            break
-        try:
-            line = raw.decode("utf-8").strip()
-        except UnicodeDecodeError as e:  # one bad line costs that line, not the session
-            click.echo(f"error: that line is not valid UTF-8 (byte {e.start}); the chat goes on", err=True)
-            continue
-        if not line:
-            continue
-        if line in ("/exit", "/quit"):
-            break
-        if line == "/reset":
-            history = history[:1] if system else []
-            continue
-        turn = {"role": "user", "content": line}
-        pieces: list[str] = []
-        try:
-            _stats(*_print_stream(engine.stream_chat([*history, turn], **_params(kw)), pieces))
-        except ValueError as e:  # the template refused it, the window is full, ...: this turn only
-            click.echo(f"error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", err=True)
-            continue
-        history += [turn, {"role": "assistant", "content": "".join(pieces)}]
+    chat_session(engine, system, _params(kw), template_vars)
+
+
+def _template_kwargs(text: str | None) -> dict | None:
+    """--chat-template-kwargs: a JSON object, or a usage error that says what it got."""
+    if text is None:
+        return None
+    import json
+
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise click.BadParameter(
+            f"not JSON ({e.msg} at {e.pos})", param_hint="--chat-template-kwargs"
+        ) from None
+    if not isinstance(value, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--chat-template-kwargs")
+    return value
 
 
 @cli.command()
@@ -337,63 +307,14 @@ def chat(bundle, system, providers, threads, draft, prefix_cache_mb, **kw) -> No
 @friendly
 def info(bundle, as_json, verify) -> None:
     """Show a bundle's manifest: model facts, files and sizes, validation figures."""
-    from .bundle import check_bundle
-
-    m = check_bundle(bundle, verify_hashes=verify)
     if as_json:
-        click.echo(m.to_json())
+        from .bundle import check_bundle
+
+        click.echo(check_bundle(bundle, verify_hashes=verify).to_json())
         return
-    f = m.model
-    click.echo(f"bundle      {bundle}")
-    click.echo(
-        f"model       {f.model_type}: {f.num_layers} layers, {f.num_heads} heads ({f.num_kv_heads} KV), "
-        f"head {f.head_dim}, hidden {f.hidden_size}, vocab {f.vocab_size}, context {f.context_length}"
-    )
-    io = m.io
-    graph = f"{io.graph}, KV {io.kv_layout} ({io.kv_dtype})"
-    if io.long_decode_from:
-        graph += f"; decode attention as MatMul/Softmax from {io.long_decode_from} tokens held"
-    click.echo(f"graph       {graph}")
-    click.echo(
-        f"dtype       {m.dtype}" + (f" ({_quantization_summary(m.quantization)})" if m.quantization else "")
-    )
-    click.echo(
-        f"source      {m.provenance.get('source')} (exporter {m.provenance.get('exporter')}, "
-        f"sha256 {str(m.provenance.get('source_sha256'))[:16]}…)"
-    )
-    click.echo(f"chat        {'template present' if m.chat_template else 'no chat template'}")
-    total = 0
-    for name, meta in m.files.items():
-        total += meta["size"]
-        click.echo(f"file        {name:18} {meta['size'] / 1e6:10.1f} MB  {meta['sha256'][:16]}…")
-    click.echo(f"total       {total / 1e6:.1f} MB" + ("  (hashes verified)" if verify else ""))
-    v = m.validation
-    if v:
-        click.echo(
-            f"validation  prefill max|Δ| {v['prefill_max_abs_diff']:.2e}, decode max|Δ| "
-            f"{v['decode_max_abs_diff']:.2e}, greedy agreement {v['greedy_agreement']:.0%} "
-            f"over {v['decode_steps'] + 1} tokens vs {v['reference']}"
-        )
-    else:
-        click.echo("validation  none recorded")
+    from .commands import info_text
 
-
-def _quantization_summary(q: dict) -> str:
-    """One line of a quantization record (`info --json` prints all of it)."""
-    parts = [f"recipe {q.get('recipe')}"]
-    parts += [
-        f"{k.replace('_', ' ')} {q[k]}" for k in ("scheme", "block_size", "algorithm") if q.get(k) is not None
-    ]
-    formats = collections.Counter(q.get("nodes", {}).values())
-    if formats:
-        parts.append(", ".join(f"{n} {fmt}" for fmt, n in formats.most_common()) + " weights")
-    size = q.get("bytes") or {}
-    if size.get("before") and size.get("after"):
-        parts.append(f"{size['before'] / 1e6:.1f} -> {size['after'] / 1e6:.1f} MB")
-    worst = ((q.get("report") or {}).get("worst") or {}).get("ppl_change_pct")
-    if worst is not None:
-        parts.append(f"perplexity {worst:+.2f}% (worst text)")
-    return "; ".join(parts)
+    click.echo(info_text(bundle, verify))
 
 
 @cli.command()
@@ -403,7 +324,7 @@ def _quantization_summary(q: dict) -> str:
     "--recipe",
     default="int4",
     show_default=True,
-    type=click.Choice(["int8", "int4", "int4-mixed", "fp16", "auto", "gguf"]),
+    type=click.Choice(quantize_api.CHOICES),
     help="auto: int4, raising sensitive weights to int8 until --max-ppl-increase holds; "
     "gguf: keep the source GGUF's own Q4_1/Q8_0 blocks (no requantization).",
 )
@@ -412,12 +333,17 @@ def _quantization_summary(q: dict) -> str:
     "gguf_file",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="With --recipe gguf: the GGUF the bundle was exported from (default: the cached default model's).",
+    help="With --recipe gguf: the GGUF the bundle was exported from (default: the default model's, once `onnxlm pull` has cached it).",
 )
-@click.option("--block-size", type=click.Choice(["16", "32", "64", "128"]), default="32", show_default=True)
+@click.option(
+    "--block-size",
+    type=click.Choice([str(b) for b in quantize_api.BLOCK_SIZES]),
+    default="32",
+    show_default=True,
+)
 @click.option(
     "--scheme",
-    type=click.Choice(["min", "sym", "asym"]),
+    type=click.Choice(quantize_api.SCHEMES),
     default="min",
     show_default=True,
     help="4-bit blocks: min = scale and float minimum per block (llama.cpp's Q4_1 form), "
@@ -430,7 +356,7 @@ def _quantization_summary(q: dict) -> str:
     help="MatMulNBits compute type: 4 = int8 activations (fastest on CPU), 0/1 = fp32. "
     "Default: 4; with --recipe gguf, 1 for Q4_1 blocks (exact) and 4 for Q8_0.",
 )
-@click.option("--algorithm", type=click.Choice(["rtn", "hqq", "gptq"]), default="rtn", show_default=True)
+@click.option("--algorithm", type=click.Choice(quantize_api.ALGORITHMS), default="rtn", show_default=True)
 @click.option(
     "--calibration-text",
     type=click.Path(exists=True, dir_okay=False),
@@ -470,36 +396,26 @@ def quantize(
     overwrite,
 ) -> None:
     """Quantize BUNDLE into a new bundle and report what it cost in quality."""
-    from pathlib import Path
+    from .commands import quantize_bundle
 
-    from .quantize.eval import format_report, read_text
-    from .quantize.report import quantize_with_report
-
-    options = dict(
-        block_size=int(block_size),
-        scheme=scheme,
-        algorithm=algorithm,
-        calibration_text=read_text(calibration_text) if calibration_text else None,
-    )
-    if recipe == "gguf":  # the block layout comes from the file; only the compute type is ours to choose
-        options = {"gguf": gguf_file}
-    elif accuracy_level is None:
-        accuracy_level = 4
-    out, report = quantize_with_report(
+    out, report = quantize_bundle(
         bundle,
         out_dir,
         recipe,
+        gguf=gguf_file,
+        accuracy_level=accuracy_level,
+        calibration_text=calibration_text,
+        eval_text=eval_text,
+        block_size=int(block_size),
+        scheme=scheme,
+        algorithm=algorithm,
         max_ppl_increase=max_ppl_increase,
         report=not no_report,
-        text=Path(eval_text) if eval_text else None,
         eval_tokens=eval_tokens,
         overwrite=overwrite,
-        accuracy_level=accuracy_level,
-        log=log.info,
-        **options,
     )
     if report is not None:
-        click.echo(format_report(report))
+        click.echo(report)
     click.echo(f"wrote {out}")
 
 
@@ -526,9 +442,8 @@ def quantize(
 def eval_cmd(bundle, text_file, against, window, max_tokens, as_json, providers, threads) -> None:
     """Perplexity of BUNDLE over a text (sliding window); with --against, agreement with a reference."""
     import json
-    from pathlib import Path
 
-    from .quantize.eval import evaluate, format_report
+    from .runtime.eval import evaluate, format_report
 
     result = evaluate(
         bundle,
@@ -639,99 +554,20 @@ def bench(bundle, contexts, new_tokens, as_json, no_bandwidth, providers, thread
 @engine_options
 @draft_options
 @friendly
-def serve(
-    bundle,
-    host,
-    port,
-    api_key,
-    api_key_file,
-    max_batch,
-    max_queue,
-    model_name,
-    grace,
-    allowed_hosts,
-    cors_origins,
-    use_ray,
-    replicas,
-    ray_address,
-    cpus_per_replica,
-    min_replicas,
-    max_replicas,
-    target_ongoing,
-    providers,
-    threads,
-    draft,
-    prefix_cache_mb,
-) -> None:
+def serve(bundle, use_ray, providers, **kw) -> None:
     """Serve BUNDLE over an OpenAI-compatible HTTP API, continuously batching concurrent requests.
 
     With --ray, the same API is served by replicas under Ray Serve (a local Ray, or the cluster at
     --ray-address); each replica loads BUNDLE, so on a cluster it must exist at the same path on
     every node."""
-    from .runtime.serving.server import read_api_key
-    from .runtime.serving.server import serve as run_server
+    from .commands import serve as run
 
-    ray_opts = {
-        "--replicas": replicas,
-        "--ray-address": ray_address,
-        "--cpus-per-replica": cpus_per_replica,
-        "--min-replicas": min_replicas,
-        "--max-replicas": max_replicas,
-        "--target-ongoing": target_ongoing,
-    }
-    if not use_ray:
-        given = [name for name, value in ray_opts.items() if value is not None]
-        if given:
-            raise click.UsageError(f"{', '.join(given)} need --ray")
-    else:
-        from pathlib import Path
-
-        from .runtime.serving.guard import is_wildcard_bind
-        from .runtime.serving.ray_serve import ReplicaArgs, Scaling, deploy
-        from .runtime.serving.server import exposure_warning
-
-        key = read_api_key(api_key, api_key_file)
-        args = ReplicaArgs(
-            str(Path(bundle).resolve()),
-            model_name=model_name,
-            api_key=key,
-            max_batch=max_batch,
-            max_queue=max_queue,
-            threads=threads,
-            providers=list(providers) or None,
-            allowed_hosts=[*allowed_hosts, *([] if is_wildcard_bind(host) else [host])],
-            cors_origins=list(cors_origins),
-            draft=str(Path(draft).resolve()) if draft and draft != "ngram" else draft,
-            prefix_cache_mb=prefix_cache_mb,
-        )
-        if warning := exposure_warning(host, key):
-            log.warning("%s", warning)
-        scaling = Scaling(
-            replicas=1 if replicas is None else replicas,
-            cpus_per_replica=1.0 if cpus_per_replica is None else cpus_per_replica,
-            min_replicas=min_replicas,
-            max_replicas=max_replicas,
-            target_ongoing=target_ongoing,
-            grace=grace,
-        )
-        deploy(args, scaling, address=ray_address, host=host, port=port)
-        return
-    run_server(
-        bundle,
-        host=host,
-        port=port,
-        api_key=read_api_key(api_key, api_key_file),
-        max_batch=max_batch,
-        max_queue=max_queue,
-        model_name=model_name,
-        grace=grace,
-        providers=list(providers) or None,
-        threads=threads,
-        allowed_hosts=allowed_hosts,
-        cors_origins=cors_origins,
-        draft=draft,
-        prefix_cache_mb=prefix_cache_mb,
-    )
+    names = ("replicas", "ray_address", "cpus_per_replica", "min_replicas", "max_replicas", "target_ongoing")
+    ray = {name: kw.pop(name) for name in names}
+    given = [f"--{name.replace('_', '-')}" for name, value in ray.items() if value is not None]
+    if given and not use_ray:
+        raise click.UsageError(f"{', '.join(given)} need --ray")
+    run(bundle, ray=ray if use_ray else None, providers=list(providers) or None, **kw)
 
 
 def main() -> None:

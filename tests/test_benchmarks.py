@@ -15,11 +15,9 @@ import pytest
 from runtime_fixtures import tiny_bundle
 
 from onnxlm import bundle as B
-from onnxlm.export.long_decode import matmul_attention
+from onnxlm.rewrites import matmul_attention
 from onnxlm.runtime import load
 from onnxlm.runtime.engine import Engine
-from onnxlm.runtime.generate import Model
-from onnxlm.runtime.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +55,7 @@ def test_matmul_attention_graph_generates_what_the_bundle_does(attention):
     graph = matmul_attention(onnx.load(str(root / B.MODEL)))
     assert not [n for n in graph.graph.node if n.op_type == "GroupQueryAttention"]
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
-    rewritten = Engine(Model(session, manifest), Tokenizer.from_bundle(root, manifest), manifest, root)
+    rewritten = Engine.from_parts(root, manifest, session)
     original = load(root, threads=1)
     ids = list(range(5, 45))
     np.testing.assert_allclose(rewritten.model.logits(ids), original.model.logits(ids), atol=1e-4)

@@ -197,3 +197,27 @@ def test_a_hostile_chat_template_is_one_line_in_the_cli(bundle_copy):
         errors = [x for x in r.stderr.splitlines() if x.startswith("error")]
         assert len(errors) == 1 and errors[0].startswith("error: chat template"), r.stderr
         assert time.perf_counter() - t0 < 60
+
+
+def test_chat_template_kwargs_reach_the_template(bundle_copy):
+    """--chat-template-kwargs JSON: its variables render in the template; bad JSON is one line."""
+    import json
+
+    path = bundle_copy / "onnxlm.json"
+    manifest = json.loads(path.read_text())
+    manifest["chat_template"] = (
+        "{% if not flag %}{{ raise_exception('flag missing') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    path.write_text(json.dumps(manifest))
+    runner = CliRunner()
+    base = ["generate", str(bundle_copy), "hi", "--chat", "-n", "2"]
+    bad = runner.invoke(cli, base)
+    assert bad.exit_code != 0 and "flag missing" in bad.output
+    ok = runner.invoke(cli, [*base, "--chat-template-kwargs", '{"flag": true}'])
+    assert ok.exit_code == 0, ok.output
+    for wrong in ("{flag", "[1]"):
+        r = runner.invoke(cli, [*base, "--chat-template-kwargs", wrong])
+        assert r.exit_code == 2 and "--chat-template-kwargs" in r.output
+    r = runner.invoke(cli, ["generate", str(bundle_copy), "hi", "--chat-template-kwargs", "{}"])
+    assert r.exit_code == 2 and "needs --chat" in r.output

@@ -51,7 +51,7 @@ def test_threads_on_one_engine_get_what_each_gets_alone():
 
 
 def test_the_scheduler_is_made_once_however_many_threads_ask(monkeypatch):
-    from onnxlm.runtime.serving.scheduler import Scheduler
+    from onnxlm.runtime.scheduler import Scheduler
 
     engine = load(tiny_bundle("fused").path, threads=1)
     barrier = threading.Barrier(8)

@@ -1,4 +1,4 @@
-"""Evaluation (onnxlm.quantize.eval) on the tiny bundle, against transformers as the reference."""
+"""Evaluation (onnxlm.runtime.eval) on the tiny bundle, against transformers as the reference."""
 
 import json
 import math
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from onnxlm.bundle import BundleError
-from onnxlm.quantize.eval import (
+from onnxlm.runtime.eval import (
     builtin_text,
     builtin_texts,
     compare,
@@ -192,7 +192,7 @@ def test_bad_input(engine, tmp_path):
 
 def test_import_does_not_load_torch():
     code = (
-        "import sys, onnxlm.quantize.eval\n"
+        "import sys, onnxlm.runtime.eval\n"
         "bad = [m for m in ('torch', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )
@@ -200,7 +200,7 @@ def test_import_does_not_load_torch():
 
 
 def test_full_logits_match_the_decode_path(engine):
-    from onnxlm.quantize.eval import full_logits
+    from onnxlm.runtime.eval import full_logits
 
     ids = np.array(engine.tokenizer.encode("The quick brown fox"))
     logits = full_logits(engine, ids)  # (seq, vocab)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -91,6 +93,20 @@ def test_rotary_row_order_matches_transformers(heads):
     np.testing.assert_array_equal(rows[G._reverse_permute_rows(24, heads)], expected)
 
 
+def test_find_gguf_takes_a_path_and_never_fetches(tmp_path):
+    """Without a file there is nothing to fetch: the error names the source and the option."""
+    manifest = SimpleNamespace(
+        provenance={"source_kind": "gguf", "source": "gguf:m.gguf", "source_sha256": "0"}
+    )
+    with pytest.raises(ValueError, match=r"gguf:m\.gguf.*--gguf FILE"):
+        G.find_gguf(manifest, None)
+    with pytest.raises(ValueError, match="no such GGUF"):
+        G.find_gguf(manifest, tmp_path / "absent.gguf")
+    (tmp_path / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match="sha256 differs"):
+        G.find_gguf(manifest, tmp_path / "other.gguf")
+
+
 def test_gguf_names():
     assert G.gguf_names("/layers.3/down_proj/MatMul") == ("blk.3.ffn_down.weight",)
     assert G.gguf_names("/layers.0/qkv_proj/MatMul") == tuple(f"blk.0.attn_{x}.weight" for x in "qkv")
@@ -111,7 +127,10 @@ def test_smollm2_blocks_are_lossless(tmp_path, smollm2_bundle):
     from onnxlm.runtime import load
 
     bundle = smollm2_bundle
-    out = G.keep_blocks(bundle, tmp_path / "gguf", accuracy_level=0, progress=False)
+    from onnxlm.commands import default_gguf
+
+    gguf = default_gguf(bundle)
+    out = G.keep_blocks(bundle, tmp_path / "gguf", gguf, accuracy_level=0, progress=False)
     graph = onnx.load(str(bundle / "model.onnx"), load_external_data=False).graph
     projections = [n.name for n in graph.node if n.op_type == "MatMul" and G.gguf_names(n.name)]
     nodes = load(out).manifest.quantization["nodes"]

@@ -14,8 +14,8 @@ from fixtures import make_hf_folder
 
 from onnxlm import bundle as B
 from onnxlm.export.convert import ExportError, export
-from onnxlm.export.long_decode import PREFIX, from_tokens_of, unwrap_long_decode
 from onnxlm.quantize.api import quantize
+from onnxlm.rewrites import PREFIX, from_tokens_of, unwrap_long_decode
 from onnxlm.runtime import load
 
 FROM = 12  # a tiny model's context is short: switch early so tests cross it
@@ -200,7 +200,7 @@ def test_cli_option_and_its_default(tmp_path):
     from click.testing import CliRunner
 
     from onnxlm.cli import cli
-    from onnxlm.export.long_decode import FROM_TOKENS
+    from onnxlm.rewrites import FROM_TOKENS
 
     runner = CliRunner()
     assert f"[default: {FROM_TOKENS}]" in runner.invoke(cli, ["export", "--help"]).output

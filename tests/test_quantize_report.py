@@ -51,7 +51,7 @@ def fake_eval(monkeypatch):
         }
 
     monkeypatch.setattr(R, "evaluate", evaluate)
-    monkeypatch.setattr("onnxlm.quantize.eval.format_report", lambda r: f"perplexity change {r['worst']}")
+    monkeypatch.setattr("onnxlm.runtime.eval.format_report", lambda r: f"perplexity change {r['worst']}")
 
 
 def test_report_is_stored_and_printed(fp32, tmp_path):

@@ -267,7 +267,7 @@ def test_two_replicas_serve_the_openai_api_and_survive_a_killed_one(ray_server):
     assert len(seen) == 2, "requests were routed to both replicas"
     metrics = http("GET", base + "/metrics")
     assert "onnxlm_requests_total" in metrics.text
-    assert f'onnxlm_replica_info{{replica="{metrics.headers["x-onnxlm-replica"]}"}} 1' in metrics.text
+    assert f'onnxlm_replica_info{{replica="{metrics.headers["x-onnxlm-replica"]}"}} 1.0' in metrics.text
 
     # and every replica's series through Ray's own metrics export, tagged with the replica
     import ray

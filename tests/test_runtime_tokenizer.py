@@ -98,6 +98,41 @@ def test_detokenizer_drops_only_a_cut_off_character(hf_tok):
     assert "".join(detok.add(i) for i in real) + detok.flush() == "a\ufffdb"
 
 
+def test_detokenizer_steps_decode_stream_and_falls_back_to_its_window(hf_tok, monkeypatch):
+    """Deltas come from tokenizers' DecodeStream; one that fails mid-stream (InvalidPrefix) is replaced
+    by the same window decoded by hand, and the text is unchanged."""
+    import onnxlm.runtime.tokenizer as T
+
+    tok = make(hf_tok)
+    ids = tok.encode(CHINESE + " and 你好😀 again", add_special_tokens=False)
+    steps = []
+
+    real = T.DecodeStream
+
+    class Counting:
+        def __init__(self, **options):
+            self.stream = real(**options)
+
+        def step(self, tokenizer, token):
+            steps.append(token)
+            if len(steps) == 7:
+                raise Exception("InvalidPrefix")
+            return self.stream.step(tokenizer, token)
+
+    def run(with_stream):
+        monkeypatch.setattr(T, "DecodeStream", with_stream)
+        detok = Detokenizer(tok)
+        return "".join(detok.add(i) for i in ids) + detok.flush(), detok
+
+    text, detok = run(Counting)
+    assert len(steps) == 7 and detok._stream is None  # stepped until it failed, then by hand
+    assert text == tok.decode(ids) and "\ufffd" not in text
+    steps.clear()
+    monkeypatch.undo()
+    plain = Detokenizer(tok)
+    assert "".join(plain.add(i) for i in ids) + plain.flush() == text and plain._stream is not None
+
+
 def test_detokenizer_skips_special_tokens(hf_tok):
     tok = make(hf_tok)
     detok = Detokenizer(tok)

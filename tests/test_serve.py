@@ -222,6 +222,16 @@ def test_metrics_are_prometheus_text(server, client):
         series['onnxlm_time_to_first_token_seconds_bucket{le="+Inf"}']
         == series["onnxlm_time_to_first_token_seconds_count"]
     )
+    assert float(series["process_resident_memory_bytes"]) > 1e6  # prometheus_client's process metrics
+    assert float(series["process_cpu_seconds_total"]) > 0
+
+
+def test_metrics_speak_openmetrics_when_asked(server):
+    """Content negotiation: a scraper that asks for OpenMetrics gets it (ending in # EOF)."""
+    headers = {"Authorization": f"Bearer {KEY}", "Accept": "application/openmetrics-text; version=1.0.0"}
+    r = http("GET", server.base + "/metrics", headers=headers)
+    assert r.headers["content-type"].startswith("application/openmetrics-text")
+    assert r.text.rstrip().endswith("# EOF") and "onnxlm_queue_depth" in r.text
 
 
 def test_full_queue_is_refused_at_once_with_retry_after(engine):

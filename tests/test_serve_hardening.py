@@ -318,15 +318,18 @@ def test_an_abandoned_request_is_counted_once(engine):
             while srv.service.scheduler.active == 0 and time.time() < deadline:
                 time.sleep(0.01)
         deadline = time.time() + 30
-        requests = srv.service.metrics.requests
-        while requests.value(COMP, "499") == 0 and time.time() < deadline:
+        metrics = srv.service.metrics
+        while (
+            metrics.value("onnxlm_requests_total", endpoint=COMP, status="499") == 0
+            and time.time() < deadline
+        ):
             time.sleep(0.02)
         time.sleep(0.3)
-        assert requests.value(COMP, "499") == 1
+        assert metrics.value("onnxlm_requests_total", endpoint=COMP, status="499") == 1
         assert http("POST", srv.base + COMP, json={"prompt": "Hi", "max_tokens": 2}).status_code == 200
         text = http("GET", srv.base + "/metrics").text
-        assert f'onnxlm_requests_total{{endpoint="{COMP}",status="499"}} 1' in text
-        assert f'onnxlm_requests_total{{endpoint="{COMP}",status="200"}} 1' in text
+        assert f'onnxlm_requests_total{{endpoint="{COMP}",status="499"}} 1.0' in text
+        assert f'onnxlm_requests_total{{endpoint="{COMP}",status="200"}} 1.0' in text
     finally:
         srv.stop()
 

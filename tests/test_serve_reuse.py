@@ -12,8 +12,8 @@ from serve_fixtures import ServerThread, http
 
 from onnxlm.runtime import load
 from onnxlm.runtime.generate import GenerationParams
+from onnxlm.runtime.scheduler import Scheduler
 from onnxlm.runtime.serving.app import create_app
-from onnxlm.runtime.serving.scheduler import Scheduler
 
 HISTORY = [
     {"role": "system", "content": "You answer questions about the weather."},

@@ -12,7 +12,7 @@ from runtime_fixtures import tiny_bundle
 from onnxlm.runtime import load
 from onnxlm.runtime.generate import GenerationParams
 from onnxlm.runtime.kv_cache import KVCache, SharedKVCache
-from onnxlm.runtime.serving.scheduler import GenerationAborted, QueueFull, Scheduler
+from onnxlm.runtime.scheduler import GenerationAborted, QueueFull, Scheduler
 
 L, H, D = 2, 2, 4
 

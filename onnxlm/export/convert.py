@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import bundle as B
+from ..rewrites import FROM_TOKENS
 from . import sources
-from .long_decode import FROM_TOKENS
 
 log = logging.getLogger("onnxlm")
 
@@ -258,7 +258,7 @@ def write_graph(
     from `long_decode_from` tokens held, see long_decode.py)."""
     import onnx
 
-    from .long_decode import wrap_long_decode
+    from ..rewrites import wrap_long_decode
 
     model = onnx.load(str(raw_path))  # the family module's output_head keeps a tied head as one tensor
     _drop_unused_outputs(model)

@@ -3,13 +3,29 @@
     from onnxlm.quantize import quantize
     quantize("bundles/smollm2", "bundles/smollm2-int4", recipe="int4")    # -> Path
 
-Recipes (recipes.RECIPES): int8, int4, int4-mixed, fp16. The choices made for every weight are
-recorded in the new bundle's manifest (`quantization`).
+Recipes (recipes.RECIPES): int8, int4, int4-mixed, fp16; and two built on them by
+report.quantize_with_report (which also measures the result against its source): auto (int4, raising
+sensitive weights to int8 until a perplexity budget holds) and gguf (the source GGUF's own Q4_1 / Q8_0
+blocks, gguf_blocks.py). All six are CHOICES. The choices made for every weight are recorded in the new
+bundle's manifest (`quantization`). Paths in, a bundle out: nothing here fetches.
 """
 
 from __future__ import annotations
 
 from .api import ALGORITHMS, BLOCK_SIZES, QuantizeError, quantize
-from .recipes import RECIPES, Recipe, Rule, Site
+from .recipes import RECIPES, SCHEMES, Recipe, Rule, Site
 
-__all__ = ["quantize", "QuantizeError", "RECIPES", "Recipe", "Rule", "Site", "ALGORITHMS", "BLOCK_SIZES"]
+CHOICES = (*RECIPES, "auto", "gguf")  # every recipe name quantize_with_report (and the CLI) takes
+
+__all__ = [
+    "quantize",
+    "QuantizeError",
+    "RECIPES",
+    "CHOICES",
+    "Recipe",
+    "Rule",
+    "Site",
+    "ALGORITHMS",
+    "BLOCK_SIZES",
+    "SCHEMES",
+]

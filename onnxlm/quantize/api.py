@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import bundle as B
-from .recipes import RECIPES, get_recipe
+from .recipes import RECIPES, SCHEMES, get_recipe
 
 BLOCK_SIZES = (16, 32, 64, 128)
 ALGORITHMS = ("rtn", "hqq", "gptq")
@@ -95,8 +95,6 @@ def quantize(
 
 
 def _check_options(recipe, block_size, scheme, accuracy_level, algorithm, calibration_text):
-    from .weights import SCHEMES
-
     try:
         rec = get_recipe(recipe)
     except ValueError as e:
@@ -211,7 +209,7 @@ def _integer(model, sites, rec, src, manifest, settings, text, bar) -> dict:
 
 
 def _fp16(model, sites, manifest, io: B.GraphIO):
-    from ..export.long_decode import unwrap_long_decode
+    from ..rewrites import unwrap_long_decode
     from . import fp16
 
     if unwrap_long_decode(model):  # float16 MatMul has no CPU kernel; GPUs run GroupQueryAttention well

@@ -196,21 +196,19 @@ def keep_gguf_blocks(
 
 
 def find_gguf(manifest, gguf_path: str | Path | None) -> Path:
-    """The GGUF a bundle was exported from: the given file, or the cached default it names; checked by sha256."""
+    """The GGUF a bundle was exported from, checked by sha256. A path only: quantize never fetches
+    (`onnxlm pull` does, and the CLI passes the default model's cached file)."""
     from ..bundle import sha256_file
-    from ..export import sources
 
     prov = manifest.provenance
     if prov.get("source_kind") != "gguf":
         raise ValueError("this bundle was not exported from a GGUF file; there are no blocks to keep")
-    want = prov.get("source_sha256")
     if gguf_path is None:
-        known = [p for p in sources.DEFAULTS.values() if p.gguf_sha256 == want]
-        if not known:
-            raise ValueError("give the GGUF this bundle was exported from (--gguf FILE)")
-        gguf_path = sources.pull(known[0].name)
+        raise ValueError(f"give the GGUF this bundle was exported from ({prov.get('source')}): --gguf FILE")
     path = Path(gguf_path)
-    if sha256_file(path) != want:
+    if not path.is_file():
+        raise ValueError(f"{path}: no such GGUF file")
+    if sha256_file(path) != prov.get("source_sha256"):
         raise ValueError(f"{path}: is not the GGUF this bundle was exported from (sha256 differs)")
     return path
 

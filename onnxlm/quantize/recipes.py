@@ -95,6 +95,8 @@ def widest(formats: list[str]) -> str:
     return max(formats, key=_PRECISION.__getitem__)
 
 
+SCHEMES = ("min", "sym", "asym")  # 4-bit block forms (pack.py): scale + float minimum, scale, scale + zero
+
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import bundle as B
+from ..runtime.eval import evaluate, load_engine
 from .api import QuantizeError, _check_out, quantize
-from .eval import evaluate, load_engine
 from .recipes import V_PROJ, Recipe, Rule, Site
 
 # Raised to int8 in this order by `auto`, most sensitive first (per-group KL on SmolLM2: down_proj

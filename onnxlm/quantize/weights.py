@@ -20,9 +20,6 @@ from .recipes import Site, widest
 BITS = {"int4": 4, "int8": 8}
 
 
-SCHEMES = ("min", "sym", "asym")
-
-
 @dataclass
 class Settings:
     block_size: int = 32

@@ -26,11 +26,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnxruntime as ort
 
 from ..bundle import MODEL, TOKENIZER, BundleError, Manifest, check_bundle
 from .batch import generate_steps
 from .generate import GenerationParams, Model, Step
 from .prefix import PrefixCache
+from .scheduler import Scheduler
 from .session import make_session, release_free_heap, release_mapped_files
 from .speculate import Costs, ModelDrafter, NgramDrafter, verify_gap
 from .tokenizer import Tokenizer
@@ -147,7 +149,8 @@ def load_model(
 
 
 class Engine:
-    """One bundle, ready to generate. Build with `Engine.load(bundle_dir)`.
+    """One bundle, ready to generate. Build with `Engine.load(bundle_dir)` (checks the bundle), or
+    `Engine.from_parts(bundle_dir, manifest, session)` for a folder being written or a rewritten graph.
 
     draft: speculative decoding for every generation method: "ngram" (prompt lookup: drafts copied
     from the prompt and the text so far) or a draft Model / bundle path sharing this tokenizer (e.g. an
@@ -210,6 +213,24 @@ class Engine:
         if draft is not None and draft != "ngram":
             draft = load_model(Path(draft), providers, threads, verify_hashes, io_binding)
         return cls(model, tokenizer, manifest, root, draft=draft, prefix_cache_mb=prefix_cache_mb)
+
+    @classmethod
+    def from_parts(
+        cls,
+        bundle_dir: str | os.PathLike,
+        manifest: Manifest,
+        session: ort.InferenceSession | None = None,
+        providers: Sequence[str] | str | None = None,
+        threads: int | None = None,
+        **options: Any,
+    ) -> Engine:
+        """An Engine over `bundle_dir` with the given manifest, not checked against the folder: for a
+        bundle still being written (quantize evaluates before it commits) or a graph rewritten in memory
+        (`session`, which replaces the one opened on the folder's model.onnx). `options` as in __init__."""
+        root = Path(bundle_dir)
+        if session is None:
+            session = make_session(root / MODEL, providers=providers, threads=threads)
+        return cls(Model(session, manifest), Tokenizer.from_bundle(root, manifest), manifest, root, **options)
 
     def use_draft(self, draft: str | Model | None) -> None:
         """Speculate with `draft` from now on ("ngram", a draft Model, or None to stop)."""
@@ -390,8 +411,6 @@ class Engine:
 
     def new_scheduler(self, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | None = 512):
         """A continuous-batching scheduler on this engine's model, draft and prefix cache (not started)."""
-        from .serving.scheduler import Scheduler
-
         return Scheduler(
             self.model,
             self.tokenizer,

@@ -22,7 +22,7 @@ from ..bundle import Manifest
 from . import constraints
 from .driver import window_feeds
 from .kv_cache import KVCache, SharedKVCache
-from .sampling import apply_processors, check_logit_bias, make_logits_processors, make_sampler
+from .sampling import ParamError, apply_processors, check_logit_bias, make_logits_processors, make_sampler
 from .session import BoundBuffers, kv_device, run_bound, run_numpy
 from .tokenizer import Detokenizer, Tokenizer
 
@@ -33,7 +33,9 @@ _ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 @dataclass
 class GenerationParams:
-    """A request's generation parameters; validated on construction (ValueError / TypeError)."""
+    """A request's generation parameters, validated on construction: the one check of them that the
+    Python API, the CLI and the server all go through (ParamError, a ValueError naming the parameter;
+    TypeError for unknown keywords)."""
 
     max_new_tokens: int = 256
     temperature: float = 0.0
@@ -58,22 +60,24 @@ class GenerationParams:
     def __post_init__(self):
         n = self.max_new_tokens
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {n!r}")
+            raise ParamError("max_new_tokens", f"max_new_tokens must be an integer >= 1, got {n!r}")
         self.max_new_tokens = int(n)
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         if not all(isinstance(s, str) and s for s in self.stop):
-            raise ValueError(f"stop must be a non-empty string or a list of them, got {self.stop!r}")
+            raise ParamError("stop", f"stop must be a non-empty string or a list of them, got {self.stop!r}")
         ids = list(self.stop_token_ids or [])
         if not all(isinstance(t, (int, np.integer)) and not isinstance(t, bool) and t >= 0 for t in ids):
-            raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+            raise ParamError(
+                "stop_token_ids", f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}"
+            )
         self.stop_token_ids = [int(t) for t in ids]
         if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+            raise ParamError("ignore_eos", f"ignore_eos must be True or False, got {self.ignore_eos!r}")
         k = self.top_logprobs
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k <= 20:
-            raise ValueError(f"top_logprobs must be an integer in [0, 20], got {k!r}")
+            raise ParamError("top_logprobs", f"top_logprobs must be an integer in [0, 20], got {k!r}")
         self.top_logprobs = int(k)
         self.sampler()  # validates temperature, top_k, top_p, min_p, seed
         self.logit_bias = check_logit_bias(self.logit_bias) or None

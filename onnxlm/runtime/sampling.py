@@ -20,23 +20,31 @@ Sampler = Callable[[np.ndarray], np.ndarray]
 LogitsProcessor = Callable[[Sequence[Sequence[int]], np.ndarray], np.ndarray]
 
 
+class ParamError(ValueError):
+    """A generation parameter out of its range; `param` names it (the server's 400 does too)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 def _number(name: str, value, lo: float, hi: float, lo_open: bool = False, hi_open: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ParamError(name, f"{name} must be a number, got {value!r}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
+        raise ParamError(name, f"{name} must be finite, got {value}")
     if value < lo or (lo_open and value == lo) or value > hi or (hi_open and value == hi):
         lb, rb = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be in {lb}{lo:g}, {hi:g}{rb}, got {value:g}")
+        raise ParamError(name, f"{name} must be in {lb}{lo:g}, {hi:g}{rb}, got {value:g}")
     return value
 
 
 def _integer(name: str, value, lo: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
+        raise ParamError(name, f"{name} must be an integer, got {value!r}")
     if value < lo:
-        raise ValueError(f"{name} must be >= {lo}, got {value}")
+        raise ParamError(name, f"{name} must be >= {lo}, got {value}")
     return int(value)
 
 
@@ -168,16 +176,18 @@ def check_logit_bias(bias, vocab_size: int | None = None) -> dict[int, float]:
     if bias is None:
         return {}
     if not isinstance(bias, dict):
-        raise ValueError(f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
+        raise ParamError("logit_bias", f"logit_bias must map token ids to numbers, got {type(bias).__name__}")
     out = {}
     for key, value in bias.items():
         try:
             token = int(key)
         except (TypeError, ValueError):
-            raise ValueError(f"logit_bias: {key!r} is not a token id") from None
+            raise ParamError("logit_bias", f"logit_bias: {key!r} is not a token id") from None
         if isinstance(key, bool) or token < 0 or (vocab_size is not None and token >= vocab_size):
-            raise ValueError(f"logit_bias: token id {key!r} is outside the vocabulary (size {vocab_size})")
-        out[token] = _number(f"logit_bias[{key}]", value, -100.0, 100.0)
+            raise ParamError(
+                "logit_bias", f"logit_bias: token id {key!r} is outside the vocabulary (size {vocab_size})"
+            )
+        out[token] = _number("logit_bias", value, -100.0, 100.0)
     return out
 
 

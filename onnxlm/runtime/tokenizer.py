@@ -22,6 +22,7 @@ from typing import Any
 
 import jinja2
 from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.decoders import DecodeStream
 
 from ..bundle import TOKENIZER, BundleError, Manifest
 from .chat_template import ChatTemplateError, compile_chat_template, render_chat_template
@@ -198,15 +199,18 @@ class Detokenizer:
     """Turn a growing list of token ids into text deltas that are always complete characters.
 
     Byte-level BPE can split one character across tokens, and SentencePiece-style decoders drop the
-    leading space of the first token they see; so each step decodes a small anchor window (the tokens
-    since the last-but-one emission) with and without the new tokens and emits the difference, holding
-    back anything that ends in U+FFFD (an unfinished UTF-8 sequence). The concatenated deltas equal
+    leading space of the first token they see; tokenizers' DecodeStream handles both (it decodes a small
+    anchor window with and without the new tokens and emits the difference, holding back anything that
+    ends in U+FFFD, an unfinished UTF-8 sequence). DecodeStream has no end: `flush()` emits what it
+    still holds, from the same window, which is tracked here. The concatenated deltas equal
     `decode(all ids)` once `flush()` has run (less a trailing U+FFFD for a character cut off by the end).
     """
 
     def __init__(self, tokenizer: Tokenizer | HFTokenizer, skip_special_tokens: bool = True):
         self._decode_fn = tokenizer.decode
         self._tokenizer = tokenizer
+        self._hf = getattr(tokenizer, "tok", tokenizer)  # DecodeStream steps the tokenizers object
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
         self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.prefix = 0  # window start: tokens before it are settled and emitted
@@ -225,18 +229,28 @@ class Detokenizer:
 
     def add(self, token_ids: int | Iterable[int]) -> str:
         """Append token(s); return the new complete text (possibly "")."""
-        if isinstance(token_ids, int):
-            self.ids.append(token_ids)
-        else:
-            self.ids.extend(int(t) for t in token_ids)
+        new = [int(token_ids)] if isinstance(token_ids, int) else [int(t) for t in token_ids]
+        if not new:
+            return ""
+        self.ids.extend(new)
+        delta = self._step(new)
+        if not delta:  # None: an unfinished character (or nothing visible) is held back
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)  # DecodeStream's window moves the same way
+        self.text += delta
+        return delta
+
+    def _step(self, new: list[int]) -> str | None:
+        if self._stream is not None:
+            try:
+                return self._stream.step(self._hf, new if len(new) > 1 else new[0])
+            except Exception:  # a decoder whose longer window does not extend the shorter one's text
+                self._stream = None  # (DecodeStream's InvalidPrefix): the same window, by hand
         prefix_text = self._decode(self.ids[self.prefix : self.read])
         new_text = self._decode(self.ids[self.prefix :])
         if len(new_text) > len(prefix_text) and not new_text.endswith(REPLACEMENT):
-            delta = new_text[len(prefix_text) :]
-            self.prefix, self.read = self.read, len(self.ids)
-            self.text += delta
-            return delta
-        return ""
+            return new_text[len(prefix_text) :]
+        return None
 
     def flush(self) -> str:
         """Emit whatever is held back. A character cut off by the end (its first bytes only) is dropped,

@@ -1,9 +1,5 @@
-"""Serving: the continuous-batching scheduler and the OpenAI-compatible HTTP app.
+"""Serving: the OpenAI-compatible HTTP app (app.py) over an Engine and its continuous-batching scheduler
+(onnxlm/runtime/scheduler.py), and the Ray Serve deployment (ray_serve.py).
 
-The scheduler needs only the runtime; the app needs the `serve` extra (starlette, uvicorn) and is
-imported on demand: `from onnxlm.runtime.serving.app import create_app`.
+Needs the `serve` extra (starlette, uvicorn); nothing below runtime/ imports this package.
 """
-
-from .scheduler import GenerationAborted, QueueFull, Scheduler, Stream
-
-__all__ = ["GenerationAborted", "QueueFull", "Scheduler", "Stream"]

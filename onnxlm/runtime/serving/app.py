@@ -26,16 +26,16 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..engine import Engine
+from ..scheduler import Cancelled, GenerationAborted, QueueFull, Scheduler
 from .choices import cancel, collect, events, open_streams, queue_full
 from .guard import HostGuard, HostPolicy, check_encodable, check_json_content_type
 from .metrics import ServerMetrics
 from .protocol import APIError, GenRequest, bad, parse_chat, parse_completion, parse_json
 from .responses import LogprobText, cached_tokens, completion_body, new_id, prompt_logprobs
-from .scheduler import Cancelled, GenerationAborted, QueueFull, Scheduler
 from .tokens import detokenize, tokenize, tokenizer_info
 
 log = logging.getLogger("onnxlm.serving")
@@ -161,15 +161,11 @@ async def ready(svc: Service, request: Request) -> Response:
 
 @_endpoint("/metrics")
 async def metrics(svc: Service, request: Request) -> Response:
-    text = svc.metrics.render()
     replica = getattr(request.app.state, "replica", None)  # set under Ray Serve: which replica answered
-    if replica is None:
-        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
-    text += (
-        "# HELP onnxlm_replica_info The Ray Serve replica these series come from.\n"
-        f'# TYPE onnxlm_replica_info gauge\nonnxlm_replica_info{{replica="{replica}"}} 1\n'
-    )
-    return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
+    if replica is not None:
+        svc.metrics.set_replica(replica)
+    body, content_type = svc.metrics.render(request.headers.get("accept"))
+    return Response(body, media_type=content_type)
 
 
 def _model_card(svc: Service) -> dict:

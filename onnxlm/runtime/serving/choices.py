@@ -9,9 +9,9 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from ..generate import SeqOutput
+from ..scheduler import GenerationAborted, QueueFull, Scheduler, Stream
 from .protocol import APIError, GenRequest
 from .responses import ChoiceStream, Entry, LogprobText, cached_tokens, chunk_body, usage
-from .scheduler import GenerationAborted, QueueFull, Scheduler, Stream
 
 
 def open_streams(scheduler: Scheduler, req: GenRequest) -> dict[int, Stream]:

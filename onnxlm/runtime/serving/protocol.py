@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..constraints import compile_grammar
 from ..engine import Engine
 from ..generate import GenerationParams, check_prompts
-from ..sampling import check_logit_bias
+from ..sampling import ParamError, check_logit_bias
 from ..tools import check_tool_choice, check_tools
 from .openai_fields import FieldError, check_fields, constraint
 
@@ -68,24 +67,25 @@ def _kind(value: Any) -> str:
     return "null" if value is None else "a boolean" if isinstance(value, bool) else type(value).__name__
 
 
-def _number(body: dict, name: str, lo: float, hi: float, default: float | None) -> float | None:
+def _number(body: dict, name: str, default: float | None) -> float | None:
+    """A JSON number; its range is GenerationParams' to check (the one validator)."""
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad(f"'{name}' must be a number, got {_kind(value)}", name, "invalid_type")
-    if not math.isfinite(value) or not lo <= value <= hi:
-        raise bad(f"'{name}' must be between {lo:g} and {hi:g}, got {value!r}", name, "invalid_value")
     return float(value)
 
 
-def _integer(body: dict, name: str, lo: int, hi: int, default: int | None) -> int | None:
+def _integer(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None):
+    """A JSON integer; `lo`/`hi` only for the wire's own fields (n, max_tokens, seed, logprobs): a
+    generation parameter's range is GenerationParams' to check."""
     value = body.get(name)
     if value is None:
         return default
     if isinstance(value, bool) or not isinstance(value, int):
         raise bad(f"'{name}' must be an integer, got {_kind(value)}", name, "invalid_type")
-    if not lo <= value <= hi:
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise bad(f"'{name}' must be between {lo} and {hi}, got {value}", name, "invalid_value")
     return value
 
@@ -182,7 +182,7 @@ def _common(
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise bad(f"'model' must be a string, got {_kind(model)}", "model", "invalid_type")
-    n = _integer(body, "n", 1, MAX_N, 1)
+    n = _integer(body, "n", 1, 1, MAX_N)
     stream = _boolean(body, "stream", False)
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
@@ -193,27 +193,27 @@ def _common(
             f"'stream_options.{unknown[0]}' is not supported", "stream_options", "unsupported_parameter"
         )
     include_usage = _boolean(options or {}, "include_usage", False)
-    max_tokens = _integer(body, "max_tokens", 0, 2**31, None)
+    max_tokens = _integer(body, "max_tokens", None, 0, 2**31)
     if chat:
-        max_tokens = _integer(body, "max_completion_tokens", 1, 2**31, None) or max_tokens
+        max_tokens = _integer(body, "max_completion_tokens", None, 1, 2**31) or max_tokens
         if max_tokens == 0:
             raise bad("'max_tokens' must be at least 1", "max_tokens", "invalid_value")
-    seed = _integer(body, "seed", -(2**63), 2**64 - 1, None)
+    seed = _integer(body, "seed", None, -(2**63), 2**64 - 1)
     vocab = engine.model.facts.vocab_size
     try:
         bias = check_logit_bias(body.get("logit_bias"), vocab)
     except ValueError as e:
         raise bad(str(e), "logit_bias", "invalid_value") from None
     kwargs = dict(
-        temperature=_number(body, "temperature", 0.0, 2.0, 1.0),
-        top_p=_number(body, "top_p", 0.0, 1.0, 1.0) or 1e-9,  # top_p 0 means: the top token only
-        top_k=_integer(body, "top_k", 0, 2**31, 0),
-        min_p=_number(body, "min_p", 0.0, 1.0, 0.0),
-        repetition_penalty=_number(body, "repetition_penalty", 0.01, 10.0, 1.0),
-        presence_penalty=_number(body, "presence_penalty", -2.0, 2.0, 0.0),
-        frequency_penalty=_number(body, "frequency_penalty", -2.0, 2.0, 0.0),
+        temperature=_number(body, "temperature", 1.0),
+        top_p=_number(body, "top_p", 1.0) or 1e-9,  # OpenAI's top_p 0 means: the top token only
+        top_k=_integer(body, "top_k", 0),
+        min_p=_number(body, "min_p", 0.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0),
         logit_bias=bias or None,
-        min_tokens=_integer(body, "min_tokens", 0, 2**31, 0),
+        min_tokens=_integer(body, "min_tokens", 0),
         stop_token_ids=_token_ids(body, "stop_token_ids", vocab),
         seed=None if seed is None else seed % 2**64,
         stop=_stop(body),
@@ -235,6 +235,8 @@ def _params(kwargs: dict[str, Any], room: int, max_tokens: int | None, default_m
     # past the window max_tokens is clamped: the sequence ends there with finish_reason "length"
     try:
         return GenerationParams(max_new_tokens=max(1, min(max_tokens or default_max or room, room)), **kwargs)
+    except ParamError as e:
+        raise bad(str(e), e.param, "invalid_value") from None
     except (TypeError, ValueError) as e:
         raise bad(str(e)) from None
 
@@ -276,7 +278,7 @@ def parse_completion(body: dict, engine: Engine) -> GenRequest:
     if body.get("suffix") not in (None, ""):
         raise bad("'suffix' is not supported by this server", "suffix", "unsupported_parameter")
     echo = _boolean(body, "echo", False)
-    top = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS, None)
+    top = _integer(body, "logprobs", None, 0, MAX_TOP_LOGPROBS)
     model, kwargs, stream, include_usage, n, max_tokens = _common(body, engine, False)
     if body.get("best_of") not in (None, 1, n):
         raise bad(
@@ -317,7 +319,7 @@ def parse_chat(body: dict, engine: Engine) -> GenRequest:
     if messages is None:
         raise bad("'messages' is required", "messages", "missing_required_parameter")
     logprobs = _boolean(body, "logprobs", False)
-    top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS, None)
+    top = _integer(body, "top_logprobs", None, 0, MAX_TOP_LOGPROBS)
     if top is not None and not logprobs and top > 0:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs", "invalid_value")
     model, kwargs, stream, include_usage, n, max_tokens = _common(body, engine, True)
@@ -335,6 +337,8 @@ def parse_chat(body: dict, engine: Engine) -> GenRequest:
         ids, params, parse = engine.chat_request(
             messages, template_vars, **tool_fields, **kwargs, **constrained, top_logprobs=top or 0
         )
+    except ParamError as e:
+        raise bad(str(e), e.param, "invalid_value") from None
     except ValueError as e:  # ChatTemplateError is a ValueError too
         text = str(e)
         param = next((p for p in ("parallel_tool_calls", "tools") if p in text), "messages")

@@ -1,6 +1,6 @@
 """Evaluation through the runtime alone: sliding-window perplexity, and agreement with a reference bundle.
 
-    from onnxlm.quantize.eval import evaluate, format_report
+    from onnxlm.runtime.eval import evaluate, format_report
     print(format_report(evaluate("bundles/int4", against="bundles/fp32")))
 
 Perplexity follows Hugging Face's sliding-window recipe: windows of `window` tokens start every `stride`
@@ -25,11 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import MODEL, MODEL_DATA, STAGING_MARK, Manifest
-from ..runtime.engine import Engine
-from ..runtime.generate import Model
-from ..runtime.session import make_session
-from ..runtime.tokenizer import Tokenizer
+from ..bundle import MODEL_DATA, STAGING_MARK, Manifest
+from .engine import Engine
 
 DEFAULT_WINDOW = 512
 TOP_K = 5
@@ -92,9 +89,7 @@ def load_engine(
         raise TypeError(f"bundle must be a bundle folder or an Engine, got {type(bundle).__name__}")
     if manifest is None:
         return Engine.load(bundle, providers=providers, threads=threads)
-    root = Path(bundle)
-    session = make_session(root / MODEL, providers=providers, threads=threads)
-    return Engine(Model(session, manifest), Tokenizer.from_bundle(root, manifest), manifest, root)
+    return Engine.from_parts(bundle, manifest, providers=providers, threads=threads)
 
 
 def describe(engine: Engine) -> dict[str, Any]:

@@ -24,10 +24,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..batch import Admission, Batch
-from ..generate import GenerationParams, Model, SeqOutput, SeqState, check_prompts, new_seq
-from ..prefix import PrefixCache
-from ..tokenizer import Tokenizer
+from .batch import Admission, Batch
+from .generate import GenerationParams, Model, SeqOutput, SeqState, check_prompts, new_seq
+from .prefix import PrefixCache
+from .tokenizer import Tokenizer
 
 log = logging.getLogger("onnxlm.serving")
 
