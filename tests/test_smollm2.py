@@ -75,10 +75,13 @@ def test_weights_are_not_resident_twice_after_load(smollm2_bundle, monkeypatch):
 
 def test_quantize_keeping_the_gguf_blocks(smollm2_bundle, tmp_path):
     """The GGUF's own Q4_1/Q8_0 blocks: under a fifth of the bytes, perplexity within 1% of the fp32 bundle."""
+    from onnxlm.commands import default_gguf
     from onnxlm.quantize.report import quantize_with_report
 
+    gguf = default_gguf(smollm2_bundle)  # the cached GGUF the CLI passes: quantize itself never fetches
+    assert gguf is not None
     out, report = quantize_with_report(
-        smollm2_bundle, tmp_path / "gguf", "gguf", eval_tokens=512, progress=False
+        smollm2_bundle, tmp_path / "gguf", "gguf", eval_tokens=512, progress=False, gguf=gguf
     )
     m = B.check_bundle(out)
     assert m.quantization["recipe"] == "gguf" and m.quantization["block_kinds"] == ["q4_1", "q8_0"]
