@@ -255,7 +255,7 @@ def write_graph(
 ) -> None:
     """Move every weight into one external data file beside model.onnx (computing the rotary caches
     in the graph when the module says how; attention switching to MatMul / Softmax for decode steps
-    from `long_decode_from` tokens held, see long_decode.py)."""
+    from `long_decode_from` tokens held, see onnxlm/rewrites.py)."""
     import onnx
 
     from ..rewrites import wrap_long_decode
@@ -287,7 +287,7 @@ def export(
     graph: "fused" (onnxruntime's contrib operators over a shared KV buffer) or "plain" (standard ONNX
     operators, KV concatenated each step); None takes DEFAULT_GRAPH, and plain where the family or the
     config cannot have the fused one. long_decode_from: on the fused graph, decode steps holding at
-    least this many tokens compute attention as MatMul / Softmax (faster there; long_decode.py); None
+    least this many tokens compute attention as MatMul / Softmax (faster there; onnxlm/rewrites.py); None
     or a number not below the context window: GroupQueryAttention always."""
     from tqdm.auto import tqdm
 
