@@ -79,22 +79,19 @@ class Speculator:
         self.k_max = k_max
         self.costs = Costs()
         self.accept: list[float] = []  # per row
-        self.idle: list[int] = []  # rounds since the row last had a draft checked
         self.drafted = self.accepted = self.rounds = self.speculated = 0
 
     # rows join and leave as the driver's do
     def join(self, seqs: Sequence, rows) -> None:
         self.accept += [PRIOR] * len(seqs)
-        self.idle += [0] * len(seqs)
 
     def drop(self, row: int) -> None:
         last = len(self.accept) - 1
-        self.accept[row], self.idle[row] = self.accept[last], self.idle[last]
+        self.accept[row] = self.accept[last]
         self.accept.pop()
-        self.idle.pop()
 
     def free(self) -> None:
-        self.accept, self.idle = [], []
+        self.accept = []
 
     def choose(self, avail: Sequence[int]) -> int:
         """The draft length for this round, given how many tokens each row could draft at most. Every
@@ -121,11 +118,9 @@ class Speculator:
         if drafted:
             rate = accepted / drafted
             self.accept[row] = (1 - EMA) * self.accept[row] + EMA * rate
-            self.idle[row] = 0
             self.drafted += drafted
             self.accepted += accepted
         else:  # drift back toward the prior, so a row that stopped drafting is tried again later
-            self.idle[row] += 1
             self.accept[row] += (PRIOR - self.accept[row]) * 0.02
 
     def observe(self, width: int, secs: float) -> None:
@@ -234,10 +229,7 @@ class ModelDrafter(Speculator):
                 if i < limits[b]:
                     drafts[b].append(int(nxt[b]))
             tokens = [[int(t)] for t in nxt]
-            if i == k - 1:
-                break
-        steps = k
-        secs = (time.perf_counter() - t0) / steps
+        secs = (time.perf_counter() - t0) / k
         old = self.costs.draft_step
         self.costs.draft_step = secs if not old else (1 - EMA) * old + EMA * secs
         return [d[: min(k, n)] for d, n in zip(drafts, limits, strict=True)]
