@@ -1,7 +1,9 @@
-"""A tiny bundle for the runtime tests: random Llama (2 layers, hidden 64, tied embeddings) made by
-`fixtures.make_hf_folder` with the shared tokenizer and ChatML template, exported by the real exporter.
+"""Tiny bundles for the runtime, serving and benchmark tests: a random Llama (2 layers, hidden 64, tied
+embeddings) made by `tests.fixtures.make_hf_folder` with the shared tokenizer and ChatML template,
+exported by the real exporter.
 
-`tiny_bundle()` builds it once per process.
+`tiny_bundle(graph)` builds it once per process and graph; `long_bundle()` is the same model with a
+2048-token window, for prompts that carry tools and JSON schemas.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fixtures import EOS, IM_END, load_hf_model, make_hf_folder
+from tests.fixtures import EOS, IM_END, load_hf_model, make_hf_folder
 
 
 @dataclass
@@ -54,3 +56,11 @@ def tiny_bundle(graph: str | None = None) -> TinyBundle:
     root = Path(tempfile.mkdtemp(prefix="onnxlm-runtime-test-"))
     atexit.register(shutil.rmtree, root, True)
     return build_bundle(root / "tiny", graph=graph)
+
+
+@functools.cache
+def long_bundle() -> Path:
+    """Tool definitions and JSON schemas in the prompt need more room than the usual 128 tokens."""
+    root = Path(tempfile.mkdtemp(prefix="onnxlm-openai-test-"))
+    atexit.register(shutil.rmtree, root, True)
+    return build_bundle(root / "tiny-long", context_length=2048).path

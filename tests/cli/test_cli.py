@@ -5,10 +5,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from click.testing import CliRunner
-
-from onnxlm.cli import cli
-
 PROBE = (
     "import sys, runpy; sys.argv = ['onnxlm'] + sys.argv[1:]\n"
     "try:\n    runpy.run_module('onnxlm', run_name='__main__')\nexcept SystemExit: pass\n"
@@ -38,17 +34,17 @@ def test_import_runtime_loads_no_torch_or_transformers():
     assert r.stdout.strip() == "[]"
 
 
-def test_commands_listed():
-    out = CliRunner().invoke(cli, ["--help"]).output
+def test_commands_listed(run_cli):
+    out = run_cli("--help").output
     for cmd in ("pull", "export", "generate", "chat", "info"):
         assert cmd in out
 
 
-def test_generate_streams_and_info_reports(tiny_llama_bundle):
-    r = CliRunner().invoke(cli, ["generate", str(tiny_llama_bundle), "The quick", "-n", "8", "--ignore-eos"])
+def test_generate_streams_and_info_reports(tiny_llama_bundle, run_cli):
+    r = run_cli("generate", str(tiny_llama_bundle), "The quick", "-n", "8", "--ignore-eos")
     assert r.exit_code == 0, r.output
     assert r.output.strip()
-    r = CliRunner().invoke(cli, ["info", str(tiny_llama_bundle)])
+    r = run_cli("info", str(tiny_llama_bundle))
     assert r.exit_code == 0 and "greedy agreement 100%" in r.output and "model.onnx.data" in r.output
     assert "graph       fused, KV shared_buffer (float32)" in r.output
 
@@ -90,7 +86,7 @@ def test_missing_bundle_and_bad_option():
     assert r.returncode == 2 and "Traceback" not in r.stderr
 
 
-def test_eval_command(tiny_llama_bundle, tmp_path):
+def test_eval_command(tiny_llama_bundle, tmp_path, run_cli):
     import json
 
     text = tmp_path / "t.txt"
@@ -98,21 +94,19 @@ def test_eval_command(tiny_llama_bundle, tmp_path):
         "The quick brown fox jumps over the lazy dog. 你好，欢迎使用我们的客服系统。" * 8, encoding="utf-8"
     )
     args = ["eval", str(tiny_llama_bundle), "--text", str(text), "--window", "64"]
-    r = CliRunner().invoke(cli, [*args, "--json"])
+    r = run_cli(*args, "--json")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     (only,) = result["texts"].values()
     assert only["ppl"] > 1 and only["tokens"] > 64
-    r = CliRunner().invoke(cli, [*args, "--against", str(tiny_llama_bundle)])
+    r = run_cli(*args, "--against", str(tiny_llama_bundle))
     assert r.exit_code == 0 and "agreement" in r.output.lower(), r.output
 
 
-def test_bench_command_reports_every_context(tiny_llama_bundle):
+def test_bench_command_reports_every_context(tiny_llama_bundle, run_cli):
     import json
 
-    r = CliRunner().invoke(
-        cli, ["bench", str(tiny_llama_bundle), "--contexts", "8,32", "-n", "6", "--json", "--no-bandwidth"]
-    )
+    r = run_cli("bench", str(tiny_llama_bundle), "--contexts", "8,32", "-n", "6", "--json", "--no-bandwidth")
     assert r.exit_code == 0, r.output
     result = json.loads(r.stdout)
     assert [c["context"] for c in result["contexts"]] == [8, 32]
@@ -122,7 +116,7 @@ def test_bench_command_reports_every_context(tiny_llama_bundle):
     assert result["peak_rss_mb"] > 0
     if sys.platform.startswith("linux"):
         assert 0 < result["rss_mb"] <= result["peak_rss_mb"] + 1
-    r = CliRunner().invoke(cli, ["bench", str(tiny_llama_bundle), "--contexts", "250", "-n", "16"])
+    r = run_cli("bench", str(tiny_llama_bundle), "--contexts", "250", "-n", "16")
     assert r.exit_code == 1 and "exceeds the window" in r.output
 
 
@@ -150,7 +144,7 @@ def test_invalid_utf8_arguments_are_one_line_errors(tiny_llama_bundle):
         assert len(errors) == 1 and "not valid Unicode" in errors[0] and "TypeError" not in errors[0], stderr
 
 
-def test_chat_keeps_its_history_after_a_bad_line(tiny_llama_bundle, monkeypatch):
+def test_chat_keeps_its_history_after_a_bad_line(tiny_llama_bundle, monkeypatch, run_cli):
     """A line of invalid UTF-8, or one the model refuses (past its window), costs that line only."""
     import onnxlm.cli as cli_module
     from onnxlm.runtime import load
@@ -165,7 +159,7 @@ def test_chat_keeps_its_history_after_a_bad_line(tiny_llama_bundle, monkeypatch)
 
     monkeypatch.setattr(cli_module, "_load", lambda *a: Recording())
     lines = b"hello\n\xff\xfe broken\n" + b"fox " * 400 + b"\nsecond\n"
-    r = CliRunner().invoke(cli, ["chat", str(tiny_llama_bundle), "-n", "3", "--ignore-eos"], input=lines)
+    r = run_cli("chat", str(tiny_llama_bundle), "-n", "3", "--ignore-eos", input=lines)
     assert r.exit_code == 0, r.output
     assert "not valid UTF-8" in r.output and "context window" in r.output
     first, _overlong, last = seen
@@ -199,7 +193,7 @@ def test_a_hostile_chat_template_is_one_line_in_the_cli(bundle_copy):
         assert time.perf_counter() - t0 < 60
 
 
-def test_chat_template_kwargs_reach_the_template(bundle_copy):
+def test_chat_template_kwargs_reach_the_template(bundle_copy, run_cli):
     """--chat-template-kwargs JSON: its variables render in the template; bad JSON is one line."""
     import json
 
@@ -210,14 +204,13 @@ def test_chat_template_kwargs_reach_the_template(bundle_copy):
         "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     )
     path.write_text(json.dumps(manifest))
-    runner = CliRunner()
     base = ["generate", str(bundle_copy), "hi", "--chat", "-n", "2"]
-    bad = runner.invoke(cli, base)
+    bad = run_cli(*base)
     assert bad.exit_code != 0 and "flag missing" in bad.output
-    ok = runner.invoke(cli, [*base, "--chat-template-kwargs", '{"flag": true}'])
+    ok = run_cli(*base, "--chat-template-kwargs", '{"flag": true}')
     assert ok.exit_code == 0, ok.output
     for wrong in ("{flag", "[1]"):
-        r = runner.invoke(cli, [*base, "--chat-template-kwargs", wrong])
+        r = run_cli(*base, "--chat-template-kwargs", wrong)
         assert r.exit_code == 2 and "--chat-template-kwargs" in r.output
-    r = runner.invoke(cli, ["generate", str(bundle_copy), "hi", "--chat-template-kwargs", "{}"])
+    r = run_cli("generate", str(bundle_copy), "hi", "--chat-template-kwargs", "{}")
     assert r.exit_code == 2 and "needs --chat" in r.output

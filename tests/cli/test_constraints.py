@@ -7,18 +7,17 @@ import re
 
 import jsonschema
 import pytest
-from click.testing import CliRunner
-from constraint_schemas import SCHEMAS
 
-from onnxlm.cli import cli
+from tests.constraint_schemas import SCHEMAS
 
 
-def run(*args):
-    return CliRunner().invoke(cli, ["-q", "generate", *map(str, args)])
+@pytest.fixture
+def run(run_cli):
+    return lambda *args: run_cli("-q", "generate", *args)
 
 
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
-def test_json_schema_file(tiny_llama_bundle, tmp_path, name):
+def test_json_schema_file(tiny_llama_bundle, tmp_path, name, run):
     path = tmp_path / "schema.json"
     path.write_text(json.dumps(SCHEMAS[name]))
     for t in ("0", "1"):
@@ -27,7 +26,7 @@ def test_json_schema_file(tiny_llama_bundle, tmp_path, name):
         jsonschema.validate(json.loads(r.stdout.strip()), SCHEMAS[name])
 
 
-def test_regex_and_grammar_files(tiny_llama_bundle, tmp_path):
+def test_regex_and_grammar_files(tiny_llama_bundle, tmp_path, run):
     r = run(tiny_llama_bundle, "Hi", "--regex", "[A-Z]{2}-[0-9]{2}", "-t", "1", "--seed", "1")
     assert r.exit_code == 0 and re.fullmatch("[A-Z]{2}-[0-9]{2}", r.stdout.strip()), r.output
     lark = tmp_path / "g.lark"
@@ -40,7 +39,7 @@ def test_regex_and_grammar_files(tiny_llama_bundle, tmp_path):
     assert r.exit_code == 0 and r.stdout.strip() in ("yes", "no"), r.output
 
 
-def test_bad_constraints_are_one_line_errors(tiny_llama_bundle, tmp_path):
+def test_bad_constraints_are_one_line_errors(tiny_llama_bundle, tmp_path, run):
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
     r = run(tiny_llama_bundle, "Hi", "--json-schema", bad)

@@ -9,12 +9,12 @@ import zipfile
 
 import pytest
 import torch
-from fixtures import make_hf_folder
 
 from onnxlm import bundle as B
 from onnxlm.export import sources
 from onnxlm.export.convert import export
 from onnxlm.export.registry import UnsupportedModel, supported_model_types
+from tests.fixtures import make_hf_folder
 
 
 def _cli(*args):

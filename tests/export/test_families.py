@@ -5,10 +5,10 @@ runtime pads as the bundle's kv_layout needs: left for the plain graph, right fo
 from __future__ import annotations
 
 import pytest
-from fixtures import TINY, hf_generate, make_hf_folder
 
 import onnxlm
 from onnxlm.export.registry import FAMILIES, get_family
+from tests.fixtures import TINY, hf_generate, make_hf_folder
 
 NEW_TOKENS = 32
 # (model_type, exporter, config overrides): every registered family, variants, and the optimum fallback

@@ -5,11 +5,11 @@ into the first user turn and refuses roles out of order)."""
 from __future__ import annotations
 
 import pytest
-from fixtures import make_hf_folder
 
 from onnxlm.export.convert import export
 from onnxlm.runtime import load
 from onnxlm.runtime.tokenizer import ChatTemplateError
+from tests.fixtures import make_hf_folder
 
 # the parts of the published templates that these features live in
 QWEN3 = (

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from fixtures import make_hf_folder
 
 from onnxlm import bundle as B
 from onnxlm.cli import cli
 from onnxlm.export.convert import ExportError, export
+from tests.fixtures import make_hf_folder
 
 PARTIAL = {"partial_rotary_factor": 0.5}  # phi3, head 16: rotary over 8 channels, 4 cos/sin columns
 
@@ -18,18 +18,12 @@ def partial_folder(tmp_path_factory):
     return make_hf_folder(tmp_path_factory.mktemp("partial") / "hf", "phi3", **PARTIAL)
 
 
-def _info(bundle) -> str:
-    result = CliRunner().invoke(cli, ["info", str(bundle)])
-    assert result.exit_code == 0, result.output
-    return result.output
-
-
-def test_a_config_gqa_cannot_run_falls_back_to_plain_and_says_why(partial_folder, tmp_path):
+def test_a_config_gqa_cannot_run_falls_back_to_plain_and_says_why(partial_folder, tmp_path, info):
     bundle = export(partial_folder, tmp_path / "b", progress=False, validate=False)
     m = B.read_manifest(bundle)
     assert m.io.graph == "plain"
     assert "rotary over 8 of 16 channels" in m.provenance["graph_fallback"]
-    assert "graph       plain" in _info(bundle)
+    assert "graph       plain" in info(bundle)
 
 
 def test_dynamic_ntk_serves_the_stretched_context_on_the_fused_graph(tmp_path):
@@ -39,12 +33,12 @@ def test_dynamic_ntk_serves_the_stretched_context_on_the_fused_graph(tmp_path):
     assert m.io.graph == "fused" and m.model.context_length == 96  # 24 stretched by the factor 4
 
 
-def test_fused_family_export_is_fused_and_info_says_so(tmp_path):
+def test_fused_family_export_is_fused_and_info_says_so(tmp_path, info):
     folder = make_hf_folder(tmp_path / "hf", "gemma2")
     bundle = export(folder, tmp_path / "b", progress=False, validate=False)
     m = B.read_manifest(bundle)
     assert m.io.graph == "fused" and "graph_fallback" not in m.provenance
-    assert "graph       fused" in _info(bundle)
+    assert "graph       fused" in info(bundle)
 
 
 def test_asking_for_a_fused_graph_it_cannot_have_is_refused_by_name(partial_folder, tmp_path):

@@ -9,14 +9,14 @@ import json
 import numpy as np
 import onnxruntime as ort
 import pytest
-from fixtures import make_hf_folder
-from runtime_fixtures import tiny_bundle
 
 from onnxlm import bundle as B
 from onnxlm.export.convert import ExportError, export
 from onnxlm.runtime import load
 from onnxlm.runtime.driver import SharedRows, left_pad
 from onnxlm.runtime.session import run_bound
+from tests.bundles import tiny_bundle
+from tests.fixtures import make_hf_folder
 
 PROMPTS = ["The quick brown fox", "我们今天去公园散步。 Hello world! This is a much longer prompt"]
 

@@ -10,13 +10,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from fixtures import make_hf_folder
 
 from onnxlm import bundle as B
 from onnxlm.export.convert import ExportError, export
 from onnxlm.quantize.api import quantize
 from onnxlm.rewrites import PREFIX, from_tokens_of, unwrap_long_decode
 from onnxlm.runtime import load
+from tests.fixtures import make_hf_folder
 
 FROM = 12  # a tiny model's context is short: switch early so tests cross it
 
@@ -153,7 +153,7 @@ def test_new_family_attention_matches_gqa_alone(model_type, overrides, tmp_path)
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
 
-def test_quantized_bundles_keep_the_switch_and_float16_drops_it(pair, tmp_path):
+def test_quantized_bundles_keep_the_switch_and_float16_drops_it(pair, tmp_path, info):
     wrapped, plain = pair
     q = quantize(wrapped, tmp_path / "int4", "int4", progress=False)
     assert B.read_manifest(q).io.long_decode_from == FROM and _ops(q)["If"] > 0
@@ -165,11 +165,7 @@ def test_quantized_bundles_keep_the_switch_and_float16_drops_it(pair, tmp_path):
     ids = list(range(5, 40))
     np.testing.assert_allclose(load(q, threads=1).model.logits(ids), ref.model.logits(ids), atol=1e-4)
     assert len(load(q, threads=1).generate(ids, max_new_tokens=8, ignore_eos=True).token_ids) == 8
-    from click.testing import CliRunner
-
-    from onnxlm.cli import cli
-
-    shown = CliRunner().invoke(cli, ["info", str(q)]).output
+    shown = info(q)
     assert (
         f"MatMul/Softmax from {FROM} tokens held" in shown
         and "recipe int4; scheme min; block size 32" in shown

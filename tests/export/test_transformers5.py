@@ -16,14 +16,17 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # every family module against transformers, the new families' end-to-end parity (fused defaults), their
 # chat templates, graph choice and refusals (one pytest run each)
 RUNS = [
-    ["tests/test_family_modules.py", "tests/test_family_chat.py", "tests/test_family_graphs.py"],
     [
-        "tests/test_families.py",
+        "tests/export/test_family_modules.py",
+        "tests/export/test_family_chat.py",
+        "tests/export/test_family_graphs.py",
+    ],
+    [
+        "tests/export/test_families.py",
         "-k",
         "qwen3 or olmo2 or granite or smollm3 or gemma or yarn or dynamic or partial",
     ],
@@ -53,6 +56,13 @@ def _run(python: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([str(python), *args], env=env, cwd=ROOT, capture_output=True, text=True, **kwargs)
 
 
+def test_the_runs_name_test_files_that_exist():
+    """The second venv runs these by path: a moved file would fail only there, in the slow run."""
+    paths = [a for run in RUNS for a in run if a.startswith("tests/")]
+    assert paths and [p for p in paths if not (ROOT / p).is_file()] == []
+
+
+@pytest.mark.slow
 def test_export_extra_installs_with_transformers5_and_families_match_it():
     python = _venv() / "bin" / "python"
     version = _run(

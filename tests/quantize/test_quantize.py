@@ -13,40 +13,21 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from fixtures import CORPUS, make_hf_folder
 
 from onnxlm import bundle as B
 from onnxlm.quantize import RECIPES, QuantizeError, quantize
 from onnxlm.quantize.gptq import gptq
 from onnxlm.quantize.pack import rtn
 from onnxlm.runtime import load
+from tests.fixtures import CORPUS
 
 RECIPE_NAMES = ["int8", "int4", "int4-mixed", "fp16"]
 PROMPTS = ["The quick brown fox", "Customer service answers", "你好，欢迎", "Numbers 0 1 2"]
 
 
 # --- fixtures ------------------------------------------------------------------------------------
-def conditioned_folder(path: Path, model_type: str) -> Path:
-    """A tiny model (hidden 256, so blocks matter) that tolerates small weight noise like a trained one.
-
-    make_hf_folder's N(0, 0.3) weights grow activations ~5x per MatMul: that chaotic model flips its
-    top-5 under any 4-bit noise. Here linear weights are scaled to N(0, 1/fan_in), and an untied head
-    is the embedding plus a little noise (trained heads also rank tokens like the input embedding;
-    an exact copy would be deduplicated by the exporter into a tied weight)."""
-    from safetensors.numpy import load_file, save_file
-
-    folder = make_hf_folder(
-        path, model_type, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2
-    )
-    tensors = load_file(folder / "model.safetensors")
-    for name, w in tensors.items():
-        if w.ndim == 2 and "embed" not in name and "lm_head" not in name:
-            tensors[name] = (w / np.sqrt(w.shape[1]) / 0.3).astype(w.dtype)  # (out, in)
-    if "lm_head.weight" in tensors:
-        noise = np.random.default_rng(0).normal(0, 0.03, tensors["lm_head.weight"].shape)
-        tensors["lm_head.weight"] = (tensors["model.embed_tokens.weight"] + noise).astype(np.float32)
-    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
-    return folder
+# hidden 256, so that quantization blocks matter
+WIDE = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 
 
 def _graphs() -> list[str | None]:
@@ -62,22 +43,9 @@ CASES = [(family, g) for family in ("llama", "qwen2") for g in GRAPHS]
 
 
 @pytest.fixture(scope="module")
-def ref_bundle(tmp_path_factory):
+def ref_bundle(conditioned):
     """fp32 bundles, hidden 256: llama (untied head) and qwen2 (tied embedding), in every graph kind."""
-    from onnxlm.export.convert import export
-
-    root = tmp_path_factory.mktemp("qref")
-    cache: dict = {}
-
-    def get(family: str, graph: str | None) -> Path:
-        if family not in cache:
-            cache[family] = conditioned_folder(root / f"hf_{family}", family)
-        if (family, graph) not in cache:
-            kwargs = {"graph": graph} if graph else {}
-            cache[family, graph] = export(cache[family], root / f"{family}-{graph}", progress=False, **kwargs)
-        return cache[family, graph]
-
-    return get
+    return lambda family, graph: conditioned(family, graph, **WIDE)
 
 
 @pytest.fixture(scope="module")

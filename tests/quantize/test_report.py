@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import pytest
 from click.testing import CliRunner
-from fixtures import CORPUS, make_hf_folder
 
 from onnxlm import bundle as B
 from onnxlm.cli import cli
 from onnxlm.quantize import QuantizeError
 from onnxlm.quantize import report as R
+from tests.fixtures import CORPUS, make_hf_folder
 
 TEXT = " ".join(CORPUS * 3)
 

@@ -5,11 +5,11 @@ import threading
 import time
 
 import pytest
-from fixtures import build_tokenizer
-from test_runtime_tokenizer import manifest
 
 from onnxlm.runtime.chat_template import ChatTemplateError, compile_chat_template, render_chat_template
 from onnxlm.runtime.tokenizer import GIL_FREE_CHARS, Tokenizer
+from tests.fixtures import build_tokenizer
+from tests.runtime.test_tokenizer import manifest
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 

@@ -9,11 +9,11 @@ import re
 import jsonschema
 import numpy as np
 import pytest
-from constraint_schemas import SCHEMAS
 
 from onnxlm.runtime import constraints
 from onnxlm.runtime.engine import Engine
 from onnxlm.runtime.generate import GenerationParams
+from tests.constraint_schemas import SCHEMAS
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,8 @@ def _smol(bundle):
 
 def test_every_end_token_ends_a_complete_output():
     """A model with two end tokens (</s>, <|im_end|>): once the grammar accepts, either may end it."""
-    from fixtures import IM_END
-    from openai_fixtures import long_bundle
+    from tests.bundles import long_bundle
+    from tests.fixtures import IM_END
 
     engine = Engine.load(long_bundle())
     assert len(engine.model.facts.eos_token_ids) == 2 and IM_END == engine.model.facts.eos_token_ids[1]

@@ -6,26 +6,15 @@ import dataclasses
 
 import numpy as np
 import pytest
-from fixtures import BOS, EOS, IM_END, PAD
-from runtime_fixtures import tiny_bundle
 
 from onnxlm.bundle import BundleError
-from onnxlm.runtime import Completion, Engine, load
+from onnxlm.runtime import Completion, Engine
 from onnxlm.runtime.generate import Model
 from onnxlm.runtime.tokenizer import Tokenizer
+from tests.fixtures import BOS, EOS, IM_END, PAD
 
 PROMPTS = ["The quick brown fox", "我们今天去公园散步。 Hello world! This is a much longer prompt"]
 STOPS = (EOS, IM_END)
-
-
-@pytest.fixture(scope="module", params=["plain", "fused"])
-def bundle(request):
-    return tiny_bundle(request.param)
-
-
-@pytest.fixture(scope="module")
-def engine(bundle):
-    return load(bundle.path, threads=2)
 
 
 def hf_generate(bundle, prompts_ids, **kw):

@@ -4,9 +4,8 @@ import concurrent.futures
 import threading
 import time
 
-from runtime_fixtures import tiny_bundle
-
 from onnxlm.runtime import load
+from tests.bundles import tiny_bundle
 
 PROMPTS = [
     "The quick brown fox",

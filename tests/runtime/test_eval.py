@@ -40,9 +40,8 @@ def text(engine):
 
 @pytest.fixture(scope="module")
 def other_seed_bundle(tmp_path_factory):
-    from fixtures import make_hf_folder
-
     from onnxlm.export.convert import export
+    from tests.fixtures import make_hf_folder
 
     folder = make_hf_folder(tmp_path_factory.mktemp("hf") / "llama_seed1", "llama", seed=1)
     return export(folder, tmp_path_factory.mktemp("bundles") / "llama_seed1", progress=False)

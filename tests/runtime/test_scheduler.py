@@ -7,7 +7,6 @@ import time
 
 import numpy as np
 import pytest
-from runtime_fixtures import tiny_bundle
 
 from onnxlm.runtime import load
 from onnxlm.runtime.generate import GenerationParams
@@ -94,9 +93,9 @@ def test_concat_append_pads_the_shorter_side_on_the_left_and_trim_front_drops_pa
 
 
 # --- the scheduler on a tiny model -----------------------------------------------------------------------
-@pytest.fixture(scope="module", params=["plain", "fused"])
-def engine(request):
-    return load(tiny_bundle(request.param).path, threads=1)
+@pytest.fixture(scope="module")
+def engine(bundle):
+    return load(bundle.path, threads=1)
 
 
 class Collector:

@@ -12,7 +12,7 @@ import pytest
 
 from onnxlm.runtime import session as S
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_default_providers_follow_preference_and_end_with_cpu():

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from runtime_fixtures import build_bundle, tiny_bundle
 
 from onnxlm.runtime import load
 from onnxlm.runtime.batch import Batch, generate_steps
@@ -23,16 +22,12 @@ from onnxlm.runtime.speculate import (
     expected_tokens,
     ngram_draft,
 )
+from tests.bundles import build_bundle, tiny_bundle
 
 PROMPTS = [
     "one two three four five six seven one two three four five six seven one two three",
     "我们今天去公园散步。 Hello world! This is a much longer prompt, a much longer prompt",
 ]
-
-
-@pytest.fixture(scope="module", params=["plain", "fused"])
-def engine(request):
-    return load(tiny_bundle(request.param).path, threads=2)
 
 
 @functools.cache

@@ -5,10 +5,10 @@ import datetime
 
 import numpy as np
 import pytest
-from fixtures import BOS, CHAT_TEMPLATE, EOS, IM_END, VOCAB, build_tokenizer
 
 from onnxlm.bundle import Manifest, ModelFacts
 from onnxlm.runtime.tokenizer import ChatTemplateError, Detokenizer, Tokenizer
+from tests.fixtures import BOS, CHAT_TEMPLATE, EOS, IM_END, VOCAB, build_tokenizer
 
 CHINESE = "我们今天去公园散步。你好，世界！机器学习模型可以生成文本。"
 

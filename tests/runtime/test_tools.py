@@ -9,43 +9,15 @@ import pytest
 
 from onnxlm.runtime import tools as T
 from onnxlm.runtime.engine import Engine
+from tests.constraint_schemas import TOOL_SCHEMAS as SCHEMAS
+from tests.constraint_schemas import TOOLS, WEATHER
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
-            "required": ["city", "unit"],
-            "additionalProperties": False,
-        },
-    },
-}
-ADD = {
-    "type": "function",
-    "function": {
-        "name": "add",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "a": {"type": "integer", "maximum": 999},
-                "b": {"type": "integer", "maximum": 999},
-            },
-            "required": ["a", "b"],
-            "additionalProperties": False,
-        },
-    },
-}
-TOOLS = [WEATHER, ADD]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
 @pytest.fixture(scope="module")
 def engine():
-    from openai_fixtures import long_bundle
+    from tests.bundles import long_bundle
 
     return Engine.load(long_bundle())
 

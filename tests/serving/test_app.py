@@ -10,26 +10,17 @@ import time
 import numpy as np
 import openai
 import pytest
-from runtime_fixtures import tiny_bundle
-from serve_fixtures import ServerThread, http, sse_lines
 
-from onnxlm.runtime import load
 from onnxlm.runtime.serving.app import create_app
+from tests.serving.loopback import ServerThread, http, sse_lines
 
 KEY = "test-key-123"
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello world!"}]
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return load(tiny_bundle("fused").path, threads=1)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    srv = ServerThread(create_app(engine, model_name="tiny", api_key=KEY, max_batch=4, max_queue=16))
-    yield srv
-    srv.stop()
+def server(engine, serve):
+    return serve(create_app(engine, model_name="tiny", api_key=KEY, max_batch=4, max_queue=16))
 
 
 @pytest.fixture

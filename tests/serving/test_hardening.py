@@ -11,27 +11,20 @@ import threading
 import time
 
 import pytest
-from runtime_fixtures import tiny_bundle
-from serve_fixtures import ServerThread, http, sse_lines
 
 from onnxlm.runtime import load
 from onnxlm.runtime.serving.app import create_app
 from onnxlm.runtime.serving.server import exposure_warning
+from tests.bundles import tiny_bundle
+from tests.serving.loopback import ServerThread, http, sse_lines
 
 KEY = "k-123"
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return load(tiny_bundle("fused").path, threads=1)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    srv = ServerThread(create_app(engine, max_batch=4, max_queue=16, allowed_hosts=["my.lan", "*.corp"]))
-    yield srv
-    srv.stop()
+def server(engine, serve):
+    return serve(create_app(engine, max_batch=4, max_queue=16, allowed_hosts=["my.lan", "*.corp"]))
 
 
 def raw_request(port, method, path, host, body=b"", content_type="application/json", extra=""):
@@ -337,7 +330,7 @@ def test_an_abandoned_request_is_counted_once(engine):
 def test_serve_warns_once_and_takes_allowed_hosts_from_the_command_line():
     import signal
 
-    from test_serve_process import start_server
+    from tests.serving.test_process import start_server
 
     proc, base = start_server("--host", "0.0.0.0", "--allowed-host", "my.lan")
     try:

@@ -6,13 +6,11 @@ import json
 
 import jsonschema
 import pytest
-from openai_fixtures import long_bundle
-from serve_fixtures import ServerThread
-from test_tools import SCHEMAS as TOOL_SCHEMAS
-from test_tools import TOOLS
 
 from onnxlm.runtime import load
 from onnxlm.runtime.serving.app import create_app
+from tests.bundles import long_bundle
+from tests.constraint_schemas import TOOL_SCHEMAS, TOOLS
 
 langchain_openai = pytest.importorskip("langchain_openai")
 pydantic = pytest.importorskip("pydantic")
@@ -28,10 +26,8 @@ class Person(pydantic.BaseModel):
 
 
 @pytest.fixture(scope="module")
-def server():
-    srv = ServerThread(create_app(load(long_bundle(), threads=1), model_name="tiny", max_batch=4))
-    yield srv
-    srv.stop()
+def server(serve):
+    return serve(create_app(load(long_bundle(), threads=1), model_name="tiny", max_batch=4))
 
 
 def chat_model(server, **kw):
@@ -41,10 +37,8 @@ def chat_model(server, **kw):
 
 
 @pytest.fixture(scope="module")
-def smol_server(smollm2_bundle):
-    srv = ServerThread(create_app(load(smollm2_bundle), model_name="tiny", max_batch=4))
-    yield srv
-    srv.stop()
+def smol_server(smollm2_bundle, serve):
+    return serve(create_app(load(smollm2_bundle), model_name="tiny", max_batch=4))
 
 
 @pytest.mark.parametrize("method", ["json_schema", "function_calling"])

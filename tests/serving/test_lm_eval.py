@@ -1,5 +1,5 @@
 """lm-eval's local-completions model against `create_app` on loopback: a multiple-choice task made
-from tests/data/lm_eval_mc/questions.jsonl is scored through echo + prompt logprobs (max_tokens 1, as
+from tests/serving/data/lm_eval_mc/questions.jsonl is scored through echo + prompt logprobs (max_tokens 1, as
 lm-eval sends) with the server's /tokenize (lm-eval's remote tokenizer), and every per-choice
 loglikelihood equals onnxlm's own from the logits to 1e-4.
 
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from openai_fixtures import long_bundle
-from serve_fixtures import ServerThread
 
 from onnxlm.runtime import load
 from onnxlm.runtime.serving.app import create_app
+from tests.bundles import long_bundle
+from tests.serving.loopback import ServerThread
 
 DATA = Path(__file__).parent / "data" / "lm_eval_mc" / "questions.jsonl"
 TASK = """task: onnxlm_mc

@@ -11,14 +11,12 @@ import jsonschema
 import numpy as np
 import openai
 import pytest
-from constraint_schemas import SCHEMAS
-from openai_fixtures import long_bundle
-from serve_fixtures import ServerThread, http
-from test_tools import SCHEMAS as TOOL_SCHEMAS
-from test_tools import TOOLS
 
 from onnxlm.runtime import load
 from onnxlm.runtime.serving.app import create_app
+from tests.bundles import long_bundle
+from tests.constraint_schemas import SCHEMAS, TOOL_SCHEMAS, TOOLS
+from tests.serving.loopback import ServerThread, http
 
 ASK = [{"role": "user", "content": "Give me the data."}]
 
@@ -29,10 +27,8 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    srv = ServerThread(create_app(engine, model_name="tiny", max_batch=8, max_queue=32))
-    yield srv
-    srv.stop()
+def server(engine, serve):
+    return serve(create_app(engine, model_name="tiny", max_batch=8, max_queue=32))
 
 
 @pytest.fixture

@@ -8,22 +8,18 @@ import json
 import jsonschema
 import openai
 import pytest
-from constraint_schemas import SCHEMAS
-from serve_fixtures import ServerThread
-from test_tools import SCHEMAS as TOOL_SCHEMAS
-from test_tools import TOOLS
 
 from onnxlm.runtime import load
 from onnxlm.runtime.serving.app import create_app
+from tests.constraint_schemas import SCHEMAS, TOOL_SCHEMAS, TOOLS
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def client(smollm2_bundle):
-    srv = ServerThread(create_app(load(smollm2_bundle), model_name="smollm2", max_batch=8))
-    yield openai.OpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0, timeout=300)
-    srv.stop()
+def client(smollm2_bundle, serve):
+    srv = serve(create_app(load(smollm2_bundle), model_name="smollm2", max_batch=8))
+    return openai.OpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0, timeout=300)
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])

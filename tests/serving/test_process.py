@@ -10,11 +10,11 @@ import threading
 import time
 
 import pytest
-from runtime_fixtures import tiny_bundle
-from serve_fixtures import ServerThread, free_port, http, sse_lines
 
 from onnxlm.runtime import load
 from onnxlm.runtime.serving.app import create_app
+from tests.bundles import tiny_bundle
+from tests.serving.loopback import ServerThread, free_port, http, sse_lines
 
 
 def start_server(*args, env=None):

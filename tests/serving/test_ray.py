@@ -14,15 +14,15 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from runtime_fixtures import build_bundle, tiny_bundle
-from serve_fixtures import ServerThread, free_port, http
 
 from onnxlm.cli import cli
 from onnxlm.runtime import load
 from onnxlm.runtime.serving.app import create_app
 from onnxlm.runtime.serving.ray_serve import DEPLOYMENT, ReplicaArgs, Scaling, deployment_options
+from tests.bundles import build_bundle, tiny_bundle
+from tests.serving.loopback import ServerThread, free_port, http
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "ray_serve.yaml"
 
 

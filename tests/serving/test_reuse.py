@@ -7,13 +7,13 @@ import time
 
 import openai
 import pytest
-from runtime_fixtures import tiny_bundle
-from serve_fixtures import ServerThread, http
 
 from onnxlm.runtime import load
 from onnxlm.runtime.generate import GenerationParams
 from onnxlm.runtime.scheduler import Scheduler
 from onnxlm.runtime.serving.app import create_app
+from tests.bundles import tiny_bundle
+from tests.serving.loopback import http
 
 HISTORY = [
     {"role": "system", "content": "You answer questions about the weather."},
@@ -27,10 +27,8 @@ def engine():
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    srv = ServerThread(create_app(engine, model_name="tiny", max_batch=4, max_queue=8))
-    yield srv
-    srv.stop()
+def server(engine, serve):
+    return serve(create_app(engine, model_name="tiny", max_batch=4, max_queue=8))
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ import asyncio
 
 import openai
 import pytest
-from serve_fixtures import ServerThread
 
 from onnxlm.runtime import load
 from onnxlm.runtime.serving.app import create_app
@@ -20,10 +19,8 @@ def engine(smollm2_bundle):
 
 
 @pytest.fixture(scope="module")
-def server(engine):
-    srv = ServerThread(create_app(engine, model_name="smollm2", api_key="k", max_batch=4))
-    yield srv
-    srv.stop()
+def server(engine, serve):
+    return serve(create_app(engine, model_name="smollm2", api_key="k", max_batch=4))
 
 
 def test_openai_client_chat_and_completions(engine, server):

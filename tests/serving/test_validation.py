@@ -6,26 +6,17 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from runtime_fixtures import tiny_bundle
-from serve_fixtures import ServerThread, http
 
-from onnxlm.runtime import load
 from onnxlm.runtime.serving.app import create_app
+from tests.serving.loopback import http
 
 CHAT, COMP = "/v1/chat/completions", "/v1/completions"
 OK_MESSAGES = [{"role": "user", "content": "Hi"}]
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return load(tiny_bundle("fused").path, threads=1)
-
-
-@pytest.fixture(scope="module")
-def server(engine):
-    srv = ServerThread(create_app(engine, max_batch=4, max_queue=64))
-    yield srv
-    srv.stop()
+def server(engine, serve):
+    return serve(create_app(engine, max_batch=4, max_queue=64))
 
 
 JSON = {"Content-Type": "application/json"}
