@@ -1,7 +1,8 @@
-"""Export: sources, refusals, and that a failed export leaves nothing behind."""
+"""Export: the public function, sources, refusals, and that a failed export leaves nothing behind."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -10,8 +11,9 @@ import zipfile
 import pytest
 import torch
 
+import onnxlm
 from onnxlm import bundle as B
-from onnxlm.export import sources
+from onnxlm.export import convert, sources
 from onnxlm.export.convert import export
 from onnxlm.export.registry import UnsupportedModel, supported_model_types
 from tests.fixtures import make_hf_folder
@@ -19,6 +21,35 @@ from tests.fixtures import make_hf_folder
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "onnxlm", *args], capture_output=True, text=True)
+
+
+# a fresh interpreter: `import onnxlm` loads no torch or transformers, and importing the export
+# subpackage's modules, before or after, leaves `onnxlm.export` the function
+PUBLIC = (
+    "import inspect, sys\n"
+    "import onnxlm.export.sources\n"
+    "import onnxlm\n"
+    "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+    "from onnxlm.export.convert import export\n"
+    "print(inspect.isfunction(onnxlm.export), onnxlm.export.__module__, heavy)\n"
+)
+
+
+def test_onnxlm_export_is_a_plain_function_and_import_onnxlm_loads_no_torch():
+    r = subprocess.run([sys.executable, "-c", PUBLIC], capture_output=True, text=True, check=True)
+    assert r.stdout.split() == ["True", "onnxlm.export", "[]"], r.stdout + r.stderr
+    assert inspect.isfunction(onnxlm.export)
+    # the documented signature: the exporter's own, keyword for keyword and default for default
+    assert inspect.signature(onnxlm.export) == inspect.signature(convert.export)
+    assert list(inspect.signature(onnxlm.export).parameters)[:2] == ["source", "out_dir"]
+
+
+def test_onnxlm_export_passes_every_option_on(tiny_llama_folder, tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr(convert, "export", lambda *a, **kw: seen.update(args=a, kw=kw) or tmp_path)
+    options = {name: object() for name in list(inspect.signature(onnxlm.export).parameters)[2:]}
+    assert onnxlm.export(tiny_llama_folder, tmp_path / "b", **options) == tmp_path
+    assert seen == {"args": (tiny_llama_folder, tmp_path / "b"), "kw": options}
 
 
 def test_unknown_model_type_lists_supported_and_fallback(tmp_path):
