@@ -1,17 +1,17 @@
+"""Fixtures every layer's tests share: the tiny Llama's Hugging Face folder and its bundle, and the real
+SmolLM2 bundle. Each layer's own fixtures sit in its folder's conftest.py; importable helpers in
+tests/fixtures.py (tiny model folders), tests/bundles.py (tiny bundles) and tests/constraint_schemas.py."""
+
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).parent))
 
 
 @pytest.fixture(scope="session")
 def tiny_llama_folder(tmp_path_factory):
-    from fixtures import make_hf_folder
+    from tests.fixtures import make_hf_folder
 
     return make_hf_folder(tmp_path_factory.mktemp("hf") / "llama", "llama")
 

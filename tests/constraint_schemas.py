@@ -1,4 +1,5 @@
-"""JSON schemas the structured-output tests run through every path (Python API, CLI, server)."""
+"""JSON schemas and tools the structured-output and tool-calling tests run through every path (Python
+API, CLI, server)."""
 
 SCHEMAS = {
     "nested": {
@@ -77,3 +78,33 @@ SCHEMAS = {
         "additionalProperties": False,
     },
 }
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "maxLength": 12}, "unit": {"enum": ["c", "f"]}},
+            "required": ["city", "unit"],
+            "additionalProperties": False,
+        },
+    },
+}
+ADD = {
+    "type": "function",
+    "function": {
+        "name": "add",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "a": {"type": "integer", "maximum": 999},
+                "b": {"type": "integer", "maximum": 999},
+            },
+            "required": ["a", "b"],
+            "additionalProperties": False,
+        },
+    },
+}
+TOOLS = [WEATHER, ADD]
+TOOL_SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}

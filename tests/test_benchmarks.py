@@ -12,12 +12,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from runtime_fixtures import tiny_bundle
 
 from onnxlm import bundle as B
 from onnxlm.rewrites import matmul_attention
 from onnxlm.runtime import load
 from onnxlm.runtime.engine import Engine
+from tests.bundles import tiny_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 

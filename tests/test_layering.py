@@ -88,11 +88,21 @@ def test_quantize_imports_no_export_and_rewrites_need_onnx_only():
 
 
 def test_importing_the_runtime_loads_no_torch_transformers_or_upper_layers():
-    """What a process holds after importing the runtime, its evaluation and its scheduler."""
+    """What a process holds after importing the runtime, its evaluation and its scheduler: the package
+    root binds `onnxlm.export` (the function, see below), no module of the exporter."""
     code = (
         "import sys, onnxlm.runtime, onnxlm.runtime.eval, onnxlm.runtime.scheduler\n"
-        "bad = ('torch', 'transformers', 'onnxlm.export', 'onnxlm.quantize', 'starlette', 'uvicorn')\n"
+        "bad = ('torch', 'transformers', 'onnxlm.export.', 'onnxlm.quantize', 'starlette', 'uvicorn')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in bad or m.startswith(bad[2:4])))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_export_package_loads_only_the_standard_library():
+    """`import onnxlm` runs onnxlm/export/__init__.py to bind `onnxlm.export`: at load time it may import
+    the standard library only; the exporter (and torch) comes inside the call."""
+    tree = ast.parse((PACKAGE / "export" / "__init__.py").read_text(encoding="utf-8"))
+    top = ast.Module([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
+    loaded = imports_of(ast.unparse(top), "onnxlm.export.__init__")
+    assert loaded and loaded <= set(sys.stdlib_module_names) | {"__future__"}, loaded

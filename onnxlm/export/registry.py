@@ -3,7 +3,9 @@ and, when it can export more than the plain graph, `GRAPHS` (the graphs it expor
 
 The built module's forward is `(input_ids, attention_mask, [position_ids,] *past) -> (logits, *present)`,
 past/present as (batch, kv_heads, seq, head_dim) per layer, key then value; `uses_position_ids` on the
-module says whether the middle input exists. `facts(config)` gives what the manifest records.
+module says whether the middle input exists. The manifest's model facts are read from the built module's
+args (`module.a`: layers, heads, sizes), the context window from the family's `context_length(config)`
+where it has one, else from the config (convert.py).
 """
 
 from __future__ import annotations

@@ -1,0 +1,160 @@
+"""Providers, session options, and the runtime's import hygiene."""
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from onnxlm.runtime import session as S
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_default_providers_follow_preference_and_end_with_cpu():
+    chosen = S.choose_providers()
+    assert chosen[-1] == S.CPU
+    order = [p for p in S.PREFERENCE if p in chosen]
+    assert chosen == order
+    assert set(chosen) <= set(ort.get_available_providers())
+
+
+def test_missing_requested_provider_is_skipped_with_one_log_line(caplog, monkeypatch):
+    monkeypatch.setattr(S, "available_providers", lambda: [S.CPU])
+    with caplog.at_level(logging.WARNING, logger="onnxlm.runtime"):
+        chosen = S.choose_providers(["TensorrtExecutionProvider", "cuda", "cpu"])
+    assert chosen == [S.CPU]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and "TensorrtExecutionProvider" in lines[0] and "CUDAExecutionProvider" in lines[1]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnxlm.runtime"):
+        assert S.choose_providers() == [S.CPU]  # the default wish list skips quietly
+    assert not caplog.records
+
+
+def test_provider_preference_with_fake_gpu_build(monkeypatch):
+    monkeypatch.setattr(S, "available_providers", lambda: [S.CPU, S.CUDA, S.TENSORRT])
+    assert S.choose_providers() == [S.TENSORRT, S.CUDA, S.CPU]
+    assert S.choose_providers("cuda") == [S.CUDA, S.CPU]
+
+
+def test_session_options_threads():
+    opts = S.session_options()
+    assert opts.intra_op_num_threads == len(os.sched_getaffinity(0))
+    assert opts.graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert S.session_options(3).intra_op_num_threads == 3
+    for bad in (0, -1, 1.5, True):
+        try:
+            S.session_options(bad)
+        except ValueError:
+            continue
+        raise AssertionError(f"threads={bad!r} accepted")
+
+
+def test_make_session_missing_file(tmp_path):
+    try:
+        S.make_session(tmp_path / "nope.onnx")
+    except FileNotFoundError as e:
+        assert "nope.onnx" in str(e)
+    else:
+        raise AssertionError("no error")
+
+
+def test_runtime_imports_neither_torch_nor_transformers():
+    code = (
+        "import sys, onnxlm.runtime\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers'))\n"
+        "print(heavy)\n"
+        "sys.exit(1 if heavy else 0)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_release_free_heap_returns_freed_pages_to_the_system():
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(1024) for _ in range(64 * 1024)]  # 64 MB of small chunks on the heap
+    for p in blocks:
+        ctypes.memset(p, 1, 1024)  # resident
+    for p in blocks[:-1]:
+        libc.free(p)  # the last one pins the heap's top: free() alone cannot shrink it
+    before = _rss_mb()
+    released = S.release_free_heap()
+    after = _rss_mb()
+    libc.free(blocks[-1])
+    if not released:
+        pytest.skip("this C library has no malloc_trim")
+    assert before - after > 32, f"RSS {before:.0f} -> {after:.0f} MB"
+
+
+def test_release_free_heap_without_malloc_trim_is_a_no_op(monkeypatch):
+    monkeypatch.setattr(S.ctypes.util, "find_library", lambda name: None)
+    assert S.release_free_heap() is False
+
+
+def _mapped_kb(directory) -> tuple[int, int]:
+    maps = S.file_mappings(directory)
+    return sum(m["rss_kb"] for m in maps), sum(m["written_kb"] for m in maps)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_release_mapped_files_drops_clean_pages_and_they_read_back(tmp_path):
+    data = np.arange(4 * 1024 * 1024, dtype=np.float32)  # 16 MB
+    (tmp_path / "w").mkdir()
+    data.tofile(tmp_path / "w" / "model.onnx.data")
+    other = tmp_path / "other.bin"
+    data.tofile(other)
+    mapped = np.memmap(
+        tmp_path / "w" / "model.onnx.data", np.float32, mode="c"
+    )  # private, as onnxruntime maps
+    elsewhere = np.memmap(other, np.float32, mode="c")
+    expected = float(data.sum(dtype=np.float64))
+    assert (
+        float(mapped.sum(dtype=np.float64)) == expected and float(elsewhere.sum(dtype=np.float64)) == expected
+    )
+    assert _mapped_kb(tmp_path / "w")[0] > 15 * 1024
+
+    released = S.release_mapped_files(tmp_path / "w")
+
+    assert released > 15 * 1024 * 1024
+    assert _mapped_kb(tmp_path / "w")[0] < 1024
+    assert _mapped_kb(tmp_path)[0] > 15 * 1024  # other.bin lies outside the folder released: still resident
+    assert float(mapped.sum(dtype=np.float64)) == expected  # the same bytes, read back from the file
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_release_mapped_files_leaves_a_mapping_with_written_pages(tmp_path):
+    np.ones(1024 * 1024, np.float32).tofile(tmp_path / "model.onnx.data")
+    mapped = np.memmap(tmp_path / "model.onnx.data", np.float32, mode="c")
+    assert float(mapped.sum()) == 1024 * 1024
+    mapped[:1024] = 7.0  # a private copy of the first page: dropping it would lose the write
+    resident, written = _mapped_kb(tmp_path)
+    assert written > 0
+
+    assert S.release_mapped_files(tmp_path) == 0
+    assert float(mapped[:1024].sum()) == 7.0 * 1024
+    assert _mapped_kb(tmp_path) == (resident, written)
+
+
+def test_release_mapped_files_without_a_mapping_or_proc(tmp_path, monkeypatch):
+    assert S.release_mapped_files(tmp_path) == 0
+    monkeypatch.setattr(S, "_libc_function", lambda name, argtypes, restype=None: None)
+    assert S.release_mapped_files(tmp_path) == 0

@@ -1,0 +1,345 @@
+"""Speculative decoding, prefix reuse and KV that follows use, on the tiny bundles (plain and fused
+graphs): greedy output is token for token what it is without them, and sampled output keeps the
+target's distribution."""
+
+import functools
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from onnxlm.runtime import load
+from onnxlm.runtime.batch import Batch, generate_steps
+from onnxlm.runtime.driver import GROWTH, MIN_ROOM, SharedRows
+from onnxlm.runtime.generate import GenerationParams, new_seq
+from onnxlm.runtime.prefix import PrefixCache
+from onnxlm.runtime.speculate import (
+    Costs,
+    ModelDrafter,
+    NgramDrafter,
+    Speculator,
+    expected_tokens,
+    ngram_draft,
+)
+from tests.bundles import build_bundle, tiny_bundle
+
+PROMPTS = [
+    "one two three four five six seven one two three four five six seven one two three",
+    "我们今天去公园散步。 Hello world! This is a much longer prompt, a much longer prompt",
+]
+
+
+@functools.cache
+def other_bundle():
+    """A second tiny model (other weights, the same tokenizer) to draft with."""
+    root = Path(tempfile.mkdtemp(prefix="onnxlm-draft-test-"))
+    return build_bundle(root / "draft", seed=7, graph="fused")
+
+
+def tokens(steps):
+    out: dict[int, list[int]] = {}
+    for step in steps:
+        for o in step.outputs:
+            out.setdefault(o.seq, []).append(o.token_id)
+    return [out[i] for i in sorted(out)]
+
+
+def echo_prompt(engine, prompt, n=16):
+    """The prompt followed by the model's own greedy continuation, twice: text whose continuation the
+    n-gram drafter can find in the prompt (at most ~64 tokens: the tiny models see 128)."""
+    ids = engine.tokenizer.encode(prompt)[:20]
+    more = engine.generate(ids, max_new_tokens=n, ignore_eos=True).token_ids
+    return ids + more + ids[1:] + more[: n // 2]
+
+
+# --- no model -----------------------------------------------------------------------------------------
+def test_ngram_draft_copies_what_followed_the_latest_match():
+    ctx = np.array([1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 8, 2, 3, 4])
+    assert ngram_draft(ctx, 3, n_max=3, n_min=2) == [7, 8, 2]  # latest earlier "2 3 4" at index 6
+    assert ngram_draft(ctx, 10, n_max=3, n_min=2) == [7, 8, 2, 3, 4]  # up to the context's end
+    assert ngram_draft(np.array([5, 6, 7, 8]), 4) == []  # no repeat, no draft
+    assert ngram_draft(np.array([5]), 4) == []
+
+
+def test_k_follows_acceptance_and_cost():
+    assert expected_tokens(0.0, 4) == 1.0 and expected_tokens(1.0, 4) == 5.0
+    assert expected_tokens(0.5, 2) == pytest.approx(1.75)
+    spec = Speculator(k_max=8)
+    spec.join([None], None)
+    spec.costs.seconds = {1: 1.0, **{k + 1: 1.0 + 0.1 * k for k in range(1, 9)}}
+    spec.accept = [0.9]
+    assert spec.choose([8]) >= 4  # cheap verification and high acceptance: a long draft
+    spec.accept = [0.05]
+    assert spec.choose([8]) == 0  # drafts that are never kept: speculation stops
+    spec.costs.seconds = {1: 1.0, **{k + 1: 1.0 + 0.9 * k for k in range(1, 9)}}
+    spec.accept = [0.6]
+    assert spec.choose([8]) == 0  # verification as dear as decoding: no gain at 60%
+    assert spec.choose([0]) == 0  # nothing to draft
+
+
+def test_point_mass_acceptance_keeps_the_target_distribution():
+    """The rule verification applies (sample the target, keep the draft while they agree), checked
+    against a known distribution: the emitted token is distributed as p, the draft kept with p(d)."""
+    rng = np.random.default_rng(0)
+    from onnxlm.runtime.sampling import make_sampler
+
+    p = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(p)[None, :]
+    sampler = make_sampler(temperature=1.0, seed=1)
+    draft = 1
+    emitted = np.array([int(sampler(logits)[0]) for _ in range(20000)])
+    kept = emitted == draft
+    assert abs(kept.mean() - p[draft]) < 0.015
+    freq = np.bincount(emitted, minlength=4) / len(emitted)
+    assert np.abs(freq - p).max() < 0.015
+    del rng
+
+
+def test_prefix_cache_lookup_store_and_bounds():
+    kv = lambda n, v=1.0: [np.full((2, n, 4), v, np.float32) for _ in range(4)]  # noqa: E731
+    cache = PrefixCache(max_bytes=4 * 2 * 40 * 4 * 4, min_tokens=4)
+    assert cache.lookup(list(range(30))) is None
+    assert cache.store(list(range(20)), kv(20))
+    n, got = cache.lookup(list(range(25)) + [99])
+    assert n == 20 and got[0].shape == (2, 20, 4)
+    n, _ = cache.lookup(list(range(20)))  # the whole prompt cached: one token is left to prefill
+    assert n == 19
+    assert cache.lookup([0, 1, 2, 5, 6]) is None  # shares fewer than min_tokens
+    assert cache.store(list(range(30)), kv(30, 2.0))  # extends the first: replaces it
+    assert len(cache) == 1 and cache.nbytes == sum(a.nbytes for a in kv(30))
+    assert cache.store([7] * 25, kv(25))  # over the budget together: the least recent goes
+    assert len(cache) == 1 and cache.lookup(list(range(30)) + [1]) is None
+    assert cache.stats()["hits"] == 2
+    assert not cache.store([1, 2], kv(2))  # shorter than min_tokens
+    with pytest.raises(ValueError, match="KV of"):
+        cache.store(list(range(10)), kv(9))
+
+
+# --- greedy identity ------------------------------------------------------------------------------
+def test_ngram_speculation_is_token_identical_and_drafts(engine):
+    prompts = [echo_prompt(engine, p) for p in PROMPTS]
+    params = GenerationParams(max_new_tokens=40, ignore_eos=True)
+    plain = tokens(generate_steps(engine.model, engine.tokenizer, prompts, params))
+    spec = NgramDrafter()
+    fast = tokens(generate_steps(engine.model, engine.tokenizer, prompts, params, speculator=spec))
+    assert fast == plain
+    assert spec.drafted > 0 and spec.accepted > 0 and spec.speculated > 0
+    assert spec.accepted < spec.drafted or spec.rounds < 40  # rounds that emitted several tokens
+    for p in prompts:  # alone, and through every public method
+        alone = engine.generate(p, max_new_tokens=40, ignore_eos=True).token_ids
+        engine.use_draft("ngram")
+        try:
+            assert engine.generate(p, max_new_tokens=40, ignore_eos=True).token_ids == alone
+            assert [c.token_id for c in engine.stream(p, max_new_tokens=40, ignore_eos=True)] == alone
+        finally:
+            engine.use_draft(None)
+    engine.use_draft("ngram")
+    try:
+        batch = engine.generate_batch(prompts, max_new_tokens=40, ignore_eos=True)
+    finally:
+        engine.use_draft(None)
+    assert [c.token_ids for c in batch] == plain
+
+
+def test_speculation_respects_stops_and_limits(engine):
+    prompt = echo_prompt(engine, PROMPTS[0])
+    base = engine.generate(prompt, max_new_tokens=30, ignore_eos=True)
+    stop_at = base.token_ids[12]
+    engine.use_draft("ngram")
+    try:
+        for n in (1, 2, 7, 30):
+            got = engine.generate(prompt, max_new_tokens=n, ignore_eos=True)
+            assert got.token_ids == base.token_ids[:n] and got.finish_reason == "length"
+        got = engine.generate(prompt, max_new_tokens=30, stop_token_ids=[stop_at], ignore_eos=True)
+        cut = base.token_ids.index(stop_at) + 1
+        assert got.token_ids == base.token_ids[:cut] and got.finish_reason == "stop"
+        text = engine.tokenizer.decode(base.token_ids[5:9])
+        if text.strip():
+            got = engine.generate(prompt, max_new_tokens=30, stop=text.strip(), ignore_eos=True)
+            assert got.finish_reason == "stop" and text.strip() not in got.text
+    finally:
+        engine.use_draft(None)
+
+
+def test_draft_model_speculation_is_token_identical(engine):
+    draft = load(other_bundle().path, threads=2)
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    params = GenerationParams(max_new_tokens=24, ignore_eos=True)
+    plain = tokens(generate_steps(engine.model, engine.tokenizer, prompts, params))
+    for drafter in (draft.model, engine.model):  # another model, and the target itself (all agree)
+        spec = ModelDrafter(drafter, k_max=4)
+        got = tokens(generate_steps(engine.model, engine.tokenizer, prompts, params, speculator=spec))
+        assert got == plain
+        assert spec.drafted > 0
+    assert spec.accepted == spec.drafted  # the target drafting for itself: every draft kept
+
+
+def test_draft_bundle_must_share_the_tokenizer(engine, tmp_path):
+    import json
+    import shutil
+
+    from onnxlm.bundle import BundleError
+
+    copy = tmp_path / "draft"
+    shutil.copytree(other_bundle().path, copy)
+    tok = copy / "tokenizer.json"
+    tok.write_text(tok.read_text() + "\n")  # another file: the check compares the manifests' hashes
+    manifest = json.loads((copy / "onnxlm.json").read_text())
+    from onnxlm.bundle import sha256_file
+
+    manifest["files"]["tokenizer.json"] = {"size": tok.stat().st_size, "sha256": sha256_file(tok)}
+    (copy / "onnxlm.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="tokenizer"):
+        load(engine.bundle_dir, draft=copy)
+    with pytest.raises(ValueError, match="draft"):
+        engine.use_draft("bigram")
+
+
+def test_sampled_speculation_keeps_the_distribution(engine):
+    """Tokens 2-4 at temperature 1 over many seeds, with and without n-gram speculation (other seeds):
+    their distributions agree (a chi-square two-sample test at p > 0.001 on the common tokens)."""
+    prompt = echo_prompt(engine, PROMPTS[0])
+    counts = []
+    for draft, seeds in ((None, range(0, 150)), ("ngram", range(1000, 1150))):
+        engine.use_draft(draft)
+        seen = []
+        for s in seeds:
+            got = engine.generate(prompt, max_new_tokens=4, temperature=1.0, seed=s, ignore_eos=True)
+            seen += got.token_ids[1:4]
+        engine.use_draft(None)
+        counts.append(np.bincount(seen, minlength=engine.manifest.model.vocab_size))
+    table = np.array(counts)
+    table = table[:, table.sum(axis=0) >= 10]
+    assert table.shape[1] >= 2
+    assert chi2_pvalue(table) > 0.001
+
+
+def chi2_pvalue(table: np.ndarray) -> float:
+    """Pearson's chi-square test of a 2 x n contingency table; the p-value by Wilson-Hilferty."""
+    import math
+
+    expected = table.sum(axis=1, keepdims=True) * table.sum(axis=0, keepdims=True) / table.sum()
+    stat = float(((table - expected) ** 2 / expected).sum())
+    df = table.shape[1] - 1
+    z = ((stat / df) ** (1 / 3) - (1 - 2 / (9 * df))) / math.sqrt(2 / (9 * df))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+# --- prefix reuse ---------------------------------------------------------------------------------
+def test_chat_reuses_the_earlier_turns(engine):
+    history = [
+        {"role": "system", "content": "You answer questions about the weather."},
+        {"role": "user", "content": "Is it warm today?"},
+    ]
+    first = engine.chat(history, max_new_tokens=10, ignore_eos=True)
+    history += [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And then?"}]
+    second = engine.chat(history, max_new_tokens=10, ignore_eos=True)
+    if engine.model.io.shared:
+        assert second.usage.cached_tokens >= first.usage.prompt_tokens - 1
+        assert engine.prefix_cache.hits >= 1
+    else:  # the concat graph keeps no prefix: it says so by reusing nothing
+        assert second.usage.cached_tokens == 0
+    cold = load(engine.bundle_dir, threads=2, prefix_cache_mb=0)
+    assert cold.prefix_cache is None
+    again = cold.chat(history, max_new_tokens=10, ignore_eos=True)
+    assert again.token_ids == second.token_ids and again.usage.cached_tokens == 0
+
+
+# --- KV that follows use ----------------------------------------------------------------------------
+def test_shared_rows_grow_with_use_and_shrink_when_rows_leave():
+    engine = load(tiny_bundle("fused").path, threads=2)
+    rows = SharedRows(engine.model, chunk=None)
+    prompts = [engine.tokenizer.encode(p) for p in PROMPTS]
+    job = rows.start(prompts)
+    last = job.run()
+    rows.join(job)
+    assert rows.cache.capacity == max(map(len, prompts))  # the prompt, not prompt + max_new_tokens
+    tok = last.argmax(-1)
+    for _ in range(30):
+        tok = rows.decode(tok)[:, 0].argmax(-1)
+        need = int(rows.cache.lengths.max())
+        assert need <= rows.cache.capacity <= max(int(need * GROWTH), need + MIN_ROOM) + 1
+    rows.rollback(0, 5)
+    assert rows.held(0) == len(prompts[0]) + 30 - 5
+    big = rows.cache.nbytes()
+    rows.drop(1)  # the longer row leaves
+    assert rows.cache.nbytes() <= big
+    rows.free()
+
+
+def test_batch_joins_rows_prefilled_in_chunks_between_rounds(engine):
+    """A prompt admitted while another row decodes runs a chunk at a time between rounds, and both
+    rows' tokens equal running each alone."""
+    a, b = (engine.tokenizer.encode(p) for p in PROMPTS)
+    long, short = GenerationParams(max_new_tokens=40, ignore_eos=True), GenerationParams(max_new_tokens=12)
+    alone = [
+        engine.generate(a, max_new_tokens=40, ignore_eos=True).token_ids,
+        engine.generate(b, max_new_tokens=12).token_ids,
+    ]
+    batch = Batch(engine.model, chunk=4)
+    first = batch.admit([new_seq(a, long, engine.tokenizer, engine.model.facts)], [0])
+    first.run()
+    got = {0: [o.token_id for o in batch.join(first)], 1: []}
+    late = batch.admit([new_seq(b, short, engine.tokenizer, engine.model.facts)], [1])
+    rounds_during = 0
+    while not late.step():
+        for outs in batch.step():
+            got[0] += [o.token_id for o in outs]
+        rounds_during += 1
+    assert rounds_during >= len(b) // 4 - 1 and not batch.seqs[0].finish_reason  # it kept decoding
+    got[1] += [o.token_id for o in batch.join(late)]
+    while batch.seqs:
+        batch.leave([r for r, s in enumerate(batch.seqs) if s.finish_reason])
+        if batch.seqs:
+            for row, outs in enumerate(batch.step()):
+                got[batch.keys[row]] += [o.token_id for o in outs]
+    assert got[0] == alone[0] and got[1] == alone[1]
+
+
+def test_costs_are_relative_to_a_one_token_step():
+    c = Costs()
+    assert c.relative(0) == 1.0 and c.relative(4) == pytest.approx(1.2)  # optimistic until measured
+    c.observe(1, 0.010)
+    c.observe(5, 0.020)
+    assert c.relative(4) == pytest.approx(2.0)
+    c.draft_step = 0.005
+    assert c.relative(4) == pytest.approx(4.0)
+
+
+def test_verify_gap_is_float_noise_on_float_graphs(engine, caplog):
+    """The probe behind the exactness warning: a float graph computes several tokens in one call as
+    it computes them one at a time, so speculating on it warns about nothing."""
+    from onnxlm.runtime.speculate import verify_gap
+
+    assert verify_gap(engine.model) < 1e-3
+    fresh = load(engine.bundle_dir, threads=2, prefix_cache_mb=0)
+    with caplog.at_level("WARNING", logger="onnxlm.runtime"):
+        fresh.use_draft("ngram")
+    assert fresh.verify_gap is not None and fresh.verify_gap < 1e-3
+    assert not [r for r in caplog.records if "differently" in r.getMessage()]
+
+
+def test_identical_prompts_are_prefilled_once_and_decode_apart(engine):
+    """n choices of one request share one prefill: their rows are copies, then each samples on its
+    own (seeded rows equal the same seed run alone)."""
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    params = [
+        GenerationParams(max_new_tokens=10, temperature=1.0, seed=s, ignore_eos=True) for s in (1, 2, 1)
+    ]
+    seqs = [new_seq(ids, p, engine.tokenizer, engine.model.facts) for p in params]
+    batch = Batch(engine.model)
+    adm = batch.admit(seqs)
+    assert adm.rows == [0, 0, 0] and adm.job.ids.shape[0] == 1  # one prompt row prefilled
+    adm.run()
+    got = {i: [o.token_id] for i, o in enumerate(batch.join(adm))}
+    assert batch.rows.batch == 3
+    while batch.seqs:
+        for row, outs in enumerate(batch.step()):
+            got[batch.keys[row]] += [o.token_id for o in outs]
+        batch.leave([r for r, s in enumerate(batch.seqs) if s.finish_reason])
+    alone = [
+        engine.generate(ids, max_new_tokens=10, temperature=1.0, seed=s, ignore_eos=True).token_ids
+        for s in (1, 2)
+    ]
+    assert got[0] == alone[0] and got[2] == alone[0] and got[1] == alone[1]

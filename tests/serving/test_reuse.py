@@ -1,0 +1,135 @@
+"""The server doing less work: speculation (--draft ngram) with output equal to the engine's, prefix
+reuse across chat turns reported in usage and /metrics, long prompts prefilled between the running
+streams' rounds, and abandoned long requests that hold no KV they did not use."""
+
+import threading
+import time
+
+import openai
+import pytest
+
+from onnxlm.runtime import load
+from onnxlm.runtime.generate import GenerationParams
+from onnxlm.runtime.scheduler import Scheduler
+from onnxlm.runtime.serving.app import create_app
+from tests.bundles import tiny_bundle
+from tests.serving.loopback import http
+
+HISTORY = [
+    {"role": "system", "content": "You answer questions about the weather."},
+    {"role": "user", "content": "Is it warm today?"},
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return load(tiny_bundle("fused").path, threads=1, draft="ngram")
+
+
+@pytest.fixture(scope="module")
+def server(engine, serve):
+    return serve(create_app(engine, model_name="tiny", max_batch=4, max_queue=8))
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.base + "/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_speculating_server_equals_the_plain_engine(engine, client):
+    plain = load(engine.bundle_dir, threads=1, prefix_cache_mb=0)
+    prompt = "one two three four five six seven one two three four five six seven one two three"
+    want = plain.generate(prompt, max_new_tokens=24, ignore_eos=True)
+    got = client.completions.create(
+        model="tiny", prompt=prompt, max_tokens=24, temperature=0, extra_body={"ignore_eos": True}
+    )
+    assert got.choices[0].text == want.text
+    chunks = client.completions.create(
+        model="tiny",
+        prompt=prompt,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True},
+    )
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want.text
+
+
+def test_second_turn_reuses_the_first_and_says_so(server, client):
+    first = client.chat.completions.create(model="tiny", messages=HISTORY, max_tokens=8, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    history = HISTORY + [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And then?"},
+    ]
+    second = client.chat.completions.create(model="tiny", messages=history, max_tokens=8, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    metrics = http("GET", server.base + "/metrics").text
+    hits = [line for line in metrics.splitlines() if line.startswith("onnxlm_prefix_cache_hits_total ")]
+    assert hits and float(hits[0].split()[1]) >= 1
+    assert "onnxlm_draft_tokens_total" in metrics
+    cached = [line for line in metrics.splitlines() if line.startswith("onnxlm_prefix_cache_bytes ")]
+    assert cached and float(cached[0].split()[1]) > 0
+
+
+def test_long_prompt_is_prefilled_between_running_rounds(engine):
+    """With a small prefill chunk, a long prompt arriving while a stream runs takes several chunks,
+    and the running stream gets tokens in between (it is not frozen until the prefill ends). The long
+    prompt is submitted from the running stream's own third token, so the order does not depend on
+    the machine's speed."""
+    sched = Scheduler(engine.model, engine.tokenizer, max_batch=4, max_queue=4, prefill_chunk=16)
+    events: list[str] = []
+    done = threading.Event()
+
+    def late(out):
+        events.append("late")
+        if isinstance(out, BaseException) or out.finish_reason:
+            done.set()
+
+    def running(out):
+        events.append("run")
+        if events.count("run") == 3:
+            sched.submit(list(range(10, 110)), GenerationParams(max_new_tokens=2, ignore_eos=True), late)
+
+    try:
+        sched.submit([5, 6, 7], GenerationParams(max_new_tokens=100, ignore_eos=True), running)
+        assert done.wait(60)
+        first_late = events.index("late")
+        during = events[:first_late].count("run") - 3
+        assert during >= 5  # 100 tokens in chunks of 16: a round ran between each two chunks
+    finally:
+        sched.close()
+
+
+def test_abandoned_long_requests_hold_only_what_they_used(engine):
+    """Requests asking for far more tokens than they get to generate hold KV for what they hold, and
+    when their clients leave the rows go at once and a new request is answered."""
+    sched = Scheduler(engine.model, engine.tokenizer, max_batch=4, max_queue=8)
+    try:
+        reqs, started = [], threading.Event()
+        for i in range(4):
+            reqs.append(
+                sched.submit(
+                    [5 + i, 6, 7],
+                    GenerationParams(max_new_tokens=120, ignore_eos=True),
+                    lambda o: started.set(),
+                )
+            )
+        assert started.wait(30)
+        while sched.active < 4:
+            time.sleep(0.005)
+        cache = sched._batch.rows.cache
+        held = int(cache.lengths.max())
+        assert cache.capacity <= max(int(held * 1.25), held + 64) + 1  # not prompt + max_tokens
+        for r in reqs:
+            sched.cancel(r)
+        got = threading.Event()
+        t0 = time.perf_counter()
+        sched.submit([9, 9, 9], GenerationParams(max_new_tokens=1), lambda o: got.set())
+        assert got.wait(10) and time.perf_counter() - t0 < 1.0
+        deadline = time.time() + 5
+        while sched.active and time.time() < deadline:
+            time.sleep(0.01)
+        assert sched.active == 0 and sched._batch.rows.cache is None
+    finally:
+        sched.close()
