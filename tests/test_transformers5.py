@@ -21,7 +21,12 @@ ROOT = Path(__file__).resolve().parents[1]
 # every family module against transformers, the new families' end-to-end parity (fused defaults), their
 # chat templates, graph choice and refusals (one pytest run each)
 RUNS = [
-    ["tests/test_family_modules.py", "tests/test_family_chat.py", "tests/test_family_graphs.py"],
+    [
+        "tests/test_family_modules.py",
+        "tests/test_family_chat.py",
+        "tests/test_family_graphs.py",
+        "tests/test_longrope.py",
+    ],
     [
         "tests/test_families.py",
         "-k",

@@ -350,7 +350,8 @@ class SharedRows(RowsBase):
         ids = np.zeros((len(rows), width), np.int64)
         for b, r in enumerate(rows):
             ids[b, : len(r)] = r
-        self._ensure(int((self.cache.lengths + q).max()))
+        # an idle row (no tokens: a longrope split) still needs room for the padded chunk after what it holds
+        self._ensure(int((self.cache.lengths + np.where(q == 0, width, q)).max()))
         index = np.clip(np.arange(width)[None, :], 0, np.maximum(q[:, None] - 1, 0))  # (batch, K)
         return self.model.step(ids, q, index, self.cache)
 
