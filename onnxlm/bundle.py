@@ -98,6 +98,12 @@ class GraphIO:
     # fused only: from this many tokens held, a decode step (one token per row) computes attention with
     # MatMul / Softmax over the buffer instead of GroupQueryAttention (an If per layer; same IO). None: never
     long_decode_from: int | None = None
+    # longrope (phi3): a row holding more than `long_rope_after` tokens rotates with the long factors,
+    # which the runtime says per row in the `long_rope` input ((batch,) int64, 1: long). The keys a row
+    # cached before were rotated with the short ones, so at the call that takes it past that length the
+    # runtime runs the row's whole sequence again from position 0 (as transformers' generate does)
+    long_rope: str | None = None
+    long_rope_after: int | None = None
 
     def __post_init__(self):
         if self.kv_layout == _LEGACY_KV_LAYOUT:
@@ -114,6 +120,10 @@ class GraphIO:
         missing = [n for n in needs if not getattr(self, n)]
         if missing:
             raise ValueError(f"kv_layout {self.kv_layout} needs the input(s) {', '.join(missing)}")
+        if (self.long_rope is None) != (self.long_rope_after is None):
+            raise ValueError(
+                "long_rope and long_rope_after go together (the input and the length it switches at)"
+            )
 
     @classmethod
     def shared_buffer(cls, graph: str = "fused") -> GraphIO:
@@ -149,7 +159,7 @@ class GraphIO:
         names = [self.input_ids, *self.step_inputs()]
         for i in range(num_layers):
             names += [self.past_key.format(i=i), self.past_value.format(i=i)]
-        return names
+        return names + ([self.long_rope] if self.long_rope else [])  # a keyword of the module's forward
 
     def output_names(self, num_layers: int) -> list[str]:
         names = [self.logits]
@@ -167,7 +177,7 @@ class GraphIO:
             axes[self.attention_mask] = {0: "batch", 1: "total_seq"}
         if self.position_ids:
             axes[self.position_ids] = {0: "batch", 1: "seq"}
-        for name in (self.seqlens_k, self.query_seqlens):
+        for name in (self.seqlens_k, self.query_seqlens, self.long_rope):
             if name:
                 axes[name] = {0: "batch"}
         if self.logits_index:

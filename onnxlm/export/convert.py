@@ -171,6 +171,8 @@ def _trace_args(io: B.GraphIO, vocab: int, num_layers: int, kv_heads: int, head_
         if io.position_ids:
             args.append(torch.arange(past, past + seq).expand(batch, seq).contiguous())
     args += [torch.zeros(batch, kv_heads, past, head_dim) for _ in range(2 * num_layers)]
+    if io.long_rope:  # after the KV tensors (decoder.split_long_rope): one row long, one short
+        args.append(torch.tensor([1, 0], dtype=torch.int64))
     return args
 
 
@@ -211,7 +213,8 @@ def rotary_caches_in_graph(model, caches: dict[str, tuple], context: int) -> boo
     by the nodes that compute them from inv_freq; onnxruntime folds them when it loads the model, so
     the kernels see the same constants and the bundle carries a few hundred bytes instead.
 
-    caches: cache name suffix ("" for cos_cache / sin_cache, "_local", "_long") -> (inv_freq, scaling)."""
+    caches: cache name suffix ("" for cos_cache / sin_cache, "_local") -> [(inv_freq, scaling)], segments of
+    `context` positions each, one after the other (a longrope cache: its short entries, then its long ones)."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -229,19 +232,27 @@ def rotary_caches_in_graph(model, caches: dict[str, tuple], context: int) -> boo
         helper.make_node("Range", ["rotary_start", "rotary_limit", "rotary_delta"], ["rotary_pos"]),
         helper.make_node("Unsqueeze", ["rotary_pos", "rotary_axis"], ["rotary_pos2d"]),
     ]
-    for suffix, (inv_freq, scaling) in present.items():
+    for suffix, segments in present.items():
         for name in (f"cos_cache{suffix}", f"sin_cache{suffix}"):
             model.graph.initializer.remove(inits[name])
-        consts[f"rotary_inv_freq{suffix}"] = np.asarray(inv_freq, np.float32)
-        freqs = f"rotary_freqs{suffix}"
-        nodes.append(helper.make_node("Mul", ["rotary_pos2d", f"rotary_inv_freq{suffix}"], [freqs]))
-        if scaling != 1.0:
-            consts[f"rotary_scaling{suffix}"] = np.array(scaling, np.float32)
-        for fn, out in (("Cos", f"cos_cache{suffix}"), ("Sin", f"sin_cache{suffix}")):
-            raw = out if scaling == 1.0 else f"{out}_unscaled"
-            nodes.append(helper.make_node(fn, [freqs], [raw]))
-            if raw != out:
-                nodes.append(helper.make_node("Mul", [raw, f"rotary_scaling{suffix}"], [out]))
+        parts: dict[str, list[str]] = {"cos": [], "sin": []}
+        for j, (inv_freq, scaling) in enumerate(segments):
+            tag = suffix if j == 0 else f"{suffix}_{j}"  # the first segment keeps the old names
+            consts[f"rotary_inv_freq{tag}"] = np.asarray(inv_freq, np.float32)
+            freqs = f"rotary_freqs{tag}"
+            nodes.append(helper.make_node("Mul", ["rotary_pos2d", f"rotary_inv_freq{tag}"], [freqs]))
+            if scaling != 1.0:
+                consts[f"rotary_scaling{tag}"] = np.array(scaling, np.float32)
+            for fn, kind in (("Cos", "cos"), ("Sin", "sin")):
+                out = f"{kind}_cache{suffix}" if len(segments) == 1 else f"{kind}_cache{tag}_segment"
+                raw = out if scaling == 1.0 else f"{out}_unscaled"
+                nodes.append(helper.make_node(fn, [freqs], [raw]))
+                if raw != out:
+                    nodes.append(helper.make_node("Mul", [raw, f"rotary_scaling{tag}"], [out]))
+                parts[kind].append(out)
+        if len(segments) > 1:
+            for kind, outs in parts.items():
+                nodes.append(helper.make_node("Concat", outs, [f"{kind}_cache{suffix}"], axis=0))
     model.graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in consts.items())
     for i, node in enumerate(nodes):
         node.name = f"/rotary_caches/{node.op_type}_{i}"
@@ -342,6 +353,8 @@ def export(
                 steps.update()
                 if io.shared and long_decode_from is not None and long_decode_from < facts["context_length"]:
                     io.long_decode_from = long_decode_from
+                if getattr(module, "long_rope_after", None) is not None:
+                    io.long_rope, io.long_rope_after = "long_rope", module.long_rope_after
                 steps.set_postfix_str("tracing to ONNX")
                 export_module(module, io, a.num_layers, a.num_kv_heads, a.head_dim, raw)
                 rotary_spec = getattr(module, "rotary_spec", None)

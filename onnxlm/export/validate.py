@@ -37,6 +37,8 @@ def _onnx_steps(model_path: Path, io: B.GraphIO, facts: B.ModelFacts, prompt: li
         feeds = {io.input_ids: ids, io.attention_mask: np.ones((1, total), np.int64), **past}
         if io.position_ids:
             feeds[io.position_ids] = np.arange(total - ids.shape[1], total, dtype=np.int64)[None]
+        if io.long_rope:  # as transformers steps through its cache (no re-prefill here)
+            feeds[io.long_rope] = np.array([total > io.long_rope_after], np.int64)
         outs = dict(zip(io.output_names(L), sess.run(io.output_names(L), feeds), strict=True))
         logits = outs[io.logits]
         if step == 0:
@@ -75,6 +77,8 @@ def _shared_steps(sess, io: B.GraphIO, facts: B.ModelFacts, prompt: list[int], s
             io.query_seqlens: np.array([seq], np.int32),
             io.logits_index: np.arange(seq, dtype=np.int64)[None],
         }
+        if io.long_rope:
+            feeds[io.long_rope] = np.array([held + seq > io.long_rope_after], np.int64)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         binding.bind_output(io.logits, "cpu")

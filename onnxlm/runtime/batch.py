@@ -89,7 +89,7 @@ class Batch:
         keys = list(range(len(seqs))) if keys is None else list(keys)
         reuse = [None] * len(seqs)
         if self.prefix_cache is not None:
-            reuse = [self.prefix_cache.lookup(s.prompt) for s in seqs]
+            reuse = [self.prefix_cache.lookup(s.prompt, self.rows.kv_kind(len(s.prompt))) for s in seqs]
             for s, r in zip(seqs, reuse, strict=True):
                 s.cached_tokens = 0 if r is None else r[0]
         return Admission(self, list(seqs), keys, reuse)
@@ -157,7 +157,7 @@ class Batch:
         held = self.rows.held(row)
         context = (seq.prompt + seq.tokens)[:held]
         if held >= self.prefix_cache.min_tokens:
-            self.prefix_cache.store(context, self.rows.read(row))
+            self.prefix_cache.store(context, self.rows.read(row), self.rows.kv_kind(held))
 
     def free(self) -> None:
         self.rows.free()

@@ -63,6 +63,12 @@ def right_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray
     return ids, lengths
 
 
+def long_rows(io, lengths) -> np.ndarray:
+    """The long_rope input (batch,) int64 for rows whose sequences hold `lengths` tokens: 1 past the
+    manifest's io.long_rope_after (a longrope graph; see GraphIO)."""
+    return (np.asarray(lengths) > io.long_rope_after).astype(np.int64)
+
+
 def window_feeds(io, facts, ids: Sequence[int], every_position: bool = False) -> dict[str, np.ndarray]:
     """The feeds of one graph call that runs `ids` from an empty cache, for either KV layout, as plain
     numpy (no binding; a shared-buffer graph gets a buffer of the window's size): for evaluation and
@@ -81,6 +87,8 @@ def window_feeds(io, facts, ids: Sequence[int], every_position: bool = False) ->
         if io.position_ids:
             feed[io.position_ids] = np.arange(n, dtype=np.int64)[None]
         past = 0
+    if io.long_rope:
+        feed[io.long_rope] = long_rows(io, [n])
     for i in range(facts.num_layers):
         for name in (io.past_key.format(i=i), io.past_value.format(i=i)):
             feed[name] = np.zeros((1, facts.num_kv_heads, past, facts.head_dim), np.dtype(io.kv_dtype))
@@ -101,6 +109,14 @@ class Prefill:
     ids: np.ndarray
     start: int
     cache: KVCache | SharedKVCache
+    seqs: list[list[int]]  # each row's whole sequence (a reused prefix included)
+    long: np.ndarray | None  # the long_rope input of every chunk: by each row's whole length
+
+    def _setup(self, rows: Rows, prompts: Sequence[Sequence[int]]) -> None:
+        self.model, self.chunk = rows.model, rows.chunk
+        self.seqs = [list(p) for p in prompts]
+        io = self.model.io
+        self.long = long_rows(io, [len(p) for p in prompts]) if io.long_rope else None
 
     @property
     def tokens(self) -> int:
@@ -119,13 +135,147 @@ class Prefill:
         self.cache.free()
 
 
+# --- what both layouts share: rows whose rotary switches at a length (longrope) ------------------------
+class RowsBase:
+    """The public face of a driver. For a longrope graph (the manifest's io.long_rope_after = A) each row
+    keeps its token ids: a row holding at most A tokens rotates with the short factors, one holding more
+    with the long ones, and its cached keys must match. So the call that takes a row past A runs the
+    row's whole sequence again from position 0 (a prefill, long throughout) instead of a decode step, as
+    transformers' generate does for one sequence; a decode of several tokens (speculation) is split at
+    A, and a rollback back under A prefills the row again, short. Per row, unlike transformers' batched
+    generate (where the padded batch switches with its longest row): a row never depends on its
+    batchmates, which a server needs."""
+
+    model: Forward
+    chunk: int | None
+
+    def __init__(self, model, chunk: int | None = 512):
+        self.model, self.chunk = model, chunk
+        self.pad = pad_token(model.facts)
+        io = model.io
+        self.switch: int | None = io.long_rope_after if io.long_rope else None
+        self.history: list[list[int]] = []  # per row, the tokens its KV holds (longrope graphs only)
+
+    def held(self, row: int) -> int:
+        raise NotImplementedError
+
+    def start(self, prompts: Sequence[Sequence[int]], reuse=None) -> Prefill:
+        raise NotImplementedError
+
+    def kv_kind(self, tokens: int) -> int:
+        """What the KV of a row holding `tokens` was computed with: 1 past a longrope switch, else 0; KV
+        of different kinds never mix (a cached prefix is reused only by a prompt of its kind)."""
+        return int(self.switch is not None and tokens > self.switch)
+
+    def join(self, job: Prefill) -> None:
+        self._join(job)
+        if self.switch is not None:
+            self.history += [list(p) for p in job.seqs]
+
+    def decode(self, tokens) -> np.ndarray:
+        """Row b brings tokens[b] (one or more); logits (batch, K, vocab) after each of them (K the
+        most any row brings; a row bringing fewer repeats its last)."""
+        rows = _token_lists(tokens)
+        if self.switch is None:
+            return self._decode(rows)
+        a = self.switch
+        held = [self.held(b) for b in range(len(rows))]
+        cut = [len(r) if h > a or h + len(r) <= a else a - h for r, h in zip(rows, held, strict=True)]
+        crossing = [b for b, (r, c) in enumerate(zip(rows, cut, strict=True)) if c < len(r)]
+        if not crossing:
+            logits = self._decode(rows)
+            self._extend(rows)
+            return logits
+        return self._decode_across(rows, cut, crossing)
+
+    def _decode_across(self, rows: list[list[int]], cut: list[int], crossing: list[int]) -> np.ndarray:
+        """Rows in `crossing` pass the switch within this call: the tokens before it (cut[b]) decode as
+        usual, the row's whole sequence through its next token is prefilled again, long, and the rest
+        decode after it."""
+        first = [r[:c] for r, c in zip(rows, cut, strict=True)]
+        out: list[list[np.ndarray]] = [[] for _ in rows]
+        if any(first):
+            self._collect(out, first, self._decode(first))
+            self._extend(first)
+        seqs = [self.history[b] + [rows[b][cut[b]]] for b in crossing]
+        last = self._refill(crossing, seqs)
+        for i, b in enumerate(crossing):
+            out[b].append(last[i])
+        rest = [rows[b][cut[b] + 1 :] if b in crossing else [] for b in range(len(rows))]
+        if any(rest):
+            self._collect(out, rest, self._decode(rest))
+            self._extend(rest)
+        width = max(len(r) for r in rows)
+        return np.stack([np.stack(o + [o[-1]] * (width - len(o))) for o in out])  # (batch, K, vocab)
+
+    @staticmethod
+    def _collect(out: list[list[np.ndarray]], rows: list[list[int]], logits: np.ndarray) -> None:
+        for b, r in enumerate(rows):
+            out[b] += list(logits[b, : len(r)])
+
+    def _extend(self, rows: list[list[int]]) -> None:
+        for h, r in zip(self.history, rows, strict=True):
+            h.extend(r)
+
+    def _refill(self, rows: list[int], seqs: list[list[int]]) -> np.ndarray:
+        """Prefill `seqs` afresh (long factors throughout for one past the switch) and put their KV in
+        place of `rows`'; the last-token logits (len(rows), vocab)."""
+        job = self.start(seqs)
+        last = job.run()
+        self._join(job)  # the new rows go last, then each moves into its row's place
+        for row in reversed(rows):
+            self._drop(row)
+        for row, seq in zip(rows, seqs, strict=True):
+            self.history[row] = list(seq)
+        return last
+
+    def rollback(self, row: int, n: int) -> None:
+        """Row `row` forgets its last `n` tokens (rejected drafts)."""
+        if not n:
+            return
+        self._rollback(row, n)
+        if self.switch is None:
+            return
+        seq = self.history[row]
+        before = len(seq)
+        del seq[before - n :]
+        if before > self.switch >= len(seq) and seq:  # back under the switch: its keys are long ones
+            self._refill([row], [list(seq)])
+
+    def drop(self, row: int) -> None:
+        """Row `row` leaves; the last row moves into its place."""
+        self._drop(row)
+        if self.switch is not None:
+            self.history[row] = self.history[-1]
+            self.history.pop()
+
+    def free(self) -> None:
+        self._free()
+        self.history = []
+
+    def _join(self, job) -> None:
+        raise NotImplementedError
+
+    def _decode(self, rows: list[list[int]]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _rollback(self, row: int, n: int) -> None:
+        raise NotImplementedError
+
+    def _drop(self, row: int) -> None:
+        raise NotImplementedError
+
+    def _free(self) -> None:
+        raise NotImplementedError
+
+
 # --- shared-buffer graphs -----------------------------------------------------------------------------
 class SharedPrefill(Prefill):
     """New rows' prompts through a shared-buffer graph, `chunk` positions per call, in a buffer of
     their own; a row may start from reused KV (a cached prefix), then only the rest is prefilled."""
 
     def __init__(self, rows: SharedRows, prompts: Sequence[Sequence[int]], reuse=None):
-        self.model, self.chunk = rows.model, rows.chunk
+        self._setup(rows, prompts)
         reuse = list(reuse or [None] * len(prompts))
         held = [0 if r is None else r[0] for r in reuse]  # tokens each row starts with
         self.rest = [list(p[n:]) for p, n in zip(prompts, held, strict=True)]
@@ -145,7 +295,8 @@ class SharedPrefill(Prefill):
         seq = self.ids.shape[1]
         start, end = self.start, min(seq, self.start + (self.chunk or seq))
         q = np.clip(self.lengths - start, 0, end - start)  # (k,) real tokens in this chunk
-        logits = self.model.step(self.ids[:, start:end], q, np.maximum(q - 1, 0)[:, None], self.cache)[:, 0]
+        index = np.maximum(q - 1, 0)[:, None]
+        logits = self.model.step(self.ids[:, start:end], q, index, self.cache, self.long)[:, 0]
         if self.last is None:
             self.last = np.empty_like(logits)  # (k, vocab)
         ends = (self.lengths > start) & (self.lengths <= end)  # rows whose last token is in this chunk
@@ -157,15 +308,15 @@ class SharedPrefill(Prefill):
         """After the prefill: the cache's rows become `rows` (indices may repeat: prompts shared by
         several sequences were prefilled once)."""
         self.cache.repeat(rows)
+        self.seqs = [self.seqs[r] for r in rows]
 
 
-class SharedRows:
+class SharedRows(RowsBase):
     """Rows of any lengths in one buffer per layer (seqlens_k per row); joiners are prefilled in a
     buffer of their own and copied in."""
 
     def __init__(self, model, chunk: int | None = 512):
-        self.model, self.chunk = model, chunk
-        self.pad = pad_token(model.facts)
+        super().__init__(model, chunk)
         self.ceiling = model.facts.context_length
         self.cache: SharedKVCache | None = None
 
@@ -182,14 +333,14 @@ class SharedRows:
     def start(self, prompts: Sequence[Sequence[int]], reuse=None) -> SharedPrefill:
         return SharedPrefill(self, prompts, reuse)
 
-    def join(self, job: SharedPrefill) -> None:
+    def _join(self, job: SharedPrefill) -> None:
         if self.cache is None:
             self.cache = job.cache
         else:
             self.cache.append(job.cache)
             job.free()
 
-    def decode(self, tokens) -> np.ndarray:
+    def _decode(self, tokens) -> np.ndarray:
         """Row b brings tokens[b] (one or more); logits (batch, K, vocab) after each of them (K the
         most any row brings; a row bringing fewer repeats its last)."""
         assert self.cache is not None
@@ -199,8 +350,9 @@ class SharedRows:
         ids = np.zeros((len(rows), width), np.int64)
         for b, r in enumerate(rows):
             ids[b, : len(r)] = r
-        self._ensure(int((self.cache.lengths + q).max()))
-        index = np.minimum(np.arange(width)[None, :], q[:, None] - 1)  # (batch, K)
+        # an idle row (no tokens: a longrope split) still needs room for the padded chunk after what it holds
+        self._ensure(int((self.cache.lengths + np.where(q == 0, width, q)).max()))
+        index = np.clip(np.arange(width)[None, :], 0, np.maximum(q[:, None] - 1, 0))  # (batch, K)
         return self.model.step(ids, q, index, self.cache)
 
     def _ensure(self, need: int) -> None:
@@ -209,7 +361,7 @@ class SharedRows:
             room = max(int(need * GROWTH), need + MIN_ROOM)
             self.cache.reserve(min(self.ceiling, room))
 
-    def rollback(self, row: int, n: int) -> None:
+    def _rollback(self, row: int, n: int) -> None:
         assert self.cache is not None
         if n:
             self.cache.forget(row, n)
@@ -219,15 +371,15 @@ class SharedRows:
         assert self.cache is not None
         return self.cache.read(row)
 
-    def drop(self, row: int) -> None:
+    def _drop(self, row: int) -> None:
         assert self.cache is not None
         if self.cache.batch == 1:
-            self.free()
+            self._free()
             return
         self.cache.drop(row)
         self.cache.shrink(room=max(int(self.cache.offset * GROWTH), self.cache.offset + MIN_ROOM))
 
-    def free(self) -> None:
+    def _free(self) -> None:
         if self.cache is not None:
             self.cache.free()
         self.cache = None
@@ -240,7 +392,7 @@ class ConcatPrefill(Prefill):
     def __init__(self, rows: ConcatRows, prompts: Sequence[Sequence[int]], reuse=None):
         if reuse is not None and any(r is not None for r in reuse):
             raise ValueError("a concat-layout graph does not reuse cached prefixes")
-        self.model, self.chunk = rows.model, rows.chunk
+        self._setup(rows, prompts)
         self.ids, self.mask, self.pos = left_pad(prompts, rows.pad)
         self.cache = self.model.new_cache(len(prompts))
         self.start = 0
@@ -249,7 +401,11 @@ class ConcatPrefill(Prefill):
         seq = self.ids.shape[1]
         start, end = self.start, min(seq, self.start + (self.chunk or seq))
         logits = self.model.forward(
-            self.ids[:, start:end], self.mask[:, :end], self.pos[:, start:end], self.cache
+            self.ids[:, start:end],
+            self.mask[:, :end],
+            self.pos[:, start:end],
+            self.cache,
+            long_rope=self.long,
         )
         self.start = end
         return logits if end >= seq else None  # (k, vocab): left padding puts every row's last token last
@@ -258,9 +414,11 @@ class ConcatPrefill(Prefill):
         """As SharedPrefill.expand (KVCache.select takes repeated rows)."""
         self.cache.select(list(rows))
         self.ids, self.mask, self.pos = self.ids[rows], self.mask[rows], self.pos[rows]
+        self.seqs = [self.seqs[r] for r in rows]
+        self.long = None if self.long is None else self.long[list(rows)]
 
 
-class ConcatRows:
+class ConcatRows(RowsBase):
     """Left-padded rows whose cache grows by concatenation; a joiner or the batch is padded on the left
     to line up. Forgotten tokens (rejected drafts) become holes in the attention mask, and leading
     columns no row needs any more are trimmed."""
@@ -268,8 +426,7 @@ class ConcatRows:
     supports_reuse = False
 
     def __init__(self, model, chunk: int | None = 512):
-        self.model, self.chunk = model, chunk
-        self.pad = pad_token(model.facts)
+        super().__init__(model, chunk)
         self.cache: KVCache | None = None
         self.mask = np.zeros((0, 0), np.int64)  # (batch, offset) 1 on real positions
         self.next_pos = np.zeros(0, np.int64)  # (batch,) position of each row's next token
@@ -284,7 +441,7 @@ class ConcatRows:
     def start(self, prompts: Sequence[Sequence[int]], reuse=None) -> ConcatPrefill:
         return ConcatPrefill(self, prompts, reuse)
 
-    def join(self, job: ConcatPrefill) -> None:
+    def _join(self, job: ConcatPrefill) -> None:
         mask, next_pos = job.mask, job.mask.sum(axis=1)
         if self.cache is None:
             self.cache, self.mask, self.next_pos = job.cache, mask, next_pos
@@ -295,7 +452,7 @@ class ConcatRows:
         )
         self.next_pos = np.concatenate([self.next_pos, next_pos])
 
-    def decode(self, tokens) -> np.ndarray:
+    def _decode(self, tokens) -> np.ndarray:
         """As SharedRows.decode; a row bringing fewer tokens than K is left-padded within the chunk."""
         assert self.cache is not None
         rows = _token_lists(tokens)
@@ -319,7 +476,7 @@ class ConcatRows:
             out[b, n:] = raw[b, width - 1]
         return out
 
-    def rollback(self, row: int, n: int) -> None:
+    def _rollback(self, row: int, n: int) -> None:
         if n:
             real = np.flatnonzero(self.mask[row])
             self.mask[row, real[-n:]] = 0
@@ -328,10 +485,10 @@ class ConcatRows:
     def read(self, row: int) -> list[np.ndarray]:
         raise NotImplementedError("a concat-layout graph does not reuse cached prefixes")
 
-    def drop(self, row: int) -> None:
+    def _drop(self, row: int) -> None:
         assert self.cache is not None
         if self.cache.batch == 1:
-            self.free()
+            self._free()
             return
         moved = self.cache.drop(row)
         if moved is not None:
@@ -342,7 +499,7 @@ class ConcatRows:
             self.cache.trim_front(unused)
             self.mask = self.mask[:, unused:]
 
-    def free(self) -> None:
+    def _free(self) -> None:
         self.cache = None
         self.mask, self.next_pos = np.zeros((0, 0), np.int64), np.zeros(0, np.int64)
 

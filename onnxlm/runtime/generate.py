@@ -20,7 +20,7 @@ import onnxruntime as ort
 
 from ..bundle import Manifest
 from . import constraints
-from .driver import window_feeds
+from .driver import long_rows, window_feeds
 from .kv_cache import KVCache, SharedKVCache
 from .sampling import ParamError, apply_processors, check_logit_bias, make_logits_processors, make_sampler
 from .session import BoundBuffers, kv_device, run_bound, run_numpy
@@ -133,10 +133,13 @@ class Model:
         position_ids: np.ndarray,
         cache: KVCache | SharedKVCache,
         all_positions: bool = False,
+        long_rope: np.ndarray | None = None,
     ) -> np.ndarray:
         """input_ids, position_ids (batch, seq); attention_mask (batch, past + seq). Returns the last
         position's logits (batch, vocab) as float32, or every position's (batch, seq, vocab) with
-        all_positions (concat graphs only), and moves the cache forward by seq.
+        all_positions (concat graphs only), and moves the cache forward by seq. long_rope (batch,): the
+        rows rotating with the long factors, where the graph has that input (default: the rows whose
+        tokens after this call pass io.long_rope_after).
 
         On a shared-buffer graph the chunk's real tokens (mask 1) move to the front of their row and
         positions follow from what the cache holds (the runtime's cumsum convention)."""
@@ -150,7 +153,7 @@ class Model:
             ids = np.zeros_like(input_ids)
             for row in range(len(ids)):
                 ids[row, : q[row]] = input_ids[row, real[row]]
-            return self.step(ids, q, np.maximum(q - 1, 0)[:, None], cache)[:, 0]
+            return self.step(ids, q, np.maximum(q - 1, 0)[:, None], cache, long_rope)[:, 0]
         feeds = {
             io.input_ids: input_ids.astype(self._int[io.input_ids], copy=False),
             io.attention_mask: attention_mask.astype(self._int[io.attention_mask], copy=False),
@@ -158,6 +161,11 @@ class Model:
         }
         if io.position_ids:
             feeds[io.position_ids] = position_ids.astype(self._int[io.position_ids], copy=False)
+        if io.long_rope:
+            held = np.asarray(attention_mask).sum(axis=1)  # (batch,) tokens each row holds after the call
+            feeds[io.long_rope] = (
+                long_rows(io, held) if long_rope is None else np.asarray(long_rope, np.int64)
+            )
         names = [io.logits, *cache.output_names()]
         if self.io_binding:
             out = run_bound(self.session, feeds, names, device=self.device, host_outputs=(io.logits,))
@@ -171,16 +179,27 @@ class Model:
         return np.asarray(logits[:, -1, :], dtype=np.float32)  # (batch, vocab)
 
     def step(
-        self, input_ids: np.ndarray, query_lens: np.ndarray, logits_index: np.ndarray, cache: SharedKVCache
+        self,
+        input_ids: np.ndarray,
+        query_lens: np.ndarray,
+        logits_index: np.ndarray,
+        cache: SharedKVCache,
+        long_rope: np.ndarray | None = None,
     ) -> np.ndarray:
         """One call of a shared-buffer graph. input_ids (batch, seq), right-padded: row b brings its first
-        query_lens[b] tokens; logits_index (batch, n): the chunk positions whose logits to return.
-        Returns logits (batch, n, vocab) float32; the graph has written the new keys/values in place."""
+        query_lens[b] tokens; logits_index (batch, n): the chunk positions whose logits to return;
+        long_rope as in forward. Returns logits (batch, n, vocab) float32; the graph has written the new
+        keys/values in place."""
         io = self.io
         inputs = {
             io.input_ids: input_ids.astype(self._int[io.input_ids], copy=False),
             io.logits_index: logits_index.astype(np.int64, copy=False),
         }
+        if io.long_rope:
+            held = cache.lengths + np.asarray(query_lens)  # (batch,) tokens each row holds after the call
+            inputs[io.long_rope] = (
+                long_rows(io, held) if long_rope is None else np.asarray(long_rope, np.int64)
+            )
         if self.io_binding:  # the buffers stay bound from step to step; only the small inputs change
             bound = cache.binding
             if not isinstance(bound, BoundBuffers) or bound.session is not self.session:

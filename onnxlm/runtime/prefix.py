@@ -26,6 +26,7 @@ class Entry:
     tokens: np.ndarray  # (n,) int64
     kv: list[np.ndarray]  # per layer key, value: (kv_heads, n, head_dim)
     nbytes: int
+    kind: int = 0  # what the KV was computed with (driver.kv_kind): only a prompt of the same kind reuses it
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -52,13 +53,15 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt: Sequence[int]) -> tuple[int, list[np.ndarray]] | None:
-        """The longest cached prefix of `prompt`, leaving at least one token to prefill: (n, kv) with
-        kv sliced to n positions, or None when no entry shares min_tokens with it."""
+    def lookup(self, prompt: Sequence[int], kind: int = 0) -> tuple[int, list[np.ndarray]] | None:
+        """The longest cached prefix of `prompt` among entries of `kind`, leaving at least one token to
+        prefill: (n, kv) with kv sliced to n positions, or None when no entry shares min_tokens with it."""
         ids = np.asarray(prompt, np.int64)
         with self._lock:
             best, best_n = None, 0
             for key, e in self._entries.items():
+                if e.kind != kind:
+                    continue
                 n = min(common_prefix(e.tokens, ids), len(ids) - 1)
                 if n > best_n:
                     best, best_n = key, n
@@ -71,9 +74,10 @@ class PrefixCache:
             self.reused_tokens += best_n
         return best_n, [a[:, :best_n] for a in entry.kv]
 
-    def store(self, tokens: Sequence[int], kv: list[np.ndarray]) -> bool:
-        """Keep `tokens`' keys and values (they are not copied: give arrays no one else writes). Entries
-        that are prefixes of it go; least recently used entries go until the total fits."""
+    def store(self, tokens: Sequence[int], kv: list[np.ndarray], kind: int = 0) -> bool:
+        """Keep `tokens`' keys and values (they are not copied: give arrays no one else writes), computed
+        as `kind` says. Entries of that kind that are prefixes of it go; least recently used entries go
+        until the total fits."""
         ids = np.asarray(tokens, np.int64)
         nbytes = sum(a.nbytes for a in kv)
         if len(ids) < self.min_tokens or nbytes > self.max_bytes or not kv:
@@ -81,10 +85,14 @@ class PrefixCache:
         if any(a.shape[1] != len(ids) for a in kv):
             raise ValueError(f"PrefixCache.store: {len(ids)} tokens but KV of {kv[0].shape[1]} positions")
         with self._lock:
-            for key in [k for k, e in self._entries.items() if common_prefix(e.tokens, ids) == len(e.tokens)]:
+            for key in [
+                k
+                for k, e in self._entries.items()
+                if e.kind == kind and common_prefix(e.tokens, ids) == len(e.tokens)
+            ]:
                 self.nbytes -= self._entries.pop(key).nbytes
             self._ids += 1
-            self._entries[self._ids] = Entry(ids, kv, nbytes)
+            self._entries[self._ids] = Entry(ids, kv, nbytes, kind)
             self.nbytes += nbytes
             while self.nbytes > self.max_bytes:
                 _, old = self._entries.popitem(last=False)

@@ -24,6 +24,7 @@ RUNS = [
         "tests/export/test_family_modules.py",
         "tests/export/test_family_chat.py",
         "tests/export/test_family_graphs.py",
+        "tests/export/test_longrope.py",
     ],
     [
         "tests/export/test_families.py",

@@ -38,7 +38,7 @@ class Rotary(nn.Module):
     """Rotary position embedding over the first `rotary_dim` channels (half-split layout).
 
     kind "fixed": one inv_freq; "dynamic": NTK inv_freq of the batch's longest sequence at each forward;
-    "longrope": short inv_freq up to `original` tokens, long past it (see rope.py)."""
+    "longrope": short inv_freq up to `original` tokens, long past it, chosen per row (see rope.py)."""
 
     def __init__(self, inv_freq: torch.Tensor, scaling: float = 1.0, kind: str = "fixed", **extra):
         super().__init__()
@@ -59,8 +59,23 @@ class Rotary(nn.Module):
             return torch.where(seq_len > self.extra["original"], self.long_inv_freq, self.inv_freq)
         return self.inv_freq
 
-    def cos_sin(self, position_ids: torch.Tensor):
-        inv_freq = self.inv_freq_for(position_ids.max() + 1) if self.kind != "fixed" else self.inv_freq
+    def row_inv_freq(self, long_rows: torch.Tensor) -> torch.Tensor:
+        """longrope: each row's inv_freq (batch, 1, rot/2), the long one where long_rows (batch,) is 1."""
+        pick = long_rows.reshape(-1, 1, 1) > 0
+        return torch.where(pick, self.long_inv_freq, self.inv_freq)
+
+    def cos_sin(self, position_ids: torch.Tensor, long_rows: torch.Tensor | None = None):
+        """cos, sin (batch, 1, seq, rot) at position_ids (batch, seq). A longrope rotary takes its factors per
+        row: long where long_rows (batch,) is 1 (the runtime's choice, see the manifest's io.long_rope), or
+        without long_rows where the row's own positions pass the original length (never its batchmates')."""
+        if self.kind == "longrope":
+            if long_rows is None:
+                long_rows = (position_ids.max(dim=1).values + 1 > self.extra["original"]).long()
+            inv_freq = self.row_inv_freq(long_rows)
+        elif self.kind == "dynamic":
+            inv_freq = self.inv_freq_for(position_ids.max() + 1)
+        else:
+            inv_freq = self.inv_freq
         freqs = position_ids.float().unsqueeze(-1) * inv_freq  # (batch, seq, rot/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (batch, seq, rot)
         cos = (emb.cos() * self.scaling).unsqueeze(1)  # (batch, 1, seq, rot)

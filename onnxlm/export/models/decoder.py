@@ -163,14 +163,35 @@ class Block(nn.Module):
         return self._residual(x, self.mlp_out_norm(m) if a.post_norms else m), k, v
 
 
+def long_rope_after(rotaries: dict[str, Rotary]) -> int | None:
+    """The length past which a row takes the long factors (the graph then has a long_rope input), or None
+    when no rotary is longrope."""
+    originals = {r.extra["original"] for r in rotaries.values() if r.kind == "longrope"}
+    if len(originals) > 1:
+        raise NotImplementedError(f"longrope rotaries switching at different lengths {sorted(originals)}")
+    return originals.pop() if originals else None
+
+
+def split_long_rope(past: tuple, num_layers: int, long_rope):
+    """(the KV tensors, long_rope): the exporter passes long_rope after the KV tensors, positionally (the
+    TorchScript exporter makes no graph input of a keyword argument)."""
+    if long_rope is None and len(past) == 2 * num_layers + 1:
+        return past[:-1], past[-1]
+    return past, long_rope
+
+
 class Decoder(nn.Module):
-    """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present)."""
+    """forward(input_ids, attention_mask, position_ids, *past, long_rope=None) -> (logits, *present).
+
+    long_rope (batch,) int64, a graph input only where a rotary is longrope (`long_rope_after` set): 1 for a
+    row that rotates with the long factors."""
 
     uses_position_ids = True
 
     def __init__(self, a: DecoderArgs, rotaries: dict[str, Rotary]):
         super().__init__()
         self.a = a
+        self.long_rope_after = long_rope_after(rotaries)
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)
@@ -178,7 +199,8 @@ class Decoder(nn.Module):
         if not a.tie_word_embeddings:
             self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
+    def forward(self, input_ids, attention_mask, position_ids, *past, long_rope=None):
+        past, long_rope = split_long_rope(past, self.a.num_layers, long_rope)
         a = self.a
         x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
         if a.embed_scale != 1.0:
@@ -186,7 +208,7 @@ class Decoder(nn.Module):
         seq = input_ids.shape[1]
         windows, ropes = a.windows(), a.ropes()
         masks = {w: causal_mask(attention_mask, seq, x.dtype, w) for w in set(windows)}
-        cos_sin = {name: r.cos_sin(position_ids) for name, r in self.rotaries.items()}
+        cos_sin = {name: r.cos_sin(position_ids, long_rope) for name, r in self.rotaries.items()}
         presents = []
         for i, layer in enumerate(self.layers):
             r = ropes[i]

@@ -39,7 +39,7 @@ from torch import nn
 from torch.onnx import symbolic_helper
 
 from .common import Rotary, output_head
-from .decoder import activation, softcap
+from .decoder import activation, long_rope_after, softcap, split_long_rope
 
 
 def _none(g):
@@ -135,6 +135,28 @@ class GroupQueryAttention(torch.autograd.Function):
         return out, present_k, present_v
 
 
+class RotaryOp(torch.autograd.Function):
+    """com.microsoft RotaryEmbedding (half-split) of x (batch, seq, heads * d) at positions pos (batch, seq)
+    int64, over the first `rot` channels of each head: for a rotary chosen per row (longrope), whose rows
+    index one cos/sin cache of short then long entries, where GroupQueryAttention reads one cache for all."""
+
+    @staticmethod
+    def forward(ctx, x, pos, cos, sin, heads, rot, d):
+        batch, seq, _ = x.shape
+        heads_x = x.reshape(batch, seq, heads, -1)  # (batch, seq, heads, d)
+        c, s = cos[pos].unsqueeze(2), sin[pos].unsqueeze(2)  # (batch, seq, 1, rot/2)
+        return _rope(heads_x, c, s).reshape(batch, seq, -1)
+
+    @staticmethod
+    def symbolic(g, x, pos, cos, sin, heads, rot, d):
+        partial = {} if d == rot else {"rotary_embedding_dim_i": rot}
+        y = g.op(
+            "com.microsoft::RotaryEmbedding", x, pos, cos, sin, num_heads_i=heads, interleaved_i=0, **partial
+        )
+        y.setType(x.type())
+        return y
+
+
 class RMSNormOp(torch.autograd.Function):
     """SimplifiedLayerNormalization: w * x / sqrt(mean(x^2) + eps) over the last axis."""
 
@@ -213,9 +235,18 @@ class FusedBlock(nn.Module):
         """o_proj(attention) of this layer's normed input h (batch, seq, hidden), and the buffers."""
         a = self.a
         seqlens_k, total, query_seqlens = kv
-        cos, sin = caches[self.rope] if self.rope else (None, None)
+        cos, sin, per_row = caches[self.rope] if self.rope else (None, None, None)
         qkv = self.qkv_proj(h)
         q, k, v = self._qk_normed(qkv) if a.qk_norm else (qkv, None, None)
+        if per_row is not None:  # rotary chosen per row: q and k rotate here, GroupQueryAttention does not
+            pos, rot = per_row
+            if k is None:
+                q, k, v = qkv.split(
+                    [a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.num_kv_heads * a.head_dim], -1
+                )
+            q = RotaryOp.apply(q, pos, cos, sin, a.num_heads, rot, a.head_dim)
+            k = RotaryOp.apply(k, pos, cos, sin, a.num_kv_heads, rot, a.head_dim)
+            cos = sin = None
         attn, k, v = GroupQueryAttention.apply(
             q, k, v, past_k, past_v, seqlens_k, total, cos, sin, query_seqlens,
             a.num_heads, a.num_kv_heads, self.window, a.attn_scale, a.attn_softcap,
@@ -255,11 +286,15 @@ class FusedBlock(nn.Module):
 
 
 class FusedDecoder(nn.Module):
-    """forward(input_ids, seqlens_k, total_sequence_length, query_seqlens, logits_index, *past)
-    -> (logits (batch, len(logits_index[0]), vocab), *present).
+    """forward(input_ids, seqlens_k, total_sequence_length, query_seqlens, logits_index, *past,
+    long_rope=None) -> (logits (batch, len(logits_index[0]), vocab), *present).
 
     A residual addend waits in `pending` until the next norm, so that add and norm fuse into one
-    SkipSimplifiedLayerNormalization wherever the family has a norm there."""
+    SkipSimplifiedLayerNormalization wherever the family has a norm there.
+
+    A longrope rotary is chosen per row (long_rope (batch,) 1: the long factors; a graph input only then):
+    its cos/sin cache holds the short entries then the long ones, and RotaryEmbedding nodes rotate q and
+    k at position + context on long rows, since GroupQueryAttention reads one cache for the whole batch."""
 
     uses_position_ids = False
     graph = "fused"
@@ -272,55 +307,72 @@ class FusedDecoder(nn.Module):
         self.norm = nn.Parameter(torch.ones(a.hidden_size))
         if not a.tie_word_embeddings:
             self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
-        self.longrope: dict[str, int] = {}  # rotary name -> the length past which it takes its long caches
+        self.context = context
+        self.long_rope_after = long_rope_after(rotaries)
+        self.longrope: dict[str, int] = {}  # rotaries chosen per row (their caches: short then long) -> width
         self.dynamic: dict[str, Rotary] = {}  # rotaries whose caches are computed at each step
-        caches = {}  # cache name suffix -> (inv_freq, scaling): how to recompute them in the graph
+        caches = {}  # cache name suffix -> [(inv_freq, scaling)] segments: how to recompute them in the graph
         for name, rotary in rotaries.items():
             suffix = "" if name == "global" else f"_{name}"
             if rotary.kind == "dynamic":
                 self.dynamic[name] = rotary
                 continue
-            caches[suffix] = (rotary.inv_freq, rotary.scaling)
+            caches[suffix] = [(rotary.inv_freq, rotary.scaling)]
             if rotary.kind == "longrope":
-                self.longrope[name] = rotary.extra["original"]
-                caches[f"{suffix}_long"] = (rotary.long_inv_freq, rotary.scaling)
-        for suffix, (inv_freq, scaling) in caches.items():
-            freqs = torch.arange(context).float().unsqueeze(-1) * inv_freq  # (context, rot/2)
-            self.register_buffer(f"cos_cache{suffix}", freqs.cos() * scaling)
-            self.register_buffer(f"sin_cache{suffix}", freqs.sin() * scaling)
+                self.longrope[name] = rotary.rotary_dim
+                caches[suffix].append((rotary.long_inv_freq, rotary.scaling))
+        for suffix, segments in caches.items():
+            freqs = [
+                torch.arange(context).float().unsqueeze(-1) * inv for inv, _ in segments
+            ]  # (context, rot/2)
+            scaled = [(f, scaling) for f, (_, scaling) in zip(freqs, segments, strict=True)]
+            self.register_buffer(f"cos_cache{suffix}", torch.cat([f.cos() * sc for f, sc in scaled]))
+            self.register_buffer(f"sin_cache{suffix}", torch.cat([f.sin() * sc for f, sc in scaled]))
         # see convert.rotary_caches_in_graph
         self.rotary_spec = (
-            {k: (v[0].float().numpy().copy(), float(v[1])) for k, v in caches.items()},
+            {k: [(inv.float().numpy().copy(), float(sc)) for inv, sc in v] for k, v in caches.items()},
             context,
         )
 
-    def _caches(self, seqlens_k, capacity: int):
-        """name -> (cos, sin) caches of each rotary; a longrope one picks its long caches once the batch's
-        longest sequence passes the original length, a dynamic one computes its caches over the buffer's
-        capacity from the NTK inv_freq of that length (both as transformers decides per forward)."""
+    def _positions(self, input_ids, seqlens_k, query_seqlens, long_rope):
+        """(batch, seq) int64: each chunk position's index into a short-then-long cache. Query s of row b
+        sits at seqlens_k[b] + 1 - query_seqlens[b] + s (clipped: a padded one may run past the context),
+        context entries further on a long row. Without long_rope a row is long once it holds more than
+        the original length after this step (its own length, never its batchmates')."""
+        start = (seqlens_k + 1 - query_seqlens).long()  # (batch,)
+        pos = start.unsqueeze(1) + torch.arange(input_ids.shape[1]).unsqueeze(0)  # (batch, seq)
+        pos = torch.clamp(pos, 0, self.context - 1)
+        if long_rope is None:
+            long_rope = (seqlens_k + 1 > self.long_rope_after).long()
+        return pos + long_rope.long().unsqueeze(1) * self.context
+
+    def _caches(self, seqlens_k, capacity: int, pos):
+        """name -> (cos, sin, per_row) of each rotary: per_row None where GroupQueryAttention rotates with
+        the caches itself, a longrope rotary's (cache index per query (see _positions), width). A dynamic
+        one computes its caches over the buffer's capacity from the NTK inv_freq of the batch's longest
+        row (as transformers decides per forward)."""
         out = {}
         longest = seqlens_k.max() + 1  # () tokens the batch's longest row holds after this step
         for name, rotary in self.dynamic.items():
             freqs = torch.arange(capacity).float().unsqueeze(-1) * rotary.inv_freq_for(
                 longest
             )  # (cap, rot/2)
-            out[name] = (freqs.cos() * rotary.scaling, freqs.sin() * rotary.scaling)
+            out[name] = (freqs.cos() * rotary.scaling, freqs.sin() * rotary.scaling, None)
         for name in ("global", "local"):
             suffix = "" if name == "global" else f"_{name}"
-            if not hasattr(self, f"cos_cache{suffix}"):
-                continue
-            cos, sin = getattr(self, f"cos_cache{suffix}"), getattr(self, f"sin_cache{suffix}")
-            if name in self.longrope:
-                long = longest > self.longrope[name]  # () bool
-                cos = torch.where(long, getattr(self, f"cos_cache{suffix}_long"), cos)
-                sin = torch.where(long, getattr(self, f"sin_cache{suffix}_long"), sin)
-            out[name] = (cos, sin)
+            if hasattr(self, f"cos_cache{suffix}"):
+                cos, sin = getattr(self, f"cos_cache{suffix}"), getattr(self, f"sin_cache{suffix}")
+                out[name] = (cos, sin, (pos, self.longrope[name]) if name in self.longrope else None)
         return out
 
-    def forward(self, input_ids, seqlens_k, total_sequence_length, query_seqlens, logits_index, *past):
+    def forward(
+        self, input_ids, seqlens_k, total_sequence_length, query_seqlens, logits_index, *past, long_rope=None
+    ):
+        past, long_rope = split_long_rope(past, self.a.num_layers, long_rope)
         a = self.a
         kv = (seqlens_k, total_sequence_length, query_seqlens)
-        caches = self._caches(seqlens_k, past[0].shape[2])
+        pos = self._positions(input_ids, seqlens_k, query_seqlens, long_rope) if self.longrope else None
+        caches = self._caches(seqlens_k, past[0].shape[2], pos)
         x = self.embed_tokens(input_ids)  # (batch, seq, hidden)
         if a.embed_scale != 1.0:
             x = x * a.embed_scale

@@ -4,12 +4,10 @@
     gate_up_proj (2*intermediate, hidden)         -> gate_proj, up_proj       (gate first, as transformers' chunk)
 
 partial_rotary_factor (Phi-4-mini) and longrope scaling (Phi-3.5-mini, Phi-4-mini) come from
-common.rotary_from_config: each forward rotates with the short factors while the batch's longest sequence
-holds at most original_max_position_embeddings tokens, with the long ones past it (the fused graph holds
-both cos/sin cache pairs and picks one per step). transformers' generate goes one step further when a sequence
-crosses that length during decoding: it drops its cache and recomputes every position with the long
-factors, which a bundle cannot do by itself (the runtime would have to re-prefill); a prompt already past
-the original length, or a generation that stays below it, is exact.
+common.rotary_from_config: a row rotates with the short factors while it holds at most
+original_max_position_embeddings tokens and with the long ones past it, chosen per row by the graph's
+long_rope input; the runtime re-prefills a row from position 0 at the call that takes it past that length
+(runtime/driver.RowsBase), as transformers' generate recomputes its cache there.
 """
 
 from __future__ import annotations
