@@ -70,7 +70,7 @@ def test_a_feature_neither_graph_reproduces_is_refused_in_one_line(tmp_path):
                 "original_max_position_embeddings": 4,
                 "rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8},
             },
-            "_long",  # longrope's second pair, chosen per step
+            "_1",  # longrope's long segment, after the short one in one cache; a row's offset picks it
         ),
     ],
 )
