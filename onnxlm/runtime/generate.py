@@ -21,9 +21,10 @@ import onnxruntime as ort
 from ..bundle import Manifest
 from . import constraints
 from .driver import long_rows, window_feeds
-from .kv_cache import KVCache, SharedKVCache
+from .kv_cache import KVCache
 from .sampling import ParamError, apply_processors, check_logit_bias, make_logits_processors, make_sampler
 from .session import BoundBuffers, kv_device, run_bound, run_numpy
+from .shared_kv import SharedKVCache
 from .tokenizer import Detokenizer, Tokenizer
 
 log = logging.getLogger("onnxlm.generate")
