@@ -361,7 +361,15 @@ def info(bundle, as_json, verify) -> None:
     "--calibration-text",
     type=click.Path(exists=True, dir_okay=False),
     default=None,
-    help="UTF-8 text for GPTQ.",
+    help="UTF-8 text for GPTQ and an int8 KV cache's scales.",
+)
+@click.option(
+    "--kv-cache",
+    type=click.Choice(quantize_api.KV_CACHES),
+    default="float32",
+    show_default=True,
+    help="KV cache type of the fused graph: float16 halves it, int8 quarters it (scales calibrated on "
+    "--calibration-text, else the built-in texts). Not with --recipe fp16 or gguf.",
 )
 @click.option(
     "--max-ppl-increase",
@@ -389,6 +397,7 @@ def quantize(
     accuracy_level,
     algorithm,
     calibration_text,
+    kv_cache,
     max_ppl_increase,
     eval_text,
     eval_tokens,
@@ -405,6 +414,7 @@ def quantize(
         gguf=gguf_file,
         accuracy_level=accuracy_level,
         calibration_text=calibration_text,
+        kv_cache=kv_cache,
         eval_text=eval_text,
         block_size=int(block_size),
         scheme=scheme,

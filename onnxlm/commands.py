@@ -109,6 +109,8 @@ def quantize_bundle(
     from .runtime.eval import format_report, read_text
 
     if recipe == "gguf":
+        if options.pop("kv_cache", "float32") != "float32":
+            raise ValueError("--kv-cache applies to the int8 / int4 / int4-mixed recipes, not gguf")
         options = {"gguf": gguf or default_gguf(bundle)}
     else:
         accuracy_level = 4 if accuracy_level is None else accuracy_level

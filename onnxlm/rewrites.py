@@ -71,7 +71,7 @@ def gqa_nodes(model: onnx.ModelProto) -> list:
     return [n for n in model.graph.node if n.op_type == "GroupQueryAttention"]
 
 
-def _rotary_dim(model: onnx.ModelProto, head_dim: int) -> int:
+def rotary_dim(model: onnx.ModelProto, head_dim: int) -> int:
     """Channels the rotary covers: twice the cos cache's width (an initializer, or the inv_freq the
     exporter computes it from in the graph)."""
     for t in model.graph.initializer:
@@ -222,7 +222,7 @@ def _prepare(model: onnx.ModelProto):
     shared = _Shared(b, gqas[0], heads, kv_heads, d)
     for n in gqas:  # every mask now, so that all of them land in the main graph
         shared.mask(_attrs(n).get("local_window_size", -1))
-    return gqas, b, shared, heads, kv_heads, d, _rotary_dim(model, d)
+    return gqas, b, shared, heads, kv_heads, d, rotary_dim(model, d)
 
 
 def matmul_attention(model: onnx.ModelProto) -> onnx.ModelProto:

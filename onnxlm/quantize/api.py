@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import bundle as B
-from .recipes import RECIPES, SCHEMES, get_recipe
+from .recipes import KV_CACHES, RECIPES, SCHEMES, get_recipe
 
 BLOCK_SIZES = (16, 32, 64, 128)
 ALGORITHMS = ("rtn", "hqq", "gptq")
@@ -29,6 +29,7 @@ def quantize(
     accuracy_level: int = 4,
     algorithm: str = "rtn",
     calibration_text: str | None = None,
+    kv_cache: str = "float32",
     overwrite: bool = False,
     progress: bool = True,
     staging: bool = False,
@@ -38,11 +39,13 @@ def quantize(
     recipe: int8 | int4 | int4-mixed | fp16 (see recipes.RECIPES). block_size, scheme (of 4-bit
     weights: min = per-block scale and float minimum, sym, asym = integer zero point; see pack.py),
     accuracy_level (MatMulNBits: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8 compute) and algorithm
-    (rtn | hqq | gptq; gptq needs calibration_text) apply to the integer recipes. staging: mark the
+    (rtn | hqq | gptq; gptq needs calibration_text) apply to the integer recipes. kv_cache: float32 |
+    float16 | int8 (kv.py; int8 scales calibrated on calibration_text, else the built-in eval texts),
+    with any recipe but fp16 (whose cache is float16 already). staging: mark the
     result unfinished so that it does not load until bundle.finish_staging (quantize_with_report's use).
     """
     started = time.perf_counter()
-    rec = _check_options(recipe, block_size, scheme, accuracy_level, algorithm, calibration_text)
+    rec = _check_options(recipe, block_size, scheme, accuracy_level, algorithm, calibration_text, kv_cache)
     src = Path(bundle_dir)
     manifest = B.check_bundle(src, verify_hashes=True)  # hashes: provenance names what we really read
     if manifest.dtype != "float32" or manifest.quantization:
@@ -65,6 +68,8 @@ def quantize(
     sites = G.find_sites(model, facts.num_layers, facts.hidden_size, facts.vocab_size)
     if not sites:
         raise QuantizeError(f"{src / B.MODEL}: no MatMul, Gemm or embedding Gather reads a float32 weight")
+    if kv_cache != "float32":
+        _kv_check(model, io, kv_cache, src)  # before the long work, not after it
     bar = tqdm(total=len(sites) + 2, desc=f"quantize {rec.name}", unit="weight", disable=not progress)
     try:
         if rec.name == "fp16":
@@ -75,6 +80,9 @@ def quantize(
 
             settings = Settings(block_size, scheme, accuracy_level, algorithm)
             record = _integer(model, sites, rec, src, manifest, settings, calibration_text, bar)
+        if kv_cache != "float32":
+            bar.set_postfix_str(f"{kv_cache} KV cache")
+            record["kv_cache"] = _kv_cache(model, src, manifest, io, kv_cache, calibration_text)
         with writer as tmp:
             bar.set_postfix_str("writing")
             B.save_graph(model, tmp)
@@ -94,7 +102,9 @@ def quantize(
         bar.close()
 
 
-def _check_options(recipe, block_size, scheme, accuracy_level, algorithm, calibration_text):
+def _check_options(
+    recipe, block_size, scheme, accuracy_level, algorithm, calibration_text, kv_cache="float32"
+):
     try:
         rec = get_recipe(recipe)
     except ValueError as e:
@@ -117,8 +127,12 @@ def _check_options(recipe, block_size, scheme, accuracy_level, algorithm, calibr
         raise QuantizeError(
             "algorithm 'gptq' needs calibration_text: representative text, ideally thousands of tokens"
         )
-    if calibration_text is not None and algorithm != "gptq":
-        raise QuantizeError("calibration_text is only used by algorithm 'gptq'")
+    if kv_cache not in KV_CACHES:
+        raise QuantizeError(f"kv_cache must be one of {', '.join(KV_CACHES)}; got {kv_cache!r}")
+    if kv_cache != "float32" and rec.name == "fp16":
+        raise QuantizeError("the fp16 recipe's KV cache is float16 already; kv_cache applies to the others")
+    if calibration_text is not None and algorithm != "gptq" and kv_cache != "int8":
+        raise QuantizeError("calibration_text is only used by algorithm 'gptq' and an int8 kv_cache")
     return rec
 
 
@@ -206,6 +220,33 @@ def _integer(model, sites, rec, src, manifest, settings, text, bar) -> dict:
         record["tied"] += r.tied
         record["notes"].update(r.notes)
     return record
+
+
+def _kv_check(model, io: B.GraphIO, kind: str, src: Path) -> None:
+    from . import kv
+
+    try:
+        kv.check(kind, model, io)
+    except kv.KVCacheError as e:
+        raise QuantizeError(f"{src}: {e}") from None
+
+
+def _kv_cache(model, src: Path, manifest, io: B.GraphIO, kind: str, text: str | None) -> dict:
+    """Rewrite `model` for a `kind` KV cache; int8 scales come from the float32 bundle over `text`
+    (default: the built-in evaluation texts, so score an int8-cache bundle on other text too)."""
+    from . import kv
+
+    scales = None
+    if kind == "int8":
+        if text is None:
+            from ..runtime.eval import builtin_texts
+
+            text = "\n\n".join(builtin_texts().values())
+        try:
+            scales = kv.calibrate(src, manifest, text)
+        except ValueError as e:  # too little text
+            raise QuantizeError(f"int8 KV cache calibration: {e}") from None
+    return kv.rewrite(model, io, kind, scales)
 
 
 def _fp16(model, sites, manifest, io: B.GraphIO):

@@ -95,6 +95,7 @@ def widest(formats: list[str]) -> str:
     return max(formats, key=_PRECISION.__getitem__)
 
 
+KV_CACHES = ("float32", "float16", "int8")  # the fused graph's cache types (kv.py)
 SCHEMES = ("min", "sym", "asym")  # 4-bit block forms (pack.py): scale + float minimum, scale, scale + zero
 
 RECIPES: dict[str, Recipe] = {

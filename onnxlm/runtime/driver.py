@@ -21,7 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
-from .kv_cache import KVCache, SharedKVCache
+from .kv_cache import KVCache
+from .shared_kv import SharedKVCache
 
 GROWTH = 1.25  # a full buffer is rebuilt this much larger (at least MIN_ROOM more slots)
 MIN_ROOM = 64

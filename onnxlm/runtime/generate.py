@@ -21,14 +21,16 @@ import onnxruntime as ort
 from ..bundle import Manifest
 from . import constraints
 from .driver import long_rows, window_feeds
-from .kv_cache import KVCache, SharedKVCache
+from .kv_cache import KVCache
 from .sampling import ParamError, apply_processors, check_logit_bias, make_logits_processors, make_sampler
 from .session import BoundBuffers, kv_device, run_bound, run_numpy
+from .shared_kv import SharedKVCache
 from .tokenizer import Detokenizer, Tokenizer
 
 log = logging.getLogger("onnxlm.generate")
 
 _ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
+READ_CHUNK = 16  # Model.logits over a float16 / int8 cache: tokens per call
 
 
 @dataclass
@@ -229,9 +231,18 @@ class Model:
                     feeds[name] = feeds[name].astype(self._int[name], copy=False)
             (logits,) = self.session.run([self.io.logits], feeds)
             return np.asarray(logits[0], dtype=np.float32)
+        # A float16 / int8 cache: in chunks, so that (as in decoding) later tokens read what the cache
+        # stored; one call would attend over the chunk's own float32 keys and values and hide its cost.
+        size = seq if self.io.kv_dtype == "float32" else READ_CHUNK
         cache = self.new_cache(1, capacity=seq)
         try:
-            return self.step(ids, np.array([seq]), np.arange(seq)[None], cache)[0]
+            parts = []
+            for start in range(0, seq, size):
+                n = min(size, seq - start)
+                parts.append(
+                    self.step(ids[:, start : start + n], np.array([n]), np.arange(n)[None], cache)[0]
+                )
+            return np.concatenate(parts)
         finally:
             cache.free()
 

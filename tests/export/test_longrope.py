@@ -17,10 +17,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import transformers
-from tests.fixtures import hf_generate, load_hf_model, make_hf_folder
 
 import onnxlm
 from onnxlm.runtime.driver import make_rows
+from tests.fixtures import hf_generate, load_hf_model, make_hf_folder
 
 NEW_TOKENS = 32
 ORIGINAL = 32  # original_max_position_embeddings: a 20-token prompt crosses it after 13 new tokens

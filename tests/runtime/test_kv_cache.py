@@ -8,8 +8,9 @@ import pytest
 from onnx import TensorProto, helper
 
 from onnxlm.bundle import GraphIO
-from onnxlm.runtime.kv_cache import KVCache, SharedKVCache
+from onnxlm.runtime.kv_cache import KVCache
 from onnxlm.runtime.session import run_bound, run_numpy
+from onnxlm.runtime.shared_kv import SharedKVCache
 
 L, H, D = 2, 2, 4
 

@@ -10,8 +10,9 @@ import pytest
 
 from onnxlm.runtime import load
 from onnxlm.runtime.generate import GenerationParams
-from onnxlm.runtime.kv_cache import KVCache, SharedKVCache
+from onnxlm.runtime.kv_cache import KVCache
 from onnxlm.runtime.scheduler import GenerationAborted, QueueFull, Scheduler
+from onnxlm.runtime.shared_kv import SharedKVCache
 
 L, H, D = 2, 2, 4
 

@@ -1,0 +1,149 @@
+"""quantize(kv_cache=...): a float16 or int8 KV cache in the fused graph (quantize/kv.py).
+
+float16 keeps greedy tokens; int8 stays close; both run every driver path (batches, speculation,
+prefix reuse) and refuse what they cannot take with one line."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import onnxlm
+from onnxlm import bundle as B
+from onnxlm.cli import cli
+from onnxlm.quantize import KV_CACHES, QuantizeError, quantize
+from onnxlm.rewrites import gqa_nodes, rotary_dim
+
+PROMPTS = ["Our HR team answers", "the the cat sat on the mat and the cat sat", "客服回答问题"]
+
+
+@pytest.fixture(scope="module")
+def kv(conditioned, tmp_path_factory):
+    """{kv_cache: int8-recipe bundle} of the conditioned tiny llama (fused graph), and its source."""
+    src = conditioned("llama")
+    root = tmp_path_factory.mktemp("kv")
+    out = {k: quantize(src, root / k, "int8", kv_cache=k, progress=False) for k in KV_CACHES}
+    return src, out
+
+
+def greedy(engine, prompt, n=32):
+    return engine.generate(prompt, max_new_tokens=n, temperature=0, ignore_eos=True).token_ids
+
+
+def test_graph_and_manifest(kv):
+    src, out = kv
+    facts = B.read_manifest(src).model
+    assert B.read_manifest(out["float32"]).io.kv_dtype == "float32"
+    for kind in ("float16", "int8"):
+        m = B.read_manifest(out[kind])
+        assert m.io.kv_dtype == kind and m.io.long_decode_from is None
+        assert m.quantization["kv_cache"]["dtype"] == kind
+        model = onnx.load(str(out[kind] / B.MODEL), load_external_data=False)
+        assert not [n for n in model.graph.node if n.op_type == "If"]  # its MatMuls read float32
+        elem = onnx.helper.tensor_dtype_to_np_dtype
+        past = [v for v in model.graph.input if v.name == m.io.past_key.format(i=0)][0]
+        assert elem(past.type.tensor_type.elem_type) == np.dtype(kind)
+        nodes = gqa_nodes(model)
+        assert len(nodes) == facts.num_layers
+        attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
+        if kind == "float16":
+            assert all("kv_cache_bit_width" not in a for a in attrs)
+            continue
+        B.load_weights(model, out[kind])
+        inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+        rot = rotary_dim(model, facts.head_dim)
+        for n, a in zip(nodes, attrs, strict=True):
+            assert a["kv_cache_bit_width"] == 8 and a["k_quant_type"] == b"PER_CHANNEL"
+            k, v = (inits[n.input[12]], inits[n.input[13]])
+            assert k.shape == v.shape == (facts.num_kv_heads * facts.head_dim,)
+            assert (k > 0).all() and (v > 0).all()
+            k = k.reshape(facts.num_kv_heads, facts.head_dim)
+            # a rotary pair shares its scale: rotation moves magnitude between the two channels
+            assert np.array_equal(k[:, : rot // 2], k[:, rot // 2 : rot])
+
+
+def test_float16_keeps_greedy_tokens(kv):
+    _, out = kv
+    ref, half = onnxlm.load(out["float32"]), onnxlm.load(out["float16"])
+    for p in PROMPTS:
+        assert greedy(half, p) == greedy(ref, p), p
+
+
+def test_int8_stays_close(kv):
+    _, out = kv
+    ref, q = onnxlm.load(out["float32"]), onnxlm.load(out["int8"])
+    agree = []
+    for p in PROMPTS:
+        ids = ref.tokenizer.encode(p) + greedy(ref, p, 48)
+        a, b = ref.model.logits(ids), q.model.logits(ids)
+        agree.append((a.argmax(-1) == b.argmax(-1)).mean())
+        # the int8 cache is off by at most a little of the logits' spread
+        assert np.abs(a - b).max() < 0.1 * (a.max() - a.min()), p
+    assert np.mean(agree) >= 0.9, agree
+
+
+@pytest.mark.parametrize("kind", ["float16", "int8"])
+def test_every_driver_path(kv, kind):
+    """Batches equal single rows; prompt-lookup speculation keeps greedy tokens; a reused prefix
+    gives what a fresh prefill gives."""
+    _, out = kv
+    engine = onnxlm.load(out[kind])
+    singles = [greedy(engine, p) for p in PROMPTS]
+    batch = engine.generate_batch(PROMPTS, max_new_tokens=32, temperature=0, ignore_eos=True)
+    assert [c.token_ids for c in batch] == singles
+    spec = onnxlm.load(out[kind], draft="ngram")
+    assert [greedy(spec, p) for p in PROMPTS] == singles
+    chat = [{"role": "user", "content": "Our HR team answers questions about leave."}]
+    first = engine.chat(chat, max_new_tokens=8, temperature=0, ignore_eos=True)
+    turn2 = chat + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And pay?"}]
+    again = engine.chat(turn2, max_new_tokens=16, temperature=0, ignore_eos=True)
+    fresh = onnxlm.load(out[kind], prefix_cache_mb=0).chat(
+        turn2, max_new_tokens=16, temperature=0, ignore_eos=True
+    )
+    assert again.token_ids == fresh.token_ids
+
+
+def test_refused_with_one_line(conditioned, kv, tmp_path):
+    src, _ = kv
+    with pytest.raises(QuantizeError, match="kv_cache must be one of float32, float16, int8; got 'fp8'"):
+        quantize(src, tmp_path / "o", kv_cache="fp8")
+    with pytest.raises(QuantizeError, match="fp16 recipe's KV cache is float16 already"):
+        quantize(src, tmp_path / "o", "fp16", kv_cache="int8")
+    with pytest.raises(QuantizeError, match="only used by algorithm 'gptq' and an int8 kv_cache"):
+        quantize(src, tmp_path / "o", kv_cache="float16", calibration_text="hello")
+    with pytest.raises(QuantizeError, match="int8 KV cache calibration: calibration text is"):
+        quantize(src, tmp_path / "o", kv_cache="int8", calibration_text="too short", progress=False)
+    plain = conditioned("llama", graph="plain")
+    with pytest.raises(QuantizeError, match="needs the fused graph"):
+        quantize(plain, tmp_path / "o", kv_cache="float16", progress=False)
+    result = CliRunner().invoke(
+        cli, ["quantize", str(src), "-o", str(tmp_path / "o"), "--recipe", "gguf", "--kv-cache", "int8"]
+    )
+    assert (
+        result.exit_code != 0
+        and "--kv-cache applies to the int8 / int4 / int4-mixed recipes" in result.output
+    )
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli(kv, tmp_path):
+    src, _ = kv
+    result = CliRunner().invoke(
+        cli,
+        [
+            "quantize",
+            str(src),
+            "-o",
+            str(tmp_path / "q"),
+            "--recipe",
+            "int4",
+            "--kv-cache",
+            "float16",
+            "--no-report",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert B.read_manifest(tmp_path / "q").io.kv_dtype == "float16"
+    assert "KV shared_buffer (float16)" in CliRunner().invoke(cli, ["info", str(tmp_path / "q")]).output
