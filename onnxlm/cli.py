@@ -96,7 +96,7 @@ def pull(source: str) -> None:
     type=click.IntRange(min=0),
     default=None,
     help="Fused graph: decode steps holding at least this many tokens compute attention with MatMul/Softmax "
-    "(faster there on CPU); 0: GroupQueryAttention always.  [default: 512]",
+    "(rewrites.py; with onnxruntime 1.32 on CPU it no longer pays); 0: GroupQueryAttention always.  [default: 0]",
 )
 @friendly
 def export(

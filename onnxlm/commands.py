@@ -67,12 +67,9 @@ def _no_gguf_bar():
 
 
 def export_bundle(source: str, out_dir: str | Path, long_decode_from: int | None = None, **options) -> Path:
-    """`onnxlm export`: long_decode_from None takes the default switch point, 0 never switches."""
+    """`onnxlm export`: long_decode_from None or 0 never switches (the default; rewrites.py)."""
     from .export.convert import export
-    from .rewrites import FROM_TOKENS
 
-    if long_decode_from is None:
-        long_decode_from = FROM_TOKENS
     with quiet_transformers():
         return export(source, out_dir, long_decode_from=long_decode_from or None, **options)
 

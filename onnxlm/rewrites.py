@@ -27,8 +27,10 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 PREFIX = "/long_decode/"
-# tokens held from which a decode step takes the MatMul form: per layer the two cost the same at
-# ~500 tokens here (benchmarks/attention.py: 155 vs 153 µs at 512, 623 vs 533 at 2,048)
+# tokens held from which a decode step takes the MatMul form when asked for (--long-decode-from): per
+# layer the two cost the same at ~500 tokens (benchmarks/attention.py: 155 vs 153 µs at 512, 623 vs 533
+# at 2,048). End to end the If costs more than it saves with onnxruntime 1.32, so exports leave it out
+# by default (benchmarks/README.md, "The long-decode switch, measured again").
 FROM_TOKENS = 512
 
 

@@ -17,7 +17,7 @@ def export(
     *,
     via: str = "onnxlm",
     graph: str | None = None,
-    long_decode_from: int | None = 512,  # rewrites.FROM_TOKENS; a test holds the two signatures equal
+    long_decode_from: int | None = None,  # a test holds the two signatures equal
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     overwrite: bool = False,
@@ -30,7 +30,7 @@ def export(
     via: "onnxlm" (our per-family modules) or "optimum". graph: "fused" (onnxruntime's contrib
     operators over a shared KV buffer) or "plain" (standard ONNX operators); None: fused where the
     family and config allow it. long_decode_from: on the fused graph, decode steps holding at least this
-    many tokens compute attention as MatMul / Softmax; None: GroupQueryAttention always. Pickle
+    many tokens compute attention as MatMul / Softmax; None (the default): GroupQueryAttention always. Pickle
     checkpoints need allow_pickle, a repository's own code trust_remote_code; an existing `out_dir`
     is replaced only with overwrite. See onnxlm.export.convert.export."""
     from .convert import export as convert

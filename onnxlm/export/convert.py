@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from .. import bundle as B
-from ..rewrites import FROM_TOKENS
 from . import sources
 
 log = logging.getLogger("onnxlm")
@@ -286,7 +285,7 @@ def export(
     *,
     via: str = "onnxlm",
     graph: str | None = None,
-    long_decode_from: int | None = FROM_TOKENS,
+    long_decode_from: int | None = None,
     allow_pickle: bool = False,
     trust_remote_code: bool = False,
     overwrite: bool = False,
@@ -298,8 +297,9 @@ def export(
     graph: "fused" (onnxruntime's contrib operators over a shared KV buffer) or "plain" (standard ONNX
     operators, KV concatenated each step); None takes DEFAULT_GRAPH, and plain where the family or the
     config cannot have the fused one. long_decode_from: on the fused graph, decode steps holding at
-    least this many tokens compute attention as MatMul / Softmax (faster there; onnxlm/rewrites.py); None
-    or a number not below the context window: GroupQueryAttention always."""
+    least this many tokens compute attention as MatMul / Softmax (onnxlm/rewrites.py); None (the default:
+    with onnxruntime 1.32 the switch no longer pays end to end) or a number not below the context window:
+    GroupQueryAttention always."""
     from tqdm.auto import tqdm
 
     from .registry import get_family
