@@ -116,6 +116,21 @@ def test_prefix_cache_lookup_store_and_bounds():
         cache.store(list(range(10)), kv(9))
 
 
+def test_prefix_cache_keeps_kinds_apart():
+    """KV computed with a longrope graph's long factors (kind 1) is never reused by a short prompt
+    (kind 0), and the other way round; storing one kind leaves the other's entry in place."""
+    kv = lambda n, v=1.0: [np.full((2, n, 4), v, np.float32) for _ in range(4)]  # noqa: E731
+    cache = PrefixCache(max_bytes=1 << 20, min_tokens=4)
+    assert cache.store(list(range(20)), kv(20), kind=0)
+    assert cache.lookup(list(range(25)), kind=1) is None
+    assert cache.store(list(range(30)), kv(30, 2.0), kind=1)  # a prefix of another kind is no duplicate
+    assert len(cache) == 2
+    n, got = cache.lookup(list(range(35)), kind=0)
+    assert n == 20 and got[0][0, 0, 0] == 1.0
+    n, got = cache.lookup(list(range(35)), kind=1)
+    assert n == 30 and got[0][0, 0, 0] == 2.0
+
+
 # --- greedy identity ------------------------------------------------------------------------------
 def test_ngram_speculation_is_token_identical_and_drafts(engine):
     prompts = [echo_prompt(engine, p) for p in PROMPTS]
