@@ -196,6 +196,7 @@ def test_cli_option_and_its_default(tmp_path):
     from click.testing import CliRunner
 
     from onnxlm.cli import cli
+
     runner = CliRunner()
     assert "[default: 0]" in runner.invoke(cli, ["export", "--help"]).output
     folder = make_hf_folder(tmp_path / "hf", "llama", max_position_embeddings=64)
