@@ -102,17 +102,21 @@ def _shared_steps(sess, io: B.GraphIO, facts: B.ModelFacts, prompt: list[int], s
 
 
 def _torch_steps(hf_model, prompt: list[int], steps: int):
+    import inspect
+
     import torch
 
+    # transformers 5.x names the cache `cache` (its old name still works, with a warning on every export)
+    name = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
     with torch.no_grad():
         ids = torch.tensor([prompt])
         out = hf_model(input_ids=ids, use_cache=True)
         prefill = out.logits[0].numpy()
         logits, tokens = [out.logits[0, -1].numpy()], [int(out.logits[0, -1].argmax())]
-        past = out.past_key_values
+        past = getattr(out, name)
         for _ in range(steps):
-            out = hf_model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=past, use_cache=True)
-            past = out.past_key_values
+            out = hf_model(input_ids=torch.tensor([[tokens[-1]]]), use_cache=True, **{name: past})
+            past = getattr(out, name)
             logits.append(out.logits[0, -1].numpy())
             tokens.append(int(out.logits[0, -1].argmax()))
     return prefill, logits, tokens
