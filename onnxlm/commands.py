@@ -105,10 +105,8 @@ def quantize_bundle(
     from .quantize.report import quantize_with_report
     from .runtime.eval import format_report, read_text
 
-    if recipe == "gguf":
-        if options.pop("kv_cache", "float32") != "float32":
-            raise ValueError("--kv-cache applies to the int8 / int4 / int4-mixed recipes, not gguf")
-        options = {"gguf": gguf or default_gguf(bundle)}
+    if recipe == "gguf":  # quantize_with_report refuses a kv_cache here
+        options = {"gguf": gguf or default_gguf(bundle), "kv_cache": options.get("kv_cache", "float32")}
     else:
         accuracy_level = 4 if accuracy_level is None else accuracy_level
         options["calibration_text"] = read_text(calibration_text) if calibration_text else None

@@ -234,6 +234,7 @@ def _kv_check(model, io: B.GraphIO, kind: str, src: Path) -> None:
 def _kv_cache(model, src: Path, manifest, io: B.GraphIO, kind: str, text: str | None) -> dict:
     """Rewrite `model` for a `kind` KV cache; int8 scales come from the float32 bundle over `text`
     (default: the built-in evaluation texts, so score an int8-cache bundle on other text too)."""
+    from ..rewrites import rotary_dim
     from . import kv
 
     scales = None
@@ -243,7 +244,7 @@ def _kv_cache(model, src: Path, manifest, io: B.GraphIO, kind: str, text: str | 
 
             text = "\n\n".join(builtin_texts().values())
         try:
-            scales = kv.calibrate(src, manifest, text)
+            scales = kv.calibrate(src, manifest, text, rotary_dim(model, manifest.model.head_dim))
         except ValueError as e:  # too little text
             raise QuantizeError(f"int8 KV cache calibration: {e}") from None
     return kv.rewrite(model, io, kind, scales)

@@ -25,7 +25,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .. import bundle as B
-from ..rewrites import gqa_nodes, rotary_dim, unwrap_long_decode
+from ..rewrites import gqa_nodes, unwrap_long_decode
 from .recipes import KV_CACHES
 
 _TYPES = {"float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
@@ -62,17 +62,16 @@ def _layer_nodes(model: onnx.ModelProto) -> list:
     return found
 
 
-def calibrate(src: Path, manifest: B.Manifest, text: str) -> list[tuple[np.ndarray, np.ndarray]]:
+def calibrate(src: Path, manifest: B.Manifest, text: str, rotary: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """Per layer (key scale, value scale), each (kv_heads * head_dim,) float32: the largest magnitude
-    the float32 graph of bundle `src` writes to the cache over `text`, / 127."""
+    the float32 graph of bundle `src` writes to the cache over `text`, / 127. rotary: the key channels
+    the rotary covers (rewrites.rotary_dim)."""
     import onnxruntime as ort
 
     from .gptq import calibration_feeds
 
     facts, io = manifest.model, manifest.io
     feeds = calibration_feeds(text, src / B.TOKENIZER, manifest)
-    model = onnx.load(str(src / B.MODEL), load_external_data=False)
-    rotary = rotary_dim(model, facts.head_dim) if _layer_nodes(model) else 0
     names = [(io.present_key.format(i=i), io.present_value.format(i=i)) for i in range(facts.num_layers)]
     flat = [n for pair in names for n in pair]
     session = ort.InferenceSession(str(src / B.MODEL), providers=["CPUExecutionProvider"])

@@ -14,6 +14,7 @@ import onnxlm
 from onnxlm import bundle as B
 from onnxlm.cli import cli
 from onnxlm.quantize import KV_CACHES, QuantizeError, quantize
+from onnxlm.quantize.report import quantize_with_report
 from onnxlm.rewrites import gqa_nodes, rotary_dim
 
 PROMPTS = ["Our HR team answers", "the the cat sat on the mat and the cat sat", "客服回答问题"]
@@ -121,10 +122,10 @@ def test_refused_with_one_line(conditioned, kv, tmp_path):
     result = CliRunner().invoke(
         cli, ["quantize", str(src), "-o", str(tmp_path / "o"), "--recipe", "gguf", "--kv-cache", "int8"]
     )
-    assert (
-        result.exit_code != 0
-        and "--kv-cache applies to the int8 / int4 / int4-mixed recipes" in result.output
-    )
+    gguf_refusal = "kv_cache applies to the int8 / int4 / int4-mixed recipes, not gguf"
+    assert result.exit_code != 0 and gguf_refusal in result.output
+    with pytest.raises(QuantizeError, match=gguf_refusal):
+        quantize_with_report(src, tmp_path / "o", "gguf", kv_cache="float16", progress=False)
     assert not (tmp_path / "o").exists()
 
 
