@@ -36,8 +36,8 @@ class KVCacheError(ValueError):
     """A KV cache type this graph cannot take; the message says why."""
 
 
-def check(kind: str, model: onnx.ModelProto, io: B.GraphIO) -> list:
-    """The GroupQueryAttention nodes to rewrite, one per layer in order, or KVCacheError."""
+def check(kind: str, model: onnx.ModelProto, io: B.GraphIO) -> None:
+    """KVCacheError unless `model` (with `io`) can take a `kind` KV cache."""
     if kind not in KV_CACHES:
         raise KVCacheError(f"kv_cache must be one of {', '.join(KV_CACHES)}; got {kind!r}")
     if io.kv_dtype != "float32":
@@ -48,7 +48,6 @@ def check(kind: str, model: onnx.ModelProto, io: B.GraphIO) -> list:
             "a float16 / int8 KV cache needs the fused graph (GroupQueryAttention over a shared buffer); "
             "this bundle has the plain graph (`onnxlm info` says why)"
         )
-    return nodes
 
 
 def _layer_nodes(model: onnx.ModelProto) -> list:
@@ -98,10 +97,10 @@ def rewrite(
     """Give `model` a `kind` KV cache (edits it and `io`); returns what the manifest records."""
     if kind == "float32":
         return {}
-    nodes = check(kind, model, io)
+    check(kind, model, io)
     if unwrap_long_decode(model):
         io.long_decode_from = None
-        nodes = gqa_nodes(model)
+    nodes = gqa_nodes(model)  # one per layer, in order
     by_past = {n.input[3]: n for n in nodes}
     elem = _TYPES[kind]
     names = set()
