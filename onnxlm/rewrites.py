@@ -34,17 +34,18 @@ PREFIX = "/long_decode/"
 FROM_TOKENS = 512
 
 
-class _Builder:
-    """Nodes and constants with unique names under PREFIX; constants go to the main graph."""
+class Builder:
+    """Nodes and constants with unique names under `prefix`; constants go to the main graph."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, prefix: str = PREFIX):
+        self.prefix = prefix
         self.graph = model.graph
         self.names = {t.name for t in model.graph.initializer}
         self.count = 0
         self.nodes: list = []
 
     def const(self, name: str, value) -> str:
-        full = PREFIX + name
+        full = self.prefix + name
         if full not in self.names:
             self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), full))
             self.names.add(full)
@@ -55,7 +56,7 @@ class _Builder:
 
     def op(self, kind: str, inputs: list[str], outputs: list[str] | None = None, **attrs):
         self.count += 1
-        name = f"{PREFIX}{kind}_{self.count}"
+        name = f"{self.prefix}{kind}_{self.count}"
         outputs = outputs or [name]
         self.nodes.append(helper.make_node(kind, inputs, outputs, name=name, **attrs))
         return outputs[0] if len(outputs) == 1 else outputs
@@ -65,7 +66,7 @@ class _Builder:
         return nodes
 
 
-def _attrs(node) -> dict:
+def node_attrs(node) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
@@ -88,7 +89,7 @@ class _Shared:
     """What every layer's MatMul attention reads, computed once per step from the first layer's inputs:
     positions, scatter indices, the additive causal mask per sliding window, reshape targets."""
 
-    def __init__(self, b: _Builder, first, heads: int, kv_heads: int, head_dim: int):
+    def __init__(self, b: Builder, first, heads: int, kv_heads: int, head_dim: int):
         self.b = b
         qkv, past_k = first.input[0], first.input[3]
         seqlens_k, query_seqlens = first.input[5], first.input[16]
@@ -148,7 +149,7 @@ class _Shared:
 
 
 def _layer(
-    b: _Builder,
+    b: Builder,
     node,
     shared: _Shared,
     heads: int,
@@ -162,7 +163,7 @@ def _layer(
     one_token (decode steps): probabilities times values as one GEMV per query head, which reads the
     values where they lie; a GEMM over a KV head's group of queries repacks them first."""
     qkv, past_k, past_v, cos, sin = (node.input[j] for j in (0, 3, 4, 7, 8))
-    attrs = _attrs(node)
+    attrs = node_attrs(node)
     window = attrs.get("local_window_size", -1)
     rot = {} if rotary_dim == d else {"rotary_embedding_dim": rotary_dim}
     if node.input[1]:  # q, k, v apart (q/k norms ran before the node)
@@ -216,14 +217,14 @@ def _prepare(model: onnx.ModelProto):
     gqas = gqa_nodes(model)
     if not gqas:
         raise ValueError("the graph has no GroupQueryAttention")
-    a = _attrs(gqas[0])
+    a = node_attrs(gqas[0])
     heads, kv_heads = a["num_heads"], a["kv_num_heads"]
     past = next(i for i in model.graph.input if i.name == gqas[0].input[3])
     d = past.type.tensor_type.shape.dim[3].dim_value  # (batch, kv_heads, capacity, head_dim)
-    b = _Builder(model)
+    b = Builder(model)
     shared = _Shared(b, gqas[0], heads, kv_heads, d)
     for n in gqas:  # every mask now, so that all of them land in the main graph
-        shared.mask(_attrs(n).get("local_window_size", -1))
+        shared.mask(node_attrs(n).get("local_window_size", -1))
     return gqas, b, shared, heads, kv_heads, d, rotary_dim(model, d)
 
 

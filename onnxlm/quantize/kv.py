@@ -10,6 +10,15 @@ The long-decode switch (rewrites.py) reads the buffer with MatMuls that want flo
 a smaller cache runs GroupQueryAttention at every length: its decode slows sooner as the context
 grows (benchmarks/README.md measures both).
 
+An int8 cache is read fast by a decode step and slowly by a prefill: onnxruntime's CPU kernel for many
+queries over an int8 cache runs at about half its float32 speed (benchmarks/README.md). So each int8
+layer becomes If(a call brings more than FLOAT_PREFILL_FROM tokens to some row; float32 form; int8
+GroupQueryAttention): the float32 form dequantizes the layer's buffer (Cast, Mul by the scales), runs
+the float32 GroupQueryAttention over it, quantizes the new tokens' keys and values and scatters them
+into the int8 buffer in place (the runtime binds one buffer as past and present). Decode steps and
+speculation's short verify calls take the int8 kernel. The keys a prefill chunk attends to within
+itself are float32 in both forms; what it reads of earlier chunks is the stored int8, dequantized.
+
 int8 scales come from running the float32 graph over calibration text: per layer, per KV head and
 channel, the largest |key| and |value| seen. A rotary pair of key channels gets one scale (the larger
 of the two): rotation moves magnitude between them with the position, so a channel's range at an
@@ -25,11 +34,17 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .. import bundle as B
-from ..rewrites import gqa_nodes, unwrap_long_decode
+from ..rewrites import Builder, gqa_nodes, node_attrs, unwrap_long_decode
 from .recipes import KV_CACHES
 
+PREFIX = "/kv_cache/"
 _TYPES = {"float16": TensorProto.FLOAT16, "int8": TensorProto.INT8}
 K_SCALE, V_SCALE = 12, 13  # GroupQueryAttention's input slots
+PAST_K, PAST_V, SEQLENS_K, QUERY_SEQLENS = 3, 4, 5, 16
+QUANT_ATTRS = ("k_quant_type", "v_quant_type", "kv_cache_bit_width")
+# a call bringing more than this many tokens to some row (a prefill chunk) takes the float32 form; a
+# decode step and a speculative verify (up to ~9 tokens) stay on the int8 kernel
+FLOAT_PREFILL_FROM = 16
 
 
 class KVCacheError(ValueError):
@@ -42,7 +57,7 @@ def check(kind: str, model: onnx.ModelProto, io: B.GraphIO) -> None:
         raise KVCacheError(f"kv_cache must be one of {', '.join(KV_CACHES)}; got {kind!r}")
     if io.kv_dtype != "float32":
         raise KVCacheError(f"the graph's KV cache is already {io.kv_dtype}")
-    nodes = _layer_nodes(model)
+    nodes = layer_nodes(model)
     if not nodes or not io.shared:
         raise KVCacheError(
             "a float16 / int8 KV cache needs the fused graph (GroupQueryAttention over a shared buffer); "
@@ -50,8 +65,9 @@ def check(kind: str, model: onnx.ModelProto, io: B.GraphIO) -> None:
         )
 
 
-def _layer_nodes(model: onnx.ModelProto) -> list:
-    """GroupQueryAttention nodes, also those inside the long-decode If's else branch."""
+def layer_nodes(model: onnx.ModelProto) -> list:
+    """Each layer's GroupQueryAttention node, also inside the long-decode If's or an int8 layer's If's
+    else branch."""
     found = list(gqa_nodes(model))
     for n in model.graph.node:
         if n.op_type == "If":
@@ -128,8 +144,118 @@ def rewrite(
                     onnx.helper.make_attribute("kv_cache_bit_width", 8),
                 ]
             )
+        float_prefill(model, FLOAT_PREFILL_FROM)
     io.kv_dtype = kind
     record = {"dtype": kind, "long_decode": "dropped (its MatMuls read a float32 cache)"}
     if kind == "int8":
         record["scales"] = "per layer, KV head and channel: calibrated max |x| / 127 (rotary pairs share one)"
+        record["prefill"] = (
+            f"float32 attention over the dequantized cache for calls of more than {FLOAT_PREFILL_FROM} tokens"
+        )
     return record
+
+
+def float_prefill(model: onnx.ModelProto, above: int = FLOAT_PREFILL_FROM) -> None:
+    """Wrap every int8-cache GroupQueryAttention of `model` in If(max(query_seqlens) > above, float32
+    form, the node as it is) (see the module's doc). Edits `model`."""
+    nodes = gqa_nodes(model)
+    b = Builder(model, prefix=PREFIX)
+    first = nodes[0]
+    q_max = b.op("ReduceMax", [first.input[QUERY_SEQLENS]], keepdims=0)
+    cond = b.op("Greater", [q_max, b.const("above", np.array(above, np.int32))], [PREFIX + "use_float"])
+    prelude = b.take()
+    inits = {t.name: t for t in model.graph.initializer}
+    layers = {}
+    types = (TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT8)  # attention, present key, value
+    for n in nodes:
+        attrs = node_attrs(n)
+        kv_heads = attrs["kv_num_heads"]
+        scales = [numpy_helper.to_array(inits[n.input[s]]) for s in (K_SCALE, V_SCALE)]
+        d = scales[0].size // kv_heads
+        then_out = [f"{o}/float" for o in n.output]
+        _float_layer(b, n, kv_heads, d, then_out)
+        gqa = onnx.NodeProto()
+        gqa.CopyFrom(n)
+        del gqa.output[:]
+        gqa.output.extend(f"{o}/int8" for o in n.output)
+
+        def branch(nodes, outs, tag, n=n):
+            infos = [onnx.helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types, strict=True)]
+            return onnx.helper.make_graph(nodes, f"{n.name}/{tag}", [], infos)
+
+        layers[n.name] = [
+            onnx.helper.make_node(
+                "If",
+                [cond],
+                list(n.output),
+                name=f"{n.name}/float_prefill",
+                then_branch=branch(b.take(), then_out, "float"),
+                else_branch=branch([gqa], list(gqa.output), "int8"),
+            )
+        ]
+    out = []
+    for n in model.graph.node:
+        if n.name == first.name:
+            out += prelude
+        out += layers.get(n.name, [n])
+    del model.graph.node[:]
+    model.graph.node.extend(out)
+
+
+def _float_layer(b: Builder, n, kv_heads: int, d: int, outputs: list[str]) -> None:
+    """The float32 form of int8-cache GroupQueryAttention `n`, writing `outputs` (attention, present
+    key, present value: the past buffers with the new tokens scattered in)."""
+    past = [n.input[PAST_K], n.input[PAST_V]]
+    scales = [b.op("Reshape", [n.input[s], b.ints("scale4", 1, kv_heads, 1, d)]) for s in (K_SCALE, V_SCALE)]
+    floats = [
+        b.op("Mul", [b.op("Cast", [p], to=TensorProto.FLOAT), s]) for p, s in zip(past, scales, strict=True)
+    ]
+    gqa = onnx.NodeProto()
+    gqa.CopyFrom(n)
+    gqa.name = f"{n.name}/float32"
+    gqa.input[PAST_K], gqa.input[PAST_V] = floats
+    gqa.input[K_SCALE] = gqa.input[V_SCALE] = ""
+    keep = [a for a in gqa.attribute if a.name not in QUANT_ATTRS]
+    del gqa.attribute[:]
+    gqa.attribute.extend(keep)
+    del gqa.output[:]
+    present = [f"{n.name}/float32/present_{w}" for w in "kv"]
+    gqa.output.extend([outputs[0], *present])
+    b.nodes.append(gqa)
+    # the chunk's positions per row: held before the call + 0..seq-1 (seqlens_k is held after - 1)
+    zero, one = b.const("zero", np.array(0, np.int64)), b.const("one", np.array(1, np.int64))
+    held_after = b.op("Add", [b.op("Cast", [n.input[SEQLENS_K]], to=TensorProto.INT64), one])
+    start = b.op("Sub", [held_after, b.op("Cast", [n.input[QUERY_SEQLENS]], to=TensorProto.INT64)])
+    seq = b.op("Gather", [b.op("Shape", [n.input[0]]), b.ints("i1", 1)], axis=0)  # [seq]
+    steps = b.op("Range", [zero, b.op("Squeeze", [seq, b.ints("a0", 0)]), one])
+    pos = b.op(
+        "Add", [b.op("Unsqueeze", [start, b.ints("a1", 1)]), b.op("Unsqueeze", [steps, b.ints("a0", 0)])]
+    )
+    batch = b.op("Gather", [b.op("Shape", [n.input[0]]), b.ints("i0", 0)], axis=0)  # [batch]
+    target = b.op("Concat", [batch, b.ints("kv", kv_heads), seq, b.ints("c1", 1)], axis=0)
+    rows = b.op("Range", [zero, b.op("Squeeze", [batch, b.ints("a0", 0)]), one])
+    heads = b.const(f"heads{kv_heads}", np.arange(kv_heads, dtype=np.int64).reshape(1, kv_heads, 1, 1))
+
+    def index(p):  # (batch, kv_heads, seq, 3): [row, head, position]
+        parts = [
+            b.op("Reshape", [rows, b.ints("rows4", -1, 1, 1, 1)]),
+            heads,
+            b.op("Unsqueeze", [p, b.ints("a13", 1, 3)]),
+        ]
+        return b.op("Concat", [b.op("Expand", [x, target]) for x in parts], axis=3)
+
+    # a right-padded row's padding positions may lie past what the float32 present holds: read them
+    # from its last slot, write them past what the row holds (never read; the runtime keeps room)
+    last = b.op("Sub", [b.op("Gather", [b.op("Shape", [present[0]]), b.ints("i2", 2)], axis=0), one])
+    read, write = index(b.op("Min", [pos, last])), index(pos)
+    for i, (pres, s) in enumerate(zip(present, scales, strict=True)):
+        new = b.op("GatherND", [pres, read])  # (batch, kv_heads, seq, d)
+        q = b.op(
+            "Clip",
+            [
+                b.op("Round", [b.op("Div", [new, s])]),
+                b.const("lo", np.array(-128, np.float32)),
+                b.const("hi", np.array(127, np.float32)),
+            ],
+        )
+        b.op("ScatterND", [past[i], write, b.op("Cast", [q], to=TensorProto.INT8)], [outputs[1 + i]])

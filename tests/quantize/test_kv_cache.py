@@ -15,7 +15,8 @@ from onnxlm import bundle as B
 from onnxlm.cli import cli
 from onnxlm.quantize import KV_CACHES, QuantizeError, quantize
 from onnxlm.quantize.report import quantize_with_report
-from onnxlm.rewrites import gqa_nodes, rotary_dim
+from onnxlm.quantize.kv import FLOAT_PREFILL_FROM, layer_nodes
+from onnxlm.rewrites import rotary_dim
 
 PROMPTS = ["Our HR team answers", "the the cat sat on the mat and the cat sat", "客服回答问题"]
 
@@ -42,11 +43,15 @@ def test_graph_and_manifest(kv):
         assert m.io.kv_dtype == kind and m.io.long_decode_from is None
         assert m.quantization["kv_cache"]["dtype"] == kind
         model = onnx.load(str(out[kind] / B.MODEL), load_external_data=False)
-        assert not [n for n in model.graph.node if n.op_type == "If"]  # its MatMuls read float32
+        ifs = [n.name for n in model.graph.node if n.op_type == "If"]  # no long-decode If: its MatMuls
+        if kind == "float16":  # read float32; int8 layers switch to float32 attention for prefill chunks
+            assert not ifs
+        else:
+            assert len(ifs) == facts.num_layers and all(n.endswith("/float_prefill") for n in ifs)
         elem = onnx.helper.tensor_dtype_to_np_dtype
         past = [v for v in model.graph.input if v.name == m.io.past_key.format(i=0)][0]
         assert elem(past.type.tensor_type.elem_type) == np.dtype(kind)
-        nodes = gqa_nodes(model)
+        nodes = layer_nodes(model)
         assert len(nodes) == facts.num_layers
         attrs = [{a.name: onnx.helper.get_attribute_value(a) for a in n.attribute} for n in nodes]
         if kind == "float16":
@@ -83,6 +88,35 @@ def test_int8_stays_close(kv):
         # the int8 cache is off by at most a little of the logits' spread
         assert np.abs(a - b).max() < 0.1 * (a.max() - a.min()), p
     assert np.mean(agree) >= 0.9, agree
+
+
+def test_int8_prefill_runs_in_float32(kv):
+    """A call bringing more than FLOAT_PREFILL_FROM tokens attends in float32 (the first one from an
+    empty cache gives exactly the float32 bundle's logits) and stores round(x / scale) of the keys and
+    values; a decode step then reads them through the int8 kernel."""
+    _, out = kv
+    ref, q = onnxlm.load(out["float32"]).model, onnxlm.load(out["int8"]).model
+    ids = np.array([ref.facts.bos_token_id or 1] + list(range(30, 30 + 2 * FLOAT_PREFILL_FROM)))[None]
+    n = ids.shape[1]
+    caches = [m.new_cache(1, capacity=n + 8) for m in (ref, q)]
+    every = np.arange(n)[None]
+    a, b = (m.step(ids, np.array([n]), every, c) for m, c in zip((ref, q), caches, strict=True))
+    np.testing.assert_allclose(b, a, rtol=0, atol=1e-5)
+    model = onnx.load(str(out["int8"] / B.MODEL))
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    scales = [inits[node.input[s]] for node in layer_nodes(model) for s in (12, 13)]
+    facts = ref.facts
+    for x, stored, s in zip(caches[0].read(0), caches[1].read(0), scales, strict=True):
+        s = s.reshape(facts.num_kv_heads, 1, facts.head_dim)
+        assert stored.dtype == np.int8
+        want = np.clip(np.round(x / s), -128, 127)
+        assert np.abs(stored.astype(np.float32) - want).max() <= 1  # ties may round either way
+    step = [
+        m.step(np.array([[42]]), np.array([1]), np.array([[0]]), c)
+        for m, c in zip((ref, q), caches, strict=True)
+    ]
+    assert np.abs(step[0] - step[1]).max() < 0.1 * (step[0].max() - step[0].min())
+    assert not np.array_equal(step[0], step[1])  # the int8 kernel read the stored int8
 
 
 @pytest.mark.parametrize("kind", ["float16", "int8"])
