@@ -34,7 +34,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .. import bundle as B
-from ..rewrites import Builder, gqa_nodes, node_attrs, unwrap_long_decode
+from ..rewrites import Builder, gqa_nodes, node_attrs, rotary_dim, unwrap_long_decode
 from .recipes import KV_CACHES
 
 PREFIX = "/kv_cache/"
@@ -169,11 +169,10 @@ def float_prefill(model: onnx.ModelProto, above: int = FLOAT_PREFILL_FROM) -> No
     types = (TensorProto.FLOAT, TensorProto.INT8, TensorProto.INT8)  # attention, present key, value
     for n in nodes:
         attrs = node_attrs(n)
-        kv_heads = attrs["kv_num_heads"]
-        scales = [numpy_helper.to_array(inits[n.input[s]]) for s in (K_SCALE, V_SCALE)]
-        d = scales[0].size // kv_heads
+        heads, kv_heads = attrs["num_heads"], attrs["kv_num_heads"]
+        d = numpy_helper.to_array(inits[n.input[K_SCALE]]).size // kv_heads
         then_out = [f"{o}/float" for o in n.output]
-        _float_layer(b, n, kv_heads, d, then_out)
+        _float_layer(b, n, heads, kv_heads, d, rotary_dim(model, d), then_out)
         gqa = onnx.NodeProto()
         gqa.CopyFrom(n)
         del gqa.output[:]
@@ -202,60 +201,73 @@ def float_prefill(model: onnx.ModelProto, above: int = FLOAT_PREFILL_FROM) -> No
     model.graph.node.extend(out)
 
 
-def _float_layer(b: Builder, n, kv_heads: int, d: int, outputs: list[str]) -> None:
+def _float_layer(b: Builder, n, heads: int, kv_heads: int, d: int, rotary: int, outputs: list[str]) -> None:
     """The float32 form of int8-cache GroupQueryAttention `n`, writing `outputs` (attention, present
-    key, present value: the past buffers with the new tokens scattered in)."""
-    past = [n.input[PAST_K], n.input[PAST_V]]
-    scales = [b.op("Reshape", [n.input[s], b.ints("scale4", 1, kv_heads, 1, d)]) for s in (K_SCALE, V_SCALE)]
-    floats = [
-        b.op("Mul", [b.op("Cast", [p], to=TensorProto.FLOAT), s]) for p, s in zip(past, scales, strict=True)
-    ]
-    gqa = onnx.NodeProto()
-    gqa.CopyFrom(n)
-    gqa.name = f"{n.name}/float32"
-    gqa.input[PAST_K], gqa.input[PAST_V] = floats
-    gqa.input[K_SCALE] = gqa.input[V_SCALE] = ""
-    keep = [a for a in gqa.attribute if a.name not in QUANT_ATTRS]
-    del gqa.attribute[:]
-    gqa.attribute.extend(keep)
-    del gqa.output[:]
-    present = [f"{n.name}/float32/present_{w}" for w in "kv"]
-    gqa.output.extend([outputs[0], *present])
-    b.nodes.append(gqa)
+    key, present value: the int8 buffers with the new tokens scattered in). As the int8 node does, it
+    attends over what the cache stores, the chunk's own keys and values included: they are rotated
+    here, quantized, scattered into the buffer and dequantized for a float32 GroupQueryAttention that
+    does no rotary of its own."""
+    attrs = node_attrs(n)
     # the chunk's positions per row: held before the call + 0..seq-1 (seqlens_k is held after - 1)
     zero, one = b.const("zero", np.array(0, np.int64)), b.const("one", np.array(1, np.int64))
     held_after = b.op("Add", [b.op("Cast", [n.input[SEQLENS_K]], to=TensorProto.INT64), one])
     start = b.op("Sub", [held_after, b.op("Cast", [n.input[QUERY_SEQLENS]], to=TensorProto.INT64)])
-    seq = b.op("Gather", [b.op("Shape", [n.input[0]]), b.ints("i1", 1)], axis=0)  # [seq]
+    shape = b.op("Shape", [n.input[0]])
+    batch = b.op("Gather", [shape, b.ints("i0", 0)], axis=0)  # [batch]
+    seq = b.op("Gather", [shape, b.ints("i1", 1)], axis=0)  # [seq]
     steps = b.op("Range", [zero, b.op("Squeeze", [seq, b.ints("a0", 0)]), one])
     pos = b.op(
         "Add", [b.op("Unsqueeze", [start, b.ints("a1", 1)]), b.op("Unsqueeze", [steps, b.ints("a0", 0)])]
     )
-    batch = b.op("Gather", [b.op("Shape", [n.input[0]]), b.ints("i0", 0)], axis=0)  # [batch]
+    # ScatterND indices (batch, kv_heads, seq, 3) = [row, head, position]; a right-padded row's padding
+    # lands past what it holds (never read: the runtime keeps room for the padded chunk)
     target = b.op("Concat", [batch, b.ints("kv", kv_heads), seq, b.ints("c1", 1)], axis=0)
     rows = b.op("Range", [zero, b.op("Squeeze", [batch, b.ints("a0", 0)]), one])
-    heads = b.const(f"heads{kv_heads}", np.arange(kv_heads, dtype=np.int64).reshape(1, kv_heads, 1, 1))
+    parts = [
+        b.op("Reshape", [rows, b.ints("rows4", -1, 1, 1, 1)]),
+        b.const(f"heads{kv_heads}", np.arange(kv_heads, dtype=np.int64).reshape(1, kv_heads, 1, 1)),
+        b.op("Unsqueeze", [pos, b.ints("a13", 1, 3)]),
+    ]
+    index = b.op("Concat", [b.op("Expand", [x, target]) for x in parts], axis=3)
 
-    def index(p):  # (batch, kv_heads, seq, 3): [row, head, position]
-        parts = [
-            b.op("Reshape", [rows, b.ints("rows4", -1, 1, 1, 1)]),
-            heads,
-            b.op("Unsqueeze", [p, b.ints("a13", 1, 3)]),
-        ]
-        return b.op("Concat", [b.op("Expand", [x, target]) for x in parts], axis=3)
-
-    # a right-padded row's padding positions may lie past what the float32 present holds: read them
-    # from its last slot, write them past what the row holds (never read; the runtime keeps room)
-    last = b.op("Sub", [b.op("Gather", [b.op("Shape", [present[0]]), b.ints("i2", 2)], axis=0), one])
-    read, write = index(b.op("Min", [pos, last])), index(pos)
-    for i, (pres, s) in enumerate(zip(present, scales, strict=True)):
-        new = b.op("GatherND", [pres, read])  # (batch, kv_heads, seq, d)
-        q = b.op(
-            "Clip",
-            [
-                b.op("Round", [b.op("Div", [new, s])]),
-                b.const("lo", np.array(-128, np.float32)),
-                b.const("hi", np.array(127, np.float32)),
-            ],
+    if n.input[1]:  # q, k, v apart (q/k norms ran before the node)
+        q, k, v = n.input[0], n.input[1], n.input[2]
+    else:
+        q, k, v = b.op(
+            "Split",
+            [n.input[0], b.ints(f"split{heads}_{kv_heads}_{d}", heads * d, kv_heads * d, kv_heads * d)],
+            [f"{n.name}/float32/{x}" for x in "qkv"],
+            axis=2,
         )
-        b.op("ScatterND", [past[i], write, b.op("Cast", [q], to=TensorProto.INT8)], [outputs[1 + i]])
+    if attrs.get("do_rotary", 0):
+        rot = {"interleaved": attrs.get("rotary_interleaved", 0)}
+        if rotary != d:
+            rot["rotary_embedding_dim"] = rotary
+        cos, sin = n.input[7], n.input[8]
+        q = b.op("RotaryEmbedding", [q, pos, cos, sin], domain="com.microsoft", num_heads=heads, **rot)
+        k = b.op("RotaryEmbedding", [k, pos, cos, sin], domain="com.microsoft", num_heads=kv_heads, **rot)
+    stored = []
+    for i, x in enumerate((k, v)):
+        scale = b.op("Reshape", [n.input[(K_SCALE, V_SCALE)[i]], b.ints("scale4", 1, kv_heads, 1, d)])
+        x = b.op("Transpose", [b.op("Reshape", [x, b.ints("kv_rows", 0, 0, kv_heads, d)])], perm=[0, 2, 1, 3])
+        lo, hi = b.const("lo", np.array(-128, np.float32)), b.const("hi", np.array(127, np.float32))
+        codes = b.op("Clip", [b.op("Round", [b.op("Div", [x, scale])]), lo, hi])  # (batch, kv, seq, d)
+        past = n.input[(PAST_K, PAST_V)[i]]
+        b.op("ScatterND", [past, index, b.op("Cast", [codes], to=TensorProto.INT8)], [outputs[1 + i]])
+        new = b.op("Mul", [codes, scale])  # what the cache now holds, as float32
+        new = b.op(
+            "Reshape", [b.op("Transpose", [new], perm=[0, 2, 1, 3]), b.ints("merged", 0, 0, kv_heads * d)]
+        )
+        stored.append((new, b.op("Mul", [b.op("Cast", [past], to=TensorProto.FLOAT), scale])))
+    gqa = onnx.NodeProto()
+    gqa.CopyFrom(n)
+    gqa.name = f"{n.name}/float32"
+    gqa.input[0], gqa.input[1], gqa.input[2] = q, stored[0][0], stored[1][0]
+    gqa.input[PAST_K], gqa.input[PAST_V] = stored[0][1], stored[1][1]
+    gqa.input[K_SCALE] = gqa.input[V_SCALE] = ""
+    keep = [a for a in gqa.attribute if a.name not in (*QUANT_ATTRS, "do_rotary", "rotary_interleaved")]
+    del gqa.attribute[:]
+    gqa.attribute.extend(keep)
+    del gqa.output[:]
+    gqa.output.extend([outputs[0], *(f"{n.name}/float32/present_{w}" for w in "kv")])
+    b.nodes.append(gqa)

@@ -232,7 +232,8 @@ class Model:
             (logits,) = self.session.run([self.io.logits], feeds)
             return np.asarray(logits[0], dtype=np.float32)
         # A float16 / int8 cache: in chunks, so that (as in decoding) later tokens read what the cache
-        # stored; one call would attend over the chunk's own float32 keys and values and hide its cost.
+        # stored; one call would attend over the chunk's own float32 keys and values and hide its cost
+        # (an int8 bundle's layers take their float32 form for calls of more than 16 tokens).
         size = seq if self.io.kv_dtype == "float32" else READ_CHUNK
         cache = self.new_cache(1, capacity=seq)
         try:
