@@ -229,6 +229,7 @@ def _float_layer(b: Builder, n, heads: int, kv_heads: int, d: int, rotary: int, 
         b.op("Unsqueeze", [pos, b.ints("a13", 1, 3)]),
     ]
     index = b.op("Concat", [b.op("Expand", [x, target]) for x in parts], axis=3)
+    before = b.op("ReduceMax", [start], keepdims=1)  # [the most tokens a row held before the call]
 
     if n.input[1]:  # q, k, v apart (q/k norms ran before the node)
         q, k, v = n.input[0], n.input[1], n.input[2]
@@ -258,7 +259,8 @@ def _float_layer(b: Builder, n, heads: int, kv_heads: int, d: int, rotary: int, 
         new = b.op(
             "Reshape", [b.op("Transpose", [new], perm=[0, 2, 1, 3]), b.ints("merged", 0, 0, kv_heads * d)]
         )
-        stored.append((new, b.op("Mul", [b.op("Cast", [past], to=TensorProto.FLOAT), scale])))
+        held = b.op("Slice", [past, b.ints("s0", 0), before, b.ints("s2", 2)])  # what any row held before
+        stored.append((new, b.op("Mul", [b.op("Cast", [held], to=TensorProto.FLOAT), scale])))
     gqa = onnx.NodeProto()
     gqa.CopyFrom(n)
     gqa.name = f"{n.name}/float32"
