@@ -104,7 +104,7 @@ def test_int8_prefill_runs_in_float32(kv):
     ref, q = onnxlm.load(out["float32"]).model, onnxlm.load(out["int8"]).model
     half = FLOAT_PREFILL_FROM + 1
     n = 2 * half
-    ids = np.array([[ref.facts.bos_token_id or 1] + list(range(30, 30 + n - 1))])
+    ids = np.array([[q.facts.bos_token_id or 1] + list(range(30, 30 + n - 1))])
     whole, parts, small, exact = (m.new_cache(1, capacity=n + 8) for m in (q, q, q, ref))
     last = np.array([[n - 1]])
     a = q.step(ids, np.array([n]), last, whole)
@@ -188,3 +188,32 @@ def test_cli(kv, tmp_path):
     assert result.exit_code == 0, result.output
     assert B.read_manifest(tmp_path / "q").io.kv_dtype == "float16"
     assert "KV shared_buffer (float16)" in CliRunner().invoke(cli, ["info", str(tmp_path / "q")]).output
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen3", "smollm3", "gemma2", "granite", "phi3"])
+def test_int8_prefill_across_families(conditioned, tmp_path, model_type):
+    """The float32 form rotates keys itself: with a sliding window (mistral, gemma2), q/k norms before
+    the node (qwen3), a layer without rotary (smollm3), a soft cap (gemma2), a custom scale (granite)
+    its prefill stays as close to the float32 cache as the int8 node's does, and one call equals two."""
+    src = conditioned(model_type)
+    q = onnxlm.load(quantize(src, tmp_path / "q", "int8", kv_cache="int8", progress=False)).model
+    flat = onnxlm.load(quantize(src, tmp_path / "f", "int8", progress=False)).model
+    half = FLOAT_PREFILL_FROM + 5
+    n = 2 * half
+    ids = np.array([[q.facts.bos_token_id or 1] + list(range(30, 30 + n - 1))])
+    whole, parts, small, exact = (m.new_cache(1, capacity=n + 8) for m in (q, q, q, flat))
+    every = np.arange(n)[None]
+    a = q.step(ids, np.array([n]), every, whole)[0]
+    b = np.concatenate(
+        [q.step(ids[:, s : s + half], np.array([half]), np.arange(half)[None], parts)[0] for s in (0, half)]
+    )
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
+    c = np.concatenate(
+        [
+            q.step(ids[:, s : s + k], np.array([k]), np.arange(k)[None], small)[0]
+            for s in range(0, n, FLOAT_PREFILL_FROM)
+            if (k := min(FLOAT_PREFILL_FROM, n - s))
+        ]
+    )
+    f = flat.step(ids, np.array([n]), every, exact)[0]  # the same weights with a float32 cache
+    assert np.abs(a - f).max() <= max(2 * np.abs(c - f).max(), 1e-3)
