@@ -182,16 +182,30 @@ def float_prefill(model: onnx.ModelProto, above: int = FLOAT_PREFILL_FROM) -> No
             infos = [onnx.helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types, strict=True)]
             return onnx.helper.make_graph(nodes, f"{n.name}/{tag}", [], infos)
 
+        then_nodes = b.take()
+        then = branch(then_nodes, then_out, "float")
+
         layers[n.name] = [
             onnx.helper.make_node(
                 "If",
                 [cond],
                 list(n.output),
                 name=f"{n.name}/float_prefill",
-                then_branch=branch(b.take(), then_out, "float"),
+                then_branch=then,
                 else_branch=branch([gqa], list(gqa.output), "int8"),
             )
         ]
+    # the float32 forms' constants live in each branch, not in the main graph: every outer value a
+    # branch reads is an implicit input the If passes on each call, decode steps included
+    made = {t.name: t for t in model.graph.initializer if t.name not in inits}  # shapes, indices, bounds
+    for (node,) in layers.values():
+        then = next(a.g for a in node.attribute if a.name == "then_branch")
+        used = {i for m in then.node for i in m.input} & set(made)
+        then.initializer.extend(made[name] for name in sorted(used))
+    outer = {i for m in prelude for i in m.input}
+    keep = [t for t in model.graph.initializer if t.name not in made or t.name in outer]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
     out = []
     for n in model.graph.node:
         if n.name == first.name:
