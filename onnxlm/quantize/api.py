@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import functools
 import os
 import time
 from pathlib import Path
@@ -243,11 +244,24 @@ def _kv_cache(model, src: Path, manifest, io: B.GraphIO, kind: str, text: str | 
             from ..runtime.eval import builtin_texts
 
             text = "\n\n".join(builtin_texts().values())
+        sha = manifest.files.get(B.MODEL_DATA, {}).get("sha256") or manifest.files.get(B.MODEL, {}).get(
+            "sha256"
+        )
         try:
-            scales = kv.calibrate(src, manifest, text, rotary_dim(model, manifest.model.head_dim))
+            scales = _kv_scales(str(src), sha, text, rotary_dim(model, manifest.model.head_dim))
         except ValueError as e:  # too little text
             raise QuantizeError(f"int8 KV cache calibration: {e}") from None
     return kv.rewrite(model, io, kind, scales)
+
+
+@functools.lru_cache(maxsize=2)
+def _kv_scales(src: str, sha: tuple, text: str, rotary: int) -> tuple:
+    """kv.calibrate, once per source bundle (by its graph's and weights' hashes, which quantize has
+    checked), text and rotary width: `auto` quantizes the same source several times."""
+    from . import kv
+
+    root = Path(src)
+    return tuple(kv.calibrate(root, B.read_manifest(root), text, rotary))
 
 
 def _fp16(model, sites, manifest, io: B.GraphIO):

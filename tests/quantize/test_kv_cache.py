@@ -146,6 +146,30 @@ def test_every_driver_path(kv, kind):
     assert again.token_ids == fresh.token_ids
 
 
+def test_int8_scales_calibrated_once_per_source_and_text(kv, tmp_path, monkeypatch):
+    """`auto` quantizes one source several times: the int8 scales are calibrated once per source and
+    calibration text, and a different text calibrates again."""
+    from onnxlm.quantize import api
+    from onnxlm.quantize import kv as kv_module
+
+    src, _ = kv
+    calls = []
+    real = kv_module.calibrate
+    monkeypatch.setattr(kv_module, "calibrate", lambda *a: calls.append(a[2]) or real(*a))
+    api._kv_scales.cache_clear()
+    first = quantize(src, tmp_path / "a", "int8", kv_cache="int8", progress=False)
+    second = quantize(src, tmp_path / "b", "int4", kv_cache="int8", progress=False)
+    assert len(calls) == 1
+    a, b = (onnx.load(str(p / B.MODEL)) for p in (first, second))
+    scale = layer_nodes(a)[0].input[12]
+    pick = lambda m: onnx.numpy_helper.to_array(next(t for t in m.graph.initializer if t.name == scale))  # noqa: E731
+    np.testing.assert_array_equal(pick(a), pick(b))
+    quantize(
+        src, tmp_path / "c", "int8", kv_cache="int8", calibration_text="Our HR team. " * 200, progress=False
+    )
+    assert len(calls) == 2
+
+
 def test_refused_with_one_line(conditioned, kv, tmp_path):
     src, _ = kv
     with pytest.raises(QuantizeError, match="kv_cache must be one of float32, float16, int8; got 'fp8'"):
