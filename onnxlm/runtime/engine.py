@@ -250,10 +250,10 @@ class Engine:
             if self.verify_gap > VERIFY_EXACT:
                 log.warning(
                     "%s: this graph computes several tokens in one call differently from one at a time "
-                    "(up to %.2g in a logit; onnxruntime's 4-bit kernel at accuracy level 4 does): with "
-                    "speculation, greedy output can differ from plain decoding where the two most likely "
-                    "tokens are that close. A float bundle, or int4 quantized with --accuracy-level 1, "
-                    "speculates exactly.",
+                    "(up to %.2g in a logit: the int8 activations of onnxruntime's quantized kernels round "
+                    "float32 attention's last-bit differences into whole steps): with speculation, greedy "
+                    "output can differ from plain decoding where the two most likely tokens are that "
+                    "close. A float bundle, or one quantized with --kv-cache int8, speculates exactly.",
                     self.bundle_dir or "the model",
                     self.verify_gap,
                 )

@@ -238,9 +238,11 @@ class ModelDrafter(Speculator):
 def verify_gap(model, probe: int = 24, width: int = 8) -> float:
     """How differently the model computes several tokens in one call from one token a call: max |Δ
     logit| over `width` positions after a `probe`-token prefix (token ids spread over the vocabulary).
-    0 (or float noise) on float graphs; onnxruntime's 4-bit MatMulNBits at accuracy level 4 takes
-    another kernel for more than one row and differs by tenths of a logit, so where the top two tokens
-    are that close, greedy output under speculation can differ from plain decoding."""
+    Float noise on float graphs; tenths of a logit on a quantized graph with a float32 cache, whose
+    kernels quantize their activations to int8 and so turn attention's last-bit differences between a
+    several-token call and single tokens into whole rounding steps (MatMulNBits itself computes a row
+    alike in any call); 0 with an int8 cache, whose attention computes each query alike. Where the top
+    two tokens are closer than the gap, greedy output under speculation can differ from plain decoding."""
     vocab = model.facts.vocab_size
     ids = [int(t) for t in np.linspace(3, vocab - 3, probe + width).astype(np.int64) % vocab]
     prefix, more = ids[:probe], ids[probe:]

@@ -136,6 +136,8 @@ def test_every_driver_path(kv, kind):
     assert [c.token_ids for c in batch] == singles
     spec = onnxlm.load(out[kind], draft="ngram")
     assert [greedy(spec, p) for p in prompts] == singles
+    if kind == "int8":  # the int8 node computes each query alike in any call: nothing to amplify
+        assert spec.verify_gap == 0.0
     chat = [{"role": "user", "content": "Our HR team answers questions about leave."}]
     first = engine.chat(chat, max_new_tokens=8, temperature=0, ignore_eos=True)
     turn2 = chat + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And pay?"}]
