@@ -85,34 +85,79 @@ def rotary_dim(model: onnx.ModelProto, head_dim: int) -> int:
     return head_dim
 
 
+class Chunk:
+    """Where a call's tokens go, as graph values: [batch], [seq], each row's tokens held after the call
+    and before it (batch,), each token's position (batch, seq), and the ScatterND indices (batch,
+    kv_heads, seq, 3) = [row, head, position] that write the chunk's keys or values into a buffer."""
+
+    def __init__(self, batch: str, seq: str, held_after: str, start: str, pos: str, index: str):
+        self.batch, self.seq = batch, seq
+        self.held_after, self.start = held_after, start
+        self.pos, self.index = pos, index
+
+
+def chunk_positions(b: Builder, qkv: str, seqlens_k: str, query_seqlens: str, kv_heads: int) -> Chunk:
+    """The Chunk of a GroupQueryAttention call over a shared buffer (seqlens_k: held after - 1; rows
+    right-padded: a row's padding positions lie past what it holds)."""
+    zero, one = b.const("zero", np.array(0, np.int64)), b.const("one", np.array(1, np.int64))
+    shape = b.op("Shape", [qkv])
+    batch = b.op("Gather", [shape, b.ints("i0", 0)], axis=0)  # [batch]
+    seq = b.op("Gather", [shape, b.ints("i1", 1)], axis=0)  # [seq]
+    held_after = b.op("Add", [b.op("Cast", [seqlens_k], to=TensorProto.INT64), one])
+    start = b.op("Sub", [held_after, b.op("Cast", [query_seqlens], to=TensorProto.INT64)])  # (batch,)
+    steps = b.op("Range", [zero, b.op("Squeeze", [seq, b.ints("a0", 0)]), one])  # (seq,)
+    pos = b.op(
+        "Add", [b.op("Unsqueeze", [start, b.ints("a1", 1)]), b.op("Unsqueeze", [steps, b.ints("a0", 0)])]
+    )
+    target = b.op("Concat", [batch, b.ints("kv", kv_heads), seq, b.ints("c1", 1)], axis=0)
+    rows = b.op("Range", [zero, b.op("Squeeze", [batch, b.ints("a0", 0)]), one])
+    parts = [
+        b.op("Reshape", [rows, b.ints("rows4", -1, 1, 1, 1)]),
+        b.const(f"heads{kv_heads}", np.arange(kv_heads, dtype=np.int64).reshape(1, kv_heads, 1, 1)),
+        b.op("Unsqueeze", [pos, b.ints("a13", 1, 3)]),  # (batch, 1, seq, 1)
+    ]
+    index = b.op("Concat", [b.op("Expand", [p, target]) for p in parts], axis=3)
+    return Chunk(batch, seq, held_after, start, pos, index)
+
+
+def rotated_qkv(
+    b: Builder, node, pos: str, heads: int, kv_heads: int, d: int, rotary_dim: int, tag: str
+) -> tuple[str, str, str]:
+    """GroupQueryAttention `node`'s query, key and value (batch, seq, heads·d), split apart if packed,
+    and the query and key rotated at positions `pos` as the node would (none for a NoPE layer's node).
+    `tag` keeps the split's outputs apart from another form's."""
+    attrs = node_attrs(node)
+    if node.input[1]:  # q, k, v apart (q/k norms ran before the node)
+        q, k, v = node.input[0], node.input[1], node.input[2]
+    else:
+        q, k, v = b.op(
+            "Split",
+            [node.input[0], b.ints(f"split{heads}_{kv_heads}_{d}", heads * d, kv_heads * d, kv_heads * d)],
+            [f"{node.name}/{tag}{x}" for x in "qkv"],
+            axis=2,
+        )
+    if attrs.get("do_rotary", 0):
+        rot = {"interleaved": attrs.get("rotary_interleaved", 0)}
+        if rotary_dim != d:
+            rot["rotary_embedding_dim"] = rotary_dim
+        cos, sin = node.input[7], node.input[8]
+        q = b.op("RotaryEmbedding", [q, pos, cos, sin], domain="com.microsoft", num_heads=heads, **rot)
+        k = b.op("RotaryEmbedding", [k, pos, cos, sin], domain="com.microsoft", num_heads=kv_heads, **rot)
+    return q, k, v
+
+
 class _Shared:
     """What every layer's MatMul attention reads, computed once per step from the first layer's inputs:
     positions, scatter indices, the additive causal mask per sliding window, reshape targets."""
 
     def __init__(self, b: Builder, first, heads: int, kv_heads: int, head_dim: int):
         self.b = b
-        qkv, past_k = first.input[0], first.input[3]
-        seqlens_k, query_seqlens = first.input[5], first.input[16]
+        past_k = first.input[3]
+        chunk = chunk_positions(b, first.input[0], first.input[5], first.input[16], kv_heads)
+        batch, seq = chunk.batch, chunk.seq
+        self.held_after, self.pos, self.index = chunk.held_after, chunk.pos, chunk.index
         zero, one = b.const("zero", np.array(0, np.int64)), b.const("one", np.array(1, np.int64))
-        qkv_shape = b.op("Shape", [qkv])
-        batch = b.op("Gather", [qkv_shape, b.ints("i0", 0)], axis=0)  # [batch]
-        seq = b.op("Gather", [qkv_shape, b.ints("i1", 1)], axis=0)  # [seq]
         self.capacity = capacity = b.op("Gather", [b.op("Shape", [past_k]), b.ints("i2", 2)], axis=0)  # [cap]
-        self.held_after = held_after = b.op("Add", [b.op("Cast", [seqlens_k], to=TensorProto.INT64), one])
-        start = b.op("Sub", [held_after, b.op("Cast", [query_seqlens], to=TensorProto.INT64)])  # (batch,)
-        steps = b.op("Range", [zero, b.op("Squeeze", [seq, b.ints("a0", 0)]), one])  # (seq,)
-        self.pos = b.op(
-            "Add", [b.op("Unsqueeze", [start, b.ints("a1", 1)]), b.op("Unsqueeze", [steps, b.ints("a0b", 0)])]
-        )
-        # ScatterND indices (batch, kv_heads, seq, 3) = [row, head, position]
-        target = b.op("Concat", [batch, b.ints("kv", kv_heads), seq, b.ints("c1", 1)], axis=0)
-        rows = b.op("Range", [zero, b.op("Squeeze", [batch, b.ints("a0c", 0)]), one])
-        parts = [
-            b.op("Reshape", [rows, b.ints("rows4", -1, 1, 1, 1)]),
-            b.const("heads4", np.arange(kv_heads, dtype=np.int64).reshape(1, kv_heads, 1, 1)),
-            b.op("Unsqueeze", [self.pos, b.ints("a13", 1, 3)]),  # (batch, 1, seq, 1)
-        ]
-        self.index = b.op("Concat", [b.op("Expand", [p, target]) for p in parts], axis=3)
         keys = b.op("Range", [zero, b.op("Squeeze", [capacity, b.ints("a0d", 0)]), one])  # (capacity,)
         self.key_pos = b.op("Unsqueeze", [keys, b.ints("a01", 0, 1)])  # (1, 1, capacity)
         self.query_pos = b.op("Unsqueeze", [self.pos, b.ints("am1", -1)])  # (batch, seq, 1)
@@ -162,24 +207,10 @@ def _layer(
     """The MatMul form of one GroupQueryAttention node, writing `outputs` (attention, present k, v).
     one_token (decode steps): probabilities times values as one GEMV per query head, which reads the
     values where they lie; a GEMM over a KV head's group of queries repacks them first."""
-    qkv, past_k, past_v, cos, sin = (node.input[j] for j in (0, 3, 4, 7, 8))
+    past_k, past_v = node.input[3], node.input[4]
     attrs = node_attrs(node)
     window = attrs.get("local_window_size", -1)
-    rot = {} if rotary_dim == d else {"rotary_embedding_dim": rotary_dim}
-    if node.input[1]:  # q, k, v apart (q/k norms ran before the node)
-        q, k, v = node.input[0], node.input[1], node.input[2]
-    else:
-        q, k, v = b.op(
-            "Split",
-            [qkv, b.ints("split", heads * d, kv_heads * d, kv_heads * d)],
-            [f"{node.name}/{x}" for x in "qkv"],
-            axis=2,
-        )
-    if attrs.get("do_rotary", 0):  # a NoPE layer's node does not rotate
-        q = b.op("RotaryEmbedding", [q, shared.pos, cos, sin], domain="com.microsoft", num_heads=heads, **rot)
-        k = b.op(
-            "RotaryEmbedding", [k, shared.pos, cos, sin], domain="com.microsoft", num_heads=kv_heads, **rot
-        )
+    q, k, v = rotated_qkv(b, node, shared.pos, heads, kv_heads, d, rotary_dim, tag="")
     kv_rows = b.ints("kv_rows", 0, 0, kv_heads, d)
     k = b.op("Transpose", [b.op("Reshape", [k, kv_rows])], perm=[0, 2, 1, 3])  # (batch, kv_heads, seq, d)
     v = b.op("Transpose", [b.op("Reshape", [v, kv_rows])], perm=[0, 2, 1, 3])

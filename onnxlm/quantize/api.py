@@ -244,9 +244,7 @@ def _kv_cache(model, src: Path, manifest, io: B.GraphIO, kind: str, text: str | 
             from ..runtime.eval import builtin_texts
 
             text = "\n\n".join(builtin_texts().values())
-        sha = manifest.files.get(B.MODEL_DATA, {}).get("sha256") or manifest.files.get(B.MODEL, {}).get(
-            "sha256"
-        )
+        sha = tuple(manifest.files.get(f, {}).get("sha256") for f in (B.MODEL, B.MODEL_DATA))
         try:
             scales = _kv_scales(str(src), sha, text, rotary_dim(model, manifest.model.head_dim))
         except ValueError as e:  # too little text

@@ -13,11 +13,11 @@ grows (benchmarks/README.md measures both).
 An int8 cache is read fast by a decode step and slowly by a prefill: onnxruntime's CPU kernel for many
 queries over an int8 cache runs at about half its float32 speed (benchmarks/README.md). So each int8
 layer becomes If(a call brings more than FLOAT_PREFILL_FROM tokens to some row; float32 form; int8
-GroupQueryAttention): the float32 form dequantizes the layer's buffer (Cast, Mul by the scales), runs
-the float32 GroupQueryAttention over it, quantizes the new tokens' keys and values and scatters them
-into the int8 buffer in place (the runtime binds one buffer as past and present). Decode steps and
-speculation's short verify calls take the int8 kernel. The keys a prefill chunk attends to within
-itself are float32 in both forms; what it reads of earlier chunks is the stored int8, dequantized.
+GroupQueryAttention): the float32 form rotates and quantizes the new tokens' keys and values, runs
+float32 GroupQueryAttention over the dequantized buffer and chunk (Cast, Mul by the scales), and
+scatters the codes into the int8 buffer in place (the runtime binds one buffer as past and present). Decode steps and
+speculation's short verify calls take the int8 kernel. Both forms read what the cache stores, the
+chunk's own keys and values included, so a prompt gives the same result however it is chunked.
 
 int8 scales come from running the float32 graph over calibration text: per layer, per KV head and
 channel, the largest |key| and |value| seen. A rotary pair of key channels gets one scale (the larger
@@ -34,7 +34,15 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from .. import bundle as B
-from ..rewrites import Builder, gqa_nodes, node_attrs, rotary_dim, unwrap_long_decode
+from ..rewrites import (
+    Builder,
+    chunk_positions,
+    gqa_nodes,
+    node_attrs,
+    rotary_dim,
+    rotated_qkv,
+    unwrap_long_decode,
+)
 from .recipes import KV_CACHES
 
 PREFIX = "/kv_cache/"
@@ -221,46 +229,11 @@ def _float_layer(b: Builder, n, heads: int, kv_heads: int, d: int, rotary: int, 
     attends over what the cache stores, the chunk's own keys and values included: they are rotated
     here, quantized, scattered into the buffer and dequantized for a float32 GroupQueryAttention that
     does no rotary of its own."""
-    attrs = node_attrs(n)
-    # the chunk's positions per row: held before the call + 0..seq-1 (seqlens_k is held after - 1)
-    zero, one = b.const("zero", np.array(0, np.int64)), b.const("one", np.array(1, np.int64))
-    held_after = b.op("Add", [b.op("Cast", [n.input[SEQLENS_K]], to=TensorProto.INT64), one])
-    start = b.op("Sub", [held_after, b.op("Cast", [n.input[QUERY_SEQLENS]], to=TensorProto.INT64)])
-    shape = b.op("Shape", [n.input[0]])
-    batch = b.op("Gather", [shape, b.ints("i0", 0)], axis=0)  # [batch]
-    seq = b.op("Gather", [shape, b.ints("i1", 1)], axis=0)  # [seq]
-    steps = b.op("Range", [zero, b.op("Squeeze", [seq, b.ints("a0", 0)]), one])
-    pos = b.op(
-        "Add", [b.op("Unsqueeze", [start, b.ints("a1", 1)]), b.op("Unsqueeze", [steps, b.ints("a0", 0)])]
-    )
-    # ScatterND indices (batch, kv_heads, seq, 3) = [row, head, position]; a right-padded row's padding
-    # lands past what it holds (never read: the runtime keeps room for the padded chunk)
-    target = b.op("Concat", [batch, b.ints("kv", kv_heads), seq, b.ints("c1", 1)], axis=0)
-    rows = b.op("Range", [zero, b.op("Squeeze", [batch, b.ints("a0", 0)]), one])
-    parts = [
-        b.op("Reshape", [rows, b.ints("rows4", -1, 1, 1, 1)]),
-        b.const(f"heads{kv_heads}", np.arange(kv_heads, dtype=np.int64).reshape(1, kv_heads, 1, 1)),
-        b.op("Unsqueeze", [pos, b.ints("a13", 1, 3)]),
-    ]
-    index = b.op("Concat", [b.op("Expand", [x, target]) for x in parts], axis=3)
-    before = b.op("ReduceMax", [start], keepdims=1)  # [the most tokens a row held before the call]
-
-    if n.input[1]:  # q, k, v apart (q/k norms ran before the node)
-        q, k, v = n.input[0], n.input[1], n.input[2]
-    else:
-        q, k, v = b.op(
-            "Split",
-            [n.input[0], b.ints(f"split{heads}_{kv_heads}_{d}", heads * d, kv_heads * d, kv_heads * d)],
-            [f"{n.name}/float32/{x}" for x in "qkv"],
-            axis=2,
-        )
-    if attrs.get("do_rotary", 0):
-        rot = {"interleaved": attrs.get("rotary_interleaved", 0)}
-        if rotary != d:
-            rot["rotary_embedding_dim"] = rotary
-        cos, sin = n.input[7], n.input[8]
-        q = b.op("RotaryEmbedding", [q, pos, cos, sin], domain="com.microsoft", num_heads=heads, **rot)
-        k = b.op("RotaryEmbedding", [k, pos, cos, sin], domain="com.microsoft", num_heads=kv_heads, **rot)
+    chunk = chunk_positions(b, n.input[0], n.input[SEQLENS_K], n.input[QUERY_SEQLENS], kv_heads)
+    # a right-padded row's padding lands past what it holds (never read: the runtime keeps room for it)
+    index = chunk.index
+    before = b.op("ReduceMax", [chunk.start], keepdims=1)  # [the most tokens a row held before the call]
+    q, k, v = rotated_qkv(b, n, chunk.pos, heads, kv_heads, d, rotary, tag="float32/")
     stored = []
     for i, x in enumerate((k, v)):
         scale = b.op("Reshape", [n.input[(K_SCALE, V_SCALE)[i]], b.ints("scale4", 1, kv_heads, 1, d)])
