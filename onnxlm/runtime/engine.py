@@ -33,7 +33,7 @@ from .batch import generate_steps
 from .generate import GenerationParams, Model, Step
 from .prefix import PrefixCache
 from .scheduler import Scheduler
-from .session import make_session, release_free_heap, release_mapped_files
+from .session import make_session, release_free_heap, release_mapped_files, spins_when_idle
 from .speculate import Costs, ModelDrafter, NgramDrafter, verify_gap
 from .tokenizer import Tokenizer
 from .tools import ToolCall, parse_tool_calls, prepare_chat
@@ -138,11 +138,12 @@ def load_model(
     threads: int | None = None,
     verify_hashes: bool = False,
     io_binding: bool = True,
+    idle_spin: bool = True,
 ) -> Model:
-    """A bundle's checked manifest and graph, in a session."""
+    """A bundle's checked manifest and graph, in a session (idle_spin: see session_options)."""
     manifest = check_bundle(root, verify_hashes=verify_hashes)
     release_free_heap()  # the JSON parse's leftovers stay out of the peak the session adds to
-    session = make_session(root / MODEL, providers=providers, threads=threads)
+    session = make_session(root / MODEL, providers=providers, threads=threads, idle_spin=idle_spin)
     release_free_heap()
     release_mapped_files(root)  # weights packed at load are held once, not also as mapped file pages
     return Model(session, manifest, io_binding=io_binding)
@@ -209,9 +210,10 @@ class Engine:
         root = Path(bundle_dir)
         manifest = check_bundle(root, verify_hashes=verify_hashes)
         tokenizer = Tokenizer.from_bundle(root, manifest)
-        model = load_model(root, providers, threads, verify_hashes, io_binding)
-        if draft is not None and draft != "ngram":
-            draft = load_model(Path(draft), providers, threads, verify_hashes, io_binding)
+        paired = draft is not None and draft != "ngram"  # two sessions taking turns: no idle spinning
+        model = load_model(root, providers, threads, verify_hashes, io_binding, idle_spin=not paired)
+        if paired:
+            draft = load_model(Path(draft), providers, threads, verify_hashes, io_binding, idle_spin=False)
         return cls(model, tokenizer, manifest, root, draft=draft, prefix_cache_mb=prefix_cache_mb)
 
     @classmethod
@@ -242,6 +244,13 @@ class Engine:
             if mine is None or mine != theirs:
                 raise BundleError(
                     "the draft bundle's tokenizer.json differs from this bundle's; a draft must share the tokenizer"
+                )
+            if spins_when_idle(self.model.session) or spins_when_idle(draft.session):
+                log.warning(
+                    "the target's or the draft's session keeps its threads spinning between runs, "
+                    "taking the cores from the other while it runs (verifies measured 2x dearer): "
+                    "load both with Engine.load(bundle, draft=DRAFT_BUNDLE), or open their sessions "
+                    "with session_options(idle_spin=False)"
                 )
         self.draft = draft
         self._costs = Costs()  # verify-step costs measured across calls, for choosing k

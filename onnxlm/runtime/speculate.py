@@ -18,7 +18,10 @@ Two drafters:
 
 k adapts: per row an acceptance estimate, per draft length the measured cost of a verify step relative
 to a one-token step; each round takes the k with the most expected tokens per unit of time, and none
-when no k beats plain decoding (so speculation turns itself off where it does not pay).
+when no k beats plain decoding (so speculation turns itself off where it does not pay), with a
+retry of the most promising k now and then, since only speculating updates those estimates. A target
+and its draft model take turns on the same cores, so Engine.load opens both sessions with threads
+that stop spinning when a run ends (session_options(idle_spin=False)).
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ import numpy as np
 from .driver import make_rows
 
 PRIOR = 0.5  # acceptance assumed for a row before any of its drafts are checked
-EMA = 0.3  # weight of the newest observation in the acceptance and cost estimates
+EMA = 0.3  # weight of the newest observation in the cost estimates
+KEEP = 0.7  # per round, the weight a row's earlier checked draft positions keep in its estimate
+PSEUDO = 2.0  # checked positions the prior counts as
 REMEASURE = 32  # rounds between the plain rounds that measure a one-token step
 
 
@@ -51,10 +56,20 @@ class Costs:
 
     seconds: dict[int, float] = field(default_factory=dict)
     draft_step: float = 0.0  # seconds of one draft-model step (0 for n-gram drafts)
+    seen: dict[int, int] = field(default_factory=dict)  # calls observed per width, warm-up included
 
     def observe(self, width: int, secs: float) -> None:
+        """A call's seconds. The first call of each width is not taken (a new input shape's one-off
+        work): a cost is only re-measured by speculating at that width, so one high first reading
+        could keep that draft length off (see also the retries in Speculator.choose)."""
+        self.seen[width] = self.seen.get(width, 0) + 1
+        if self.seen[width] == 1:
+            return
         old = self.seconds.get(width)
         self.seconds[width] = secs if old is None else (1 - EMA) * old + EMA * secs
+
+    def observe_draft(self, secs: float) -> None:
+        self.draft_step = secs if not self.draft_step else (1 - EMA) * self.draft_step + EMA * secs
 
     def relative(self, k: int) -> float:
         """Cost of a round with k drafts (verify + drafting) in one-token steps."""
@@ -78,20 +93,24 @@ class Speculator:
             raise ValueError(f"draft length k_max must be in [1, 32], got {k_max}")
         self.k_max = k_max
         self.costs = Costs()
-        self.accept: list[float] = []  # per row
+        self.accept: list[float] = []  # per row: estimated chance a drafted position is kept
+        self.evidence: list[list[float]] = []  # per row: decayed [kept, checked] draft positions
         self.drafted = self.accepted = self.rounds = self.speculated = 0
+        self.grown = False  # whether the round after the latest join (which grows KV buffers) is past
 
     # rows join and leave as the driver's do
     def join(self, seqs: Sequence, rows) -> None:
         self.accept += [PRIOR] * len(seqs)
+        self.evidence += [[PRIOR * PSEUDO, PSEUDO] for _ in seqs]
+        self.grown = False
 
     def drop(self, row: int) -> None:
-        last = len(self.accept) - 1
-        self.accept[row] = self.accept[last]
-        self.accept.pop()
+        for per_row in (self.accept, self.evidence):
+            per_row[row] = per_row[-1]
+            per_row.pop()
 
     def free(self) -> None:
-        self.accept = []
+        self.accept, self.evidence = [], []
 
     def choose(self, avail: Sequence[int]) -> int:
         """The draft length for this round, given how many tokens each row could draft at most. Every
@@ -100,11 +119,18 @@ class Speculator:
         if 1 not in self.costs.seconds or self.rounds % REMEASURE == REMEASURE - 1:
             return 0
         best_k, best = 0, float(len(avail))  # plain decoding: one token per row per step
+        top_k, top = 0, 0.0
         for k in range(1, max(avail, default=0) + 1):
             gain = sum(expected_tokens(a, min(k, n)) for a, n in zip(self.accept, avail, strict=True))
             value = gain / self.costs.relative(k)
+            if value > top:
+                top_k, top = k, value
             if value > best * 1.02:
                 best_k, best = k, value
+        if best_k == 0 and self.rounds % REMEASURE == REMEASURE // 2:
+            # now and then the most promising draft length anyway: costs move with the context and a
+            # row's acceptance with its text, and estimates that only speculation updates go stale
+            return top_k
         return best_k
 
     def limit(self, seq) -> int:
@@ -115,21 +141,32 @@ class Speculator:
         raise NotImplementedError
 
     def feedback(self, row: int, drafted: int, accepted: int) -> None:
+        """The row's estimate of the chance that a drafted position is kept given that those before
+        it were (the `a` of expected_tokens). A verify checks positions up to the first rejection:
+        `accepted` of them were kept, one was not (when accepted < drafted) and the rest were never
+        checked. Counting those as failures too (accepted / drafted) underrates a row, the more the
+        longer its drafts (96%-accepting drafts of 4 read as ~85%), and turned speculation off where
+        it paid. The estimate is a ratio of decayed counts (kept / checked), which does not depend on
+        the order of the events inside a round as a per-event moving average would."""
+        ev = self.evidence[row]
         if drafted:
-            rate = accepted / drafted
-            self.accept[row] = (1 - EMA) * self.accept[row] + EMA * rate
+            ev[0] = KEEP * ev[0] + accepted
+            ev[1] = KEEP * ev[1] + accepted + (accepted < drafted)
             self.drafted += drafted
             self.accepted += accepted
         else:  # drift back toward the prior, so a row that stopped drafting is tried again later
-            self.accept[row] += (PRIOR - self.accept[row]) * 0.02
+            ev[0] = 0.98 * ev[0] + 0.02 * PRIOR * PSEUDO
+            ev[1] = 0.98 * ev[1] + 0.02 * PSEUDO
+        self.accept[row] = ev[0] / ev[1]
 
     def observe(self, width: int, secs: float) -> None:
-        """A decode round's width and model seconds. The first round after a prefill grows the
-        prompt-sized KV buffer (a one-off copy), so it is not taken as a step's cost."""
+        """A decode round's width and model seconds. The first round after rows join grows their
+        prompt-sized KV buffers (a one-off copy), so it is not taken as a step's cost."""
         self.rounds += 1
         self.speculated += width > 1
-        if self.rounds > 1:
+        if self.grown:
             self.costs.observe(width, secs)
+        self.grown = True
 
     def stats(self) -> dict[str, float]:
         return {
@@ -183,6 +220,7 @@ class ModelDrafter(Speculator):
         self.model = model
         self.rows = make_rows(model, chunk)
         self.fed: list[list[int]] = []  # per row: the tokens the draft's cache holds
+        self.draft_grown = False
 
     def join(self, seqs: Sequence, rows) -> None:
         super().join(seqs, rows)
@@ -190,6 +228,7 @@ class ModelDrafter(Speculator):
         job.run()
         self.rows.join(job)
         self.fed += [list(s.prompt) for s in seqs]
+        self.draft_grown = False
 
     def drop(self, row: int) -> None:
         super().drop(row)
@@ -218,10 +257,14 @@ class ModelDrafter(Speculator):
         # single steps; the kth draft token is never fed (the target may replace it anyway)
         pending = [ctx[len(fed) :] for ctx, fed in zip(contexts, self.fed, strict=True)]
         drafts: list[list[int]] = [[] for _ in seqs]
-        t0 = time.perf_counter()
         tokens = pending
+        steps = []  # seconds of the calls that fed at most 2 tokens a row, as every call does when
+        # speculation runs round after round (a catch-up after plain rounds is a one-off)
         for i in range(k):
+            t0 = time.perf_counter()
             logits = self.rows.decode(tokens)  # (batch, K, vocab)
+            if max(len(t) for t in tokens) <= 2:
+                steps.append(time.perf_counter() - t0)
             last = np.array([len(t) - 1 for t in tokens])
             nxt = logits[np.arange(len(tokens)), last].argmax(-1)
             for b, t in enumerate(tokens):
@@ -229,9 +272,9 @@ class ModelDrafter(Speculator):
                 if i < limits[b]:
                     drafts[b].append(int(nxt[b]))
             tokens = [[int(t)] for t in nxt]
-        secs = (time.perf_counter() - t0) / k
-        old = self.costs.draft_step
-        self.costs.draft_step = secs if not old else (1 - EMA) * old + EMA * secs
+        if self.draft_grown and steps:  # not the draft rows' first steps after they joined (buffer growth)
+            self.costs.observe_draft(sum(steps) / len(steps))
+        self.draft_grown = True
         return [d[: min(k, n)] for d, n in zip(drafts, limits, strict=True)]
 
 

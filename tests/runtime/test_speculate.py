@@ -15,6 +15,7 @@ from onnxlm.runtime.driver import GROWTH, MIN_ROOM, SharedRows
 from onnxlm.runtime.generate import GenerationParams, new_seq
 from onnxlm.runtime.prefix import PrefixCache
 from onnxlm.runtime.speculate import (
+    REMEASURE,
     Costs,
     ModelDrafter,
     NgramDrafter,
@@ -190,6 +191,19 @@ def test_draft_model_speculation_is_token_identical(engine):
     assert spec.accepted == spec.drafted  # the target drafting for itself: every draft kept
 
 
+def test_target_and_draft_sessions_do_not_spin_between_runs(engine, caplog):
+    """They take turns on the same cores: a session spinning after its run would slow the other's."""
+    from onnxlm.runtime.session import spins_when_idle
+
+    paired = load(engine.bundle_dir, threads=2, draft=other_bundle().path)
+    assert not spins_when_idle(paired.model.session) and not spins_when_idle(paired.draft.session)
+    assert spins_when_idle(engine.model.session)  # alone, spinning between steps pays
+    with caplog.at_level("WARNING"):
+        engine.use_draft(paired.draft)
+    engine.use_draft(None)
+    assert "spinning" in caplog.text
+
+
 def test_draft_bundle_must_share_the_tokenizer(engine, tmp_path):
     import json
     import shutil
@@ -315,11 +329,49 @@ def test_batch_joins_rows_prefilled_in_chunks_between_rounds(engine):
 def test_costs_are_relative_to_a_one_token_step():
     c = Costs()
     assert c.relative(0) == 1.0 and c.relative(4) == pytest.approx(1.2)  # optimistic until measured
+    c.observe(1, 0.500)  # each width's first call is a warm-up (a new shape), not its cost
+    c.observe(5, 0.900)
+    assert c.relative(4) == pytest.approx(1.2)
     c.observe(1, 0.010)
     c.observe(5, 0.020)
     assert c.relative(4) == pytest.approx(2.0)
-    c.draft_step = 0.005
+    c.observe_draft(0.005)
     assert c.relative(4) == pytest.approx(4.0)
+
+
+def test_acceptance_estimate_counts_only_checked_positions():
+    """Drafts of 6 whose positions are each kept with probability 0.8 once those before were: the
+    estimate settles near 0.8 (accepted / drafted would say ~0.55)."""
+    rng = np.random.default_rng(0)
+    spec = Speculator(k_max=6)
+    spec.join([None], None)
+    seen = []
+    for i in range(3000):
+        kept = 0
+        while kept < 6 and rng.random() < 0.8:
+            kept += 1
+        spec.feedback(0, 6, kept)
+        if i >= 1000:
+            seen.append(spec.accept[0])
+    assert abs(np.mean(seen) - 0.8) < 0.03
+    assert spec.accepted / spec.drafted < 0.6  # the ratio the old estimate used
+
+
+def test_a_stale_cost_does_not_keep_speculation_off():
+    """Costs are only measured by speculating: a verify that once looked dear (a busy moment) is
+    tried again now and then, and speculation resumes when it is cheap after all."""
+    spec = Speculator(k_max=4)
+    spec.join([None], None)
+    spec.accept = [0.9]
+    spec.costs.seconds = {1: 1.0, **{k + 1: 3.0 + k for k in range(1, 5)}}  # dear: plain wins
+    chosen = []
+    for _ in range(REMEASURE):
+        chosen.append(spec.choose([4]))
+        spec.rounds += 1
+    tried = [k for k in chosen if k]
+    assert len(tried) == 1  # once in REMEASURE rounds, the most promising length
+    spec.costs.seconds = {1: 1.0, **{k + 1: 1.0 + 0.1 * k for k in range(1, 5)}}  # as measured then
+    assert spec.choose([4]) >= 3
 
 
 def test_verify_gap_is_float_noise_on_float_graphs(engine, caplog):
