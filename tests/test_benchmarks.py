@@ -99,6 +99,20 @@ def test_compare_reports_speed_and_each_engines_memory(tiny_llama_bundle, tmp_pa
         assert "not installed" in result["skipped"]["llama.cpp missing"]
 
 
+def test_draft_turns_times_every_setting_of_the_two_sessions(tiny_llama_bundle, tmp_path):
+    out = tmp_path / "out"
+    script = str(ROOT / "benchmarks" / "draft_turns.py")
+    cmd = [sys.executable, script, tiny_llama_bundle, tiny_llama_bundle, "--context", "12", "--rounds", "2"]
+    done = subprocess.run([*cmd, "--out", str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "draft_turns.json").read_text())
+    assert set(result["settings"]) == {"both spin", "draft stops", "both stop"}
+    for times in result["settings"].values():
+        assert set(times) == {"verify alone", "draft step", "verify after draft", "step after"}
+        assert all(v > 0 for v in times.values())
+    assert "| both stop |" in (out / "draft_turns.md").read_text()
+
+
 def test_int4_gemv_checks_both_kernels_before_timing_them(tiny_llama_bundle, tmp_path):
     from onnxlm.quantize.api import quantize
 
