@@ -7,7 +7,9 @@ prompts (summarise, extract from or rewrite a document given in the prompt) and 
 Every engine gets the same prompt token ids (onnxlm's chat template over benchmarks/prompts/), greedy
 decoding of exactly --new-tokens tokens (the end of sequence ignored, as compare.py does, so every
 engine decodes as many), and runs are interleaved prompt by prompt and round by round. Each onnxlm bundle runs plain, with n-gram drafts (`ngram`) and, given --draft NAME=BUNDLE,
-drafted by that bundle; their tokens are checked equal to the plain run's (a mismatch is reported,
+drafted by that bundle (`+draft`: the bundle's drafts or prompt lookup's, whichever a round is worth
+more, as `Engine.load(draft=...)` does; `+draft model only`: the bundle's alone; the markdown says
+what share of drafts came from lookup); their tokens are checked equal to the plain run's (a mismatch is reported,
 not hidden). llama.cpp runs plain and with llama-cpp-python's prompt-lookup drafting. Decode tokens/s
 is (tokens - 1) / (time after the first token); medians over rounds, then the geometric mean over
 prompts. Writes speculate.json and speculate.md into --out.
@@ -31,13 +33,16 @@ PROMPTS = THIS.parent / "prompts"
 Run = Callable[[list[int], int], dict]  # (prompt ids, max new tokens) -> {ttft, tps, tokens, ...}
 
 
-def onnxlm_run(bundle: str, threads: int, draft: str | None) -> Run:
+def onnxlm_run(bundle: str, threads: int, draft: str | None, lookup: bool = True) -> Run:
+    """lookup=False: a draft bundle's own drafts only (no prompt-lookup rounds)."""
     import onnxlm
 
     engine = onnxlm.load(bundle, threads=threads, draft=draft, prefix_cache_mb=0)
 
     def run(ids, n):
         spec = engine.speculator()
+        if not lookup:
+            spec.lookup = None
         from onnxlm.runtime.batch import generate_steps
         from onnxlm.runtime.generate import GenerationParams
 
@@ -211,6 +216,10 @@ def main() -> None:
         engines[f"onnxlm {name} +ngram"] = (onnxlm_run(path, a.threads, "ngram"), f"onnxlm {name}")
         if name in drafts:
             engines[f"onnxlm {name} +draft"] = (onnxlm_run(path, a.threads, drafts[name]), f"onnxlm {name}")
+            engines[f"onnxlm {name} +draft model only"] = (
+                onnxlm_run(path, a.threads, drafts[name], lookup=False),
+                f"onnxlm {name}",
+            )
     skipped = []
     for name, path in pairs(a.genai, "--genai"):
         try:
@@ -261,6 +270,11 @@ def main() -> None:
                 drafted = sum(o.get("drafted", 0) for outs in runs[label].values() for o in outs)
                 acc = sum(o.get("accepted", 0) for outs in runs[label].values() for o in outs)
                 row["acceptance"] = acc / drafted if drafted else 0.0
+                looked = sum(o.get("lookup_drafted", 0) for outs in runs[label].values() for o in outs)
+                if label.endswith(
+                    "+draft"
+                ):  # a draft bundle also takes prompt-lookup drafts where worth more
+                    row["lookup_share"] = looked / drafted if drafted else 0.0
             table[label] = row
         results["sets"][set_name] = {"prompt_tokens": {p: len(ids) for p, ids in prompts}, "engines": table}
 
@@ -282,6 +296,8 @@ def main() -> None:
         ]
         for label, row in s["engines"].items():
             acc = f"{row['acceptance']:.0%}" if "acceptance" in row else ""
+            if "lookup_share" in row:
+                acc += f" ({row['lookup_share']:.0%} of drafts by lookup)"
             same = {True: "yes", False: "**no**"}.get(row.get("identical_to_plain"), "")
             md.append(f"| {label} | {row['tps']:.1f} | {row['ttft'] * 1000:.0f} ms | {acc} | {same} |")
         md.append("")

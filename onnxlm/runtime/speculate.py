@@ -14,7 +14,8 @@ Two drafters:
 - NgramDrafter (prompt lookup): the longest recent n-gram match of the row's last tokens in its prompt
   and output so far; the tokens that followed it are the draft. Costs microseconds.
 - ModelDrafter: a smaller bundle with the same tokenizer, run greedily on its own KV driver, kept in
-  step with what the target accepted.
+  step with what the target accepted; a round where prompt lookup is worth more (by each source's
+  acceptance and the measured costs) takes the lookup's drafts and spends no draft step.
 
 k adapts: per row an acceptance estimate, per draft length the measured cost of a verify step relative
 to a one-token step; each round takes the k with the most expected tokens per unit of time, and none
@@ -36,6 +37,7 @@ from .driver import make_rows
 
 PRIOR = 0.5  # acceptance assumed for a row before any of its drafts are checked
 EMA = 0.3  # weight of the newest observation in the cost estimates
+ROUTINE = 9  # tokens a row's draft-model catch-up call feeds in steady speculation, at most
 KEEP = 0.7  # per round, the weight a row's earlier checked draft positions keep in its estimate
 PSEUDO = 2.0  # checked positions the prior counts as
 REMEASURE = 32  # rounds between the plain rounds that measure a one-token step
@@ -71,8 +73,9 @@ class Costs:
     def observe_draft(self, secs: float) -> None:
         self.draft_step = secs if not self.draft_step else (1 - EMA) * self.draft_step + EMA * secs
 
-    def relative(self, k: int) -> float:
-        """Cost of a round with k drafts (verify + drafting) in one-token steps."""
+    def relative(self, k: int, drafting: bool = True) -> float:
+        """Cost of a round with k drafts (verify, plus the draft model's steps when `drafting`) in
+        one-token steps."""
         base = self.seconds.get(1)
         if k == 0:
             return 1.0
@@ -81,7 +84,7 @@ class Costs:
             verify_rel = 1.0 + 0.05 * k  # optimistic until measured, so that every k gets tried
         else:
             verify_rel = verify / base
-        draft_rel = (k * self.draft_step / base) if base else 0.0
+        draft_rel = (k * self.draft_step / base) if base and drafting else 0.0
         return verify_rel + draft_rel
 
 
@@ -116,20 +119,35 @@ class Speculator:
         """The draft length for this round, given how many tokens each row could draft at most. Every
         REMEASURE rounds (and first) a plain round keeps the one-token step's cost current: every
         other cost is relative to it."""
-        if 1 not in self.costs.seconds or self.rounds % REMEASURE == REMEASURE - 1:
+        if not self.measuring():
             return 0
-        best_k, best = 0, float(len(avail))  # plain decoding: one token per row per step
+        best_k, _, top_k = self.best(avail)
+        return self.retry(best_k, top_k)
+
+    def measuring(self) -> bool:
+        """False on the rounds that must be plain: before a one-token step's cost is known and every
+        REMEASURE rounds."""
+        return 1 in self.costs.seconds and self.rounds % REMEASURE != REMEASURE - 1
+
+    def best(self, avail: Sequence[int], drafting: bool = True) -> tuple[int, float, int]:
+        """(the k worth most, its expected tokens per one-token step's time, the k with the highest
+        value even if plain decoding beats it). k = 0 is plain decoding, worth one token per row."""
+        best_k, best = 0, float(len(avail))
         top_k, top = 0, 0.0
         for k in range(1, max(avail, default=0) + 1):
             gain = sum(expected_tokens(a, min(k, n)) for a, n in zip(self.accept, avail, strict=True))
-            value = gain / self.costs.relative(k)
+            value = gain / self.costs.relative(k, drafting)
             if value > top:
                 top_k, top = k, value
             if value > best * 1.02:
                 best_k, best = k, value
+        return best_k, best, top_k
+
+    def retry(self, best_k: int, top_k: int) -> int:
+        """Now and then the most promising draft length even where plain decoding looks better:
+        costs move with the context and a row's acceptance with its text, and estimates that only
+        speculation updates go stale."""
         if best_k == 0 and self.rounds % REMEASURE == REMEASURE // 2:
-            # now and then the most promising draft length anyway: costs move with the context and a
-            # row's acceptance with its text, and estimates that only speculation updates go stale
             return top_k
         return best_k
 
@@ -213,17 +231,27 @@ class NgramDrafter(Speculator):
 
 class ModelDrafter(Speculator):
     """A draft model (same tokenizer) proposes its greedy continuation. Its own driver holds each row's
-    context; after verification its rows forget what the target did not keep."""
+    context; after verification its rows forget what the target did not keep.
 
-    def __init__(self, model, k_max: int = 4, chunk: int | None = 512):
+    lookup: a round where prompt lookup (NgramDrafter's n-gram drafts, which cost no model step) is
+    worth more than the draft model, by each source's own acceptance estimate and the measured costs,
+    takes the lookup's drafts instead; the draft model catches up on those tokens when it next drafts.
+    Text that copies its input (summaries, extraction) then speculates at the lookup's pace and the
+    rest at the draft model's."""
+
+    def __init__(self, model, k_max: int = 4, chunk: int | None = 512, lookup: bool = True):
         super().__init__(k_max)
         self.model = model
         self.rows = make_rows(model, chunk)
         self.fed: list[list[int]] = []  # per row: the tokens the draft's cache holds
         self.draft_grown = False
+        self.lookup = NgramDrafter() if lookup else None  # its own acceptance estimates; our costs
+        self.looked = False  # whether this round's drafts are the lookup's
 
     def join(self, seqs: Sequence, rows) -> None:
         super().join(seqs, rows)
+        if self.lookup is not None:
+            self.lookup.join(seqs, rows)
         job = self.rows.start([s.prompt for s in seqs])
         job.run()
         self.rows.join(job)
@@ -232,18 +260,35 @@ class ModelDrafter(Speculator):
 
     def drop(self, row: int) -> None:
         super().drop(row)
+        if self.lookup is not None:
+            self.lookup.drop(row)
         self.rows.drop(row)
         self.fed[row] = self.fed[-1]
         self.fed.pop()
 
     def free(self) -> None:
         super().free()
+        if self.lookup is not None:
+            self.lookup.free()
         self.rows.free()
         self.fed = []
 
+    def feedback(self, row: int, drafted: int, accepted: int) -> None:
+        if not self.looked:
+            super().feedback(row, drafted, accepted)
+            return
+        self.lookup.feedback(row, drafted, accepted)
+        self.drafted += drafted
+        self.accepted += accepted
+
+    def stats(self) -> dict[str, float]:
+        out = super().stats()
+        if self.lookup is not None:
+            out.update(lookup_drafted=self.lookup.drafted, lookup_accepted=self.lookup.accepted)
+        return out
+
     def propose(self, seqs: Sequence, rows) -> list[list[int]]:
         limits = [self.limit(s) for s in seqs]
-        k = self.choose(limits)
         contexts = [s.prompt + s.tokens for s in seqs]
         for b, ctx in enumerate(contexts):  # forget what the target replaced
             fed = self.fed[b]
@@ -251,6 +296,23 @@ class ModelDrafter(Speculator):
             if keep < len(fed):
                 self.rows.rollback(b, len(fed) - keep)
                 del fed[keep:]
+        self.looked = False
+        if not self.measuring():
+            return [[] for _ in seqs]
+        k, value, top = self.best(limits)
+        look = self.lookup
+        if look is not None:
+            look.costs, look.rounds = self.costs, self.rounds  # verify costs are the target's
+            found = [
+                ngram_draft(np.asarray(ctx, np.int64), n, look.n_max, look.n_min) if n else []
+                for ctx, n in zip(contexts, (look.limit(s) for s in seqs), strict=True)
+            ]
+            if any(found):
+                k_look, worth, _ = look.best([len(d) for d in found], drafting=False)
+                if k_look and worth >= value:
+                    self.looked = True
+                    return [d[:k_look] for d in found]
+        k = self.retry(k, top)
         if k == 0:
             return [[] for _ in seqs]
         # catch up on the tokens the draft has not seen (at least the last sampled one), then k - 1
@@ -258,12 +320,14 @@ class ModelDrafter(Speculator):
         pending = [ctx[len(fed) :] for ctx, fed in zip(contexts, self.fed, strict=True)]
         drafts: list[list[int]] = [[] for _ in seqs]
         tokens = pending
-        steps = []  # seconds of the calls that fed at most 2 tokens a row, as every call does when
-        # speculation runs round after round (a catch-up after plain rounds is a one-off)
+        # seconds of the calls that fed at most ROUTINE tokens a row: a round's catch-up after the
+        # target kept a whole draft (2 tokens) or a lookup round's draft (up to 9) is part of what
+        # drafting with the model costs; one after a stretch of plain rounds is a one-off
+        steps = []
         for i in range(k):
             t0 = time.perf_counter()
             logits = self.rows.decode(tokens)  # (batch, K, vocab)
-            if max(len(t) for t in tokens) <= 2:
+            if max(len(t) for t in tokens) <= ROUTINE:
                 steps.append(time.perf_counter() - t0)
             last = np.array([len(t) - 1 for t in tokens])
             nxt = logits[np.arange(len(tokens)), last].argmax(-1)

@@ -184,11 +184,35 @@ def test_draft_model_speculation_is_token_identical(engine):
     params = GenerationParams(max_new_tokens=24, ignore_eos=True)
     plain = tokens(generate_steps(engine.model, engine.tokenizer, prompts, params))
     for drafter in (draft.model, engine.model):  # another model, and the target itself (all agree)
-        spec = ModelDrafter(drafter, k_max=4)
-        got = tokens(generate_steps(engine.model, engine.tokenizer, prompts, params, speculator=spec))
-        assert got == plain
-        assert spec.drafted > 0
+        for lookup in (True, False):
+            spec = ModelDrafter(drafter, k_max=4, lookup=lookup)
+            got = tokens(generate_steps(engine.model, engine.tokenizer, prompts, params, speculator=spec))
+            assert got == plain
+            assert spec.drafted > 0
     assert spec.accepted == spec.drafted  # the target drafting for itself: every draft kept
+
+
+def test_a_draft_model_takes_the_lookups_drafts_where_they_are_worth_more(engine):
+    """Text that repeats its prompt: rounds where an n-gram match is found and worth more than the
+    draft model's steps use it, and the draft model runs fewer steps; output equals plain decoding."""
+    draft = load(other_bundle().path, threads=2)
+    ids = echo_prompt(engine, PROMPTS[0])
+    params = GenerationParams(max_new_tokens=24, ignore_eos=True)
+    plain = tokens(generate_steps(engine.model, engine.tokenizer, [ids], params))
+    calls, stats = {}, {}
+    for lookup in (True, False):
+        spec = ModelDrafter(draft.model, k_max=4, lookup=lookup)
+        spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}  # cheap verifies
+        spec.costs.draft_step = 0.5  # a draft step at half a target step
+        spec.costs.observe = spec.costs.observe_draft = lambda *a: None  # held: the tiny model's vary
+        decode, calls[lookup] = spec.rows.decode, []
+        spec.rows.decode = lambda t, decode=decode, seen=calls[lookup]: seen.append(t) or decode(t)
+        got = tokens(generate_steps(engine.model, engine.tokenizer, [ids], params, speculator=spec))
+        assert got == plain
+        stats[lookup] = spec.stats()
+    assert stats[True]["lookup_drafted"] > 0 and stats[True]["drafted"] >= stats[True]["lookup_drafted"]
+    assert "lookup_drafted" not in stats[False]
+    assert len(calls[True]) < len(calls[False])
 
 
 def test_target_and_draft_sessions_do_not_spin_between_runs(engine, caplog):
