@@ -141,7 +141,8 @@ def draft_options(fn):
             default=None,
             metavar="ngram|BUNDLE",
             help="Speculative decoding: 'ngram' (drafts copied from the prompt and the text so far) or a "
-            "draft bundle with the same tokenizer. Greedy output is unchanged.",
+            "draft bundle with the same tokenizer (which also takes the 'ngram' drafts in rounds where "
+            "they are worth more). Greedy output is unchanged.",
         ),
         click.option(
             "--prefix-cache-mb",
