@@ -90,7 +90,7 @@ def spins_when_idle(session: ort.InferenceSession) -> bool:
     """Whether the session's threads keep spinning after a run (see session_options)."""
     try:
         return session.get_session_options().get_session_config_entry(STOP_SPINNING) != "1"
-    except Exception:  # the key was never set (onnxruntime raises for a missing key)
+    except RuntimeError:  # the key was never set (onnxruntime raises for a missing key)
         return True
 
 

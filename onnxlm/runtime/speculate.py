@@ -58,14 +58,14 @@ class Costs:
 
     seconds: dict[int, float] = field(default_factory=dict)
     draft_step: float = 0.0  # seconds of one draft-model step (0 for n-gram drafts)
-    seen: dict[int, int] = field(default_factory=dict)  # calls observed per width, warm-up included
+    warm: set[int] = field(default_factory=set)  # widths whose first (warm-up) call has been seen
 
     def observe(self, width: int, secs: float) -> None:
         """A call's seconds. The first call of each width is not taken (a new input shape's one-off
         work): a cost is only re-measured by speculating at that width, so one high first reading
         could keep that draft length off (see also the retries in Speculator.choose)."""
-        self.seen[width] = self.seen.get(width, 0) + 1
-        if self.seen[width] == 1:
+        if width not in self.warm:
+            self.warm.add(width)
             return
         old = self.seconds.get(width)
         self.seconds[width] = secs if old is None else (1 - EMA) * old + EMA * secs
@@ -96,24 +96,26 @@ class Speculator:
             raise ValueError(f"draft length k_max must be in [1, 32], got {k_max}")
         self.k_max = k_max
         self.costs = Costs()
-        self.accept: list[float] = []  # per row: estimated chance a drafted position is kept
         self.evidence: list[list[float]] = []  # per row: decayed [kept, checked] draft positions
         self.drafted = self.accepted = self.rounds = self.speculated = 0
         self.grown = False  # whether the round after the latest join (which grows KV buffers) is past
 
     # rows join and leave as the driver's do
     def join(self, seqs: Sequence, rows) -> None:
-        self.accept += [PRIOR] * len(seqs)
         self.evidence += [[PRIOR * PSEUDO, PSEUDO] for _ in seqs]
         self.grown = False
 
     def drop(self, row: int) -> None:
-        for per_row in (self.accept, self.evidence):
-            per_row[row] = per_row[-1]
-            per_row.pop()
+        self.evidence[row] = self.evidence[-1]
+        self.evidence.pop()
 
     def free(self) -> None:
-        self.accept, self.evidence = [], []
+        self.evidence = []
+
+    @property
+    def accept(self) -> list[float]:
+        """Per row, the estimated chance that a drafted position is kept (see feedback)."""
+        return [kept / checked for kept, checked in self.evidence]
 
     def choose(self, avail: Sequence[int]) -> int:
         """The draft length for this round, given how many tokens each row could draft at most. Every
@@ -175,7 +177,6 @@ class Speculator:
         else:  # drift back toward the prior, so a row that stopped drafting is tried again later
             ev[0] = 0.98 * ev[0] + 0.02 * PRIOR * PSEUDO
             ev[1] = 0.98 * ev[1] + 0.02 * PSEUDO
-        self.accept[row] = ev[0] / ev[1]
 
     def observe(self, width: int, secs: float) -> None:
         """A decode round's width and model seconds. The first round after rows join grows their
@@ -219,12 +220,18 @@ class NgramDrafter(Speculator):
             raise ValueError(f"n-gram sizes must satisfy 1 <= n_min <= n_max, got {n_min}, {n_max}")
         self.n_max, self.n_min = n_max, n_min
 
+    def drafts(self, seqs: Sequence) -> list[list[int]]:
+        """Each row's n-gram draft, as long as its limit allows ([] where nothing matches)."""
+        out = []
+        for s in seqs:
+            n = self.limit(s)
+            out.append(
+                ngram_draft(np.asarray(s.prompt + s.tokens, np.int64), n, self.n_max, self.n_min) if n else []
+            )
+        return out
+
     def propose(self, seqs: Sequence, rows) -> list[list[int]]:
-        limits = [self.limit(s) for s in seqs]
-        drafts = [
-            ngram_draft(np.asarray(s.prompt + s.tokens, np.int64), n, self.n_max, self.n_min) if n else []
-            for s, n in zip(seqs, limits, strict=True)
-        ]
+        drafts = self.drafts(seqs)
         k = self.choose([len(d) for d in drafts])
         return [d[:k] for d in drafts]
 
@@ -302,11 +309,8 @@ class ModelDrafter(Speculator):
         k, value, top = self.best(limits)
         look = self.lookup
         if look is not None:
-            look.costs, look.rounds = self.costs, self.rounds  # verify costs are the target's
-            found = [
-                ngram_draft(np.asarray(ctx, np.int64), n, look.n_max, look.n_min) if n else []
-                for ctx, n in zip(contexts, (look.limit(s) for s in seqs), strict=True)
-            ]
+            look.costs = self.costs  # verify costs are the target's (Engine replaces ours after __init__)
+            found = look.drafts(seqs)
             if any(found):
                 k_look, worth, _ = look.best([len(d) for d in found], drafting=False)
                 if k_look and worth >= value:

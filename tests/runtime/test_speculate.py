@@ -69,12 +69,12 @@ def test_k_follows_acceptance_and_cost():
     spec = Speculator(k_max=8)
     spec.join([None], None)
     spec.costs.seconds = {1: 1.0, **{k + 1: 1.0 + 0.1 * k for k in range(1, 9)}}
-    spec.accept = [0.9]
+    spec.evidence = [[0.9, 1.0]]
     assert spec.choose([8]) >= 4  # cheap verification and high acceptance: a long draft
-    spec.accept = [0.05]
+    spec.evidence = [[0.05, 1.0]]
     assert spec.choose([8]) == 0  # drafts that are never kept: speculation stops
     spec.costs.seconds = {1: 1.0, **{k + 1: 1.0 + 0.9 * k for k in range(1, 9)}}
-    spec.accept = [0.6]
+    spec.evidence = [[0.6, 1.0]]
     assert spec.choose([8]) == 0  # verification as dear as decoding: no gain at 60%
     assert spec.choose([0]) == 0  # nothing to draft
 
@@ -386,7 +386,7 @@ def test_a_stale_cost_does_not_keep_speculation_off():
     tried again now and then, and speculation resumes when it is cheap after all."""
     spec = Speculator(k_max=4)
     spec.join([None], None)
-    spec.accept = [0.9]
+    spec.evidence = [[0.9, 1.0]]
     spec.costs.seconds = {1: 1.0, **{k + 1: 3.0 + k for k in range(1, 5)}}  # dear: plain wins
     chosen = []
     for _ in range(REMEASURE):
