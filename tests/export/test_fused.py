@@ -44,7 +44,9 @@ def test_graph_and_manifest(fused):
     ops = collections.Counter(n.op_type for n in proto.graph.node)
     assert ops["GroupQueryAttention"] == L and ops["SkipSimplifiedLayerNormalization"] == 2 * L - 1
     assert ops["SimplifiedLayerNormalization"] == 2  # layer 0's input norm and the final norm
-    assert ops["MatMul"] == 5 * L  # qkv (merged), o, gate, up, down
+    assert ops["MatMul"] == 4 * L  # qkv (merged), o, gate|up (merged), down
+    gate_up = [n for n in proto.graph.node if n.op_type == "Split" and "/layers." in n.name]
+    assert len(gate_up) == L and all(len(n.output) == 2 for n in gate_up)  # gate and up apart
     assert not {"Softmax", "Pow", "ReduceMean", "Sqrt"} & set(ops), ops
     kv_readers = {
         n.op_type for n in proto.graph.node if any(i.startswith("past_key_values") for i in n.input)
