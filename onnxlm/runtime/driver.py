@@ -343,16 +343,38 @@ class SharedRows(RowsBase):
 
     def _decode(self, tokens) -> np.ndarray:
         """Row b brings tokens[b] (one or more); logits (batch, K, vocab) after each of them (K the
-        most any row brings; a row bringing fewer repeats its last)."""
+        most any row brings; a row bringing fewer repeats its last).
+
+        Every row, whatever it brings, needs room for the padded chunk after what it holds
+        (GroupQueryAttention checks it). Where that would pass the buffer's ceiling (the context)
+        after the fullest row, while another row brings more tokens (its drafts, a draft model's
+        catch-up), the call runs in pieces that fit."""
         assert self.cache is not None
         rows = _token_lists(tokens)
+        width = max(len(r) for r in rows)
+        if width <= self.ceiling - int(self.cache.lengths.max()):
+            return self._call(rows)
+        out: list[list[np.ndarray]] = [[] for _ in rows]
+        done = 0
+        while done < width:
+            fit = self.ceiling - int(self.cache.lengths.max())
+            if fit < 1:  # a row at the context's end, another still bringing tokens
+                raise ValueError(
+                    f"a row holds the whole context ({self.ceiling} tokens) while another brings more"
+                )
+            piece = [r[done : done + fit] for r in rows]
+            self._collect(out, piece, self._call(piece))
+            done += fit
+        return np.stack([np.stack(o + [o[-1]] * (width - len(o))) for o in out])
+
+    def _call(self, rows: list[list[int]]) -> np.ndarray:
+        assert self.cache is not None
         q = np.array([len(r) for r in rows], np.int32)
         width = int(q.max())
         ids = np.zeros((len(rows), width), np.int64)
         for b, r in enumerate(rows):
             ids[b, : len(r)] = r
-        # an idle row (no tokens: a longrope split) still needs room for the padded chunk after what it holds
-        self._ensure(int((self.cache.lengths + np.where(q == 0, width, q)).max()))
+        self._ensure(int(self.cache.lengths.max()) + width)
         index = np.clip(np.arange(width)[None, :], 0, np.maximum(q[:, None] - 1, 0))  # (batch, K)
         return self.model.step(ids, q, index, self.cache)
 
