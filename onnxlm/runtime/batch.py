@@ -113,6 +113,7 @@ class Batch:
         """One decode round for every row: its last token plus any drafts through the model in one
         call; per row the tokens emitted (1 + the drafts the target agreed with)."""
         spec = self.speculator
+        t_round = time.perf_counter()
         drafts = spec.propose(self.seqs, self.rows) if spec is not None else [[] for _ in self.seqs]
         tokens = [[s.tokens[-1], *d] for s, d in zip(self.seqs, drafts, strict=True)]
         t0 = time.perf_counter()
@@ -136,6 +137,8 @@ class Batch:
                 spec.feedback(row, len(draft), agreed)
             out.append(emitted)
         self.sample_s = time.perf_counter() - t1
+        if spec is not None:
+            spec.observe_round(time.perf_counter() - t_round, sum(len(e) for e in out))
         return out
 
     def leave(self, rows: Sequence[int]) -> None:

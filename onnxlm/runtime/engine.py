@@ -34,7 +34,7 @@ from .generate import GenerationParams, Model, Step
 from .prefix import PrefixCache
 from .scheduler import Scheduler
 from .session import make_session, release_free_heap, release_mapped_files, spins_when_idle
-from .speculate import Costs, ModelDrafter, NgramDrafter, verify_gap
+from .speculate import Costs, ModelDrafter, NgramDrafter, step_ratio, verify_gap
 from .tokenizer import Tokenizer
 from .tools import ToolCall, parse_tool_calls, prepare_chat
 
@@ -254,6 +254,8 @@ class Engine:
                 )
         self.draft = draft
         self._costs = Costs()  # verify-step costs measured across calls, for choosing k
+        if isinstance(draft, Model):
+            self._costs.draft_ratio = step_ratio(self.model, draft)
         if draft is not None and self.verify_gap is None:
             self.verify_gap = verify_gap(self.model)
             if self.verify_gap > VERIFY_EXACT:

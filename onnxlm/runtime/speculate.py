@@ -15,7 +15,9 @@ Two drafters:
   and output so far; the tokens that followed it are the draft. Costs microseconds.
 - ModelDrafter: a smaller bundle with the same tokenizer, run greedily on its own KV driver, kept in
   step with what the target accepted; a round where prompt lookup is worth more (by each source's
-  acceptance and the measured costs) takes the lookup's drafts and spends no draft step.
+  acceptance and the measured costs) takes the lookup's drafts and spends no draft step. It prefills
+  a row only once drafting is worth it and the prefill pays back over the row's remaining tokens, a
+  chunk a round, after the row's first token.
 
 k adapts: per row an acceptance estimate, per draft length the measured cost of a verify step relative
 to a one-token step; each round takes the k with the most expected tokens per unit of time, and none
@@ -37,10 +39,16 @@ from .driver import make_rows
 
 PRIOR = 0.5  # acceptance assumed for a row before any of its drafts are checked
 EMA = 0.3  # weight of the newest observation in the cost estimates
+ROUND_EMA = 0.1  # the same for a whole round's wall time per emitted token (Speculator.realized)
 ROUTINE = 9  # tokens a row's draft-model catch-up call feeds in steady speculation, at most
 KEEP = 0.7  # per round, the weight a row's earlier checked draft positions keep in its estimate
 PSEUDO = 2.0  # checked positions the prior counts as
 REMEASURE = 32  # rounds between the plain rounds that measure a one-token step
+# a draft model's prefill position in its own one-token steps, until one is measured (SmolLM2 int4 at
+# ~1,000 tokens: 1.1 ms a position, 13-17 ms a step)
+PREFILL_POSITION = 0.08
+GOOD_DRAFT = 0.9  # the acceptance a draft model has to reach to be worth a prefill (see _prefill_pays)
+PREFILLING = "prefilling"  # a round's source while the draft prefilled new rows in it (not timed)
 
 
 def expected_tokens(a: float, k: int) -> float:
@@ -58,6 +66,11 @@ class Costs:
 
     seconds: dict[int, float] = field(default_factory=dict)
     draft_step: float = 0.0  # seconds of one draft-model step (0 for n-gram drafts)
+    draft_ratio: float = 0.0  # a draft step over a target step, timed at load (step_ratio; 0: unknown)
+    draft_position: float = 0.0  # seconds of one position of the draft's prefill (0: not measured yet)
+    # wall seconds per emitted token of whole rounds (drafting, verify, sampling), by what drafted them
+    # (None: plain rounds); see Speculator.realized
+    round_spt: dict[str | None, float] = field(default_factory=dict)
     warm: set[int] = field(default_factory=set)  # widths whose first (warm-up) call has been seen
 
     def observe(self, width: int, secs: float) -> None:
@@ -99,6 +112,8 @@ class Speculator:
         self.evidence: list[list[float]] = []  # per row: decayed [kept, checked] draft positions
         self.drafted = self.accepted = self.rounds = self.speculated = 0
         self.grown = False  # whether the round after the latest join (which grows KV buffers) is past
+        self.source: str | None = None  # what drafted this round (None: nothing; see observe_round)
+        self.timed = False  # whether this round's wall time counts (not the one after a join)
 
     # rows join and leave as the driver's do
     def join(self, seqs: Sequence, rows) -> None:
@@ -126,6 +141,24 @@ class Speculator:
         best_k, _, top_k = self.best(avail)
         return self.retry(best_k, top_k)
 
+    def realized(self, source: str) -> bool:
+        """Whether rounds drafted by `source` have emitted tokens at least as fast as plain rounds, by
+        their whole wall time (drafting, verify, sampling, bookkeeping: what the cost model's model
+        calls leave out); true until both are measured. ModelDrafter's draft model, whose rounds the
+        cost model can misjudge (a draft step's calls beyond the one timed), drafts only where they
+        have, and in retry rounds."""
+        mine, plain = self.costs.round_spt.get(source), self.costs.round_spt.get(None)
+        return mine is None or plain is None or mine <= plain
+
+    def observe_round(self, secs: float, emitted: int) -> None:
+        """A whole round's wall seconds and the tokens it emitted, under this round's source (slowly
+        decayed: one round's luck with its drafts should not decide)."""
+        if not self.timed or not emitted or self.source == PREFILLING:
+            return
+        spt, v = self.costs.round_spt, secs / emitted
+        old = spt.get(self.source)
+        spt[self.source] = v if old is None else (1 - ROUND_EMA) * old + ROUND_EMA * v
+
     def measuring(self) -> bool:
         """False on the rounds that must be plain: before a one-token step's cost is known and every
         REMEASURE rounds."""
@@ -145,11 +178,14 @@ class Speculator:
                 best_k, best = k, value
         return best_k, best, top_k
 
+    def retrying(self) -> bool:
+        return self.rounds % REMEASURE == REMEASURE // 2
+
     def retry(self, best_k: int, top_k: int) -> int:
         """Now and then the most promising draft length even where plain decoding looks better:
         costs move with the context and a row's acceptance with its text, and estimates that only
         speculation updates go stale."""
-        if best_k == 0 and self.rounds % REMEASURE == REMEASURE // 2:
+        if best_k == 0 and self.retrying():
             return top_k
         return best_k
 
@@ -185,6 +221,7 @@ class Speculator:
         self.speculated += width > 1
         if self.grown:
             self.costs.observe(width, secs)
+        self.timed = self.grown
         self.grown = True
 
     def stats(self) -> dict[str, float]:
@@ -233,6 +270,7 @@ class NgramDrafter(Speculator):
     def propose(self, seqs: Sequence, rows) -> list[list[int]]:
         drafts = self.drafts(seqs)
         k = self.choose([len(d) for d in drafts])
+        self.source = "ngram" if k and any(drafts) else None
         return [d[:k] for d in drafts]
 
 
@@ -244,13 +282,22 @@ class ModelDrafter(Speculator):
     worth more than the draft model, by each source's own acceptance estimate and the measured costs,
     takes the lookup's drafts instead; the draft model catches up on those tokens when it next drafts.
     Text that copies its input (summaries, extraction) then speculates at the lookup's pace and the
-    rest at the draft model's."""
+    rest at the draft model's.
+
+    The draft prefills joining rows when it is first asked to draft, one chunk a round (plain rounds
+    meanwhile), not when they join: the target's first token does not wait for a second prefill (it
+    doubled the time to the first token), no round stalls for a whole one, and text the lookup
+    drafts for throughout never pays for one."""
 
     def __init__(self, model, k_max: int = 4, chunk: int | None = 512, lookup: bool = True):
         super().__init__(k_max)
         self.model = model
         self.rows = make_rows(model, chunk)
-        self.fed: list[list[int]] = []  # per row: the tokens the draft's cache holds
+        self.fed: list[list[int]] = []  # per row the draft holds: the tokens its cache holds
+        self.unfed: list = []  # the rows it does not hold yet (their sequences): the batch's last ones
+        self.job = None  # the draft's prefill of the first of them, one chunk a round
+        self.job_contexts: list[list[int]] = []
+        self.job_seconds = 0.0
         self.draft_grown = False
         self.lookup = NgramDrafter() if lookup else None  # its own acceptance estimates; our costs
         self.looked = False  # whether this round's drafts are the lookup's
@@ -259,16 +306,71 @@ class ModelDrafter(Speculator):
         super().join(seqs, rows)
         if self.lookup is not None:
             self.lookup.join(seqs, rows)
-        job = self.rows.start([s.prompt for s in seqs])
-        job.run()
-        self.rows.join(job)
-        self.fed += [list(s.prompt) for s in seqs]
-        self.draft_grown = False
+        self.unfed += list(seqs)
+
+    def _feed_unfed(self, wait: bool = False) -> bool:
+        """Prefill the rows the draft does not hold yet, with all their context but the last token (the
+        next draft call feeds it): one chunk a call (a round), or to the end with `wait`. True once the
+        draft holds every row."""
+        while self.unfed:
+            if self.job is None:
+                self.job_contexts = [list(s.prompt) + list(s.tokens[:-1]) for s in self.unfed]
+                self.job = self.rows.start(self.job_contexts)
+                self.job_seconds = 0.0
+            t0 = time.perf_counter()
+            done = self.job.step() is not None
+            self.job_seconds += time.perf_counter() - t0
+            if not done:
+                if wait:
+                    continue
+                return False
+            self.costs.draft_position = self.job_seconds / sum(len(c) for c in self.job_contexts)
+            self.rows.join(self.job)
+            self.fed += self.job_contexts
+            del self.unfed[: len(self.job_contexts)]
+            self.job = None
+            self.draft_grown = False
+            if not wait:
+                break
+        return not self.unfed
+
+    def _prefill_pays(self) -> bool:
+        """Whether a good draft (GOOD_DRAFT of its tokens kept) would save more over the new rows'
+        remaining tokens than prefilling them costs: a long prompt with a few tokens to go never pays
+        back its draft prefill, a short one is worth the try (the rows' own acceptance then decides).
+        Costs in the target's one-token steps: the draft's step as measured, else as timed at load."""
+        if self.job is not None or not self.unfed:
+            return True  # nothing new to start
+        c = self.costs
+        base = c.seconds[1]
+        step = c.draft_step / base if c.draft_step else c.draft_ratio
+        value = max(
+            expected_tokens(GOOD_DRAFT, k) / (c.relative(k, drafting=False) + k * step)
+            for k in range(1, self.k_max + 1)
+        )
+        remaining = max(s.limit - len(s.tokens) for s in self.unfed)
+        position = c.draft_position / base if c.draft_position else PREFILL_POSITION * (step or 0.5)
+        cost = position * sum(len(s.prompt) + len(s.tokens) for s in self.unfed)
+        return (1.0 - 1.0 / value) * remaining > cost
+
+    def _drop_job(self) -> None:
+        if self.job is not None:
+            self.job.free()
+            self.job = None
 
     def drop(self, row: int) -> None:
         super().drop(row)
         if self.lookup is not None:
             self.lookup.drop(row)
+        held = len(self.fed)
+        if row >= held:  # one the draft does not hold; the batch's last row, moving in, neither
+            if self.job is not None and row - held < len(self.job_contexts):
+                self._drop_job()  # it was being prefilled: start again without it
+            self.unfed[row - held] = self.unfed[-1]
+            self.unfed.pop()
+            return
+        # the batch's last row moves into this one: the draft's last row must be that same row
+        self._feed_unfed(wait=True)
         self.rows.drop(row)
         self.fed[row] = self.fed[-1]
         self.fed.pop()
@@ -277,8 +379,9 @@ class ModelDrafter(Speculator):
         super().free()
         if self.lookup is not None:
             self.lookup.free()
+        self._drop_job()
         self.rows.free()
-        self.fed = []
+        self.fed, self.unfed = [], []
 
     def feedback(self, row: int, drafted: int, accepted: int) -> None:
         if not self.looked:
@@ -297,16 +400,26 @@ class ModelDrafter(Speculator):
     def propose(self, seqs: Sequence, rows) -> list[list[int]]:
         limits = [self.limit(s) for s in seqs]
         contexts = [s.prompt + s.tokens for s in seqs]
-        for b, ctx in enumerate(contexts):  # forget what the target replaced
-            fed = self.fed[b]
-            keep = _common(fed, ctx)
+        for b, fed in enumerate(self.fed):  # forget what the target replaced (rows the draft holds)
+            keep = _common(fed, contexts[b])
             if keep < len(fed):
                 self.rows.rollback(b, len(fed) - keep)
                 del fed[keep:]
-        self.looked = False
+        self.looked, self.source = False, None
         if not self.measuring():
             return [[] for _ in seqs]
         k, value, top = self.best(limits)
+        if not self.realized("model"):
+            k, value = 0, float(len(seqs))
+        k = self.retry(k, top)
+        # the draft drafts once it holds every row; new rows are prefilled a chunk a round while it is
+        # worth drafting and the prefill pays back; meanwhile a round is the lookup's or plain
+        ready = not self.unfed
+        if not ready and k > 0 and self._prefill_pays():
+            self.source = PREFILLING  # this round's time holds a chunk of the draft's prefill
+            ready = self._feed_unfed()
+        if not ready:
+            k, value = 0, float(len(seqs))
         look = self.lookup
         if look is not None:
             look.costs = self.costs  # verify costs are the target's (Engine replaces ours after __init__)
@@ -314,11 +427,11 @@ class ModelDrafter(Speculator):
             if any(found):
                 k_look, worth, _ = look.best([len(d) for d in found], drafting=False)
                 if k_look and worth >= value:
-                    self.looked = True
+                    self.looked, self.source = True, self.source or "lookup"
                     return [d[:k_look] for d in found]
-        k = self.retry(k, top)
         if k == 0:
             return [[] for _ in seqs]
+        self.source = self.source or "model"
         # catch up on the tokens the draft has not seen (at least the last sampled one), then k - 1
         # single steps; the kth draft token is never fed (the target may replace it anyway)
         pending = [ctx[len(fed) :] for ctx, fed in zip(contexts, self.fed, strict=True)]
@@ -344,6 +457,30 @@ class ModelDrafter(Speculator):
             self.costs.observe_draft(sum(steps) / len(steps))
         self.draft_grown = True
         return [d[: min(k, n)] for d, n in zip(drafts, limits, strict=True)]
+
+
+def step_ratio(target, draft, probe: int = 16, steps: int = 5) -> float:
+    """A draft model's one-token decode step over the target's (medians of `steps`, after a probe-token
+    prompt): what a draft step costs before the draft has run one in a generation."""
+    vocab = target.facts.vocab_size
+    ids = [int(t) for t in np.linspace(3, vocab - 3, probe + steps + 1).astype(np.int64) % vocab]
+
+    def step(model) -> float:
+        rows = make_rows(model, None)
+        try:
+            job = rows.start([ids[:probe]])
+            job.run()
+            rows.join(job)
+            times = []
+            for t in ids[probe:]:
+                t0 = time.perf_counter()
+                rows.decode([[t]])
+                times.append(time.perf_counter() - t0)
+        finally:
+            rows.free()
+        return float(np.median(times[1:]))  # the first grows the buffer
+
+    return step(draft) / step(target)
 
 
 def verify_gap(model, probe: int = 24, width: int = 8) -> float:

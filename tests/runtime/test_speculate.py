@@ -192,6 +192,81 @@ def test_draft_model_speculation_is_token_identical(engine):
     assert spec.accepted == spec.drafted  # the target drafting for itself: every draft kept
 
 
+def test_a_draft_model_prefills_joining_rows_a_chunk_a_round_after_their_first_token(engine):
+    """The first token does not wait for the draft's prefill: the draft prefills joining rows a chunk
+    per round (plain rounds meanwhile) once it is asked to draft. Rows joining late, leaving while
+    the draft prefills them, or leaving while others wait for it keep every row's greedy tokens."""
+    draft = load(other_bundle().path, threads=2)
+    facts = engine.model.facts
+    prompts = [engine.tokenizer.encode(PROMPTS[0])[:12], [9, 10, 11], echo_prompt(engine, PROMPTS[1]), [5, 6]]
+    # the second row leaves while the draft prefills the third, the fourth while it is being prefilled
+    limits = [30, 12, 20, 3]
+
+    def run(spec):
+        seqs = [
+            new_seq(p, GenerationParams(max_new_tokens=n, ignore_eos=True), engine.tokenizer, facts)
+            for p, n in zip(prompts, limits, strict=True)
+        ]
+        batch, out, held = Batch(engine.model, speculator=spec), {i: [] for i in range(4)}, []
+
+        def admit(keys):
+            adm = batch.admit([seqs[k] for k in keys], keys)
+            adm.run()
+            for o in batch.join(adm):
+                out[o.seq].append(o.token_id)
+
+        admit([0, 1])
+        held.append(None if spec is None else len(spec.fed))
+        for r in range(40):
+            if r == 4:
+                admit([2, 3])
+            for emitted in batch.step():
+                for o in emitted:
+                    out[o.seq].append(o.token_id)
+            batch.leave([row for row, s in enumerate(batch.seqs) if s.finish_reason is not None])
+            held.append(None if spec is None else len(spec.fed))
+            if not batch.seqs:
+                break
+        return [out[i] for i in range(4)], held
+
+    plain, _ = run(None)
+    assert [len(t) for t in plain] == limits
+    spec = ModelDrafter(draft.model, k_max=4, lookup=False, chunk=8)
+    spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}  # drafting pays
+    spec.costs.draft_step = 0.1
+    spec.costs.observe = spec.costs.observe_draft = lambda *a: None
+    got, held = run(spec)
+    assert got == plain
+    assert spec.drafted > 0
+    assert held[0] == 0  # the first tokens came before the draft held any row
+    assert held[1] == 0 and held[2] == 2  # a plain round, then the first rows' prompts (12 tokens, 8 a round)
+    assert not spec.unfed and spec.job is None
+
+
+def test_a_draft_model_skips_a_prefill_that_would_not_pay_back(engine):
+    """Prefilling the draft costs per position of context; with a few tokens to go after a long
+    prompt it would cost more than drafting saves, so the draft never prefills those rows: they
+    decode plain, or with the lookup's drafts (same tokens either way)."""
+    draft = load(other_bundle().path, threads=2)
+    ids = echo_prompt(engine, PROMPTS[1])
+    for new_tokens, prefills in ((4, False), (40, True)):
+        params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
+        plain = tokens(generate_steps(engine.model, engine.tokenizer, [ids], params))
+        for lookup in (False, True):
+            spec = ModelDrafter(draft.model, k_max=4, lookup=lookup)
+            spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}
+            spec.costs.draft_step = 0.1
+            spec.costs.observe = spec.costs.observe_draft = lambda *a: None
+            spec.costs.draft_position = 0.05  # a position of the draft's prefill: 1/20 of a target step
+            start, started = spec.rows.start, []
+            spec.rows.start = lambda *a, start=start, seen=started: seen.append(a) or start(*a)
+            got = tokens(generate_steps(engine.model, engine.tokenizer, [ids], params, speculator=spec))
+            assert got == plain
+            assert bool(started) == prefills, (new_tokens, lookup, spec.stats())
+            if lookup and not prefills:  # the echo prompt's continuation is in it: the lookup drafts
+                assert spec.stats()["lookup_drafted"] > 0
+
+
 def test_a_draft_model_takes_the_lookups_drafts_where_they_are_worth_more(engine):
     """Text that repeats its prompt: rounds where an n-gram match is found and worth more than the
     draft model's steps use it, and the draft model runs fewer steps; output equals plain decoding."""
@@ -203,7 +278,7 @@ def test_a_draft_model_takes_the_lookups_drafts_where_they_are_worth_more(engine
     for lookup in (True, False):
         spec = ModelDrafter(draft.model, k_max=4, lookup=lookup)
         spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}  # cheap verifies
-        spec.costs.draft_step = 0.5  # a draft step at half a target step
+        spec.costs.draft_step = 0.1  # a draft step at a tenth of a target step
         spec.costs.observe = spec.costs.observe_draft = lambda *a: None  # held: the tiny model's vary
         decode, calls[lookup] = spec.rows.decode, []
         spec.rows.decode = lambda t, decode=decode, seen=calls[lookup]: seen.append(t) or decode(t)
@@ -221,6 +296,7 @@ def test_target_and_draft_sessions_do_not_spin_between_runs(engine, caplog):
 
     paired = load(engine.bundle_dir, threads=2, draft=other_bundle().path)
     assert not spins_when_idle(paired.model.session) and not spins_when_idle(paired.draft.session)
+    assert 0.2 < paired.speculator().costs.draft_ratio < 5  # timed at load: the same tiny shape
     assert spins_when_idle(engine.model.session)  # alone, spinning between steps pays
     with caplog.at_level("WARNING"):
         engine.use_draft(paired.draft)
@@ -321,6 +397,35 @@ def test_shared_rows_grow_with_use_and_shrink_when_rows_leave():
     rows.free()
 
 
+def test_rows_bringing_unequal_tokens_fit_the_padded_chunk_up_to_the_context():
+    """Every row needs room for the padded chunk after what it holds: a row bringing one token next to
+    one bringing many (drafts, a draft model's catch-up), up to a row at the context's end (the call
+    then runs in pieces). Logits equal those of each row alone."""
+    engine = load(tiny_bundle("fused").path, threads=2)
+    context = engine.model.facts.context_length
+    ids = [3 + (i * 7) % 50 for i in range(context)]
+    for held in (10, context - 4):  # the first row's prompt: short, then 4 tokens from the end
+        alone = []
+        for prompt, more in ((ids[:held], [ids[held]]), (ids[:5], ids[5:17])):
+            rows = SharedRows(engine.model, chunk=None)
+            job = rows.start([prompt])
+            job.run()
+            rows.join(job)
+            alone.append(rows.decode([more])[0, : len(more)])
+            rows.free()
+        rows = SharedRows(engine.model, chunk=None)
+        job = rows.start([ids[:held], ids[:5]])
+        job.run()
+        rows.join(job)
+        both = rows.decode([[ids[held]], ids[5:17]])  # widths 1 and 12
+        assert both.shape[1] == 12
+        np.testing.assert_allclose(both[0, 0], alone[0][0], atol=1e-4)
+        np.testing.assert_allclose(both[0, 1:], np.repeat(alone[0], 11, 0), atol=1e-4)  # repeats its last
+        np.testing.assert_allclose(both[1], alone[1], atol=1e-4)
+        assert rows.held(0) == held + 1 and rows.held(1) == 17
+        rows.free()
+
+
 def test_batch_joins_rows_prefilled_in_chunks_between_rounds(engine):
     """A prompt admitted while another row decodes runs a chunk at a time between rounds, and both
     rows' tokens equal running each alone."""
@@ -396,6 +501,47 @@ def test_a_stale_cost_does_not_keep_speculation_off():
     assert len(tried) == 1  # once in REMEASURE rounds, the most promising length
     spec.costs.seconds = {1: 1.0, **{k + 1: 1.0 + 0.1 * k for k in range(1, 5)}}  # as measured then
     assert spec.choose([4]) >= 3
+
+
+def test_draft_model_rounds_that_emit_slower_than_plain_ones_stop(engine):
+    """The cost model counts a draft model's timed calls; a round also catches up, samples and keeps
+    books. Where the model's rounds have emitted tokens more slowly (wall time per token) than plain
+    rounds, it only drafts in retry rounds, until its rounds measure faster again."""
+    ids = engine.tokenizer.encode(PROMPTS[1])
+    params = GenerationParams(max_new_tokens=40, ignore_eos=True)
+    plain = tokens(generate_steps(engine.model, engine.tokenizer, [ids], params))
+    runs = {}
+    for slow in (False, True):
+        spec = ModelDrafter(engine.model, k_max=4, lookup=False)  # the target drafting for itself
+        spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}  # the model: it pays
+        spec.costs.draft_step = 0.1
+        spec.costs.observe = spec.costs.observe_draft = lambda *a: None
+        if slow:  # measured: the model's rounds 30 ms a token, plain ones 20 (held there)
+            spec.costs.round_spt = {None: 0.020, "model": 0.030}
+            spec.observe_round = lambda *a: None
+        got = tokens(generate_steps(engine.model, engine.tokenizer, [ids], params, speculator=spec))
+        assert got == plain
+        runs[slow] = spec.stats()
+    assert runs[False]["rounds"] < 15 and runs[False]["speculated_rounds"] >= 5  # ~5 tokens a round
+    assert runs[True]["rounds"] >= 30 and 0 < runs[True]["speculated_rounds"] <= 2  # the retry round(s)
+
+
+def test_round_wall_time_per_token_is_kept_by_source():
+    spec = Speculator(k_max=4)
+    spec.join([None], None)
+    assert spec.realized("model")  # nothing timed yet
+    spec.timed, spec.source = True, None
+    spec.observe_round(0.020, 1)  # a plain round
+    spec.source = "model"
+    spec.observe_round(0.090, 3)  # a drafted round: 30 ms a token
+    assert not spec.realized("model") and spec.realized("lookup")  # each source on its own rounds
+    for _ in range(30):
+        spec.observe_round(0.030, 3)  # then 10 ms a token: slowly, it is worth it again
+    assert spec.realized("model")
+    spec.timed = False  # the round after rows join grows their buffers: not timed
+    before = dict(spec.costs.round_spt)
+    spec.observe_round(5.0, 1)
+    assert spec.costs.round_spt == before
 
 
 def test_verify_gap_is_float_noise_on_float_graphs(engine, caplog):
