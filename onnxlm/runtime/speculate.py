@@ -68,9 +68,6 @@ class Costs:
     draft_step: float = 0.0  # seconds of one draft-model step (0 for n-gram drafts)
     draft_ratio: float = 0.0  # a draft step over a target step, timed at load (step_ratio; 0: unknown)
     draft_position: float = 0.0  # seconds of one position of the draft's prefill (0: not measured yet)
-    # wall seconds per emitted token of whole rounds (drafting, verify, sampling), by what drafted them
-    # (None: plain rounds); see Speculator.realized
-    round_spt: dict[str | None, float] = field(default_factory=dict)
     warm: set[int] = field(default_factory=set)  # widths whose first (warm-up) call has been seen
 
     def observe(self, width: int, secs: float) -> None:
@@ -113,12 +110,16 @@ class Speculator:
         self.drafted = self.accepted = self.rounds = self.speculated = 0
         self.grown = False  # whether the round after the latest join (which grows KV buffers) is past
         self.source: str | None = None  # what drafted this round (None: nothing; see observe_round)
+        # wall seconds per emitted token of whole rounds (drafting, verify, sampling) since rows last
+        # joined (a batch's rows and contexts set them), by what drafted them (None: plain rounds)
+        self.round_spt: dict[str | None, float] = {}
         self.timed = False  # whether this round's wall time counts (not the one after a join)
 
     # rows join and leave as the driver's do
     def join(self, seqs: Sequence, rows) -> None:
         self.evidence += [[PRIOR * PSEUDO, PSEUDO] for _ in seqs]
         self.grown = False
+        self.round_spt = {}
 
     def drop(self, row: int) -> None:
         self.evidence[row] = self.evidence[-1]
@@ -147,7 +148,7 @@ class Speculator:
         calls leave out); true until both are measured. ModelDrafter's draft model, whose rounds the
         cost model can misjudge (a draft step's calls beyond the one timed), drafts only where they
         have, and in retry rounds."""
-        mine, plain = self.costs.round_spt.get(source), self.costs.round_spt.get(None)
+        mine, plain = self.round_spt.get(source), self.round_spt.get(None)
         return mine is None or plain is None or mine <= plain
 
     def observe_round(self, secs: float, emitted: int) -> None:
@@ -155,7 +156,7 @@ class Speculator:
         decayed: one round's luck with its drafts should not decide)."""
         if not self.timed or not emitted or self.source == PREFILLING:
             return
-        spt, v = self.costs.round_spt, secs / emitted
+        spt, v = self.round_spt, secs / emitted
         old = spt.get(self.source)
         spt[self.source] = v if old is None else (1 - ROUND_EMA) * old + ROUND_EMA * v
 
@@ -384,10 +385,16 @@ class ModelDrafter(Speculator):
         self.fed, self.unfed = [], []
 
     def feedback(self, row: int, drafted: int, accepted: int) -> None:
+        """To whichever source drafted; the other's estimate drifts back toward the prior, as a row's
+        does in plain rounds (else one unlucky lookup draft kept the lookup off for the rest of a
+        generation)."""
         if not self.looked:
             super().feedback(row, drafted, accepted)
+            if self.lookup is not None:
+                self.lookup.feedback(row, 0, 0)
             return
         self.lookup.feedback(row, drafted, accepted)
+        super().feedback(row, 0, 0)
         self.drafted += drafted
         self.accepted += accepted
 
@@ -429,8 +436,8 @@ class ModelDrafter(Speculator):
                 if k_look and worth >= value:
                     self.looked, self.source = True, self.source or "lookup"
                     return [d[:k_look] for d in found]
-        if k == 0:
-            return [[] for _ in seqs]
+        if k == 0 or (self.grown and None not in self.round_spt):
+            return [[] for _ in seqs]  # (a plain round's whole time measured first, for realized)
         self.source = self.source or "model"
         # catch up on the tokens the draft has not seen (at least the last sampled one), then k - 1
         # single steps; the kth draft token is never fed (the target may replace it anyway)
