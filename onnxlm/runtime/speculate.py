@@ -285,16 +285,18 @@ class ModelDrafter(Speculator):
     Text that copies its input (summaries, extraction) then speculates at the lookup's pace and the
     rest at the draft model's.
 
-    The draft prefills joining rows when it is first asked to draft, one chunk a round (plain rounds
-    meanwhile), not when they join: the target's first token does not wait for a second prefill (it
-    doubled the time to the first token), no round stalls for a whole one, and text the lookup
-    drafts for throughout never pays for one."""
+    The draft prefills joining rows once drafting with it is worth it and the prefill pays back over
+    their remaining tokens (_prefill_pays), one chunk a round (lookup or plain rounds meanwhile), not
+    when they join: the target's first token does not wait for a second prefill (it doubled the time
+    to the first token), no round stalls for a whole one, and text the lookup drafts for throughout
+    never pays for one."""
 
     def __init__(self, model, k_max: int = 4, chunk: int | None = 512, lookup: bool = True):
         super().__init__(k_max)
         self.model = model
         self.rows = make_rows(model, chunk)
         self.fed: list[list[int]] = []  # per row the draft holds: the tokens its cache holds
+        self.held: list = []  # and its sequence
         self.unfed: list = []  # the rows it does not hold yet (their sequences): the batch's last ones
         self.job = None  # the draft's prefill of the first of them, one chunk a round
         self.job_contexts: list[list[int]] = []
@@ -309,11 +311,10 @@ class ModelDrafter(Speculator):
             self.lookup.join(seqs, rows)
         self.unfed += list(seqs)
 
-    def _feed_unfed(self, wait: bool = False) -> bool:
-        """Prefill the rows the draft does not hold yet, with all their context but the last token (the
-        next draft call feeds it): one chunk a call (a round), or to the end with `wait`. True once the
-        draft holds every row."""
-        while self.unfed:
+    def _feed_unfed(self) -> bool:
+        """One chunk of the prefill of the rows the draft does not hold yet, with all their context but
+        the last token (the next draft call feeds it). True once the draft holds every row."""
+        if self.unfed:
             if self.job is None:
                 self.job_contexts = [list(s.prompt) + list(s.tokens[:-1]) for s in self.unfed]
                 self.job = self.rows.start(self.job_contexts)
@@ -321,18 +322,15 @@ class ModelDrafter(Speculator):
             t0 = time.perf_counter()
             done = self.job.step() is not None
             self.job_seconds += time.perf_counter() - t0
-            if not done:
-                if wait:
-                    continue
-                return False
-            self.costs.draft_position = self.job_seconds / sum(len(c) for c in self.job_contexts)
-            self.rows.join(self.job)
-            self.fed += self.job_contexts
-            del self.unfed[: len(self.job_contexts)]
-            self.job = None
-            self.draft_grown = False
-            if not wait:
-                break
+            if done:
+                self.costs.draft_position = self.job_seconds / sum(len(c) for c in self.job_contexts)
+                self.rows.join(self.job)
+                n = len(self.job_contexts)
+                self.fed += self.job_contexts
+                self.held += self.unfed[:n]
+                del self.unfed[:n]
+                self.job = None
+                self.draft_grown = False
         return not self.unfed
 
     def _prefill_pays(self) -> bool:
@@ -370,11 +368,21 @@ class ModelDrafter(Speculator):
             self.unfed[row - held] = self.unfed[-1]
             self.unfed.pop()
             return
-        # the batch's last row moves into this one: the draft's last row must be that same row
-        self._feed_unfed(wait=True)
-        self.rows.drop(row)
-        self.fed[row] = self.fed[-1]
-        self.fed.pop()
+        if not self.unfed:  # the batch's last row, moving into this one, is the draft's last too
+            self.rows.drop(row)
+            for rows in (self.fed, self.held):
+                rows[row] = rows[-1]
+                rows.pop()
+            return
+        # the batch's last row, one the draft does not hold, moves into this one: the draft lets go of
+        # this row and those after it (last first, so nothing moves), which rejoin the rows it does not
+        # hold, in the batch's order
+        self._drop_job()
+        for r in reversed(range(row, held)):
+            self.rows.drop(r)
+        moved = self.unfed.pop()
+        self.unfed = [moved, *self.held[row + 1 :], *self.unfed]
+        del self.fed[row:], self.held[row:]
 
     def free(self) -> None:
         super().free()
@@ -382,7 +390,7 @@ class ModelDrafter(Speculator):
             self.lookup.free()
         self._drop_job()
         self.rows.free()
-        self.fed, self.unfed = [], []
+        self.fed, self.held, self.unfed = [], [], []
 
     def feedback(self, row: int, drafted: int, accepted: int) -> None:
         """To whichever source drafted; the other's estimate drifts back toward the prior, as a row's

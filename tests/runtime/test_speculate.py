@@ -244,6 +244,52 @@ def test_a_draft_model_prefills_joining_rows_a_chunk_a_round_after_their_first_t
     assert not spec.unfed and spec.job is None
 
 
+def test_a_draft_model_lets_go_of_rows_when_an_earlier_one_leaves_before_new_ones_are_in(engine):
+    """Three rows the draft holds, a fourth still being prefilled, and the first leaves: the batch moves
+    its last row (the unfed one) into the first's place, so the draft lets go of the rows from there
+    on and takes them up again later; every row keeps its greedy tokens."""
+    facts = engine.model.facts
+    prompts = [[7, 8, 9], [10, 11, 12, 13], [14, 15], echo_prompt(engine, PROMPTS[1])]
+    limits = [8, 24, 24, 16]
+
+    def run(spec):
+        seqs = [
+            new_seq(p, GenerationParams(max_new_tokens=n, ignore_eos=True), engine.tokenizer, facts)
+            for p, n in zip(prompts, limits, strict=True)
+        ]
+        batch, out, states = Batch(engine.model, speculator=spec), {i: [] for i in range(4)}, []
+        for keys in ([0, 1, 2], [3]):
+            adm = batch.admit([seqs[k] for k in keys], keys)
+            adm.run()
+            for o in batch.join(adm):
+                out[o.seq].append(o.token_id)
+            for _ in range(1 if keys == [0, 1, 2] else 0):
+                for emitted in batch.step():
+                    for o in emitted:
+                        out[o.seq].append(o.token_id)
+                batch.leave([row for row, s in enumerate(batch.seqs) if s.finish_reason is not None])
+        while batch.seqs:
+            if spec is not None:
+                states.append((len(spec.fed), len(spec.unfed)))
+            for emitted in batch.step():
+                for o in emitted:
+                    out[o.seq].append(o.token_id)
+            batch.leave([row for row, s in enumerate(batch.seqs) if s.finish_reason is not None])
+        return [out[i] for i in range(4)], states
+
+    plain, _ = run(None)
+    spec = ModelDrafter(engine.model, k_max=2, lookup=False, chunk=8)  # the target drafting for itself
+    spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}
+    spec.costs.draft_step = 0.1
+    spec.costs.observe = spec.costs.observe_draft = lambda *a: None
+    spec.realized = lambda source: True
+    got, states = run(spec)
+    assert got == plain
+    assert (3, 1) in states  # three rows held while the fourth was prefilled
+    assert any(held < 2 and unfed >= 2 for held, unfed in states)  # let go of rows after the first
+    assert spec.accepted == spec.drafted > 0
+
+
 def test_a_draft_model_skips_a_prefill_that_would_not_pay_back(engine):
     """Prefilling the draft costs per position of context; with a few tokens to go after a long
     prompt it would cost more than drafting saves, so the draft never prefills those rows: they
