@@ -48,6 +48,10 @@ REMEASURE = 32  # rounds between the plain rounds that measure a one-token step
 # ~1,000 tokens: 1.1 ms a position, 13-17 ms a step)
 PREFILL_POSITION = 0.08
 GOOD_DRAFT = 0.9  # the acceptance a draft model has to reach to be worth a prefill (see _prefill_pays)
+# how many times its cost a draft prefill must be expected to save: the estimate assumes a good draft
+# and the cost model's round costs, both optimistic (a prefill that passed at 1x on an 882-token prompt
+# halved that prompt's decode)
+PAYBACK = 2.0
 PREFILLING = "prefilling"  # a round's source while the draft prefilled new rows in it (not timed)
 
 
@@ -350,7 +354,7 @@ class ModelDrafter(Speculator):
         remaining = max(s.limit - len(s.tokens) for s in self.unfed)
         position = c.draft_position / base if c.draft_position else PREFILL_POSITION * (step or 0.5)
         cost = position * sum(len(s.prompt) + len(s.tokens) for s in self.unfed)
-        return (1.0 - 1.0 / value) * remaining > cost
+        return (1.0 - 1.0 / value) * remaining > PAYBACK * cost
 
     def _drop_job(self) -> None:
         if self.job is not None:
