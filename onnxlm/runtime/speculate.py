@@ -183,14 +183,11 @@ class Speculator:
                 best_k, best = k, value
         return best_k, best, top_k
 
-    def retrying(self) -> bool:
-        return self.rounds % REMEASURE == REMEASURE // 2
-
     def retry(self, best_k: int, top_k: int) -> int:
         """Now and then the most promising draft length even where plain decoding looks better:
         costs move with the context and a row's acceptance with its text, and estimates that only
         speculation updates go stale."""
-        if best_k == 0 and self.retrying():
+        if best_k == 0 and self.rounds % REMEASURE == REMEASURE // 2:
             return top_k
         return best_k
 
@@ -478,18 +475,29 @@ class ModelDrafter(Speculator):
         return [d[: min(k, n)] for d, n in zip(drafts, limits, strict=True)]
 
 
+def _probe(model, n: int) -> list[int]:
+    """n token ids spread over the vocabulary: input for the load-time probes below."""
+    vocab = model.facts.vocab_size
+    return [int(t) for t in np.linspace(3, vocab - 3, n).astype(np.int64) % vocab]
+
+
+def _primed(model, prefix: list[int]):
+    """A fresh driver holding one row, prefilled with `prefix` (the caller frees it)."""
+    rows = make_rows(model, None)
+    job = rows.start([prefix])
+    job.run()
+    rows.join(job)
+    return rows
+
+
 def step_ratio(target, draft, probe: int = 16, steps: int = 5) -> float:
     """A draft model's one-token decode step over the target's (medians of `steps`, after a probe-token
     prompt): what a draft step costs before the draft has run one in a generation."""
-    vocab = target.facts.vocab_size
-    ids = [int(t) for t in np.linspace(3, vocab - 3, probe + steps + 1).astype(np.int64) % vocab]
+    ids = _probe(target, probe + steps + 1)
 
     def step(model) -> float:
-        rows = make_rows(model, None)
+        rows = _primed(model, ids[:probe])
         try:
-            job = rows.start([ids[:probe]])
-            job.run()
-            rows.join(job)
             times = []
             for t in ids[probe:]:
                 t0 = time.perf_counter()
@@ -510,23 +518,14 @@ def verify_gap(model, probe: int = 24, width: int = 8) -> float:
     several-token call and single tokens into whole rounding steps (MatMulNBits itself computes a row
     alike in any call); 0 with an int8 cache, whose attention computes each query alike. Where the top
     two tokens are closer than the gap, greedy output under speculation can differ from plain decoding."""
-    vocab = model.facts.vocab_size
-    ids = [int(t) for t in np.linspace(3, vocab - 3, probe + width).astype(np.int64) % vocab]
+    ids = _probe(model, probe + width)
     prefix, more = ids[:probe], ids[probe:]
-
-    def fresh():
-        rows = make_rows(model, None)
-        job = rows.start([prefix])
-        job.run()
-        rows.join(job)
-        return rows
-
-    rows = fresh()
+    rows = _primed(model, prefix)
     try:
         single = np.stack([rows.decode([[t]])[0, 0] for t in more])
     finally:
         rows.free()
-    rows = fresh()
+    rows = _primed(model, prefix)
     try:
         multi = rows.decode([more])[0]
     finally:

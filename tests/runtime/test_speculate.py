@@ -54,6 +54,26 @@ def echo_prompt(engine, prompt, n=16):
     return ids + more + ids[1:] + more[: n // 2]
 
 
+def hold_costs(spec, realized: bool = True):
+    """Costs under which drafting pays (cheap verifies, a draft step at a tenth of a target step), held
+    there: the tiny model's own timings vary and are not these. realized: also take every source's
+    rounds as faster than plain ones (else they are timed, see Speculator.realized)."""
+    spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}
+    spec.costs.draft_step = 0.1
+    spec.costs.observe = spec.costs.observe_draft = lambda *a: None
+    if realized:
+        spec.realized = lambda source: True
+    return spec
+
+
+def step_round(batch, out) -> None:
+    """One decode round of `batch`: each emitted token into out[seq]; finished rows leave."""
+    for emitted in batch.step():
+        for o in emitted:
+            out[o.seq].append(o.token_id)
+    batch.leave([row for row, s in enumerate(batch.seqs) if s.finish_reason is not None])
+
+
 # --- no model -----------------------------------------------------------------------------------------
 def test_ngram_draft_copies_what_followed_the_latest_match():
     ctx = np.array([1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 8, 2, 3, 4])
@@ -220,10 +240,7 @@ def test_a_draft_model_prefills_joining_rows_a_chunk_a_round_after_their_first_t
         for r in range(40):
             if r == 4:
                 admit([2, 3])
-            for emitted in batch.step():
-                for o in emitted:
-                    out[o.seq].append(o.token_id)
-            batch.leave([row for row, s in enumerate(batch.seqs) if s.finish_reason is not None])
+            step_round(batch, out)
             held.append(None if spec is None else len(spec.fed))
             if not batch.seqs:
                 break
@@ -232,10 +249,7 @@ def test_a_draft_model_prefills_joining_rows_a_chunk_a_round_after_their_first_t
     plain, _ = run(None)
     assert [len(t) for t in plain] == limits
     spec = ModelDrafter(draft.model, k_max=4, lookup=False, chunk=8)
-    spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}  # drafting pays
-    spec.costs.draft_step = 0.1
-    spec.costs.observe = spec.costs.observe_draft = lambda *a: None
-    spec.realized = lambda source: True  # the tiny model's wall times are not the costs above
+    hold_costs(spec)
     got, held = run(spec)
     assert got == plain
     assert spec.drafted > 0
@@ -264,25 +278,16 @@ def test_a_draft_model_lets_go_of_rows_when_an_earlier_one_leaves_before_new_one
             for o in batch.join(adm):
                 out[o.seq].append(o.token_id)
             for _ in range(1 if keys == [0, 1, 2] else 0):
-                for emitted in batch.step():
-                    for o in emitted:
-                        out[o.seq].append(o.token_id)
-                batch.leave([row for row, s in enumerate(batch.seqs) if s.finish_reason is not None])
+                step_round(batch, out)
         while batch.seqs:
             if spec is not None:
                 states.append((len(spec.fed), len(spec.unfed)))
-            for emitted in batch.step():
-                for o in emitted:
-                    out[o.seq].append(o.token_id)
-            batch.leave([row for row, s in enumerate(batch.seqs) if s.finish_reason is not None])
+            step_round(batch, out)
         return [out[i] for i in range(4)], states
 
     plain, _ = run(None)
     spec = ModelDrafter(engine.model, k_max=2, lookup=False, chunk=8)  # the target drafting for itself
-    spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}
-    spec.costs.draft_step = 0.1
-    spec.costs.observe = spec.costs.observe_draft = lambda *a: None
-    spec.realized = lambda source: True
+    hold_costs(spec)
     got, states = run(spec)
     assert got == plain
     assert (3, 1) in states  # three rows held while the fourth was prefilled
@@ -301,10 +306,7 @@ def test_a_draft_model_skips_a_prefill_that_would_not_pay_back(engine):
         plain = tokens(generate_steps(engine.model, engine.tokenizer, [ids], params))
         for lookup in (False, True):
             spec = ModelDrafter(draft.model, k_max=4, lookup=lookup)
-            spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}
-            spec.costs.draft_step = 0.1
-            spec.costs.observe = spec.costs.observe_draft = lambda *a: None
-            spec.realized = lambda source: True  # the tiny model's wall times are not the costs above
+            hold_costs(spec)
             spec.costs.draft_position = 0.05  # a position of the draft's prefill: 1/20 of a target step
             start, started = spec.rows.start, []
             spec.rows.start = lambda *a, start=start, seen=started: seen.append(a) or start(*a)
@@ -325,10 +327,7 @@ def test_a_draft_model_takes_the_lookups_drafts_where_they_are_worth_more(engine
     calls, stats = {}, {}
     for lookup in (True, False):
         spec = ModelDrafter(draft.model, k_max=4, lookup=lookup)
-        spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}  # cheap verifies
-        spec.costs.draft_step = 0.1  # a draft step at a tenth of a target step
-        spec.costs.observe = spec.costs.observe_draft = lambda *a: None  # held: the tiny model's vary
-        spec.realized = lambda source: True
+        hold_costs(spec)
         decode, calls[lookup] = spec.rows.decode, []
         spec.rows.decode = lambda t, decode=decode, seen=calls[lookup]: seen.append(t) or decode(t)
         got = tokens(generate_steps(engine.model, engine.tokenizer, [ids], params, speculator=spec))
@@ -562,12 +561,8 @@ def test_draft_model_rounds_that_emit_slower_than_plain_ones_stop(engine):
     runs = {}
     for slow in (False, True):
         spec = ModelDrafter(engine.model, k_max=4, lookup=False)  # the target drafting for itself
-        spec.costs.seconds = {1: 1.0, **{w: 1.0 + 0.05 * w for w in range(2, 10)}}  # the model: it pays
-        spec.costs.draft_step = 0.1
-        spec.costs.observe = spec.costs.observe_draft = lambda *a: None
-        if not slow:
-            spec.realized = lambda source: True  # the tiny model's wall times are not the costs above
-        else:  # measured: the model's rounds 30 ms a token, plain ones 20 (the tiny model's own follow)
+        hold_costs(spec, realized=not slow)  # by the cost model, drafting pays
+        if slow:  # measured: the model's rounds 30 ms a token, plain ones 20 (the tiny model's own follow)
 
             def join(seqs, rows, join=spec.join, spec=spec):
                 join(seqs, rows)
