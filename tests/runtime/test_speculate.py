@@ -79,8 +79,29 @@ def test_ngram_draft_copies_what_followed_the_latest_match():
     ctx = np.array([1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 8, 2, 3, 4])
     assert ngram_draft(ctx, 3, n_max=3, n_min=2) == [7, 8, 2]  # latest earlier "2 3 4" at index 6
     assert ngram_draft(ctx, 10, n_max=3, n_min=2) == [7, 8, 2, 3, 4]  # up to the context's end
+    # a longer match wins over a later, shorter one: "1 2 3 4" at 0 against "2 3 4" at 6
+    ctx = np.array([1, 2, 3, 4, 5, 9, 2, 3, 4, 7, 8, 1, 2, 3, 4])
+    assert ngram_draft(ctx, 2) == [5, 9]
+    assert ngram_draft(ctx, 2, n_max=3) == [7, 8]  # capped at 3: the latest of the 3-token matches
+    assert ngram_draft(np.array([4, 5, 6, 5]), 2) == []  # one token matches: below n_min
+    assert ngram_draft(np.array([4, 5, 6, 5]), 2, n_min=1) == [6, 5]
+    assert ngram_draft(np.array([7, 7, 7, 7]), 3, n_max=8) == [7]  # overlapping: the earlier "7 7 7"
     assert ngram_draft(np.array([5, 6, 7, 8]), 4) == []  # no repeat, no draft
     assert ngram_draft(np.array([5]), 4) == []
+
+
+def test_ngram_draft_matches_a_search_of_every_window():
+    rng = np.random.default_rng(3)
+    for _ in range(300):
+        ctx = rng.integers(0, 4, rng.integers(1, 40))
+        n_max, n_min = int(rng.integers(2, 9)), int(rng.integers(1, 3))
+        want = []
+        for n in range(min(n_max, len(ctx) - 1), n_min - 1, -1):
+            hits = [s for s in range(len(ctx) - n) if (ctx[s : s + n] == ctx[len(ctx) - n :]).all()]
+            if hits:
+                want = ctx[hits[-1] + n : hits[-1] + n + 5].tolist()
+                break
+        assert ngram_draft(ctx, 5, n_max, n_min) == want, (ctx, n_max, n_min)
 
 
 def test_k_follows_acceptance_and_cost():
