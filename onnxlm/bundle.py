@@ -98,6 +98,10 @@ class GraphIO:
     # fused only: from this many tokens held, a decode step (one token per row) computes attention with
     # MatMul / Softmax over the buffer instead of GroupQueryAttention (an If per layer; same IO). None: never
     long_decode_from: int | None = None
+    # int8 cache only: a call that brings more than this many tokens to some row (a prefill chunk) takes
+    # the float32 attention form, fewer (decode steps, verifies) the int8 node (an If per layer). None:
+    # no such switch, or a bundle quantized before it was recorded (then 16)
+    float_prefill_above: int | None = None
     # longrope (phi3): a row holding more than `long_rope_after` tokens rotates with the long factors,
     # which the runtime says per row in the `long_rope` input ((batch,) int64, 1: long). The keys a row
     # cached before were rotated with the short ones, so at the call that takes it past that length the

@@ -129,6 +129,8 @@ def info_text(bundle: str | Path, verify: bool = False) -> str:
     graph = f"{io.graph}, KV {io.kv_layout} ({io.kv_dtype})"
     if io.long_decode_from:
         graph += f"; decode attention as MatMul/Softmax from {io.long_decode_from} tokens held"
+    if io.float_prefill_above:
+        graph += f"; float32 attention for calls of more than {io.float_prefill_above} tokens a row"
     quant = f" ({quantization_summary(m.quantization)})" if m.quantization else ""
     lines = [
         f"bundle      {bundle}",

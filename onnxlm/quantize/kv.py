@@ -153,6 +153,7 @@ def rewrite(
                 ]
             )
         float_prefill(model, FLOAT_PREFILL_FROM)
+        io.float_prefill_above = FLOAT_PREFILL_FROM
     io.kv_dtype = kind
     record = {"dtype": kind, "long_decode": "dropped (its MatMuls read a float32 cache)"}
     if kind == "int8":

@@ -275,6 +275,11 @@ class Engine:
             return None
         spec = NgramDrafter() if self.draft == "ngram" else ModelDrafter(self.draft)
         spec.costs = self._costs
+        above = self.manifest.io.float_prefill_above
+        if above is not None:  # verifies stay on the int8 node, as decode steps do (exact greedy)
+            for s in (spec, getattr(spec, "lookup", None)):
+                if s is not None:
+                    s.k_max = min(s.k_max, above - 1)
         return spec
 
     @property

@@ -30,7 +30,9 @@ from .tokenizer import Detokenizer, Tokenizer
 log = logging.getLogger("onnxlm.generate")
 
 _ORT_INT = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
-READ_CHUNK = 16  # Model.logits over a float16 / int8 cache: tokens per call
+# Model.logits over a float16 cache (or an int8 one whose bundle does not record float_prefill_above):
+# tokens per call
+READ_CHUNK = 16
 
 
 @dataclass
@@ -233,8 +235,8 @@ class Model:
             return np.asarray(logits[0], dtype=np.float32)
         # A float16 / int8 cache: in chunks, so that (as in decoding) later tokens read what the cache
         # stored; one call would attend over the chunk's own float32 keys and values and hide its cost
-        # (an int8 bundle's layers take their float32 form for calls of more than 16 tokens).
-        size = seq if self.io.kv_dtype == "float32" else READ_CHUNK
+        # (an int8 bundle's layers take their float32 form above io.float_prefill_above tokens).
+        size = seq if self.io.kv_dtype == "float32" else self.io.float_prefill_above or READ_CHUNK
         cache = self.new_cache(1, capacity=seq)
         try:
             parts = []

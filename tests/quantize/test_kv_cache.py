@@ -50,9 +50,10 @@ def test_graph_and_manifest(kv):
         model = onnx.load(str(out[kind] / B.MODEL), load_external_data=False)
         ifs = [n.name for n in model.graph.node if n.op_type == "If"]  # no long-decode If: its MatMuls
         if kind == "float16":  # read float32; int8 layers switch to float32 attention for prefill chunks
-            assert not ifs
+            assert not ifs and m.io.float_prefill_above is None
         else:
             assert len(ifs) == facts.num_layers and all(n.endswith("/float_prefill") for n in ifs)
+            assert m.io.float_prefill_above == FLOAT_PREFILL_FROM  # the runtime reads it here
         elem = onnx.helper.tensor_dtype_to_np_dtype
         past = [v for v in model.graph.input if v.name == m.io.past_key.format(i=0)][0]
         assert elem(past.type.tensor_type.elem_type) == np.dtype(kind)
@@ -138,6 +139,11 @@ def test_every_driver_path(kv, kind):
     assert [greedy(spec, p) for p in prompts] == singles
     if kind == "int8":  # the int8 node computes each query alike in any call: nothing to amplify
         assert spec.verify_gap == 0.0
+        # a verify (k drafts + 1) never takes the float32 form, however few tokens it switches from
+        spec.manifest.io.float_prefill_above = 4
+        drafter = spec.speculator()
+        assert drafter.k_max == 3
+        assert [greedy(spec, p) for p in prompts] == singles
     chat = [{"role": "user", "content": "Our HR team answers questions about leave."}]
     first = engine.chat(chat, max_new_tokens=8, temperature=0, ignore_eos=True)
     turn2 = chat + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And pay?"}]
