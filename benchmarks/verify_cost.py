@@ -106,6 +106,24 @@ def matmulnbits_rows(threads: int, rounds: int, accuracy: int = 4) -> dict:
     }
 
 
+def lookup_speedup(prompt: list[int], tokens: list[int], k: int, price: dict[int, float]) -> float:
+    """Tokens per one-token step's time when greedy `tokens` (after `prompt`) are decoded with prompt
+    lookup drafting up to k a round: each round keeps the drafts that agree with `tokens` and emits one
+    more, and costs price[width] steps (width = drafts + 1; 1 for a plain round)."""
+    import numpy as np
+
+    from onnxlm.runtime.speculate import ngram_draft
+
+    t, emitted, cost = 1, 0, 0.0  # the first token comes from the prefill
+    while t < len(tokens):
+        draft = ngram_draft(np.asarray(prompt + tokens[:t], np.int64), min(k, len(tokens) - t - 1))
+        kept = next((j for j, d in enumerate(draft) if tokens[t + j] != d), len(draft))
+        emitted += kept + 1
+        t += kept + 1
+        cost += price[len(draft) + 1]
+    return emitted / cost
+
+
 def lookup_bound(bundle: str, ratio: dict[int, float], threads: int, new_tokens: int) -> dict:
     """What prompt lookup can reach on this bundle with one fixed draft length k, from its own greedy
     output on benchmarks/prompts (speculate.py's prompts) and the verify costs measured above: per
@@ -118,7 +136,6 @@ def lookup_bound(bundle: str, ratio: dict[int, float], threads: int, new_tokens:
     import onnxlm
     from onnxlm.runtime.batch import generate_steps
     from onnxlm.runtime.generate import GenerationParams
-    from onnxlm.runtime.speculate import ngram_draft
 
     engine = onnxlm.load(bundle, threads=threads, prefix_cache_mb=0)
     params = GenerationParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -131,16 +148,7 @@ def lookup_bound(bundle: str, ratio: dict[int, float], threads: int, new_tokens:
         ]
         speedups = {}
         for k in [k for k in range(1, 9) if all(w in price for w in range(2, k + 2))]:
-            per_prompt = []
-            for ids, toks in runs:
-                t, emitted, cost = 1, 0, 0.0  # the first token comes from the prefill
-                while t < len(toks):
-                    draft = ngram_draft(np.asarray(ids + toks[:t], np.int64), min(k, len(toks) - t - 1))
-                    kept = next((j for j, d in enumerate(draft) if toks[t + j] != d), len(draft))
-                    emitted += kept + 1
-                    t += kept + 1
-                    cost += price[len(draft) + 1]
-                per_prompt.append(emitted / cost)
+            per_prompt = [lookup_speedup(ids, toks, k, price) for ids, toks in runs]
             speedups[k] = float(np.exp(np.mean(np.log(per_prompt))))
         out[kind] = speedups
     return out

@@ -162,3 +162,30 @@ def test_every_benchmark_script_starts(script):
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "usage" in r.stdout.lower()
+
+
+def test_verify_cost_prices_lookup_rounds_as_they_would_run():
+    vc = _script("verify_cost")
+    price = {1: 1.0, 2: 1.5, 3: 1.75, 4: 2.0}
+    prompt = [1, 5, 6, 7, 8, 9, 1]
+    # after the first token (5) the context ends "1 5", which the prompt holds: drafts 6 7 8
+    assert vc.lookup_speedup(prompt, [5, 6, 7, 8, 9], 3, price) == 4 / 2.0  # all kept: 4 tokens, one call
+    # drafts stop short of the last token (6 7 here); 6 is kept and 0 emitted in place of 7 (one
+    # width-3 call), then the last token in a plain step
+    assert vc.lookup_speedup(prompt, [5, 6, 0, 2], 3, price) == 3 / (1.75 + 1.0)
+    assert vc.lookup_speedup(prompt, [5, 6, 7, 8, 9], 1, price) == 4 / (1.5 + 1.5)  # two width-2 calls
+    assert vc.lookup_speedup([2, 3, 4], [9, 9, 8], 3, price) == 1.0  # nothing to copy: plain steps
+
+
+def test_verify_cost_measures_each_width_against_a_step(tiny_llama_bundle, tmp_path):
+    out = tmp_path / "out"
+    script = str(ROOT / "benchmarks" / "verify_cost.py")
+    cmd = [sys.executable, script, "--bundle", f"tiny={tiny_llama_bundle}", "--contexts", "8,20"]
+    cmd += ["--widths", "2,3", "--rounds", "2", "--threads", "1", "--no-kernel", "--out", str(out)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "verify_cost.json").read_text())
+    for ctx in ("8", "20"):
+        r = result["bundles"]["tiny"][ctx]
+        assert r["step_ms"] > 0 and set(r["ratio"]) == {"2", "3"} and all(v > 0 for v in r["ratio"].values())
+    assert "| tiny | 20 |" in (out / "verify_cost.md").read_text()
