@@ -37,7 +37,9 @@ def onnxlm_run(bundle: str, threads: int, draft: str | None, lookup: bool = True
     """lookup=False: a draft bundle's own drafts only (no prompt-lookup rounds)."""
     import onnxlm
 
-    engine = onnxlm.load(bundle, threads=threads, draft=draft, prefix_cache_mb=0)
+    # draft_inexact: a bundle whose verifies compute differently from single steps (int4 over a float32
+    # cache) is measured too; its "tokens = plain" column then says whether greedy output moved
+    engine = onnxlm.load(bundle, threads=threads, draft=draft, prefix_cache_mb=0, draft_inexact=True)
 
     def run(ids, n):
         spec = engine.speculator()

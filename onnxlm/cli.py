@@ -142,7 +142,16 @@ def draft_options(fn):
             metavar="ngram|BUNDLE",
             help="Speculative decoding: 'ngram' (drafts copied from the prompt and the text so far) or a "
             "draft bundle with the same tokenizer (which also takes the 'ngram' drafts in rounds where "
-            "they are worth more). Greedy output is unchanged.",
+            "they are worth more). Greedy output is unchanged: a bundle whose graph computes several "
+            "tokens at once differently from one at a time (int4 / int8 weights over a float32 KV cache) "
+            "is refused, see --draft-inexact.",
+        ),
+        click.option(
+            "--draft-inexact",
+            is_flag=True,
+            help="Speculate even on such a bundle: greedy output may then differ from plain decoding "
+            "where the two most likely tokens are within the gap it reports (a bundle quantized with "
+            "--kv-cache int8 speculates exactly).",
         ),
         click.option(
             "--prefix-cache-mb",
@@ -209,7 +218,7 @@ def _params(kw: dict) -> dict:
     return {**params, **constraint}
 
 
-def _load(bundle: str, providers, threads, draft=None, prefix_cache_mb=256):
+def _load(bundle: str, providers, threads, draft=None, prefix_cache_mb=256, draft_inexact=False):
     from .runtime import load
 
     return load(
@@ -218,6 +227,7 @@ def _load(bundle: str, providers, threads, draft=None, prefix_cache_mb=256):
         threads=threads,
         draft=draft,
         prefix_cache_mb=prefix_cache_mb,
+        draft_inexact=draft_inexact,
     )
 
 
@@ -238,7 +248,17 @@ def _load(bundle: str, providers, threads, draft=None, prefix_cache_mb=256):
 @draft_options
 @friendly
 def generate(
-    bundle, prompt, as_chat, system, template_kwargs, providers, threads, draft, prefix_cache_mb, **kw
+    bundle,
+    prompt,
+    as_chat,
+    system,
+    template_kwargs,
+    providers,
+    threads,
+    draft,
+    prefix_cache_mb,
+    draft_inexact,
+    **kw,
 ) -> None:
     """Generate from PROMPT with the model in BUNDLE, streaming the text."""
     from .runtime.tokenizer import check_text
@@ -248,7 +268,7 @@ def generate(
     template_vars = _template_kwargs(template_kwargs)
     if template_vars is not None and not as_chat:
         raise click.UsageError("--chat-template-kwargs needs --chat")
-    engine = _load(bundle, providers, threads, draft, prefix_cache_mb)
+    engine = _load(bundle, providers, threads, draft, prefix_cache_mb, draft_inexact)
     if as_chat:
         messages = ([{"role": "system", "content": system}] if system else []) + [
             {"role": "user", "content": prompt}
@@ -273,14 +293,16 @@ def generate(
 @engine_options
 @draft_options
 @friendly
-def chat(bundle, system, template_kwargs, providers, threads, draft, prefix_cache_mb, **kw) -> None:
+def chat(
+    bundle, system, template_kwargs, providers, threads, draft, prefix_cache_mb, draft_inexact, **kw
+) -> None:
     """Multi-turn chat with the model in BUNDLE (/reset clears the history, /exit or Ctrl-D quits).
     Each turn reuses the earlier turns' KV from the prefix cache."""
     from .runtime.tokenizer import check_text
 
     check_text(system or "", "--system")
     template_vars = _template_kwargs(template_kwargs)
-    engine = _load(bundle, providers, threads, draft, prefix_cache_mb)
+    engine = _load(bundle, providers, threads, draft, prefix_cache_mb, draft_inexact)
     chat_session(engine, system, _params(kw), template_vars)
 
 

@@ -194,7 +194,7 @@ def serve(
 ) -> None:
     """`onnxlm serve`: one process under uvicorn, or with `ray` (replicas, ray_address,
     cpus_per_replica, min_replicas, max_replicas, target_ongoing) replicas under Ray Serve.
-    `options`: max_batch, max_queue, model_name, threads, prefix_cache_mb."""
+    `options`: max_batch, max_queue, model_name, threads, prefix_cache_mb, draft_inexact."""
     from .runtime.serving.server import read_api_key
 
     key = read_api_key(api_key, api_key_file)

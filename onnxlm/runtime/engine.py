@@ -177,6 +177,7 @@ class Engine:
         bundle_dir: Path | None = None,
         draft: str | Model | None = None,
         prefix_cache_mb: float = 256,
+        draft_inexact: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -185,7 +186,7 @@ class Engine:
         self._scheduler = None
         self.verify_gap: float | None = None  # see speculate.verify_gap; measured when a draft is set
         self.draft: str | Model | None = None
-        self.use_draft(draft)
+        self.use_draft(draft, inexact=draft_inexact)
         if (
             isinstance(prefix_cache_mb, bool)
             or not isinstance(prefix_cache_mb, (int, float))
@@ -204,9 +205,10 @@ class Engine:
         io_binding: bool = True,
         draft: str | os.PathLike | None = None,
         prefix_cache_mb: float = 256,
+        draft_inexact: bool = False,
     ) -> Engine:
         """Check the bundle (sizes; hashes on request), open a session and the tokenizer; `draft` is
-        "ngram", a draft bundle's folder, or None (see the class)."""
+        "ngram", a draft bundle's folder, or None (see the class; draft_inexact: see use_draft)."""
         root = Path(bundle_dir)
         manifest = check_bundle(root, verify_hashes=verify_hashes)
         tokenizer = Tokenizer.from_bundle(root, manifest)
@@ -214,7 +216,15 @@ class Engine:
         model = load_model(root, providers, threads, verify_hashes, io_binding, idle_spin=not paired)
         if paired:
             draft = load_model(Path(draft), providers, threads, verify_hashes, io_binding, idle_spin=False)
-        return cls(model, tokenizer, manifest, root, draft=draft, prefix_cache_mb=prefix_cache_mb)
+        return cls(
+            model,
+            tokenizer,
+            manifest,
+            root,
+            draft=draft,
+            prefix_cache_mb=prefix_cache_mb,
+            draft_inexact=draft_inexact,
+        )
 
     @classmethod
     def from_parts(
@@ -234,8 +244,11 @@ class Engine:
             session = make_session(root / MODEL, providers=providers, threads=threads)
         return cls(Model(session, manifest), Tokenizer.from_bundle(root, manifest), manifest, root, **options)
 
-    def use_draft(self, draft: str | Model | None) -> None:
-        """Speculate with `draft` from now on ("ngram", a draft Model, or None to stop)."""
+    def use_draft(self, draft: str | Model | None, inexact: bool = False) -> None:
+        """Speculate with `draft` from now on ("ngram", a draft Model, or None to stop). A graph that
+        computes several tokens in one call differently from one at a time (verify_gap above
+        VERIFY_EXACT: quantized weights over a float32 cache) would let speculation change greedy
+        output, so it is refused (BundleError) unless `inexact`."""
         if draft is not None and draft != "ngram" and not isinstance(draft, Model):
             raise ValueError(f"draft must be 'ngram', a draft bundle or None, got {draft!r}")
         if isinstance(draft, Model):
@@ -252,22 +265,27 @@ class Engine:
                     "load both with Engine.load(bundle, draft=DRAFT_BUNDLE), or open their sessions "
                     "with session_options(idle_spin=False)"
                 )
+        if draft is not None and self.verify_gap is None:
+            self.verify_gap = verify_gap(self.model)
+        if draft is not None and self.verify_gap > VERIFY_EXACT:
+            why = (
+                f"{self.bundle_dir or 'the model'}: this graph computes several tokens in one call "
+                f"differently from one at a time (up to {self.verify_gap:.2g} in a logit: the int8 "
+                "activations of onnxruntime's quantized kernels round float32 attention's last-bit "
+                "differences into whole steps), so with speculation greedy output could differ from plain "
+                "decoding where the two most likely tokens are that close."
+            )
+            if not inexact:
+                raise BundleError(
+                    f"{why} Quantize with --kv-cache int8 (its attention computes each query alike: exact) "
+                    "or use a float bundle; or speculate anyway with --draft-inexact "
+                    "(Engine.load(..., draft_inexact=True))."
+                )
+            log.warning("%s Speculating anyway (draft_inexact).", why)
         self.draft = draft
         self._costs = Costs()  # verify-step costs measured across calls, for choosing k
         if isinstance(draft, Model):
             self._costs.draft_ratio = step_ratio(self.model, draft)
-        if draft is not None and self.verify_gap is None:
-            self.verify_gap = verify_gap(self.model)
-            if self.verify_gap > VERIFY_EXACT:
-                log.warning(
-                    "%s: this graph computes several tokens in one call differently from one at a time "
-                    "(up to %.2g in a logit: the int8 activations of onnxruntime's quantized kernels round "
-                    "float32 attention's last-bit differences into whole steps): with speculation, greedy "
-                    "output can differ from plain decoding where the two most likely tokens are that "
-                    "close. A float bundle, or one quantized with --kv-cache int8, speculates exactly.",
-                    self.bundle_dir or "the model",
-                    self.verify_gap,
-                )
 
     def speculator(self):
         """A fresh drafter for one batch (None without a draft); cost measurements carry over."""

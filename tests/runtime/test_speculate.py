@@ -630,6 +630,33 @@ def test_verify_gap_is_float_noise_on_float_graphs(engine, caplog):
     assert not [r for r in caplog.records if "differently" in r.getMessage()]
 
 
+def test_a_graph_that_verifies_inexactly_refuses_to_speculate_unless_asked(engine, monkeypatch, caplog):
+    """Where several tokens in one call compute differently from one at a time (int4 weights over a
+    float32 cache: tenths of a logit), speculation could change greedy output: loading with a draft
+    fails with what to do instead, and speculates (warning) only when told to."""
+    from click.testing import CliRunner
+
+    from onnxlm.bundle import BundleError
+    from onnxlm.cli import cli
+    from onnxlm.runtime import engine as engine_module
+
+    monkeypatch.setattr(engine_module, "verify_gap", lambda model: 0.5)
+    with pytest.raises(BundleError, match=r"--kv-cache int8.*--draft-inexact"):
+        load(engine.bundle_dir, threads=2, draft="ngram")
+    fresh = load(engine.bundle_dir, threads=2)
+    with pytest.raises(BundleError):
+        fresh.use_draft("ngram")
+    assert fresh.draft is None and fresh.speculator() is None  # left as it was
+    with caplog.at_level("WARNING", logger="onnxlm.runtime"):
+        spec = load(engine.bundle_dir, threads=2, draft="ngram", draft_inexact=True)
+    assert spec.draft == "ngram" and [r for r in caplog.records if "anyway" in r.getMessage()]
+    args = ["generate", str(engine.bundle_dir), "one two three", "--max-new-tokens", "4", "--draft", "ngram"]
+    refused = CliRunner().invoke(cli, args)
+    assert refused.exit_code != 0 and "--draft-inexact" in refused.output
+    ran = CliRunner().invoke(cli, [*args, "--draft-inexact"])
+    assert ran.exit_code == 0, ran.output
+
+
 def test_identical_prompts_are_prefilled_once_and_decode_apart(engine):
     """n choices of one request share one prefill: their rows are copies, then each samples on its
     own (seeded rows equal the same seed run alone)."""

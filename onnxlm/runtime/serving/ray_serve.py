@@ -41,6 +41,7 @@ class ReplicaArgs:
     providers: list[str] | None = None
     draft: str | None = None  # "ngram" or a draft bundle's path (on every node)
     prefix_cache_mb: float = 256
+    draft_inexact: bool = False  # speculate on a graph that verifies inexactly (Engine.use_draft)
     allowed_hosts: list[str] | None = None  # without a key: Host names answered besides loopback ones
     cors_origins: list[str] | None = None  # web origins allowed to call from a browser (CORS)
 
@@ -141,6 +142,7 @@ def replica_class():
                 threads=a.threads,
                 draft=a.draft,
                 prefix_cache_mb=a.prefix_cache_mb,
+                draft_inexact=a.draft_inexact,
             )
             self._app = create_app(
                 engine,

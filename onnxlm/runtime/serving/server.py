@@ -56,6 +56,7 @@ def serve(
     threads: int | None = None,
     draft: str | None = None,
     prefix_cache_mb: float = 256,
+    draft_inexact: bool = False,
     allowed_hosts: Sequence[str] = (),
     cors_origins: Sequence[str] = (),
 ) -> None:
@@ -71,7 +72,12 @@ def serve(
     if max_batch < 1 or max_queue < 0:
         raise ValueError(f"--max-batch must be >= 1 and --max-queue >= 0, got {max_batch}, {max_queue}")
     engine = Engine.load(
-        bundle, providers=providers, threads=threads, draft=draft, prefix_cache_mb=prefix_cache_mb
+        bundle,
+        providers=providers,
+        threads=threads,
+        draft=draft,
+        prefix_cache_mb=prefix_cache_mb,
+        draft_inexact=draft_inexact,
     )
     hosts = [*allowed_hosts, *([] if is_wildcard_bind(host) else [host])]
     app = create_app(
