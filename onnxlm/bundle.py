@@ -108,6 +108,10 @@ class GraphIO:
     # runtime runs the row's whole sequence again from position 0 (as transformers' generate does)
     long_rope: str | None = None
     long_rope_after: int | None = None
+    # dynamic NTK rope: a call whose rows hold more than this many tokens rotates all its tokens with the
+    # scaling of its longest row (transformers' semantic), so a several-token call there computes
+    # differently from one token a call: speculation drafts only while every row stays within it
+    dynamic_rope_from: int | None = None
 
     def __post_init__(self):
         if self.kv_layout == _LEGACY_KV_LAYOUT:

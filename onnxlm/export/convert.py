@@ -355,6 +355,7 @@ def export(
                     io.long_decode_from = long_decode_from
                 if getattr(module, "long_rope_after", None) is not None:
                     io.long_rope, io.long_rope_after = "long_rope", module.long_rope_after
+                io.dynamic_rope_from = getattr(module, "dynamic_rope_from", None)
                 steps.set_postfix_str("tracing to ONNX")
                 export_module(module, io, a.num_layers, a.num_kv_heads, a.head_dim, raw)
                 rotary_spec = getattr(module, "rotary_spec", None)

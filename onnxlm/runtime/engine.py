@@ -266,7 +266,9 @@ class Engine:
                     "with session_options(idle_spin=False)"
                 )
         if draft is not None and self.verify_gap is None:
-            self.verify_gap = verify_gap(self.model)
+            until = self.manifest.io.dynamic_rope_from or 32  # the probe stays where speculation drafts
+            width = min(8, max(1, until // 4))
+            self.verify_gap = verify_gap(self.model, min(24, until - width), width)
         if draft is not None and self.verify_gap > VERIFY_EXACT:
             why = (
                 f"{self.bundle_dir or 'the model'}: this graph computes several tokens in one call "
@@ -294,10 +296,11 @@ class Engine:
         spec = NgramDrafter() if self.draft == "ngram" else ModelDrafter(self.draft)
         spec.costs = self._costs
         above = self.manifest.io.float_prefill_above
-        if above is not None:  # verifies stay on the int8 node, as decode steps do (exact greedy)
-            for s in (spec, getattr(spec, "lookup", None)):
-                if s is not None:
+        for s in (spec, getattr(spec, "lookup", None)):
+            if s is not None:
+                if above is not None:  # verifies stay on the int8 node, as decode steps do (exact greedy)
                     s.k_max = min(s.k_max, above - 1)
+                s.exact_until = self.manifest.io.dynamic_rope_from
         return spec
 
     @property

@@ -118,6 +118,7 @@ class Speculator:
         # joined (a batch's rows and contexts set them), by what drafted them (None: plain rounds)
         self.round_spt: dict[str | None, float] = {}
         self.timed = False  # whether this round's wall time counts (not the one after a join)
+        self.exact_until: int | None = None  # a bundle's io.dynamic_rope_from (see limits)
 
     # rows join and leave as the driver's do
     def join(self, seqs: Sequence, rows) -> None:
@@ -194,6 +195,18 @@ class Speculator:
     def limit(self, seq) -> int:
         """Drafts a row may take: never past its token limit (the round emits at most k + 1)."""
         return max(0, min(self.k_max, seq.limit - len(seq.tokens) - 1))
+
+    def limits(self, seqs: Sequence) -> list[int]:
+        """Each row's limit, and with `exact_until` (dynamic NTK rope) only drafts that keep every row
+        within it: past it a call rotates all its tokens with its longest row's scaling, which one token
+        a call (plain decoding) does not, so then no row drafts."""
+        out = [self.limit(s) for s in seqs]
+        if self.exact_until is None or not seqs:
+            return out
+        held = [len(s.prompt) + len(s.tokens) for s in seqs]  # after this round's call, without drafts
+        if max(held) > self.exact_until:
+            return [0] * len(seqs)
+        return [min(n, self.exact_until - h) for n, h in zip(out, held, strict=True)]
 
     def propose(self, seqs: Sequence, rows) -> list[list[int]]:
         raise NotImplementedError
@@ -286,8 +299,7 @@ class NgramDrafter(Speculator):
     def drafts(self, seqs: Sequence) -> list[list[int]]:
         """Each row's n-gram draft, as long as its limit allows ([] where nothing matches)."""
         out = []
-        for row, s in enumerate(seqs):
-            n = self.limit(s)
+        for row, (s, n) in enumerate(zip(seqs, self.limits(seqs), strict=True)):
             if not n:
                 out.append([])
                 continue
@@ -442,7 +454,7 @@ class ModelDrafter(Speculator):
         return out
 
     def propose(self, seqs: Sequence, rows) -> list[list[int]]:
-        limits = [self.limit(s) for s in seqs]
+        limits = self.limits(seqs)
         contexts = [s.prompt + s.tokens for s in seqs]
         for b, fed in enumerate(self.fed):  # forget what the target replaced (rows the draft holds)
             keep = _common(fed, contexts[b])

@@ -160,3 +160,38 @@ def test_greedy_batch2_left_padded_equals_transformers(exported):
     ref = hf_generate(folder, prompts, NEW_TOKENS)
     got = engine.generate_batch(prompts, max_new_tokens=NEW_TOKENS, ignore_eos=True)
     assert [c.token_ids for c in got] == ref
+
+
+def test_greedy_under_speculation_equals_transformers(exported):
+    """Speculation changes nothing a greedy user sees, in every family and graph: drafts verified
+    several tokens a call, some kept and some rejected (rolled back out of the KV cache), and the
+    tokens are transformers'. The drafts are scripted (transformers' own continuation with every third
+    token wrong) so that both happen whatever a random tiny model writes."""
+    from onnxlm.runtime.batch import generate_steps
+    from onnxlm.runtime.generate import GenerationParams
+    from onnxlm.runtime.speculate import Speculator
+
+    folder, engine = exported
+    ids = engine.encode_prompt(PROMPTS[0])
+    ref = hf_generate(folder, [ids], NEW_TOKENS)[0]
+
+    class Scripted(Speculator):
+        def propose(self, seqs, rows):
+            done = len(seqs[0].tokens)
+            draft = list(ref[done : done + self.limits(seqs)[0]])
+            if len(draft) == 3:
+                draft[2] = (draft[2] + 1) % engine.manifest.model.vocab_size
+            self.source = "scripted" if draft else None
+            return [draft]
+
+    spec = Scripted(k_max=3)
+    engine.use_draft("ngram")  # what the engine's drafters are told: where drafts must stop
+    spec.exact_until = engine.speculator().exact_until
+    engine.use_draft(None)
+    assert spec.exact_until == engine.manifest.io.dynamic_rope_from
+    params = GenerationParams(max_new_tokens=NEW_TOKENS, ignore_eos=True)
+    got = [s.outputs[0].token_id for s in generate_steps(engine.model, None, [ids], params, speculator=spec)]
+    assert got == ref
+    assert 0 < spec.accepted < spec.drafted  # drafts were kept and rejected
+    if spec.exact_until is not None:  # dynamic NTK: drafting stopped where a call would rotate apart
+        assert len(ids) + NEW_TOKENS > spec.exact_until

@@ -640,7 +640,7 @@ def test_a_graph_that_verifies_inexactly_refuses_to_speculate_unless_asked(engin
     from onnxlm.cli import cli
     from onnxlm.runtime import engine as engine_module
 
-    monkeypatch.setattr(engine_module, "verify_gap", lambda model: 0.5)
+    monkeypatch.setattr(engine_module, "verify_gap", lambda model, probe, width: 0.5)
     with pytest.raises(BundleError, match=r"--kv-cache int8.*--draft-inexact"):
         load(engine.bundle_dir, threads=2, draft="ngram")
     fresh = load(engine.bundle_dir, threads=2)

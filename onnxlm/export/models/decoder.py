@@ -172,6 +172,14 @@ def long_rope_after(rotaries: dict[str, Rotary]) -> int | None:
     return originals.pop() if originals else None
 
 
+def dynamic_rope_from(rotaries: dict[str, Rotary]) -> int | None:
+    """Dynamic NTK: the length past which a call rotates every token with the scaling of the batch's
+    longest sequence (transformers' semantic), so a several-token call there computes differently from
+    one token a call (the runtime's speculation stays below it); None without a dynamic rotary."""
+    lengths = [r.extra["max_pos"] for r in rotaries.values() if r.kind == "dynamic"]
+    return min(lengths) if lengths else None
+
+
 def split_long_rope(past: tuple, num_layers: int, long_rope):
     """(the KV tensors, long_rope): the exporter passes long_rope after the KV tensors, positionally (the
     TorchScript exporter makes no graph input of a keyword argument)."""
@@ -192,6 +200,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.a = a
         self.long_rope_after = long_rope_after(rotaries)
+        self.dynamic_rope_from = dynamic_rope_from(rotaries)
         self.embed_tokens = nn.Embedding(a.vocab_size, a.hidden_size)
         self.layers = nn.ModuleList(Block(a) for _ in range(a.num_layers))
         self.norm = RMSNorm(a.hidden_size, a.rms_norm_eps)

@@ -39,7 +39,7 @@ from torch import nn
 from torch.onnx import symbolic_helper
 
 from .common import Rotary, output_head
-from .decoder import activation, long_rope_after, softcap, split_long_rope
+from .decoder import activation, dynamic_rope_from, long_rope_after, softcap, split_long_rope
 
 
 def _none(g):
@@ -312,6 +312,7 @@ class FusedDecoder(nn.Module):
             self.lm_head = nn.Linear(a.hidden_size, a.vocab_size, bias=False)
         self.context = context
         self.long_rope_after = long_rope_after(rotaries)
+        self.dynamic_rope_from = dynamic_rope_from(rotaries)
         self.longrope: dict[str, int] = {}  # rotaries chosen per row (their caches: short then long) -> width
         self.dynamic: dict[str, Rotary] = {}  # rotaries whose caches are computed at each step
         caches = {}  # cache name suffix -> [(inv_freq, scaling)] segments: how to recompute them in the graph
