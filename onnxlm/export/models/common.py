@@ -19,16 +19,19 @@ def causal_mask(attention_mask: torch.Tensor, seq: int, dtype: torch.dtype, wind
     """Additive mask (batch, 1, seq, total) from the padding mask (batch, total).
 
     Query i sits at absolute slot past + i, where past = total - seq; it may see slot j when j <= past + i,
-    the slot is not padding, and (with a sliding window) past + i - j < window.
+    the slot is not padding, and (with a sliding window) fewer than `window` tokens lie between them,
+    counted over the mask's real slots: the runtime leaves rejected speculative drafts as holes in the
+    mask, so slots are not token distances.
     """
     total = attention_mask.shape[1]
     past = total - seq
     q_pos = torch.arange(seq, device=attention_mask.device).unsqueeze(1) + past  # (seq, 1)
     k_pos = torch.arange(total, device=attention_mask.device).unsqueeze(0)  # (1, total)
-    allowed = k_pos <= q_pos  # (seq, total)
+    allowed = (k_pos <= q_pos).unsqueeze(0)  # (1, seq, total)
     if window is not None:
-        allowed = allowed & (q_pos - k_pos < window)
-    allowed = allowed.unsqueeze(0).unsqueeze(0) & attention_mask.bool()[:, None, None, :]
+        held = attention_mask.long().cumsum(-1)  # (batch, total): real tokens up to each slot
+        allowed = allowed & (held[:, past:].unsqueeze(-1) - held.unsqueeze(1) < window)
+    allowed = allowed.unsqueeze(1) & attention_mask.bool()[:, None, None, :]
     zero = torch.zeros((), dtype=dtype)
     neg = torch.tensor(torch.finfo(dtype).min, dtype=dtype)
     return torch.where(allowed, zero, neg)  # (batch, 1, seq, total)
