@@ -66,6 +66,22 @@ def hold_costs(spec, realized: bool = True):
     return spec
 
 
+def greedy_seqs(engine, prompts, limits) -> list:
+    """One greedy sequence per prompt, each ending after its limit's tokens (the end of sequence ignored)."""
+    return [
+        new_seq(p, GenerationParams(max_new_tokens=n, ignore_eos=True), engine.tokenizer, engine.model.facts)
+        for p, n in zip(prompts, limits, strict=True)
+    ]
+
+
+def admit(batch, seqs, keys, out) -> None:
+    """seqs[k] for each k of `keys` prefilled and joined to `batch`; their first tokens into out[k]."""
+    adm = batch.admit([seqs[k] for k in keys], keys)
+    adm.run()
+    for o in batch.join(adm):
+        out[o.seq].append(o.token_id)
+
+
 def step_round(batch, out) -> None:
     """One decode round of `batch`: each emitted token into out[seq]; finished rows leave."""
     for emitted in batch.step():
@@ -238,29 +254,18 @@ def test_a_draft_model_prefills_joining_rows_a_chunk_a_round_after_their_first_t
     per round (plain rounds meanwhile) once it is asked to draft. Rows joining late, leaving while
     the draft prefills them, or leaving while others wait for it keep every row's greedy tokens."""
     draft = load(other_bundle().path, threads=2)
-    facts = engine.model.facts
     prompts = [engine.tokenizer.encode(PROMPTS[0])[:12], [9, 10, 11], echo_prompt(engine, PROMPTS[1]), [5, 6]]
     # the second row leaves while the draft prefills the third, the fourth while it is being prefilled
     limits = [30, 12, 20, 3]
 
     def run(spec):
-        seqs = [
-            new_seq(p, GenerationParams(max_new_tokens=n, ignore_eos=True), engine.tokenizer, facts)
-            for p, n in zip(prompts, limits, strict=True)
-        ]
+        seqs = greedy_seqs(engine, prompts, limits)
         batch, out, held = Batch(engine.model, speculator=spec), {i: [] for i in range(4)}, []
-
-        def admit(keys):
-            adm = batch.admit([seqs[k] for k in keys], keys)
-            adm.run()
-            for o in batch.join(adm):
-                out[o.seq].append(o.token_id)
-
-        admit([0, 1])
+        admit(batch, seqs, [0, 1], out)
         held.append(None if spec is None else len(spec.fed))
         for r in range(40):
             if r == 4:
-                admit([2, 3])
+                admit(batch, seqs, [2, 3], out)
             step_round(batch, out)
             held.append(None if spec is None else len(spec.fed))
             if not batch.seqs:
@@ -283,23 +288,15 @@ def test_a_draft_model_lets_go_of_rows_when_an_earlier_one_leaves_before_new_one
     """Three rows the draft holds, a fourth still being prefilled, and the first leaves: the batch moves
     its last row (the unfed one) into the first's place, so the draft lets go of the rows from there
     on and takes them up again later; every row keeps its greedy tokens."""
-    facts = engine.model.facts
     prompts = [[7, 8, 9], [10, 11, 12, 13], [14, 15], echo_prompt(engine, PROMPTS[1])]
     limits = [8, 24, 24, 16]
 
     def run(spec):
-        seqs = [
-            new_seq(p, GenerationParams(max_new_tokens=n, ignore_eos=True), engine.tokenizer, facts)
-            for p, n in zip(prompts, limits, strict=True)
-        ]
+        seqs = greedy_seqs(engine, prompts, limits)
         batch, out, states = Batch(engine.model, speculator=spec), {i: [] for i in range(4)}, []
-        for keys in ([0, 1, 2], [3]):
-            adm = batch.admit([seqs[k] for k in keys], keys)
-            adm.run()
-            for o in batch.join(adm):
-                out[o.seq].append(o.token_id)
-            for _ in range(1 if keys == [0, 1, 2] else 0):
-                step_round(batch, out)
+        admit(batch, seqs, [0, 1, 2], out)
+        step_round(batch, out)
+        admit(batch, seqs, [3], out)
         while batch.seqs:
             if spec is not None:
                 states.append((len(spec.fed), len(spec.unfed)))
