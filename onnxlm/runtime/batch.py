@@ -188,20 +188,32 @@ def generate_steps(
 
 def _run(batch: Batch, seqs: list[SeqState]) -> Iterator[Step]:
     try:
+        t0 = time.perf_counter()
         adm = batch.admit(seqs)
         adm.run()
         firsts = batch.join(adm)
-        yield Step(firsts, 0, adm.seconds, batch.sample_s, [s.cached_tokens for s in seqs])
+        wall = time.perf_counter() - t0
+        yield Step(firsts, 0, adm.seconds, batch.sample_s, [s.cached_tokens for s in seqs], wall)
         index = 1
         while True:
+            t0 = time.perf_counter()
             batch.leave([row for row, s in enumerate(batch.seqs) if s.finish_reason is not None])
             if not batch.seqs:
                 return
             rounds = batch.step()
+            wall = time.perf_counter() - t0
             forward_s, sample_s = batch.forward_s, batch.sample_s
             for j in range(max(len(r) for r in rounds)):
                 outs = [r[j] for r in rounds if len(r) > j]
-                yield Step(outs, index, forward_s if j == 0 else 0.0, sample_s if j == 0 else 0.0)
+                first = j == 0
+                yield Step(
+                    outs,
+                    index,
+                    forward_s if first else 0.0,
+                    sample_s if first else 0.0,
+                    None,
+                    wall if first else 0.0,
+                )
                 index += 1
     finally:
         batch.free()

@@ -55,11 +55,11 @@ class Usage:
 @dataclass
 class Timings:
     prefill_s: float = 0.0  # the prompt's forward pass(es)
-    decode_s: float = 0.0  # every later forward pass
+    decode_s: float = 0.0  # wall time of every later round: drafting, forward passes, sampling
     sample_s: float = 0.0
-    ttft_s: float = 0.0  # time to first token: prefill + first sample
+    ttft_s: float = 0.0  # time to first token (wall): admission, prefill and the first sample
     prompt_tokens_per_s: float = 0.0
-    tokens_per_s: float = 0.0  # decode steps per second (each step gives every live sequence a token)
+    tokens_per_s: float = 0.0  # decode steps per second of decode_s (a step gives each live sequence a token)
 
     def _finish(self, prompt_tokens: int, steps: int) -> Timings:
         self.prompt_tokens_per_s = prompt_tokens / self.prefill_s if self.prefill_s else 0.0
@@ -515,9 +515,9 @@ def _chunks(steps: Iterator[Step], prompt_tokens: int) -> Iterator[Chunk]:
 def _account(timings: Timings, step: Step) -> None:
     if step.index == 0:
         timings.prefill_s += step.forward_s
-        timings.ttft_s = step.forward_s + step.sample_s
+        timings.ttft_s = step.wall_s
     else:
-        timings.decode_s += step.forward_s
+        timings.decode_s += step.wall_s
     timings.sample_s += step.sample_s
 
 

@@ -300,6 +300,9 @@ class Step:
     forward_s: float  # model time that produced this step's logits (the prefill for step 0)
     sample_s: float
     cached_tokens: list[int] | None = None  # step 0: per output, prompt tokens reused from the prefix cache
+    # the engine's wall time for this step: admission, prefill and the first sample for step 0; the whole
+    # round (drafting, the model, sampling, rows leaving) for a round's first step, 0.0 for its others
+    wall_s: float = 0.0
 
 
 @dataclass

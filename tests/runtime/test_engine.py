@@ -116,6 +116,26 @@ def test_stream_chunks_add_up_to_generate(engine):
         assert last.timings.prefill_s > 0 and last.timings.ttft_s >= last.timings.prefill_s
 
 
+def test_timings_are_wall_time_of_the_whole_round(engine, monkeypatch):
+    """decode tok/s counts sampling and the loop around the model, not forward passes alone (peers are
+    timed by the wall clock around their loops; a model-only figure flattered onnxlm)."""
+    import time
+
+    from onnxlm.runtime import batch
+
+    real = batch.sample_next
+
+    def slow(*a, **kw):
+        time.sleep(0.01)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(batch, "sample_next", slow)
+    t = engine.generate(PROMPTS[0], max_new_tokens=6, ignore_eos=True).timings
+    assert t.ttft_s >= t.prefill_s + 0.01  # the first sample is inside the time to first token
+    assert t.decode_s >= 5 * 0.01 and t.tokens_per_s <= 5 / (5 * 0.01)  # so is every later one
+    assert t.sample_s >= 6 * 0.01
+
+
 def test_max_new_tokens_and_ignore_eos(bundle, engine):
     got = engine.generate(PROMPTS[0], max_new_tokens=5, ignore_eos=True)
     assert len(got.token_ids) == 5 and got.finish_reason == "length"
