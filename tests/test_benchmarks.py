@@ -59,8 +59,8 @@ def test_matmul_attention_graph_generates_what_the_bundle_does(attention):
     original = load(root, threads=1)
     ids = list(range(5, 45))
     np.testing.assert_allclose(rewritten.model.logits(ids), original.model.logits(ids), atol=1e-4)
-    a = original.generate(ids, max_new_tokens=12, ignore_eos=True, temperature=0)
-    b = rewritten.generate(ids, max_new_tokens=12, ignore_eos=True, temperature=0)
+    a = original.generate(ids, max_new_tokens=12, ignore_eos=True, temperature=0, logprobs=True)
+    b = rewritten.generate(ids, max_new_tokens=12, ignore_eos=True, temperature=0, logprobs=True)
     assert a.token_ids == b.token_ids
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 

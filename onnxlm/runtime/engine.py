@@ -8,8 +8,9 @@
 Three layers: `steps` (the token-step generator) -> `stream` (small chunks) -> `generate` (the text).
 Generation parameters (keywords of every method): max_new_tokens=256, temperature=0 (greedy), top_k=0,
 top_p=1, min_p=0, repetition_penalty=1, seed=None, stop=None (str or list), stop_token_ids=None,
-ignore_eos=False, top_logprobs=0, presence_penalty=0, frequency_penalty=0, logit_bias=None,
-min_tokens=0, and at most one constraint on the output (llguidance): json_schema= (a dict),
+ignore_eos=False, logprobs=False (each token's logprob in Chunk.logprob / Completion.logprobs; off, they
+cost four passes over the vocabulary a token), top_logprobs=0, presence_penalty=0, frequency_penalty=0,
+logit_bias=None, min_tokens=0, and at most one constraint on the output (llguidance): json_schema= (a dict),
 regex=, grammar= (Lark). chat / stream_chat also take tools=, tool_choice=, parallel_tool_calls=
 (see tools.py; chat's Completion carries the parsed tool_calls).
 """
@@ -73,7 +74,7 @@ class Completion:
     token_ids: list[int]  # generated tokens only; the stop/eos token that ended generation included
     finish_reason: str  # "stop" (eos, stop token or stop string) or "length"
     usage: Usage
-    logprobs: list[float] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)  # with logprobs=True (else empty)
     timings: Timings = field(default_factory=Timings)
     tool_calls: list[ToolCall] = field(default_factory=list)  # chat with tools: the calls made
 
@@ -82,7 +83,7 @@ class Completion:
 class Chunk:
     text: str  # text delta; "" while a partial character or possible stop string is held back
     token_id: int
-    logprob: float
+    logprob: float | None  # with logprobs=True (else None)
     finish_reason: str | None = None  # set on the last chunk
     usage: Usage | None = None  # set on the last chunk
     timings: Timings | None = None  # set on the last chunk
@@ -426,7 +427,8 @@ class Engine:
             for out in step.outputs:
                 texts[out.seq].append(out.text)
                 tokens[out.seq].append(out.token_id)
-                logprobs[out.seq].append(out.logprob)
+                if out.logprob is not None:
+                    logprobs[out.seq].append(out.logprob)
                 reasons[out.seq] = out.finish_reason
         timings._finish(sum(len(x) for x in ids), steps)
         return [
@@ -527,7 +529,8 @@ def _collect(chunks: Iterator[Chunk]) -> Completion:
     for last in chunks:
         texts.append(last.text)
         tokens.append(last.token_id)
-        logprobs.append(last.logprob)
+        if last.logprob is not None:
+            logprobs.append(last.logprob)
     assert last is not None and last.usage is not None and last.timings is not None
     return Completion(
         "".join(texts), tokens, last.finish_reason or "length", last.usage, logprobs, last.timings

@@ -51,8 +51,8 @@ def test_graph_and_manifest_say_where_it_switches(pair):
 def test_greedy_tokens_and_logprobs_match_gqa_alone(pair, prompt_len):
     wrapped, plain = (load(p, threads=1) for p in pair)
     ids = list(range(5, 5 + prompt_len))
-    a = plain.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0)
-    b = wrapped.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0)
+    a = plain.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0, logprobs=True)
+    b = wrapped.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0, logprobs=True)
     assert a.token_ids == b.token_ids
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
@@ -60,8 +60,8 @@ def test_greedy_tokens_and_logprobs_match_gqa_alone(pair, prompt_len):
 def test_a_batch_of_different_lengths_matches_gqa_alone(pair):
     wrapped, plain = (load(p, threads=1) for p in pair)
     prompts = [list(range(5, 9)), list(range(20, 45)), list(range(7, 17))]
-    a = plain.generate_batch(prompts, max_new_tokens=20, ignore_eos=True, temperature=0)
-    b = wrapped.generate_batch(prompts, max_new_tokens=20, ignore_eos=True, temperature=0)
+    a = plain.generate_batch(prompts, max_new_tokens=20, ignore_eos=True, temperature=0, logprobs=True)
+    b = wrapped.generate_batch(prompts, max_new_tokens=20, ignore_eos=True, temperature=0, logprobs=True)
     for x, y in zip(a, b, strict=True):
         assert x.token_ids == y.token_ids
         np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-4)
@@ -118,8 +118,8 @@ def test_sliding_window_family_matches_gqa_alone(tmp_path):
         export(folder, tmp_path / "g", long_decode_from=None, progress=False, validate=False), threads=1
     )
     ids = list(range(5, 11))
-    a = plain.generate(ids, max_new_tokens=30, ignore_eos=True, temperature=0)
-    b = wrapped.generate(ids, max_new_tokens=30, ignore_eos=True, temperature=0)
+    a = plain.generate(ids, max_new_tokens=30, ignore_eos=True, temperature=0, logprobs=True)
+    b = wrapped.generate(ids, max_new_tokens=30, ignore_eos=True, temperature=0, logprobs=True)
     assert a.token_ids == b.token_ids
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 
@@ -147,8 +147,8 @@ def test_new_family_attention_matches_gqa_alone(model_type, overrides, tmp_path)
     )
     assert wrapped.manifest.io.long_decode_from == 10
     ids = list(range(5, 11))
-    a = plain.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0)
-    b = wrapped.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0)
+    a = plain.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0, logprobs=True)
+    b = wrapped.generate(ids, max_new_tokens=24, ignore_eos=True, temperature=0, logprobs=True)
     assert a.token_ids == b.token_ids
     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-4)
 

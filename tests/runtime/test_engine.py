@@ -49,7 +49,7 @@ def test_logprobs_match_transformers(bundle, engine):
     import torch
 
     ids = engine.tokenizer.encode(PROMPTS[0])
-    got = engine.generate(ids, max_new_tokens=8, ignore_eos=True)
+    got = engine.generate(ids, max_new_tokens=8, ignore_eos=True, logprobs=True)
     out = bundle.hf_model.generate(
         torch.tensor([ids]),
         do_sample=False,
@@ -64,11 +64,23 @@ def test_logprobs_match_transformers(bundle, engine):
     np.testing.assert_allclose(got.logprobs, ref, atol=1e-4)
 
 
+def test_logprobs_are_asked_for(engine):
+    """Off by default (four passes over the vocabulary a token); top_logprobs implies them."""
+    plain = engine.generate(PROMPTS[0], max_new_tokens=4, ignore_eos=True)
+    asked = engine.generate(PROMPTS[0], max_new_tokens=4, ignore_eos=True, logprobs=True)
+    assert plain.token_ids == asked.token_ids and plain.logprobs == [] and len(asked.logprobs) == 4
+    assert all(c.logprob is None for c in engine.stream(PROMPTS[0], max_new_tokens=3))
+    top = list(engine.stream(PROMPTS[0], max_new_tokens=3, top_logprobs=2))
+    assert all(c.logprob is not None and c.logprob == c.top_logprobs[0][1] for c in top)
+    with pytest.raises(ValueError, match="logprobs must be True or False"):
+        engine.generate(PROMPTS[0], max_new_tokens=2, logprobs="yes")
+
+
 def test_batch_equals_alone_and_transformers_left_padded(bundle, engine):
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
     assert len(ids[0]) != len(ids[1])
-    batch = engine.generate_batch(PROMPTS, max_new_tokens=32)
-    alone = [engine.generate(p, max_new_tokens=32) for p in PROMPTS]
+    batch = engine.generate_batch(PROMPTS, max_new_tokens=32, logprobs=True)
+    alone = [engine.generate(p, max_new_tokens=32, logprobs=True) for p in PROMPTS]
     ref = hf_generate(bundle, ids, max_new_tokens=32)
     for b, a, r in zip(batch, alone, ref, strict=True):
         assert b.token_ids == a.token_ids == r
@@ -91,8 +103,8 @@ def test_batch_with_early_finisher_equals_alone(engine):
 def test_numpy_path_equals_io_binding(bundle, engine):
     plain = Engine.load(bundle.path, io_binding=False, threads=2)
     for prompt in PROMPTS:
-        a = engine.generate(prompt, max_new_tokens=16)
-        b = plain.generate(prompt, max_new_tokens=16)
+        a = engine.generate(prompt, max_new_tokens=16, logprobs=True)
+        b = plain.generate(prompt, max_new_tokens=16, logprobs=True)
         assert a.token_ids == b.token_ids
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
@@ -258,7 +270,7 @@ def test_chunked_prefill_equals_whole_prompt(engine):
     from onnxlm.runtime.generate import GenerationParams
 
     ids = [engine.tokenizer.encode(p) for p in PROMPTS]
-    params = GenerationParams(max_new_tokens=12, ignore_eos=True)
+    params = GenerationParams(max_new_tokens=12, ignore_eos=True, logprobs=True)
 
     def run(chunk):
         steps = list(generate_steps(engine.model, engine.tokenizer, ids, params, prefill_chunk=chunk))

@@ -135,10 +135,10 @@ def test_requests_joining_mid_flight_equal_running_alone(engine):
     known step; every result equals the engine's single-request generate (greedy and seeded)."""
     sched = Scheduler(engine.model, engine.tokenizer, max_batch=3, max_queue=4)
     cases = [
-        dict(max_new_tokens=24, ignore_eos=True),
-        dict(max_new_tokens=9, ignore_eos=True, temperature=0.9, top_p=0.9, seed=7),
-        dict(max_new_tokens=30, ignore_eos=True, temperature=1.2, seed=3),
-        dict(max_new_tokens=5, ignore_eos=True),
+        dict(max_new_tokens=24, ignore_eos=True, logprobs=True),
+        dict(max_new_tokens=9, ignore_eos=True, temperature=0.9, top_p=0.9, seed=7, logprobs=True),
+        dict(max_new_tokens=30, ignore_eos=True, temperature=1.2, seed=3, logprobs=True),
+        dict(max_new_tokens=5, ignore_eos=True, logprobs=True),
     ]
     collectors: list[Collector] = []
     batch_sizes = []

@@ -90,7 +90,7 @@ def test_completions_equal_the_engine_streamed_and_not(engine, client):
 
 
 def test_logprobs_seed_stop_and_clamped_max_tokens(engine, client):
-    alone = engine.chat(MESSAGES, max_new_tokens=8, ignore_eos=True)
+    alone = engine.chat(MESSAGES, max_new_tokens=8, ignore_eos=True, logprobs=True)
     got = client.chat.completions.create(
         model="tiny",
         messages=MESSAGES,

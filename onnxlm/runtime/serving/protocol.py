@@ -288,7 +288,9 @@ def parse_completion(body: dict, engine: Engine) -> GenRequest:
         raise bad("'max_tokens' 0 needs 'echo': true (scoring the prompt)", "max_tokens", "invalid_value")
     prompts = _fit(engine, ids, "prompt")
     room = engine.context_length - max(len(p) for p in prompts)
-    params = _params({**kwargs, **constrained, "top_logprobs": top or 0}, room, max_tokens, 16)
+    params = _params(
+        {**kwargs, **constrained, "logprobs": top is not None, "top_logprobs": top or 0}, room, max_tokens, 16
+    )
     if echo:  # what echo writes back: the prompt as given, or its tokens' text
         texts = [
             t or engine.tokenizer.decode(p, skip_special_tokens=False)
@@ -335,7 +337,13 @@ def parse_chat(body: dict, engine: Engine) -> GenRequest:
         raise bad(str(e), param, "invalid_value") from None
     try:
         ids, params, parse = engine.chat_request(
-            messages, template_vars, **tool_fields, **kwargs, **constrained, top_logprobs=top or 0
+            messages,
+            template_vars,
+            **tool_fields,
+            **kwargs,
+            **constrained,
+            logprobs=logprobs,
+            top_logprobs=top or 0,
         )
     except ParamError as e:
         raise bad(str(e), e.param, "invalid_value") from None
