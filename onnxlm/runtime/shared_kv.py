@@ -133,22 +133,23 @@ class SharedKVCache:
         """Only the length inputs of a step (seqlens_k, total_sequence_length, query_seqlens), for a
         runner that keeps the buffers bound; `feeds` is these and the buffers."""
         q = np.ones(self._batch, np.int32) if query_lens is None else np.asarray(query_lens, np.int32)
-        if q.shape != (self._batch,) or (q < 0).any():
-            raise ValueError(f"SharedKVCache.feeds: query_lens {q.tolist()} for a batch of {self._batch}")
-        after = self.lengths + q  # (batch,) tokens held after the step
-        if (after < 1).any():
+        ql = q.tolist()  # checked as Python ints: fewer numpy calls in the decode loop
+        if q.shape != (self._batch,) or min(ql) < 0:
+            raise ValueError(f"SharedKVCache.feeds: query_lens {ql} for a batch of {self._batch}")
+        after = [h + n for h, n in zip(self.lengths.tolist(), ql, strict=True)]  # tokens held after the step
+        if min(after) < 1:
             raise ValueError("SharedKVCache.feeds: a row with no tokens must bring at least one")
-        if after.max() > self.capacity:
+        if max(after) > self.capacity:
             raise ValueError(
-                f"SharedKVCache.feeds: {int(after.max())} tokens do not fit the buffer's {self.capacity} positions"
+                f"SharedKVCache.feeds: {max(after)} tokens do not fit the buffer's {self.capacity} positions"
             )
         if self._values is None:
             self._allocate()
         self._pending = q
         io = self.io
         return {
-            io.seqlens_k: after - 1,
-            io.total_sequence_length: np.array(after.max(), np.int32),
+            io.seqlens_k: np.array([a - 1 for a in after], np.int32),
+            io.total_sequence_length: np.array(max(after), np.int32),
             io.query_seqlens: q,
         }
 
