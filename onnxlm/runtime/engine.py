@@ -33,7 +33,6 @@ from ..bundle import MODEL, TOKENIZER, BundleError, Manifest, check_bundle
 from .batch import generate_steps
 from .generate import GenerationParams, Model, Step
 from .prefix import PrefixCache
-from .scheduler import Scheduler
 from .session import make_session, release_free_heap, release_mapped_files, spins_when_idle
 from .speculate import Costs, ModelDrafter, NgramDrafter, step_ratio, verify_gap
 from .tokenizer import Tokenizer
@@ -450,6 +449,8 @@ class Engine:
 
     def new_scheduler(self, max_batch: int = 8, max_queue: int = 64, prefill_chunk: int | None = 512):
         """A continuous-batching scheduler on this engine's model, draft and prefix cache (not started)."""
+        from .scheduler import Scheduler  # asyncio and its threads (~7 MB) only where something serves
+
         return Scheduler(
             self.model,
             self.tokenizer,

@@ -18,16 +18,27 @@ import re
 import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jinja2
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.decoders import DecodeStream
 
 from ..bundle import TOKENIZER, BundleError, Manifest
-from .chat_template import ChatTemplateError, compile_chat_template, render_chat_template
 
-__all__ = ["ChatTemplateError", "Detokenizer", "Tokenizer", "compile_chat_template", "render_chat_template"]
+if TYPE_CHECKING:
+    import jinja2
+
+__all__ = ["Detokenizer", "Tokenizer"]
+
+
+def __getattr__(name: str):
+    """The chat-template names re-exported here, imported when first asked for (they need jinja2)."""
+    if name in ("ChatTemplateError", "compile_chat_template", "render_chat_template"):
+        from . import chat_template
+
+        return getattr(chat_template, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 REPLACEMENT = "\ufffd"
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's byte-fallback pieces
@@ -170,6 +181,9 @@ class Tokenizer:
         self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True, **extra: Any
     ) -> str:
         """Render OpenAI-style messages to the prompt text (special tokens included as text)."""
+        # jinja2 (~7 MB resident) is loaded by the first chat, not by every process that generates
+        from .chat_template import ChatTemplateError, compile_chat_template, render_chat_template
+
         if not self.manifest.chat_template:
             raise ChatTemplateError(
                 "this bundle has no chat template (the manifest's chat_template is empty); "
