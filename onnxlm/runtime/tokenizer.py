@@ -103,6 +103,7 @@ class Tokenizer:
         self.prepend_bos = bool(facts.add_bos_token and self.bos_token_id is not None and not adds_bos)
         self._template: jinja2.Template | None = None
         self._bytes: list[bytes] | None = None
+        self._rules: tuple | None = None
         self._template_lock = threading.Lock()
 
     @classmethod
@@ -137,37 +138,46 @@ class Tokenizer:
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for on its own: the pieces of a character split across tokens are
         the character's UTF-8 bytes, split where the tokens split it (decode would give U+FFFD)."""
-        table = self.token_bytes_table()
-        return table[token_id] if 0 <= token_id < len(table) else b""
+        if not 0 <= token_id < self.vocab_size:
+            return b""
+        if self._bytes is not None:
+            return self._bytes[token_id]
+        return self._piece_bytes(token_id)  # one token: no need to build the whole table (~0.1 s)
 
     def token_bytes_table(self) -> list[bytes]:
-        """token_bytes of every id, built once: byte-level BPE characters map back to their bytes,
-        SentencePiece byte pieces (<0x..>) to their byte and '▁' to a space; added tokens are their text."""
+        """token_bytes of every id, built once."""
         if self._bytes is None:
-            spec = json.loads(self.tok.to_str())
-            byte_level = _mentions(spec.get("pre_tokenizer"), "ByteLevel") or _mentions(
-                spec.get("decoder"), "ByteLevel"
-            )
-            byte_fallback = bool((spec.get("model") or {}).get("byte_fallback")) or _mentions(
-                spec.get("decoder"), "ByteFallback"
-            )
-            alphabet = _byte_level_alphabet()
-            added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
-            table = []
-            for i in range(self.vocab_size):
-                piece = added.get(i) if i in added else self.tok.id_to_token(i)
-                if piece is None:
-                    table.append(b"")
-                elif i in added:
-                    table.append(piece.encode())
-                elif byte_fallback and (m := _BYTE_TOKEN.fullmatch(piece)):
-                    table.append(bytes([int(m.group(1), 16)]))
-                elif byte_level and all(c in alphabet for c in piece):
-                    table.append(bytes(alphabet[c] for c in piece))
-                else:
-                    table.append(piece.replace("\u2581", " ").encode())
-            self._bytes = table
+            self._bytes = [self._piece_bytes(i) for i in range(self.vocab_size)]
         return self._bytes
+
+    def _piece_bytes(self, i: int) -> bytes:
+        """Byte-level BPE characters map back to their bytes, SentencePiece byte pieces (<0x..>) to their
+        byte and '▁' to a space; added tokens are their text."""
+        byte_level, byte_fallback, alphabet, added = self._byte_rules()
+        if i in added:
+            return added[i].encode()
+        piece = self.tok.id_to_token(i)
+        if piece is None:
+            return b""
+        if byte_fallback and (m := _BYTE_TOKEN.fullmatch(piece)):
+            return bytes([int(m.group(1), 16)])
+        if byte_level and all(c in alphabet for c in piece):
+            return bytes(alphabet[c] for c in piece)
+        return piece.replace("\u2581", " ").encode()
+
+    def _byte_rules(self) -> tuple[bool, bool, dict[str, int], dict[int, str]]:
+        """What token_bytes needs of the tokenizer's pipeline, read from its components' own JSON (the
+        whole tokenizer's JSON takes ~0.1 s to write and parse)."""
+        if self._rules is None:
+            parts = [self.tok.pre_tokenizer, self.tok.decoder]
+            spec = [json.loads(c.__getstate__()) if c is not None else None for c in parts]
+            byte_level = any(_mentions(c, "ByteLevel") for c in spec)
+            byte_fallback = bool(getattr(self.tok.model, "byte_fallback", False)) or _mentions(
+                spec[1], "ByteFallback"
+            )
+            added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
+            self._rules = (byte_level, byte_fallback, _byte_level_alphabet(), added)
+        return self._rules
 
     def special_token_ids(self) -> list[int]:
         return sorted(i for i, t in self.tok.get_added_tokens_decoder().items() if t.special)
