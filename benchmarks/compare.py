@@ -2,11 +2,13 @@
 
     python benchmarks/compare.py --onnxlm fp32=BUNDLE --onnxlm int4=BUNDLE \
         --hf HF_FOLDER --optimum OPTIMUM_FOLDER --genai fp32=DIR --genai int4=DIR --gguf Q4_1=FILE \
-        --contexts 100,2000 --new-tokens 128 --rounds 3 --memory --out results/
+        --contexts 100,2000 --new-tokens 128 --rounds 3 --memory --baseline "genai int4" --out results/
 
 Every engine gets the same prompt token ids, the same thread count, greedy decoding with the end of
 sequence ignored (exactly --new-tokens tokens), and runs are interleaved round by round so drift hits
-all alike; medians are reported. A peer whose package is missing is reported as skipped, not faked.
+all alike; medians are reported, and with --baseline NAME every engine's decode speed over NAME's in
+the same round (per round and the median: this kind of machine moves more between rounds than the
+engines differ). A peer whose package is missing is reported as skipped, not faked.
 With --memory, each engine then runs once more alone in a fresh process (load, generate --new-tokens
 at the first context) to measure its peak RSS and what it holds resident afterwards.
 Writes compare.json, compare.md and compare.png (tokens/s by engine and context) into --out.
@@ -241,6 +243,29 @@ def prompt_ids(tokenizer_json: str, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
+def paired_ratios(
+    samples: dict[tuple[str, int], list[tuple[float, float]]],
+    baselines: list[str],
+    engines: list[str],
+    contexts: list[int],
+) -> list[dict]:
+    """Every engine's decode tok/s over each baseline's in the same round, per context: the rounds'
+    ratios and their median (engines interleaved within a round see the same machine; across rounds
+    this machine's speed moves more than the engines differ)."""
+    out = []
+    for base in baselines:
+        for name in engines:
+            if name == base:
+                continue
+            rounds = {
+                str(c): [a[1] / b[1] for a, b in zip(samples[name, c], samples[base, c], strict=True)]
+                for c in contexts
+            }
+            median = {c: statistics.median(r) for c, r in rounds.items()}
+            out.append({"engine": name, "baseline": base, "rounds": rounds, "median": median})
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnxlm", action="append", default=[], help="NAME=BUNDLE")
@@ -254,6 +279,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--out", type=Path, default=Path("benchmark-results"))
     ap.add_argument("--memory", action="store_true", help="peak RSS of each engine, each in its own process")
+    ap.add_argument(
+        "--baseline",
+        action="append",
+        default=[],
+        help="an engine as named in the table (e.g. 'genai int4'): every engine's decode tok/s over its "
+        "own in the same round, per round and the median (a round's engines share the machine's state)",
+    )
     ap.add_argument("--memory-of", nargs=2, metavar=("KIND", "PATH"), help=argparse.SUPPRESS)
     ap.add_argument("--memory-prompt", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -292,6 +324,9 @@ def main() -> None:
             engines[name](prompts[contexts[0]][:16], 4)  # warm-up
         except ImportError as e:
             skipped[name] = f"not installed ({e.name})"
+    unknown = [b for b in args.baseline if b not in engines]
+    if unknown:  # before the rounds: a misspelt name should not cost a whole run
+        raise SystemExit(f"--baseline {unknown[0]!r}: not an engine that runs here ({', '.join(engines)})")
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
     for r in range(args.rounds):
         for c in contexts:
@@ -303,6 +338,7 @@ def main() -> None:
                     file=sys.stderr,
                 )
 
+    paired = paired_ratios(samples, args.baseline, list(engines), contexts)
     sizes = {name: model_bytes(path) for name, kind, path in specs if name in engines}
     rows = []
     for (name, c), vals in samples.items():
@@ -316,6 +352,7 @@ def main() -> None:
                 "model_bytes": sizes[name],
                 "decode_gb_per_s": sizes[name] * tps / 1e9,  # the weights a token reads; KV comes on top
                 "runs": len(vals),
+                "rounds": [{"ttft_s": t, "decode_tokens_per_s": d} for t, d in vals],
             }
         )
     memory: dict[str, dict] = {}
@@ -350,6 +387,7 @@ def main() -> None:
         "rows": rows,
         "memory": memory,
         "skipped": skipped,
+        "paired": paired,
     }
     (args.out / "compare.json").write_text(json.dumps(result, indent=2))
     lines = [
@@ -374,6 +412,20 @@ def main() -> None:
         f"GB/s = model bytes x decode tokens/s (the weights each token reads; the KV cache comes on top), "
         f"beside this machine's read bandwidth: {bandwidth:.1f} GB/s (numpy, all CPUs).",
     ]
+    if paired:
+        lines += [
+            "",
+            "Decode tok/s over the baseline's in the same round (median; each round):",
+            "",
+            "| engine | baseline | " + " | ".join(f"ctx {c}" for c in contexts) + " |",
+            "| --- | --- | " + " | ".join("---" for _ in contexts) + " |",
+        ]
+        for p in paired:
+            cells = [
+                f"{p['median'][str(c)]:.2f}x ({', '.join(f'{x:.2f}' for x in p['rounds'][str(c)])})"
+                for c in contexts
+            ]
+            lines.append(f"| {p['engine']} | {p['baseline']} | " + " | ".join(cells) + " |")
     if memory:
         lines += [
             "",

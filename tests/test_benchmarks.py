@@ -99,6 +99,31 @@ def test_compare_reports_speed_and_each_engines_memory(tiny_llama_bundle, tmp_pa
         assert "not installed" in result["skipped"]["llama.cpp missing"]
 
 
+def test_compare_pairs_each_round_against_a_baseline(tiny_llama_bundle, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "compare.py"), "--onnxlm", f"a={tiny_llama_bundle}"]
+    cmd += ["--onnxlm", f"b={tiny_llama_bundle}", "--contexts", "8", "--new-tokens", "4", "--rounds", "3"]
+    done = subprocess.run([*cmd, "--baseline", "onnxlm c", "--out", str(out)], capture_output=True, text=True)
+    assert (
+        done.returncode != 0
+        and "--baseline 'onnxlm c'" in done.stderr
+        and not (out / "compare.json").exists()
+    )
+    done = subprocess.run([*cmd, "--baseline", "onnxlm a", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((out / "compare.json").read_text())
+    rows = {r["engine"]: r["rounds"] for r in result["rows"]}
+    (pair,) = result["paired"]
+    assert (pair["engine"], pair["baseline"]) == ("onnxlm b", "onnxlm a")
+    want = [
+        b["decode_tokens_per_s"] / a["decode_tokens_per_s"]
+        for a, b in zip(rows["onnxlm a"], rows["onnxlm b"], strict=True)
+    ]
+    assert pair["rounds"]["8"] == pytest.approx(want) and len(want) == 3
+    assert pair["median"]["8"] == pytest.approx(sorted(want)[1])
+    assert f"| onnxlm b | onnxlm a | {sorted(want)[1]:.2f}x" in (out / "compare.md").read_text()
+
+
 def test_draft_turns_times_every_setting_of_the_two_sessions(tiny_llama_bundle, tmp_path):
     out = tmp_path / "out"
     script = str(ROOT / "benchmarks" / "draft_turns.py")
