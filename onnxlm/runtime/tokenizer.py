@@ -172,9 +172,10 @@ class Tokenizer:
             parts = [self.tok.pre_tokenizer, self.tok.decoder]
             spec = [json.loads(c.__getstate__()) if c is not None else None for c in parts]
             byte_level = any(_mentions(c, "ByteLevel") for c in spec)
-            byte_fallback = bool(getattr(self.tok.model, "byte_fallback", False)) or _mentions(
-                spec[1], "ByteFallback"
-            )
+            fallback = getattr(self.tok.model, "byte_fallback", None)
+            if fallback is None:  # not exposed by every model type (Unigram): its own JSON says it
+                fallback = json.loads(self.tok.model.__getstate__()).get("byte_fallback")
+            byte_fallback = bool(fallback) or _mentions(spec[1], "ByteFallback")
             added = {i: t.content for i, t in self.tok.get_added_tokens_decoder().items()}
             self._rules = (byte_level, byte_fallback, _byte_level_alphabet(), added)
         return self._rules

@@ -217,3 +217,15 @@ def test_detokenizer_keeps_spaces_of_sentencepiece_style_tokens():
     detok = Detokenizer(tok)
     text = "".join(detok.add(i) for i in ids) + detok.flush()
     assert text == tok.decode(ids) == "Hello world! 你好 world"
+
+
+def test_token_bytes_of_a_unigram_model_with_byte_fallback():
+    """A Unigram model says byte_fallback only in its own JSON (no Python attribute), and this one has
+    no ByteFallback decoder either: its <0x..> pieces are still single bytes."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers.models import Unigram
+
+    pieces = [("<unk>", 0.0), ("<0x41>", -1.0), ("<0xE4>", -1.0), ("\u2581hi", -2.0)]
+    tok = Tokenizer(HF(Unigram(pieces, unk_id=0, byte_fallback=True)), manifest())
+    got = [tok.token_bytes(i) for i in range(4)]
+    assert got == [b"<unk>", b"A", b"\xe4", b" hi"] and got == tok.token_bytes_table()
