@@ -40,8 +40,8 @@ def onnxlm_engine(bundle: str, threads: int) -> Run:
     engine = onnxlm.load(bundle, threads=threads)
 
     def run(ids, n):
-        # wall clock around the public stream, as the peers are timed (Timings.tokens_per_s counts
-        # forward passes only: it leaves out sampling and the loop around the model)
+        # wall clock around the public stream, exactly as the peers are timed (the chunks' own creation
+        # included, which Timings leave out)
         t0 = time.perf_counter()
         first, count = None, 0
         for _chunk in engine.stream(ids, max_new_tokens=n, ignore_eos=True):

@@ -193,7 +193,7 @@ def _run(batch: Batch, seqs: list[SeqState]) -> Iterator[Step]:
         adm.run()
         firsts = batch.join(adm)
         wall = time.perf_counter() - t0
-        yield Step(firsts, 0, adm.seconds, batch.sample_s, [s.cached_tokens for s in seqs], wall)
+        yield Step(firsts, 0, adm.seconds, batch.sample_s, [s.cached_tokens for s in seqs], wall_s=wall)
         index = 1
         while True:
             t0 = time.perf_counter()
@@ -205,15 +205,9 @@ def _run(batch: Batch, seqs: list[SeqState]) -> Iterator[Step]:
             forward_s, sample_s = batch.forward_s, batch.sample_s
             for j in range(max(len(r) for r in rounds)):
                 outs = [r[j] for r in rounds if len(r) > j]
-                first = j == 0
-                yield Step(
-                    outs,
-                    index,
-                    forward_s if first else 0.0,
-                    sample_s if first else 0.0,
-                    None,
-                    wall if first else 0.0,
-                )
+                if j == 1:  # the round's times go to its first step
+                    forward_s = sample_s = wall = 0.0
+                yield Step(outs, index, forward_s, sample_s, wall_s=wall)
                 index += 1
     finally:
         batch.free()

@@ -402,7 +402,7 @@ def sample_next(seq: SeqState, index: int, logits: np.ndarray) -> SeqOutput:
     # vocabulary every step cost more than the rest of the Python side of a decode step
     x = row[0]
     logprob = top = None
-    if seq.logprobs:
+    if seq.logprobs or seq.top_logprobs:  # top_logprobs implies logprobs (GenerationParams)
         lse = logsumexp(x)
         logprob = float(x[token]) - lse
     if seq.top_logprobs:
