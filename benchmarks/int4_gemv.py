@@ -14,7 +14,7 @@ is first checked against numpy on one matrix. The C kernel needs a C compiler an
 without them it is reported as skipped.
 
 --bundle B (repeatable) also times that bundle's own MatMulNBits alone (same weights, in graph order,
-a Slice where one's output is wider than the next one's input) against its whole decode step, to say
+a Slice where one's output is wider than the next one's input, zeros appended where it is narrower) against its whole decode step, to say
 how much of an int4 step the 4-bit matmuls are.
 """
 
@@ -177,8 +177,11 @@ def bundle_matmuls(bundle: Path, threads: int, repeat: int, tmp: Path) -> dict:
                 inits[name] = numpy_helper.from_array(np.array([v], np.int64), name)
             nodes.append(helper.make_node("Slice", [x, "zero", f"end{i}", "last"], [f"s{i}"]))
             x = f"s{i}"
-        elif width < attrs["K"]:
-            raise ValueError(f"{n.name} reads {attrs['K']} inputs after an output of {width}")
+        elif width < attrs["K"]:  # scheme min folded: the input's block sums follow it (zeros here)
+            pads = f"pads{i}"
+            inits[pads] = numpy_helper.from_array(np.array([0, 0, 0, attrs["K"] - width], np.int64), pads)
+            nodes.append(helper.make_node("Pad", [x, pads], [f"p{i}"]))
+            x = f"p{i}"
         for name in n.input[1:]:
             if name:
                 inits[name] = weights[name]

@@ -187,6 +187,7 @@ def _integer(model, sites, rec, src, manifest, settings, text, bar) -> dict:
         "algorithm_scope": "4-bit weights (gptq: those with a MatMul input to calibrate on); 8-bit weights use rtn",
         "block_size": settings.block_size,
         "scheme": settings.scheme,
+        **({"min_form": settings.min_form} if settings.scheme == "min" else {}),
         "scales_stored_as": "float16",
         "accuracy_level": settings.accuracy_level,
     }

@@ -8,8 +8,14 @@ Scales (and mins) are stored as float16 and Cast to float32 in the graph; onnxru
 Cast (and everything else computed from constants only) when it loads the model, so the kernels see
 float32 constants while the bundle carries half the bytes.
 
-Scheme `min` (w = q·scale + min) runs the sym kernel, which computes Σ (q - 2^(bits-1))·scale·x, and
-adds what that leaves out, one small correction per weight, the block sums shared per input:
+Scheme `min` (w = q·scale + min), folded (pack.fold_min; the integer recipes): integer zero points
+and each block's remainder as a code in extra blocks, which MatMulNBits multiplies by the input's block
+sums appended to the input; one kernel call per weight, the sums and the Concat shared per input:
+
+    x ─► MatMul(x, ones (K, pad + extra·block)) ─► Concat(x, sums) ─► MatMulNBits(Wq|codes, zeros) ─► y
+
+Exact (GGUF kept blocks): the sym kernel, which computes Σ (q - 2^(bits-1))·scale·x, plus what that
+leaves out, one small correction per weight:
 
     x ─► MatMulNBits(Wq, scales) ───────────────────────────► Add ─► y
     └──► MatMul(x, ones (K, k_blocks)) ─► MatMul(offsetsᵀ) ──┘      offsets = min + 2^(bits-1)·scale
@@ -30,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from .pack import Packed, unpack_values
+from .pack import Packed, fold_min, unpack_values
 from .recipes import Site, parse_scope
 
 MS_DOMAIN = "com.microsoft"
@@ -123,7 +129,17 @@ class PackedNames:
     Nodes that only compute constants (Casts, the `min` offsets) go to `self.nodes`; the caller adds
     them to the graph."""
 
-    def __init__(self, model: onnx.ModelProto, weight: str, packed: Packed, gather_only: bool):
+    def __init__(
+        self,
+        model: onnx.ModelProto,
+        weight: str,
+        packed: Packed,
+        gather_only: bool,
+        gathered: bool = True,
+        fold: bool = False,
+    ):
+        """gather_only: no MatMulNBits reads it; gathered: an embedding Gather does; fold: serve scheme
+        min folded (module docstring) to the MatMulNBits that read it."""
         self.model = model
         self.packed = packed
         self.nodes: list = []
@@ -132,26 +148,45 @@ class PackedNames:
         tag = f"_q{packed.bits}b{packed.block_size}"
         self.data = weight + tag
         self.zeros = weight + tag + "_zeros" if packed.zeros is not None else None
-        self._add(self.data, packed.data.reshape(packed.n, -1) if self.gather_only else packed.data)
+        self.folded = fold_min(packed) if fold and packed.mins is not None and not gather_only else None
+        stored = self.folded.data if self.folded is not None else packed.data
+        self._add(self.data, packed.data.reshape(packed.n, -1) if self.gather_only else stored)
         self.scales = self._stored(weight + tag + "_scales", packed.scales, "scales")
         if self.zeros:
             self._add(self.zeros, packed.zeros)
         self.offsets = self.offsets_t = None
-        if packed.mins is not None:
+        # what a MatMulNBits reads (folded: the remainder blocks' scales after the row's own, and zeros)
+        self.kernel_scales, self.kernel_zeros = self.scales, self.zeros
+        if self.folded is not None:
+            f = self.folded
+            rest = self._half(weight + tag + "_rscales", f.scales[:, f.k_blocks :])
+            self.kernel_scales = weight + tag + "_kscales"
+            self.nodes.append(
+                helper.make_node(
+                    "Concat", [self.scales, rest], [self.kernel_scales], name=self.kernel_scales, axis=1
+                )
+            )
+            self.kernel_zeros = weight + tag + "_kzeros"
+            self._add(self.kernel_zeros, f.zeros)
+        if packed.mins is not None and (self.folded is None or gathered):
             mins = self._stored(weight + tag + "_mins", packed.mins, "mins")
             centre = numpy_helper.from_array(
                 np.array(2.0 ** (packed.bits - 1), np.float32), weight + tag + "_centre"
             )
             self.model.graph.initializer.append(centre)
-            self.offsets, self.offsets_t = weight + tag + "_offsets", weight + tag + "_offsetsT"
+            self.offsets = weight + tag + "_offsets"
             shifted = weight + tag + "_shift"
             self.nodes += [
                 helper.make_node("Mul", [self.scales, centre.name], [shifted], name=shifted),
                 helper.make_node("Add", [mins, shifted], [self.offsets], name=self.offsets),
-                helper.make_node(
-                    "Transpose", [self.offsets], [self.offsets_t], name=self.offsets_t, perm=[1, 0]
-                ),
             ]
+            if self.folded is None:  # the correction branch's (kb, N) table
+                self.offsets_t = weight + tag + "_offsetsT"
+                self.nodes.append(
+                    helper.make_node(
+                        "Transpose", [self.offsets], [self.offsets_t], name=self.offsets_t, perm=[1, 0]
+                    )
+                )
         self._extra: dict[str, str] = {}
 
     def _add(self, name: str, array: np.ndarray) -> None:
@@ -207,10 +242,31 @@ class BlockSums:
         self.made.add(name)
         return name, made + [helper.make_node("MatMul", [x, ones], [name], name=name)]
 
-    def _table(self, name: str, k: int, block_size: int) -> list:
-        """(K, k_blocks) float, 1 where row k lies in block b: built from scalars by nodes that
-        onnxruntime folds at load, so the bundle carries a few bytes instead of K·k_blocks floats."""
-        scalars = {"zero": 0, "one": 1, "k": k, "kb": -(-k // block_size), "bs": block_size, "axis": [1]}
+    def appended(self, x: str, f) -> tuple[str, list]:
+        """x with its block sums appended where a folded weight (pack.Folded) reads them: zeros up to
+        the row's padded length, then the sums, then zeros to the end of the remainder blocks."""
+        k, bs = f.k, f.block_size
+        width = f.k_served - k
+        name, table = f"{x}_blocksums{bs}_appended", f"blocksums_{k}x{bs}_appended{width}"
+        if name in self.made:
+            return name, []
+        made = []
+        if table not in self.made:
+            made = self._table(table, k, bs, f.k_blocks * bs - k, width)
+            self.made.add(table)
+        self.made.add(name)
+        sums = f"{x}_blocksums{bs}_w{width}"
+        return name, made + [
+            helper.make_node("MatMul", [x, table], [sums], name=sums),
+            helper.make_node("Concat", [x, sums], [name], name=name, axis=-1),
+        ]
+
+    def _table(self, name: str, k: int, block_size: int, shift: int = 0, width: int | None = None) -> list:
+        """(K, width) float, 1 where row k lies in block b - shift (width: k_blocks by default): built
+        from scalars by nodes that onnxruntime folds at load, so the bundle carries a few bytes instead
+        of K·width floats."""
+        width = -(-k // block_size) if width is None else width
+        scalars = {"zero": 0, "one": 1, "k": k, "kb": width, "bs": block_size, "axis": [1], "shift": shift}
         for key, v in scalars.items():
             self.model.graph.initializer.append(
                 numpy_helper.from_array(np.array(v, np.int64), f"{name}_{key}")
@@ -218,7 +274,8 @@ class BlockSums:
         n = name + "_"
         return [
             helper.make_node("Range", [n + "zero", n + "k", n + "one"], [n + "rows"], name=n + "rows"),
-            helper.make_node("Div", [n + "rows", n + "bs"], [n + "row_block"], name=n + "row_block"),
+            helper.make_node("Div", [n + "rows", n + "bs"], [n + "row_div"], name=n + "row_div"),
+            helper.make_node("Add", [n + "row_div", n + "shift"], [n + "row_block"], name=n + "row_block"),
             helper.make_node("Unsqueeze", [n + "row_block", n + "axis"], [n + "column"], name=n + "column"),
             helper.make_node("Range", [n + "zero", n + "kb", n + "one"], [n + "blocks"], name=n + "blocks"),
             helper.make_node("Equal", [n + "column", n + "blocks"], [n + "mask"], name=n + "mask"),
@@ -234,11 +291,16 @@ def matmul_nbits(
     accuracy_level: int,
     block_sums: BlockSums | None = None,
 ) -> list:
-    """MatMulNBits for a MatMul / Gemm site; scheme `min` adds its correction (module diagram), a
-    Gemm's non-zero bias follows as an Add."""
+    """MatMulNBits for a MatMul / Gemm site; scheme `min` reads its input's block sums, folded, or adds
+    its correction branch, exact (module diagram); a Gemm's non-zero bias follows as an Add."""
     p = names.packed
-    inputs = [node.input[0], names.data, names.scales] + ([names.zeros] if names.zeros else [])
-    attrs = dict(K=site.k, N=site.n, bits=p.bits, block_size=p.block_size)
+    x, nodes = node.input[0], []
+    k = site.k
+    if names.folded is not None:
+        x, nodes = (block_sums or BlockSums(model)).appended(x, names.folded)
+        k = names.folded.k_served
+    inputs = [x, names.data, names.kernel_scales] + ([names.kernel_zeros] if names.kernel_zeros else [])
+    attrs = dict(K=k, N=site.n, bits=p.bits, block_size=p.block_size)
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level
     out = node.output[0]
@@ -249,7 +311,7 @@ def matmul_nbits(
     main = out + "_nobias" if bias else out
     if names.offsets_t:
         main = out + "_main"
-    nodes = [
+    nodes += [
         helper.make_node(
             "MatMulNBits", inputs, [main], name=node.name + f"_Q{p.bits}", domain=MS_DOMAIN, **attrs
         )
@@ -294,9 +356,12 @@ def gather_block_quantized(node, names: PackedNames) -> list:
     if names.gather_only:
         return [gather([names.data, ids, names.scales] + ([names.zeros] if names.zeros else []), out, 1)]
     pre = node.name
-    shape3 = names.extra("shape3", lambda: np.array([p.n, p.k_blocks, 1], np.int64))
+    f = names.folded  # the head's folded table: the gather reads its own blocks without zero points
+    blocks_stored = p.k_blocks + (f.extra if f is not None else 0)
+    shape3 = names.extra("shape3", lambda: np.array([p.n, blocks_stored, 1], np.int64))
     minus1 = names.extra("minus1", lambda: np.array([-1], np.int64))
-    nodes = [helper.make_node("Reshape", [names.scales, shape3], [pre + "/scales3d"], name=pre + "/scales3d")]
+    scales = names.kernel_scales if f is not None else names.scales
+    nodes = [helper.make_node("Reshape", [scales, shape3], [pre + "/scales3d"], name=pre + "/scales3d")]
     inputs = [names.data, ids, pre + "/scales3d"]
     if names.zeros:
         if p.bits == 8:
@@ -309,6 +374,12 @@ def gather_block_quantized(node, names: PackedNames) -> list:
             inputs.append(z)
     blocks = pre + "/blocks"
     nodes.append(gather(inputs, blocks, 2))
+    if f is not None:  # the remainder blocks off: the offsets below are the exact minimums
+        start = names.extra("zero1", lambda: np.array([0], np.int64))
+        end = names.extra("own_blocks", lambda: np.array([p.k_blocks], np.int64))
+        axis = names.extra("minus2", lambda: np.array([-2], np.int64))
+        nodes.append(helper.make_node("Slice", [blocks, start, end, axis], [pre + "/own"], name=pre + "/own"))
+        blocks = pre + "/own"
     if names.offsets:  # scheme min: each block's offset, gathered by token and broadcast over the block
         nodes += [
             helper.make_node(

@@ -13,8 +13,15 @@ embedding table already are; a MatMul's (K, N) weight is transposed). K is cut i
     zeros   uint8 (N, ceil(k_blocks * bits / 8))           4-bit: packed like the weights
     mins    float (N, k_blocks)                          stored as float16
 
-MatMulNBits' fast kernels take integer zero points only, so `min` is served as the sym kernel plus a
-correction (graph.py): Σ_blocks (min + 2^(bits-1)·scale) · Σ(x in block).
+MatMulNBits' fast kernels take integer zero points only. `min` is served one of two ways (graph.py):
+- folded (the integer recipes): each block's minimum split into an integer zero point and what is
+  left, m = -z·scale + r, |r| <= scale / 2 (fold_min). The remainders r of a row become `bits`-bit
+  codes in extra blocks appended to the row, which MatMulNBits multiplies by the input's block sums
+  (appended to the input): one kernel call, no extra branch. The remainders' rounding (at most a
+  2^(bits-1)-1-th of a block's largest remainder, i.e. about scale / 28 for 4 bits) is the only
+  change from the packed weights.
+- exact (GGUF kept blocks, which promise ggml's weights): the sym kernel plus a correction branch,
+  Σ_blocks (min + 2^(bits-1)·scale) · Σ(x in block).
 
 GatherBlockQuantized (uint8 data) follows the same conventions, so one packed tensor can serve both
 the output head and a tied token embedding.
@@ -64,6 +71,62 @@ class Packed:
                 z = unpack_values(self.zeros, self.bits).reshape(self.n, -1)[:, : self.k_blocks]
             w = (q - z[..., None].astype(np.float32)) * self.scales[..., None]
         return w.reshape(self.n, -1)[:, : self.k]
+
+
+@dataclass
+class Folded:
+    """Scheme min in MatMulNBits' zero-point form (module docstring): the row's own k_blocks, then
+    `extra` blocks holding each block's remainder as a code (zero point 2^(bits-1)). Computes
+    Σ_blocks (q - z)·scale·x + r̂·Σ(x in block), with r̂ = (code - 2^(bits-1))·remainder_scale."""
+
+    data: np.ndarray  # uint8 (N, k_blocks + extra, blob)
+    scales: np.ndarray  # float32 (N, k_blocks + extra), float16-representable
+    zeros: np.ndarray  # uint8 (N, ceil((k_blocks + extra) * bits / 8))
+    bits: int
+    block_size: int
+    k: int
+    k_blocks: int
+
+    @property
+    def extra(self) -> int:
+        return self.data.shape[1] - self.k_blocks
+
+    @property
+    def k_served(self) -> int:
+        """The kernel's K: the row's padded blocks, then the remainder blocks."""
+        return self.data.shape[1] * self.block_size
+
+    def dequantize(self) -> np.ndarray:
+        """W (N, K) float32: the weights the folded form computes with."""
+        n, kb = self.data.shape[0], self.k_blocks
+        q = unpack_values(self.data, self.bits).astype(np.float32)  # (N, kb + extra, block)
+        z = unpack_values(self.zeros, self.bits)[:, : kb + self.extra].astype(np.float32)
+        v = (q - z[..., None]) * self.scales[..., None]
+        r = v[:, kb:].reshape(n, -1)[:, :kb]  # each block's remainder
+        return (v[:, :kb] + r[..., None]).reshape(n, -1)[:, : self.k]
+
+
+def fold_min(p: Packed) -> Folded:
+    """Scheme min's blocks in the zero-point form (module docstring). z = round(-m / scale) clipped to
+    the code range, r = m + z·scale; each extra block codes `block_size` remainders of a row with one
+    scale (its largest |r| over 2^(bits-1) - 1, rounded up to float16)."""
+    if p.mins is None:
+        raise ValueError("fold_min: the packed weight is not scheme min")
+    n, kb, bs, bits = p.n, p.k_blocks, p.block_size, p.bits
+    centre, top = 2 ** (bits - 1), 2**bits - 1
+    d, m = p.scales.astype(np.float64), p.mins.astype(np.float64)
+    z = np.clip(np.rint(-m / np.where(d == 0, 1, d)), 0, top)
+    r = m + z * d
+    extra = -(-kb // bs)
+    r = np.concatenate([r, np.zeros((n, extra * bs - kb))], axis=1).reshape(n, extra, bs)
+    want = np.abs(r).max(axis=-1) / (centre - 1)
+    s = want.astype(np.float16)
+    s = np.where(s.astype(np.float64) < want, np.nextafter(s, np.float16(np.inf)), s)  # round up
+    s = np.where(s == 0, np.float16(1), s).astype(np.float32)
+    codes = np.clip(np.rint(r / s[..., None]), 1 - centre, centre - 1) + centre
+    data = np.concatenate([p.data, pack_values(codes.astype(np.uint8), bits)], axis=1)
+    zeros = np.concatenate([z, np.full((n, extra), centre)], axis=1)
+    return Folded(data, np.concatenate([p.scales, s], axis=1), pack_values(zeros, bits), bits, bs, p.k, kb)
 
 
 def unpack_values(packed: np.ndarray, bits: int) -> np.ndarray:

@@ -26,6 +26,9 @@ class Settings:
     scheme: str = "min"  # of 4-bit weights (pack.py); 8-bit ones are sym unless this is asym
     accuracy_level: int = 4
     algorithm: str = "rtn"  # "rtn" | "hqq" | "gptq"
+    # how MatMulNBits serves scheme min (pack.py): "folded" (zero points and remainder blocks) or
+    # "exact" (the sym kernel plus a correction branch; what GGUF kept blocks use)
+    min_form: str = "folded"
 
     def scheme_for(self, bits: int) -> str:
         return self.scheme if bits == 4 or self.scheme == "asym" else "sym"
@@ -132,7 +135,14 @@ def apply(
             continue
         w = G.weight_nk(inits[weight], group[0])  # (N, K)
         packed = pack_group(w, BITS[fmt], settings, group, hessians or {}, result)
-        names = G.PackedNames(model, weight, packed, gather_only=len(gathers) == len(group))
+        names = G.PackedNames(
+            model,
+            weight,
+            packed,
+            gather_only=len(gathers) == len(group),
+            gathered=bool(gathers),
+            fold=settings.min_form == "folded",
+        )
         prelude += names.nodes
         for x in group:
             node = by_name[x.node]

@@ -17,7 +17,7 @@ import pytest
 from onnxlm import bundle as B
 from onnxlm.quantize import RECIPES, QuantizeError, quantize
 from onnxlm.quantize.gptq import gptq
-from onnxlm.quantize.pack import rtn
+from onnxlm.quantize.pack import fold_min, rtn
 from onnxlm.runtime import load
 from tests.fixtures import CORPUS
 
@@ -218,7 +218,10 @@ def test_tied_embedding_stored_once(quantized, graph):
         assert readers["GatherBlockQuantized"] == readers["MatMulNBits"]  # one packed tensor, two readers
         vocab, hidden = 400, 256
         packed = [t for t in model.graph.initializer if t.name == readers["MatMulNBits"]][0]
-        assert np.prod(packed.dims) == vocab * hidden * (4 if recipe == "int4" else 8) // 8
+        # int4 (scheme min, folded): the head's 16 blocks of 16 per row, then one block of their
+        # remainders (pack.fold_min)
+        served = hidden + 16 if recipe == "int4" else hidden
+        assert np.prod(packed.dims) == vocab * served * (4 if recipe == "int4" else 8) // 8
     # the tied model is no larger than the untied one minus its second vocab x hidden table
     assert data_bytes(quantized("qwen2", graph, "int4")) < data_bytes(quantized("llama", graph, "int4"))
 
@@ -300,15 +303,17 @@ def test_weight_read_through_identity_is_stored_once():
     assert result.tied[0]["stored_once"] and [t.name for t in packed if t.data_type == TensorProto.UINT8] == [
         "E_q4b16",  # the packed table, once; the head's scales and minimums as 8-bit codes per block
         "E_q4b16_scales_codes",
-        "E_q4b16_mins_codes",
+        "E_q4b16_kzeros",  # the head's zero points (scheme min folded, pack.fold_min)
+        "E_q4b16_mins_codes",  # the embedding's exact minimums
     ]
     assert "Identity" not in {n.op_type for n in model.graph.node}
     ids = np.array([[0, 5, 95]])
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"ids": ids}
     )[0]
-    d = W.pack_group(e, 4, W.Settings(), sites, {}, W.Result()).dequantize()
-    np.testing.assert_allclose(got, d[ids[0]] @ d.T, rtol=1e-4, atol=1e-4)
+    p = W.pack_group(e, 4, W.Settings(), sites, {}, W.Result())
+    d, head = p.dequantize(), fold_min(p).dequantize()
+    np.testing.assert_allclose(got, d[ids[0]] @ head.T, rtol=1e-4, atol=1e-4)
 
 
 # --- exactness: the quantized graph computes what its packed weights say --------------------------
@@ -323,7 +328,9 @@ def test_weight_read_through_identity_is_stored_once():
     ],
 )
 def test_quantized_graph_equals_dequantized_weights(ref_bundle, tmp_path, family, graph, recipe, scheme):
-    """accuracy_level 0 (float compute): logits equal the fp32 graph run with RTN-dequantized weights."""
+    """accuracy_level 0 (float compute): logits equal the fp32 graph run with RTN-dequantized weights
+    (scheme min: the folded form's weights where MatMulNBits reads them, the exact ones where an
+    embedding Gather does; a tied head gets its own copy in the reference graph)."""
     from onnxlm.quantize.graph import find_sites
 
     ref = ref_bundle(family, graph)
@@ -338,8 +345,21 @@ def test_quantized_graph_equals_dequantized_weights(ref_bundle, tmp_path, family
         w = onnx.numpy_helper.to_array(inits[site.weight])
         w_nk = np.ascontiguousarray(w.T if site.stored_kn else w)
         bits = 8 if recipe == "int8" else 4
-        d = W.pack_group(w_nk, bits, settings, group, {}, W.Result()).dequantize()
+        p = W.pack_group(w_nk, bits, settings, group, {}, W.Result())
+        d = p.dequantize()
         inits[site.weight].CopyFrom(onnx.numpy_helper.from_array(d.T if site.stored_kn else d, site.weight))
+        if p.mins is None:
+            continue
+        served = fold_min(p).dequantize()
+        for x in group:
+            if x.role == "embedding":
+                continue
+            node = next(n for n in model.graph.node if n.name == x.node)
+            name = x.node + "/served"
+            model.graph.initializer.append(
+                onnx.numpy_helper.from_array(served.T if x.stored_kn else served, name)
+            )
+            node.input[list(node.input).index(x.weight)] = name
     fake = tmp_path / "fake"
     shutil.copytree(ref, fake)
     onnx.save_model(
@@ -387,6 +407,49 @@ def test_min_scheme_recovers_a_q4_1_grid_and_beats_integer_zero_points():
     assert rms["min"] < 0.95 * min(rms["sym"], rms["asym"])
 
 
+@pytest.mark.parametrize("k", [256, 190])  # 190: a padded tail block
+def test_folded_min_is_one_kernel_call_on_the_blocks_and_their_remainders(k):
+    """Scheme min served folded: integer zero points, each block's remainder a 4-bit code scaled per
+    extra block; the graph computes exactly Folded.dequantize (float compute), which is within half a
+    remainder step of the packed weights, and one MatMulNBits reads x with its block sums appended."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxlm.quantize import graph as G
+    from onnxlm.quantize import weights as W
+
+    rng = np.random.default_rng(2)
+    n = 48
+    w = rng.standard_normal((n, k)).astype(np.float32) + rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+    p = rtn(w, 4, 32, "min")
+    f = fold_min(p)
+    kb = -(-k // 32)
+    assert f.data.shape == (n, kb + 1, 16) and f.k_served == (kb + 1) * 32
+    exact, served = p.dequantize(), f.dequantize()
+    step = f.scales[:, kb:].max(axis=1, keepdims=True)  # one remainder block here
+    assert np.all(np.abs(served - exact) <= step / 2 + 1e-6)
+    assert np.abs(served - exact).max() <= p.scales.max() / 28 + 1e-6  # remainders are <= scale / 2
+    assert not np.array_equal(served, exact)  # (the remainders are rounded, not dropped)
+
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="/layers.0/down_proj/MatMul")]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3, n])],
+        [numpy_helper.from_array(np.ascontiguousarray(w.T), "W")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sites = G.find_sites(model, num_layers=1, hidden_size=n, vocab_size=10_000)
+    W.apply(model, sites, W.plan(sites, RECIPES["int4"].choose), W.Settings(accuracy_level=0))
+    ops = [x.op_type for x in model.graph.node if not x.output[0].startswith("blocksums_")]
+    assert ops.count("MatMulNBits") == 1 and "Add" not in ops
+    x = rng.standard_normal((3, k)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x}
+    )[0]
+    np.testing.assert_allclose(got, x @ served.T, rtol=1e-4, atol=1e-4)
+
+
 def test_gptq_and_hqq_bundles(tiny_llama_bundle, tmp_path):
     text = " ".join(CORPUS * 6)
     out = quantize(
@@ -403,8 +466,8 @@ def test_gptq_and_hqq_bundles(tiny_llama_bundle, tmp_path):
 
     out = quantize(tiny_llama_bundle, tmp_path / "h", "int4", algorithm="hqq", progress=False)
     model = load_graph(out)
-    # HQQ's float zero points are served as scheme min: the fast sym kernel (no zero-point input)
-    assert all(len(n.input) == 3 for n in model.graph.node if n.op_type == "MatMulNBits")
+    # HQQ's float zero points are served as scheme min, folded: integer zero points and remainders
+    assert all(len(n.input) == 4 for n in model.graph.node if n.op_type == "MatMulNBits")
     halves = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16}
     assert (
         any(n.endswith("_mins16") for n in halves)
