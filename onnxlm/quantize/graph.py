@@ -136,10 +136,11 @@ class PackedNames:
         packed: Packed,
         gather_only: bool,
         gathered: bool = True,
-        fold: bool = False,
+        fold: int = 0,
     ):
         """gather_only: no MatMulNBits reads it; gathered: an embedding Gather does; fold: serve scheme
-        min folded (module docstring) to the MatMulNBits that read it."""
+        min folded (module docstring), with that many codes a remainder (pack.fold_min), to the
+        MatMulNBits that read it; 0: the exact correction branch."""
         self.model = model
         self.packed = packed
         self.nodes: list = []
@@ -148,7 +149,9 @@ class PackedNames:
         tag = f"_q{packed.bits}b{packed.block_size}"
         self.data = weight + tag
         self.zeros = weight + tag + "_zeros" if packed.zeros is not None else None
-        self.folded = fold_min(packed) if fold and packed.mins is not None and not gather_only else None
+        self.folded = None
+        if fold and packed.mins is not None and not gather_only:
+            self.folded = fold_min(packed, fold)
         stored = self.folded.data if self.folded is not None else packed.data
         self._add(self.data, packed.data.reshape(packed.n, -1) if self.gather_only else stored)
         self.scales = self._stored(weight + tag + "_scales", packed.scales, "scales")
@@ -244,15 +247,17 @@ class BlockSums:
 
     def appended(self, x: str, f) -> tuple[str, list]:
         """x with its block sums appended where a folded weight (pack.Folded) reads them: zeros up to
-        the row's padded length, then the sums, then zeros to the end of the remainder blocks."""
+        the row's padded length, then per remainder region (f.digits) the sums and zeros to its end."""
         k, bs = f.k, f.block_size
         width = f.k_served - k
-        name, table = f"{x}_blocksums{bs}_appended", f"blocksums_{k}x{bs}_appended{width}"
+        name, table = f"{x}_blocksums{bs}_appended{width}", f"blocksums_{k}x{bs}_appended{width}"
         if name in self.made:
             return name, []
         made = []
         if table not in self.made:
-            made = self._table(table, k, bs, f.k_blocks * bs - k, width)
+            region = f.extra // f.digits * bs
+            shifts = [f.k_blocks * bs - k + i * region for i in range(f.digits)]
+            made = self._table(table, k, bs, shifts, width)
             self.made.add(table)
         self.made.add(name)
         sums = f"{x}_blocksums{bs}_w{width}"
@@ -261,26 +266,40 @@ class BlockSums:
             helper.make_node("Concat", [x, sums], [name], name=name, axis=-1),
         ]
 
-    def _table(self, name: str, k: int, block_size: int, shift: int = 0, width: int | None = None) -> list:
-        """(K, width) float, 1 where row k lies in block b - shift (width: k_blocks by default): built
-        from scalars by nodes that onnxruntime folds at load, so the bundle carries a few bytes instead
-        of K·width floats."""
+    def _table(
+        self, name: str, k: int, block_size: int, shifts: list[int] = (0,), width: int | None = None
+    ) -> list:
+        """(K, width) float, 1 where row k lies in block b - shift for any of `shifts` (width:
+        k_blocks by default): built from scalars by nodes that onnxruntime folds at load, so the bundle
+        carries a few bytes instead of K·width floats."""
         width = -(-k // block_size) if width is None else width
-        scalars = {"zero": 0, "one": 1, "k": k, "kb": width, "bs": block_size, "axis": [1], "shift": shift}
+        scalars = {"zero": 0, "one": 1, "k": k, "kb": width, "bs": block_size, "axis": [1]}
+        scalars.update({f"shift{i}": v for i, v in enumerate(shifts)})
         for key, v in scalars.items():
             self.model.graph.initializer.append(
                 numpy_helper.from_array(np.array(v, np.int64), f"{name}_{key}")
             )
         n = name + "_"
-        return [
+        nodes = [
             helper.make_node("Range", [n + "zero", n + "k", n + "one"], [n + "rows"], name=n + "rows"),
-            helper.make_node("Div", [n + "rows", n + "bs"], [n + "row_div"], name=n + "row_div"),
-            helper.make_node("Add", [n + "row_div", n + "shift"], [n + "row_block"], name=n + "row_block"),
+            helper.make_node("Div", [n + "rows", n + "bs"], [n + "row_block"], name=n + "row_block"),
             helper.make_node("Unsqueeze", [n + "row_block", n + "axis"], [n + "column"], name=n + "column"),
             helper.make_node("Range", [n + "zero", n + "kb", n + "one"], [n + "blocks"], name=n + "blocks"),
-            helper.make_node("Equal", [n + "column", n + "blocks"], [n + "mask"], name=n + "mask"),
-            helper.make_node("Cast", [n + "mask"], [name], name=name, to=TensorProto.FLOAT),
         ]
+        masks = []
+        for i in range(len(shifts)):
+            at, mask = f"{n}at{i}", f"{n}mask{i}"
+            nodes += [
+                helper.make_node("Add", [n + "column", f"{n}shift{i}"], [at], name=at),
+                helper.make_node("Equal", [at, n + "blocks"], [mask], name=mask),
+            ]
+            masks.append(mask)
+        while len(masks) > 1:
+            either = f"{n}either{len(masks)}"
+            nodes.append(helper.make_node("Or", masks[:2], [either], name=either))
+            masks = [either, *masks[2:]]
+        nodes.append(helper.make_node("Cast", [masks[0]], [name], name=name, to=TensorProto.FLOAT))
+        return nodes
 
 
 def matmul_nbits(

@@ -218,9 +218,9 @@ def test_tied_embedding_stored_once(quantized, graph):
         assert readers["GatherBlockQuantized"] == readers["MatMulNBits"]  # one packed tensor, two readers
         vocab, hidden = 400, 256
         packed = [t for t in model.graph.initializer if t.name == readers["MatMulNBits"]][0]
-        # int4 (scheme min, folded): the head's 16 blocks of 16 per row, then one block of their
+        # int4 (scheme min, folded): the head's 16 blocks of 16 per row, then two blocks coding their
         # remainders (pack.fold_min)
-        served = hidden + 16 if recipe == "int4" else hidden
+        served = hidden + 32 if recipe == "int4" else hidden
         assert np.prod(packed.dims) == vocab * served * (4 if recipe == "int4" else 8) // 8
     # the tied model is no larger than the untied one minus its second vocab x hidden table
     assert data_bytes(quantized("qwen2", graph, "int4")) < data_bytes(quantized("llama", graph, "int4"))
@@ -409,9 +409,10 @@ def test_min_scheme_recovers_a_q4_1_grid_and_beats_integer_zero_points():
 
 @pytest.mark.parametrize("k", [256, 190])  # 190: a padded tail block
 def test_folded_min_is_one_kernel_call_on_the_blocks_and_their_remainders(k):
-    """Scheme min served folded: integer zero points, each block's remainder a 4-bit code scaled per
-    extra block; the graph computes exactly Folded.dequantize (float compute), which is within half a
-    remainder step of the packed weights, and one MatMulNBits reads x with its block sums appended."""
+    """Scheme min served folded: integer zero points, each block's remainder as one or two 4-bit codes
+    scaled per group of remainders; the graph computes exactly Folded.dequantize (float compute),
+    which is within half a remainder step of the packed weights, and one MatMulNBits reads x with its
+    block sums appended."""
     from onnx import TensorProto, helper, numpy_helper
 
     from onnxlm.quantize import graph as G
@@ -421,14 +422,18 @@ def test_folded_min_is_one_kernel_call_on_the_blocks_and_their_remainders(k):
     n = 48
     w = rng.standard_normal((n, k)).astype(np.float32) + rng.uniform(-1, 1, (n, 1)).astype(np.float32)
     p = rtn(w, 4, 32, "min")
-    f = fold_min(p)
     kb = -(-k // 32)
-    assert f.data.shape == (n, kb + 1, 16) and f.k_served == (kb + 1) * 32
-    exact, served = p.dequantize(), f.dequantize()
-    step = f.scales[:, kb:].max(axis=1, keepdims=True)  # one remainder block here
-    assert np.all(np.abs(served - exact) <= step / 2 + 1e-6)
-    assert np.abs(served - exact).max() <= p.scales.max() / 28 + 1e-6  # remainders are <= scale / 2
-    assert not np.array_equal(served, exact)  # (the remainders are rounded, not dropped)
+    exact = p.dequantize()
+    errors = []
+    for digits in (1, 2):
+        f = fold_min(p, digits)
+        assert f.data.shape == (n, kb + digits, 16) and f.k_served == (kb + digits) * 32
+        step = f.scales[:, -1:]  # the last code's scale (one group of remainders here)
+        errors.append(np.abs(f.dequantize() - exact))
+        assert np.all(errors[-1] <= step / 2 + 1e-6)
+    assert errors[0].max() <= p.scales.max() / 28 + 1e-6  # remainders are <= scale / 2
+    assert 0 < errors[1].max() < errors[0].max() / 10  # rounded, not dropped; two codes much finer
+    served = fold_min(p).dequantize()  # what the recipes serve
 
     nodes = [helper.make_node("MatMul", ["x", "W"], ["y"], name="/layers.0/down_proj/MatMul")]
     graph = helper.make_graph(
