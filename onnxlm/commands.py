@@ -162,9 +162,10 @@ def info_text(bundle: str | Path, verify: bool = False) -> str:
 def quantization_summary(q: dict) -> str:
     """One line of a quantization record (`info --json` prints all of it)."""
     parts = [f"recipe {q.get('recipe')}"]
-    parts += [
-        f"{k.replace('_', ' ')} {q[k]}" for k in ("scheme", "block_size", "algorithm") if q.get(k) is not None
-    ]
+    scheme = q.get("scheme")
+    if scheme is not None:  # scheme min says how it is served (pack.py): "min folded" / "min exact"
+        parts.append(f"scheme {scheme}" + (f" {q['min_form']}" if q.get("min_form") else ""))
+    parts += [f"{k.replace('_', ' ')} {q[k]}" for k in ("block_size", "algorithm") if q.get(k) is not None]
     formats = collections.Counter(q.get("nodes", {}).values())
     if formats:
         parts.append(", ".join(f"{n} {fmt}" for fmt, n in formats.most_common()) + " weights")

@@ -168,7 +168,7 @@ def test_quantized_bundles_keep_the_switch_and_float16_drops_it(pair, tmp_path, 
     shown = info(q)
     assert (
         f"MatMul/Softmax from {FROM} tokens held" in shown
-        and "recipe int4; scheme min; block size 32" in shown
+        and "recipe int4; scheme min folded; block size 32" in shown
     )
     half = quantize(wrapped, tmp_path / "fp16", "fp16", progress=False)
     assert B.read_manifest(half).io.long_decode_from is None and _ops(half)["If"] == 0
