@@ -1,6 +1,7 @@
 """How fast can a 4-bit GEMV read weights that do not fit in cache: onnxruntime's MatMulNBits against
 a plain hand-written kernel with a float minimum per block (benchmarks/kernels/q4_1_gemv.c, Q4_1's
-w = q*d + m, the form scheme `min` keeps and MatMulNBits cannot run in one kernel).
+w = q*d + m, which MatMulNBits cannot run exactly in one kernel: the int4 recipes fold the minimum into
+integer zero points plus remainder codes, GGUF kept blocks add a correction branch; onnxlm/quantize/pack.py).
 
     python benchmarks/int4_gemv.py [--pairs 60] [--repeat 30] [--rounds 3] [--threads N] [--prefetch 512]
                                    [--bundle B ...]
