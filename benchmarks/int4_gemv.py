@@ -1,7 +1,8 @@
 """How fast can a 4-bit GEMV read weights that do not fit in cache: onnxruntime's MatMulNBits against
 a plain hand-written kernel with a float minimum per block (benchmarks/kernels/q4_1_gemv.c, Q4_1's
-w = q*d + m, which MatMulNBits cannot run exactly in one kernel: the int4 recipes fold the minimum into
-integer zero points plus remainder codes, GGUF kept blocks add a correction branch; onnxlm/quantize/pack.py).
+w = q*d + m, which MatMulNBits cannot run exactly in one kernel: the int4 recipes fold the minimum
+into integer zero points plus remainder codes, GGUF kept blocks add a correction branch;
+onnxlm/quantize/pack.py).
 
     python benchmarks/int4_gemv.py [--pairs 60] [--repeat 30] [--rounds 3] [--threads N] [--prefetch 512]
                                    [--bundle B ...]
@@ -15,8 +16,8 @@ is first checked against numpy on one matrix. The C kernel needs a C compiler an
 without them it is reported as skipped.
 
 --bundle B (repeatable) also times that bundle's own MatMulNBits alone (same weights, in graph order,
-a Slice where one's output is wider than the next one's input, zeros appended where it is narrower) against its whole decode step, to say
-how much of an int4 step the 4-bit matmuls are.
+a Slice where one's output is wider than the next one's input, zeros appended where it is narrower)
+against its whole decode step, to say how much of an int4 step the 4-bit matmuls are.
 """
 
 from __future__ import annotations

@@ -379,8 +379,11 @@ def gather_block_quantized(node, names: PackedNames) -> list:
     blocks_stored = p.k_blocks + (f.extra if f is not None else 0)
     shape3 = names.extra("shape3", lambda: np.array([p.n, blocks_stored, 1], np.int64))
     minus1 = names.extra("minus1", lambda: np.array([-1], np.int64))
-    scales = names.kernel_scales if f is not None else names.scales
-    nodes = [helper.make_node("Reshape", [scales, shape3], [pre + "/scales3d"], name=pre + "/scales3d")]
+    nodes = [
+        helper.make_node(
+            "Reshape", [names.kernel_scales, shape3], [pre + "/scales3d"], name=pre + "/scales3d"
+        )
+    ]
     inputs = [names.data, ids, pre + "/scales3d"]
     if names.zeros:
         if p.bits == 8:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from . import graph as G
-from .pack import Packed, hqq, min_max_coded, rtn
+from .pack import REMAINDER_CODES, Packed, hqq, min_max_coded, rtn
 from .recipes import Site, widest
 
 BITS = {"int4": 4, "int8": 8}
@@ -84,14 +84,6 @@ def pack_group(
     return rtn(w_nk, bits, s.block_size, scheme)
 
 
-def fold_digits(s: Settings, group: list[Site]) -> int:
-    """Codes per remainder of a scheme-min weight served folded (pack.fold_min); 0: exact. Two:
-    SmolLM2 int4 with one code a remainder lost KL 0.048 / 0.065 (en / zh, teacher-forced against
-    fp32) where the exact form loses 0.046 / 0.062, with two 0.045 / 0.062; the decode step is the
-    same within this machine's noise (7.97-8.96 ms against 8.13-9.15 ms, interleaved)."""
-    return 2 if s.min_form == "folded" else 0
-
-
 def coded_head(bits: int, s: Settings, group: list[Site]) -> bool:
     """The output head / tied embedding is what 4-bit costs most on (SmolLM2: all but ~0.5% of the
     perplexity int4 min adds): with RTN and scheme min it gets half the block size for the same bytes,
@@ -149,7 +141,7 @@ def apply(
             packed,
             gather_only=len(gathers) == len(group),
             gathered=bool(gathers),
-            fold=fold_digits(settings, group),
+            fold=REMAINDER_CODES if settings.min_form == "folded" else 0,
         )
         prelude += names.nodes
         for x in group:
