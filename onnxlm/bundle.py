@@ -355,6 +355,80 @@ def load_graph(model_path: Path):
         raise BundleError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
 
 
+# The part of onnx.proto that checking a bundle reads: the graph's inputs, outputs and initializers,
+# and every tensor's external-data entries (subgraphs, sparse tensors and functions included). Field
+# numbers are onnx's (tests/test_bundle.py compares them with onnx's own descriptor); the parser keeps
+# every other field as unknown bytes. Loading a bundle reads the graph with this and protobuf alone:
+# importing onnx costs ~17 MB of resident memory that a serving process would hold for nothing.
+EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+_OUTLINE = {  # message: (field, number, type: a message of this table, "string" or "int32"), "*": repeated
+    "ModelProto": [("graph", 7, "GraphProto"), ("functions", 25, "FunctionProto*")],
+    "GraphProto": [
+        ("node", 1, "NodeProto*"),
+        ("initializer", 5, "TensorProto*"),
+        ("sparse_initializer", 15, "SparseTensorProto*"),
+        ("input", 11, "ValueInfoProto*"),
+        ("output", 12, "ValueInfoProto*"),
+    ],
+    "FunctionProto": [("node", 7, "NodeProto*")],
+    "NodeProto": [("attribute", 5, "AttributeProto*")],
+    "AttributeProto": [
+        ("t", 5, "TensorProto"),
+        ("g", 6, "GraphProto"),
+        ("tensors", 10, "TensorProto*"),
+        ("graphs", 11, "GraphProto*"),
+        ("sparse_tensor", 22, "SparseTensorProto"),
+        ("sparse_tensors", 23, "SparseTensorProto*"),
+    ],
+    "TensorProto": [
+        ("name", 8, "string"),
+        ("external_data", 13, "StringStringEntryProto*"),
+        ("data_location", 14, "int32"),
+    ],
+    "SparseTensorProto": [("values", 1, "TensorProto"), ("indices", 2, "TensorProto")],
+    "ValueInfoProto": [("name", 1, "string")],
+    "StringStringEntryProto": [("key", 1, "string"), ("value", 2, "string")],
+}
+_outline_class = None
+
+
+def _outline_model_class():
+    """The ModelProto class of the subset above, built once from a descriptor made here."""
+    global _outline_class
+    if _outline_class is None:
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+        F = descriptor_pb2.FieldDescriptorProto
+        scalars = {"string": F.TYPE_STRING, "int32": F.TYPE_INT32}
+        package = "onnxlm.outline"
+        fd = descriptor_pb2.FileDescriptorProto(name="onnxlm_outline.proto", package=package, syntax="proto2")
+        for message, fields in _OUTLINE.items():
+            m = fd.message_type.add(name=message)
+            for name, number, kind in fields:
+                f = m.field.add(name=name, number=number)
+                f.label = F.LABEL_REPEATED if kind.endswith("*") else F.LABEL_OPTIONAL
+                kind = kind.rstrip("*")
+                if kind in scalars:
+                    f.type = scalars[kind]
+                else:
+                    f.type, f.type_name = F.TYPE_MESSAGE, f".{package}.{kind}"
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(fd)
+        _outline_class = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.ModelProto"))
+    return _outline_class
+
+
+def load_graph_outline(model_path: Path):
+    """What checking a bundle reads of its graph (the subset above), parsed without onnx; the same
+    field names as onnx's ModelProto, so external_locations and check_graph_io take either."""
+    model = _outline_model_class()()
+    try:
+        model.ParseFromString(Path(model_path).read_bytes())
+    except Exception as e:  # protobuf raises DecodeError on damaged files
+        raise BundleError(f"{model_path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    return model
+
+
 def _graph_tensors(graph) -> Iterator[Any]:
     """Every tensor a graph holds, subgraphs (If / Loop / Scan bodies) included."""
     yield from graph.initializer
@@ -381,13 +455,11 @@ def _node_tensors(node) -> Iterator[Any]:
 
 def external_tensors(model) -> list[Any]:
     """The model's tensors stored as external data, in any subgraph or function."""
-    import onnx
-
     tensors = list(_graph_tensors(model.graph))
     for function in model.functions:
         for node in function.node:
             tensors += _node_tensors(node)
-    return [t for t in tensors if t.data_location == onnx.TensorProto.EXTERNAL]
+    return [t for t in tensors if t.data_location == EXTERNAL]
 
 
 def external_locations(model) -> set[str]:
@@ -457,7 +529,7 @@ def check_bundle(
             )
         if verify_hashes and sha256_file(path) != meta["sha256"]:
             raise BundleError(f"{root / name}: sha256 differs from the manifest (corrupt or replaced)")
-    model = load_graph(root / MODEL)
+    model = load_graph_outline(root / MODEL)
     for location in sorted(external_locations(model)):
         path = _inside(root, location, root / MODEL, "external data")
         if not path.is_file():

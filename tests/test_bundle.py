@@ -292,3 +292,58 @@ def test_a_bad_tokenizer_is_an_error_naming_tokenizer_json(bundle_copy, content)
         load(bundle_copy)
     assert str(e.value).startswith(f"{bundle_copy / B.TOKENIZER}: not a usable tokenizer (")
     assert "\n" not in str(e.value)
+
+
+def test_graph_outline_fields_are_onnx_own():
+    """The subset of onnx.proto that check_bundle parses has onnx's field numbers, labels and types."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    for message, fields in B._OUTLINE.items():
+        own = getattr(onnx, message).DESCRIPTOR.fields_by_name
+        for name, number, kind in fields:
+            f = own[name]
+            assert f.number == number, (message, name, f.number)
+            repeated = f.is_repeated if hasattr(f, "is_repeated") else f.label == f.LABEL_REPEATED
+            assert repeated == kind.endswith("*"), (message, name)
+            kind = kind.rstrip("*")
+            if f.type == FieldDescriptor.TYPE_MESSAGE:
+                assert f.message_type.name == kind, (message, name, f.message_type.name)
+            else:  # an enum reads as the int32 it is on the wire
+                want = {"string": [FieldDescriptor.TYPE_STRING], "int32": [FieldDescriptor.TYPE_ENUM]}
+                assert f.type in want[kind], (message, name, f.type)
+
+
+def test_graph_outline_finds_what_onnx_finds(bundle_copy):
+    """External data in the main graph, an If branch, a sparse initializer, a node attribute and a
+    function: the outline lists the same locations, inputs and outputs as onnx's own parse."""
+    model = onnx.load(str(bundle_copy / B.MODEL), load_external_data=False)
+    model.graph.node.append(_subgraph_with_external("branch.data"))
+    values = onnx.helper.make_tensor("sv", onnx.TensorProto.FLOAT, [1], [0.0])
+    values.ClearField("float_data")
+    values.data_location = onnx.TensorProto.EXTERNAL
+    values.external_data.add(key="location", value="sparse.data")
+    indices = onnx.helper.make_tensor("si", onnx.TensorProto.INT64, [1], [0])
+    model.graph.sparse_initializer.append(onnx.helper.make_sparse_tensor(values, indices, [4]))
+    attr = onnx.helper.make_tensor("c", onnx.TensorProto.FLOAT, [1], [0.0])
+    attr.ClearField("float_data")
+    attr.data_location = onnx.TensorProto.EXTERNAL
+    attr.external_data.add(key="location", value="function.data")
+    const = onnx.helper.make_node("Constant", [], ["c"], value=attr)
+    model.functions.append(onnx.helper.make_function("local", "f", [], ["c"], [const], []))
+    onnx.save(model, str(bundle_copy / B.MODEL))
+    outline = B.load_graph_outline(bundle_copy / B.MODEL)
+    full = B.load_graph(bundle_copy / B.MODEL)
+    assert B.external_locations(outline) == B.external_locations(full)
+    assert {"branch.data", "sparse.data", "function.data", B.MODEL_DATA} <= B.external_locations(outline)
+    for io in ("input", "output", "initializer"):
+        assert [x.name for x in getattr(outline.graph, io)] == [x.name for x in getattr(full.graph, io)]
+
+
+def test_loading_a_bundle_does_not_import_onnx(tiny_llama_bundle):
+    """onnx is for writing bundles; a process that loads one and generates holds ~17 MB less without it."""
+    code = (
+        "import sys, onnxlm; onnxlm.load(sys.argv[1]); print(sorted(m for m in sys.modules if m == 'onnx'))"
+    )
+    r = subprocess.run([sys.executable, "-c", code, str(tiny_llama_bundle)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]", r.stdout
