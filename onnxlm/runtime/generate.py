@@ -394,7 +394,8 @@ def check_prompts(prompts: Sequence[Sequence[int]], facts) -> list[list[int]]:
 def sample_next(seq: SeqState, index: int, logits: np.ndarray) -> SeqOutput:
     """Sample one token for `seq` from its logits (vocab,), update its text and finish state."""
     row = logits[None, :]  # (1, vocab)
-    processed = apply_processors(seq.processors, [seq.prompt + seq.tokens], row)
+    # the context list is built only for processors that read it (a copy of the whole context a token)
+    processed = apply_processors(seq.processors, [seq.prompt + seq.tokens], row) if seq.processors else row
     if seq.constraint is not None:
         processed = seq.constraint.apply(processed[0])[None, :]
     token = int(seq.sampler(processed)[0])
