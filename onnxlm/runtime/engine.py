@@ -33,7 +33,13 @@ from ..bundle import MODEL, TOKENIZER, BundleError, Manifest, check_bundle
 from .batch import generate_steps
 from .generate import GenerationParams, Model, Step
 from .prefix import PrefixCache
-from .session import make_session, release_free_heap, release_mapped_files, spins_when_idle
+from .session import (
+    make_session,
+    release_free_heap,
+    release_mapped_files,
+    releasing_mapped_files,
+    spins_when_idle,
+)
 from .speculate import Costs, ModelDrafter, NgramDrafter, step_ratio, verify_gap
 from .tokenizer import Tokenizer
 from .tools import ToolCall, parse_tool_calls, prepare_chat
@@ -143,7 +149,8 @@ def load_model(
     """A bundle's checked manifest and graph, in a session (idle_spin: see session_options)."""
     manifest = check_bundle(root, verify_hashes=verify_hashes)
     release_free_heap()  # the JSON parse's leftovers stay out of the peak the session adds to
-    session = make_session(root / MODEL, providers=providers, threads=threads, idle_spin=idle_spin)
+    with releasing_mapped_files(root):  # the build's peak: the mapped file resident beside its packing
+        session = make_session(root / MODEL, providers=providers, threads=threads, idle_spin=idle_spin)
     release_free_heap()
     release_mapped_files(root)  # weights packed at load are held once, not also as mapped file pages
     return Model(session, manifest, io_binding=io_binding)

@@ -10,7 +10,9 @@ import ctypes
 import ctypes.util
 import logging
 import os
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -184,6 +186,47 @@ def release_mapped_files(directory: str | os.PathLike) -> int:
         ):
             released += m["rss_kb"] * 1024
     return released
+
+
+# Linux 5.4+: reclaim the range's pages. A clean file page is dropped (it reads back from the file on
+# its next touch), one this process wrote to is paged out or left: never lost, so it is safe on a
+# mapping onnxruntime may still be writing to, as MADV_DONTNEED is not.
+MADV_PAGEOUT = 21
+LOAD_RELEASE_EVERY_S = 0.02
+
+
+@contextmanager
+def releasing_mapped_files(
+    directory: str | os.PathLike, every_s: float = LOAD_RELEASE_EVERY_S
+) -> Iterator[None]:
+    """While the body runs (onnxruntime building a session from the bundle at `directory`), reclaim
+    the resident pages of the files it maps from there every `every_s` seconds. onnxruntime maps every
+    external tensor, packs most of them into memory of its own and keeps some as mapped (the scales a
+    4-bit kernel packed from, a gather's tables): all of the file is resident at the end of the build
+    unless dropped as it goes, and that end is the process's peak (SmolLM2 int4: 261 -> 248 MB).
+    A no-op where there is no madvise or MADV_PAGEOUT (not Linux, kernels before 5.4)."""
+    madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+    stop = threading.Event()
+
+    def reclaim() -> None:
+        while not stop.wait(every_s):
+            tried = failed = 0
+            for m in file_mappings(directory):
+                if m["rss_kb"]:
+                    tried += 1
+                    failed += madvise(m["start"], m["end"] - m["start"], MADV_PAGEOUT) != 0
+            if tried and failed == tried:  # no MADV_PAGEOUT on this kernel: nothing to do
+                return
+
+    worker = threading.Thread(target=reclaim, name="onnxlm-release-pages", daemon=True) if madvise else None
+    if worker is not None:
+        worker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if worker is not None:
+            worker.join()
 
 
 def kv_device(session: ort.InferenceSession) -> str:

@@ -4,6 +4,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -158,3 +159,39 @@ def test_release_mapped_files_without_a_mapping_or_proc(tmp_path, monkeypatch):
     assert S.release_mapped_files(tmp_path) == 0
     monkeypatch.setattr(S, "_libc_function", lambda name, argtypes, restype=None: None)
     assert S.release_mapped_files(tmp_path) == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_releasing_mapped_files_reclaims_while_the_body_runs_and_keeps_writes(tmp_path):
+    data = np.arange(4 * 1024 * 1024, dtype=np.float32)  # 16 MB
+    (tmp_path / "w").mkdir()
+    data.tofile(tmp_path / "w" / "model.onnx.data")
+    data.tofile(tmp_path / "other.bin")
+    expected = float(data.sum(dtype=np.float64))
+    mapped = np.memmap(tmp_path / "w" / "model.onnx.data", np.float32, mode="c")
+    elsewhere = np.memmap(tmp_path / "other.bin", np.float32, mode="c")
+    assert float(elsewhere.sum(dtype=np.float64)) == expected
+    with S.releasing_mapped_files(tmp_path / "w", every_s=0.01):
+        assert float(mapped.sum(dtype=np.float64)) == expected  # all of it resident, for a moment
+        mapped[:1024] = 7.0  # a page written while the reclaimer runs: paged out or kept, never lost
+        deadline = time.monotonic() + 5
+        while _mapped_kb(tmp_path / "w")[0] > 1024 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        during = _mapped_kb(tmp_path / "w")[0]
+    if during > 1024 and _mapped_kb(tmp_path / "w")[0] > 1024:
+        pytest.skip("this kernel reclaims nothing on MADV_PAGEOUT (before Linux 5.4)")
+    assert during <= 1024, f"{during} kB still resident"
+    assert float(mapped[:1024].sum()) == 7.0 * 1024  # the write survived
+    assert float(mapped[1024:].sum(dtype=np.float64)) == expected - float(data[:1024].sum(dtype=np.float64))
+    assert _mapped_kb(tmp_path)[0] > 15 * 1024  # other.bin lies outside the folder: untouched
+    float(mapped.sum(dtype=np.float64))  # read again after the body: nothing reclaims any more
+    time.sleep(0.05)
+    assert _mapped_kb(tmp_path / "w")[0] > 15 * 1024
+
+
+def test_releasing_mapped_files_without_madvise_runs_the_body(tmp_path, monkeypatch):
+    monkeypatch.setattr(S, "_libc_function", lambda name, argtypes, restype=None: None)
+    ran = []
+    with S.releasing_mapped_files(tmp_path):
+        ran.append(True)
+    assert ran == [True]
