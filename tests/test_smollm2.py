@@ -76,7 +76,8 @@ def test_weights_are_not_resident_twice_after_load(smollm2_bundle, monkeypatch):
 
 
 def test_quantize_keeping_the_gguf_blocks(smollm2_bundle, tmp_path):
-    """The GGUF's own Q4_1/Q8_0 blocks: under a fifth of the bytes, perplexity within 1% of the fp32 bundle."""
+    """The GGUF's own Q4_1/Q8_0 blocks: under 21% of the bytes (the scales as the float32 the kernels
+    read), perplexity within 1% of the fp32 bundle."""
     from onnxlm.commands import default_gguf
     from onnxlm.quantize.report import quantize_with_report
 
@@ -90,7 +91,7 @@ def test_quantize_keeping_the_gguf_blocks(smollm2_bundle, tmp_path):
     assert (
         len(m.quantization["nodes"]) >= 30 * 4 + 2
     )  # every projection (merged or not), the head, the embedding
-    assert m.files[B.MODEL_DATA]["size"] < 0.2 * B.read_manifest(smollm2_bundle).files[B.MODEL_DATA]["size"]
+    assert m.files[B.MODEL_DATA]["size"] < 0.21 * B.read_manifest(smollm2_bundle).files[B.MODEL_DATA]["size"]
     for figures in report["texts"].values():
         assert abs(figures["ppl_change_pct"]) < 1.0 and figures["top5"] > 0.99
     import onnxlm
@@ -100,7 +101,8 @@ def test_quantize_keeping_the_gguf_blocks(smollm2_bundle, tmp_path):
 
 
 def test_int4_within_its_quality_budget(smollm2_bundle, tmp_path):
-    """The default int4 recipe: under a fifth of the bytes, perplexity within 10% of fp32 on the
+    """The default int4 recipe: under 22% of the bytes (4-bit codes, and every scale and offset as
+    the float32 the kernels read: see quantize/graph.py), perplexity within 10% of fp32 on the
     built-in English and Chinese texts (symmetric int4, genai's grid, costs +37% / +54% here)."""
     from onnxlm.quantize.report import quantize_with_report
 
@@ -109,7 +111,7 @@ def test_int4_within_its_quality_budget(smollm2_bundle, tmp_path):
     )
     m = B.check_bundle(out)
     assert m.quantization["scheme"] == "min" and m.quantization["block_size"] == 32
-    assert m.files[B.MODEL_DATA]["size"] < 0.2 * B.read_manifest(smollm2_bundle).files[B.MODEL_DATA]["size"]
+    assert m.files[B.MODEL_DATA]["size"] < 0.22 * B.read_manifest(smollm2_bundle).files[B.MODEL_DATA]["size"]
     for figures in report["texts"].values():
         assert figures["ppl_change_pct"] < 10.0 and figures["top5"] > 0.97
 

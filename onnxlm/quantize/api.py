@@ -188,7 +188,7 @@ def _integer(model, sites, rec, src, manifest, settings, text, bar) -> dict:
         "block_size": settings.block_size,
         "scheme": settings.scheme,
         **({"min_form": settings.min_form} if settings.scheme == "min" else {}),
-        "scales_stored_as": "float16",
+        "scales_stored_as": "float32",
         "accuracy_level": settings.accuracy_level,
     }
     results = []

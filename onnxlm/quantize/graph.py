@@ -4,9 +4,12 @@
     Gemm(x, W, C, transB) ->  MatMulNBits(x, Wq, scales[, zeros]) [-> Add(C) when C is not all zero]
     Gather(E, ids)        ->  GatherBlockQuantized(Eq, ids, scales[, zeros])
 
-Scales (and mins) are stored as float16 and Cast to float32 in the graph; onnxruntime folds the
-Cast (and everything else computed from constants only) when it loads the model, so the kernels see
-float32 constants while the bundle carries half the bytes.
+Scales are float16-representable (or 8-bit codes, Packed.coded) and stored as the float32 the
+kernels read, with the offsets scheme min derives from them: computed from float16 in the graph,
+onnxruntime would fold them at load into float32 copies held in the heap for good (MatMulNBits keeps
+the scales it packed from: ~21 MB for SmolLM2 int4, ~30 MB with the gather's tables), where stored
+they stay in the mapped file, whose pages the runtime drops once the session is built
+(runtime.session.release_mapped_files). The bundle carries the bytes instead (+~26 MB for SmolLM2).
 
 Scheme `min` (w = q·scale + min), folded (pack.fold_min; the integer recipes): integer zero points
 and each block's remainder as a code in extra blocks, which MatMulNBits multiplies by the input's block
@@ -23,9 +26,9 @@ leaves out, one small correction per weight:
 A tied head and embedding read one packed tensor Wq (N, k_blocks, blob). GatherBlockQuantized
 wants scales of the data's rank, so the shared form is:
 
-    Wq (N, kb, blob) ──────────────────────────────► MatMulNBits ──► logits
+    Wq (N, kb, blob), scales (N, kb) ──────────────► MatMulNBits ──► logits
        └─► GatherBlockQuantized(quantize_axis=2) ─► (…, kb, block) ─► Reshape(…, K) ─► hidden
-    scales (N, kb) ─► Reshape (N, kb, 1) ─┘             Shape(ids) ++ [-1] ─┘
+    scales (N, kb, 1), its own copy ─┘                  Shape(ids) ++ [-1] ─┘
 """
 
 from __future__ import annotations
@@ -126,8 +129,8 @@ def constant_value(model: onnx.ModelProto, name: str) -> np.ndarray | None:
 
 class PackedNames:
     """Initializers for one packed weight, added to the graph once and read by every site of its group.
-    Nodes that only compute constants (Casts, the `min` offsets) go to `self.nodes`; the caller adds
-    them to the graph."""
+    Every float a kernel reads is stored as the float32 it reads (module docstring), but for the exact
+    branch's offsets, computed at load by `self.nodes` (constant-only; the caller adds them)."""
 
     def __init__(
         self,
@@ -154,68 +157,73 @@ class PackedNames:
             self.folded = fold_min(packed, fold)
         stored = self.folded.data if self.folded is not None else packed.data
         self._add(self.data, packed.data.reshape(packed.n, -1) if self.gather_only else stored)
-        self.scales = self._stored(weight + tag + "_scales", packed.scales, "scales")
+        own = self._values(packed.scales, "scales")  # (N, kb): each block's scale as the kernels read it
+        self.scales = weight + tag + "_scales"  # the row's own blocks' (a gather-only table's, the offsets')
         if self.zeros:
             self._add(self.zeros, packed.zeros)
         self.offsets = self.offsets_t = None
         # what a MatMulNBits reads (folded: the remainder blocks' scales after the row's own, and zeros)
         self.kernel_scales, self.kernel_zeros = self.scales, self.zeros
+        self.kernel_values = own
         if self.folded is not None:
             f = self.folded
-            rest = self._half(weight + tag + "_rscales", f.scales[:, f.k_blocks :])
+            self.kernel_values = np.concatenate([own, _half32(f.scales[:, f.k_blocks :])], axis=1)
             self.kernel_scales = weight + tag + "_kscales"
-            self.nodes.append(
-                helper.make_node(
-                    "Concat", [self.scales, rest], [self.kernel_scales], name=self.kernel_scales, axis=1
-                )
-            )
             self.kernel_zeros = weight + tag + "_kzeros"
             self._add(self.kernel_zeros, f.zeros)
-        if packed.mins is not None and (self.folded is None or gathered):
-            mins = self._stored(weight + tag + "_mins", packed.mins, "mins")
-            centre = numpy_helper.from_array(
-                np.array(2.0 ** (packed.bits - 1), np.float32), weight + tag + "_centre"
-            )
-            self.model.graph.initializer.append(centre)
+        self._add(self.kernel_scales, self.kernel_values)
+        centre = np.float32(2.0 ** (packed.bits - 1))
+        if packed.mins is not None and gathered:
+            # min + 2^(bits-1)·scale: the offset a block's codes, read as sym, leave out (float32 ops
+            # in the graph's order: Mul, then Add)
             self.offsets = weight + tag + "_offsets"
-            shifted = weight + tag + "_shift"
+            self._add(self.offsets, (self._values(packed.mins, "mins") + own * centre).astype(np.float32))
+        if packed.mins is not None and self.folded is None and not gather_only:
+            # the correction branch's (kb, N) table: a MatMul packs it at load and lets go of what it
+            # packed from, so it is computed there from the float16 minimums, not stored at float32
+            mins = self._stored(weight + tag + "_mins", packed.mins, "mins")
+            centre_name = weight + tag + "_centre"
+            self._add(centre_name, np.array(centre))
+            shifted, offsets = weight + tag + "_shift", weight + tag + "_offsets_c"
+            self.offsets_t = weight + tag + "_offsetsT"
             self.nodes += [
-                helper.make_node("Mul", [self.scales, centre.name], [shifted], name=shifted),
-                helper.make_node("Add", [mins, shifted], [self.offsets], name=self.offsets),
+                helper.make_node("Mul", [self.kernel_scales, centre_name], [shifted], name=shifted),
+                helper.make_node("Add", [mins, shifted], [offsets], name=offsets),
+                helper.make_node("Transpose", [offsets], [self.offsets_t], name=self.offsets_t, perm=[1, 0]),
             ]
-            if self.folded is None:  # the correction branch's (kb, N) table
-                self.offsets_t = weight + tag + "_offsetsT"
-                self.nodes.append(
-                    helper.make_node(
-                        "Transpose", [self.offsets], [self.offsets_t], name=self.offsets_t, perm=[1, 0]
-                    )
-                )
         self._extra: dict[str, str] = {}
 
     def _add(self, name: str, array: np.ndarray) -> None:
         self.model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
 
     def _stored(self, name: str, array: np.ndarray, key: str) -> str:
-        """float16, or 8-bit codes decoded by lo + code * step (Packed.coded); returns the float32 name."""
+        """float16, or 8-bit codes decoded by lo + code * step (Packed.coded), made float32 by nodes that
+        onnxruntime folds at load; returns the float32 name."""
         coded = (self.packed.coded or {}).get(key)
         if coded is None:
-            return self._half(name, array)
+            self._add(name + "16", array.astype(np.float16))
+            self.nodes.append(
+                helper.make_node("Cast", [name + "16"], [name], name=name, to=TensorProto.FLOAT)
+            )
+            return name
         self._add(name + "_codes", coded.codes)
-        lo, step = self._half(name + "_lo", coded.lo), self._half(name + "_step", coded.step)
+        self._add(name + "_lo16", coded.lo)
+        self._add(name + "_step16", coded.step)
+        codesf, lo, step, scaled = (name + x for x in ("_codesf", "_lo", "_step", "_scaled"))
         self.nodes += [
-            helper.make_node(
-                "Cast", [name + "_codes"], [name + "_codesf"], name=name + "_codesf", to=TensorProto.FLOAT
-            ),
-            helper.make_node("Mul", [name + "_codesf", step], [name + "_scaled"], name=name + "_scaled"),
-            helper.make_node("Add", [name + "_scaled", lo], [name], name=name),
+            helper.make_node("Cast", [name + "_codes"], [codesf], name=codesf, to=TensorProto.FLOAT),
+            helper.make_node("Cast", [name + "_lo16"], [lo], name=lo, to=TensorProto.FLOAT),
+            helper.make_node("Cast", [name + "_step16"], [step], name=step, to=TensorProto.FLOAT),
+            helper.make_node("Mul", [codesf, step], [scaled], name=scaled),
+            helper.make_node("Add", [scaled, lo], [name], name=name),
         ]
         return name
 
-    def _half(self, name: str, array: np.ndarray) -> str:
-        """Store `array` as float16 under name + "16"; return the name of its float32 Cast."""
-        self._add(name + "16", array.astype(np.float16))
-        self.nodes.append(helper.make_node("Cast", [name + "16"], [name], name=name, to=TensorProto.FLOAT))
-        return name
+    def _values(self, array: np.ndarray, key: str) -> np.ndarray:
+        """float32 (N, kb) as a kernel reads them: float16-representable, or decoded from the 8-bit
+        codes (Packed.coded) in float32 arithmetic, lo + code·step."""
+        coded = (self.packed.coded or {}).get(key)
+        return _half32(array) if coded is None else coded.values()
 
     def extra(self, key: str, array_fn) -> str:
         """A derived initializer (made once per group), e.g. 4-bit zero points unpacked for a gather."""
@@ -224,6 +232,11 @@ class PackedNames:
             self._add(name, array_fn())
             self._extra[key] = name
         return self._extra[key]
+
+
+def _half32(x: np.ndarray) -> np.ndarray:
+    """float32 values through float16 (what the packers' float16 rounding kept), as float32."""
+    return np.asarray(x).astype(np.float16).astype(np.float32)
 
 
 class BlockSums:
@@ -377,20 +390,15 @@ def gather_block_quantized(node, names: PackedNames) -> list:
     pre = node.name
     f = names.folded  # the head's folded table: the gather reads its own blocks without zero points
     blocks_stored = p.k_blocks + (f.extra if f is not None else 0)
-    shape3 = names.extra("shape3", lambda: np.array([p.n, blocks_stored, 1], np.int64))
     minus1 = names.extra("minus1", lambda: np.array([-1], np.int64))
-    nodes = [
-        helper.make_node(
-            "Reshape", [names.kernel_scales, shape3], [pre + "/scales3d"], name=pre + "/scales3d"
-        )
-    ]
-    inputs = [names.data, ids, pre + "/scales3d"]
+    # the gather's own copy of the scales, of the data's rank (a Reshape of the kernel's would be
+    # folded at load into a float32 copy held in memory; stored, it stays in the mapped file)
+    scales3d = names.extra("scales3d", lambda: names.kernel_values.reshape(p.n, blocks_stored, 1))
+    nodes: list = []
+    inputs = [names.data, ids, scales3d]
     if names.zeros:
         if p.bits == 8:
-            nodes.append(
-                helper.make_node("Reshape", [names.zeros, shape3], [pre + "/zeros3d"], name=pre + "/zeros3d")
-            )
-            inputs.append(pre + "/zeros3d")
+            inputs.append(names.extra("zeros3d", lambda: p.zeros.reshape(p.n, -1, 1)))
         else:  # 4-bit zeros are packed along k_blocks; the 3-D form wants one per byte (small copy)
             z = names.extra("zeros3d", lambda: unpack_values(p.zeros, 4)[:, : p.k_blocks].reshape(p.n, -1, 1))
             inputs.append(z)

@@ -67,9 +67,7 @@ def pack_group(
     scheme = s.scheme_for(bits)
     if coded_head(bits, s, group):
         for x in group:
-            result.notes[x.node] = (
-                f"block {head_block(s)} with 8-bit coded scales and minimums (the bytes of block {s.block_size})"
-            )
+            result.notes[x.node] = f"block {head_block(s)} with 8-bit coded scales and minimums"
         return min_max_coded(w_nk, bits, head_block(s))
     if s.algorithm == "hqq" and bits == 4:
         return hqq(w_nk, bits, s.block_size)
@@ -87,8 +85,9 @@ def pack_group(
 def coded_head(bits: int, s: Settings, group: list[Site]) -> bool:
     """The output head / tied embedding is what 4-bit costs most on (SmolLM2: all but ~0.5% of the
     perplexity int4 min adds): with RTN and scheme min it gets half the block size for the same bytes,
-    its scales and minimums stored as 8-bit codes. Measured on SmolLM2 (en / zh perplexity vs fp32):
-    block 32 float16 +6.8% / +9.1%, block 16 coded +3.9% / +6.5%, at 84.2 MB both."""
+    its scales and minimums fitted as 8-bit codes. Measured on SmolLM2 (en / zh perplexity vs fp32):
+    block 32 float16 +6.8% / +9.1%, block 16 coded +3.9% / +6.5%, at 84.2 MB both while scales were
+    stored as float16 (now as the float32 the kernels read: quantize/graph.py)."""
     return (
         bits == 4
         and s.scheme == "min"

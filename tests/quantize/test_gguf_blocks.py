@@ -141,4 +141,6 @@ def test_smollm2_blocks_are_lossless(tmp_path, smollm2_bundle):
     ids = ref.encode_prompt("The capital of France is Paris. The capital of Germany is")
     got, want = load(out).model.logits(ids), ref.model.logits(ids)
     assert np.abs(got - want).max() < 1e-3
-    assert (out / "model.onnx.data").stat().st_size < 0.2 * (bundle / "model.onnx.data").stat().st_size
+    # the blocks' codes, their scales as the float32 the kernels read (quantize/graph.py), the minimums
+    # float16: 20.2% of the float32 bytes
+    assert (out / "model.onnx.data").stat().st_size < 0.21 * (bundle / "model.onnx.data").stat().st_size
