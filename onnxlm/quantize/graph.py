@@ -158,7 +158,7 @@ class PackedNames:
         stored = self.folded.data if self.folded is not None else packed.data
         self._add(self.data, packed.data.reshape(packed.n, -1) if self.gather_only else stored)
         own = self._values(packed.scales, "scales")  # (N, kb): each block's scale as the kernels read it
-        self.scales = weight + tag + "_scales"  # the row's own blocks' (a gather-only table's, the offsets')
+        self.scales = weight + tag + "_scales"  # the own blocks' scales: what a gather-only table reads
         if self.zeros:
             self._add(self.zeros, packed.zeros)
         self.offsets = self.offsets_t = None
