@@ -352,9 +352,10 @@ def test_two_replicas_serve_the_openai_api_and_survive_a_killed_one(ray_server):
             ), err
 
     # Ray restarts the replica: two healthy ones again, one of them new
+    # (Serve may report two running replicas a moment before the new one is listed as a named actor)
     deadline = time.time() + 60
-    while replica_states() != ("HEALTHY", {"RUNNING": 2}):
-        assert time.time() < deadline, replica_states()
+    while replica_states() != ("HEALTHY", {"RUNNING": 2}) or len(replica_pids()) != 2:
+        assert time.time() < deadline, (replica_states(), replica_pids())
         time.sleep(0.5)
     fresh = set(replica_pids())
     assert len(fresh) == 2 and victim not in fresh
