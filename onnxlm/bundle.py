@@ -464,9 +464,9 @@ def external_tensors(model) -> list[Any]:
 
 def external_locations(model) -> set[str]:
     """Every external-data location the model names (read without loading the weights); `model` is a
-    ModelProto or the path of one."""
+    ModelProto (onnx's or the outline's) or the path of one, read as the outline (no onnx import)."""
     if isinstance(model, (str, os.PathLike)):
-        model = load_graph(Path(model))
+        model = load_graph_outline(Path(model))
     return {e.value for t in external_tensors(model) for e in t.external_data if e.key == "location"}
 
 

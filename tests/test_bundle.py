@@ -335,6 +335,7 @@ def test_graph_outline_finds_what_onnx_finds(bundle_copy):
     full = B.load_graph(bundle_copy / B.MODEL)
     assert B.external_locations(outline) == B.external_locations(full)
     assert {"branch.data", "sparse.data", "function.data", B.MODEL_DATA} <= B.external_locations(outline)
+    assert B.external_locations(bundle_copy / B.MODEL) == B.external_locations(full)  # a path: the outline
     for io in ("input", "output", "initializer"):
         assert [x.name for x in getattr(outline.graph, io)] == [x.name for x in getattr(full.graph, io)]
 
