@@ -7,6 +7,9 @@ quant_predicate, as data). The rules are written into the manifest with the per-
 
     recipe = RECIPES["int4-mixed"]
     recipe.choose(site)   # -> "int8" for the head, "int4" for most MatMuls
+
+A rule may hold only under some 4-bit schemes (`schemes`): the choice is made with the scheme the
+4-bit weights are packed in (`recipe.choose(site, scheme)`).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ class Rule:
     what: str  # written to the manifest
     when: Callable[[Site], bool]
     becomes: str
+    schemes: tuple[str, ...] | None = None  # the 4-bit schemes under which the rule holds (None: all)
 
 
 @dataclass(frozen=True)
@@ -78,14 +82,17 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     dtype: str = "int4"  # manifest.dtype of the result
 
-    def choose(self, site: Site) -> str:
+    def choose(self, site: Site, scheme: str = "min") -> str:
+        """The format of `site` when 4-bit weights are packed in `scheme`."""
         for rule in self.rules:
-            if rule.when(site):
+            if (rule.schemes is None or scheme in rule.schemes) and rule.when(site):
                 return rule.becomes
         return self.default
 
-    def describe(self) -> list[dict[str, str]]:
-        return [{"what": r.what, "becomes": r.becomes} for r in self.rules] + [
+    def describe(self, scheme: str = "min") -> list[dict[str, str]]:
+        """The rules that hold under `scheme`, as the manifest records them."""
+        held = [r for r in self.rules if r.schemes is None or scheme in r.schemes]
+        return [{"what": r.what, "becomes": r.becomes} for r in held] + [
             {"what": "every other weight", "becomes": self.default}
         ]
 
@@ -113,11 +120,29 @@ RECIPES: dict[str, Recipe] = {
             default="int8",
             dtype="int8",
         ),
+        # The output head (and the embedding tied to it) at 8 bits under scheme min: min's 4-bit head
+        # needs block 16 with coded scales and minimums to stay near the float model (pack.py), and
+        # with every scale stored as the float32 the kernels read that is as many bytes as 8 bits.
+        # Measured on SmolLM2-135M (2026-12-04; perplexity en / zh vs fp32, weights, peak RSS
+        # generating): coded 4-bit head +4.2% / +6.5%, 116.4 MB, 243 MB; 8-bit head +0.28% / +0.79%,
+        # 110.6 MB, 245 MB; decode the same within noise (time a token 8-bit / coded: 0.92-1.10, median
+        # 0.97, over 12 processes each running one bundle; 1.02-1.04 interleaved in one process).
+        # Schemes sym and asym keep a 4-bit block-32 head: there 8 bits cost ~1.8x its bytes and time,
+        # for little of what those schemes lose (their body's rounding).
         Recipe(
             "int4",
-            "4-bit weight-only MatMulNBits everywhere, embedding via GatherBlockQuantized",
+            "4-bit weight-only MatMulNBits (the output head at 8 bits with scheme min), embedding via "
+            "GatherBlockQuantized",
             default="int4",
             dtype="int4",
+            rules=(
+                Rule(
+                    "output head (a tied embedding follows it), with 4-bit scheme min",
+                    lambda s: s.role == "head",
+                    "int8",
+                    schemes=("min",),
+                ),
+            ),
         ),
         # Measured on SmolLM2-135M with sym int4 (KL vs fp32 over 512 tokens when only that group is
         # int4): down_proj 0.13, v_proj 0.11, head+embedding 0.10, up 0.075, gate 0.04, o 0.03, q 0.02,

@@ -17,7 +17,7 @@ from typing import Any
 from .. import bundle as B
 from ..runtime.eval import evaluate, load_engine
 from .api import QuantizeError, _check_out, quantize
-from .recipes import V_PROJ, Recipe, Rule, Site
+from .recipes import RECIPES, V_PROJ, Recipe, Rule, Site
 
 # Raised to int8 in this order by `auto`, most sensitive first (per-group KL on SmolLM2: down_proj
 # 0.13, v_proj 0.11, head + embedding 0.10, up 0.075, gate 0.04, o 0.03, q 0.02, k 0.02).
@@ -33,8 +33,8 @@ AUTO_GROUPS: tuple[tuple[str, Callable[[Site], bool]], ...] = (
 
 
 def auto_recipe(groups: int) -> Recipe:
-    """int4 with the first `groups` of AUTO_GROUPS at int8."""
-    rules = tuple(Rule(what, when, "int8") for what, when in AUTO_GROUPS[:groups])
+    """The int4 recipe (its own rules first) with the first `groups` of AUTO_GROUPS at int8."""
+    rules = RECIPES["int4"].rules + tuple(Rule(what, when, "int8") for what, when in AUTO_GROUPS[:groups])
     return Recipe(
         "auto", f"int4 with {groups} sensitive group(s) at int8", default="int4", rules=rules, dtype="int4"
     )

@@ -87,7 +87,9 @@ def coded_head(bits: int, s: Settings, group: list[Site]) -> bool:
     perplexity int4 min adds): with RTN and scheme min it gets half the block size for the same bytes,
     its scales and minimums fitted as 8-bit codes. Measured on SmolLM2 (en / zh perplexity vs fp32):
     block 32 float16 +6.8% / +9.1%, block 16 coded +3.9% / +6.5%, at 84.2 MB both while scales were
-    stored as float16 (now as the float32 the kernels read: quantize/graph.py)."""
+    stored as float16. Stored as the float32 the kernels read (quantize/graph.py) it costs what 8 bits
+    do, so the int4 recipe now keeps the head at 8 bits under scheme min (recipes.py); this form
+    remains for a 4-bit head or embedding a recipe still asks for (an untied embedding, `auto`)."""
     return (
         bits == 4
         and s.scheme == "min"

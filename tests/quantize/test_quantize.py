@@ -53,11 +53,12 @@ def quantized(ref_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("quant")
     cache: dict[tuple, Path] = {}
 
-    def get(family: str, graph: str | None, recipe: str) -> Path:
-        if (family, graph, recipe) not in cache:
-            out = root / f"{family}-{graph}-{recipe}"
-            cache[family, graph, recipe] = quantize(ref_bundle(family, graph), out, recipe, progress=False)
-        return cache[family, graph, recipe]
+    def get(family: str, graph: str | None, recipe: str, scheme: str = "min") -> Path:
+        key = (family, graph, recipe, scheme)
+        if key not in cache:
+            out = root / "-".join(map(str, key))
+            cache[key] = quantize(ref_bundle(family, graph), out, recipe, scheme=scheme, progress=False)
+        return cache[key]
 
     return get
 
@@ -214,6 +215,11 @@ def test_integer_recipes_ops_and_manifest(ref_bundle, quantized, family, graph):
             assert q["nodes"] == plan(sites, RECIPES[recipe].choose)
             assert q["nodes"]["/Gemm"] == "int8" and q["nodes"]["/layers.1/down_proj/MatMul"] == "int8"
             assert formats["int4"] > formats["int8"] and q["nodes"]["/layers.0/down_proj/MatMul"] == "int4"
+        elif recipe == "int4":  # scheme min: the output head (and an embedding tied to it) at 8 bits
+            (head,) = [n for n in q["nodes"] if n.startswith(("/Gemm", "/lm_head"))]
+            int8 = {n for n, f in q["nodes"].items() if f == "int8"}
+            assert int8 == {head, *(["/embed_tokens/Gather"] if q["tied"] else [])}
+            assert q["rules"][0]["what"].startswith("output head") and q["rules"][0]["becomes"] == "int8"
         else:
             assert set(formats) == {recipe}
         ops = Counter(n.op_type for n in model.graph.node)
@@ -222,14 +228,15 @@ def test_integer_recipes_ops_and_manifest(ref_bundle, quantized, family, graph):
 
 @pytest.mark.parametrize("graph", GRAPHS)
 def test_tied_embedding_stored_once(quantized, graph):
-    for recipe in ("int4", "int8"):
-        out = quantized("qwen2", graph, recipe)
+    # int4 under scheme min keeps the head (so the tied table) at 8 bits; under sym at 4
+    for recipe, scheme, stored in (("int4", "sym", "int4"), ("int4", "min", "int8"), ("int8", "min", "int8")):
+        out = quantized("qwen2", graph, recipe, scheme)
         model, q = load_graph(out), B.read_manifest(out).quantization
         assert q["tied"] == [
             {
                 "weight": "embed_tokens.weight",
                 "nodes": ["/embed_tokens/Gather", "/Gemm"],
-                "format": recipe,
+                "format": stored,
                 "stored_once": True,
             }
         ]
@@ -242,10 +249,7 @@ def test_tied_embedding_stored_once(quantized, graph):
         assert readers["GatherBlockQuantized"] == readers["MatMulNBits"]  # one packed tensor, two readers
         vocab, hidden = 400, 256
         packed = [t for t in model.graph.initializer if t.name == readers["MatMulNBits"]][0]
-        # int4 (scheme min, folded): the head's 16 blocks of 16 per row, then two blocks coding their
-        # remainders (pack.fold_min)
-        served = hidden + 32 if recipe == "int4" else hidden
-        assert np.prod(packed.dims) == vocab * served * (4 if recipe == "int4" else 8) // 8
+        assert np.prod(packed.dims) == vocab * hidden * (4 if stored == "int4" else 8) // 8
     # the tied model is no larger than the untied one minus its second vocab x hidden table
     assert data_bytes(quantized("qwen2", graph, "int4")) < data_bytes(quantized("llama", graph, "int4"))
 
@@ -324,7 +328,8 @@ def test_weight_read_through_identity_is_stored_once():
         ("/embed_tokens/Gather", "E", "embedding"),
         ("/Gemm", "E", "head"),
     ]
-    result = W.apply(model, sites, W.plan(sites, RECIPES["int4"].choose), W.Settings(accuracy_level=0))
+    # a tied table at 4 bits (scheme min's coded block-16 form; the int4 recipe would keep it at 8)
+    result = W.apply(model, sites, W.plan(sites, lambda s: "int4"), W.Settings(accuracy_level=0))
     packed = [t for t in model.graph.initializer if t.dims and t.dims[0] == 96]
     assert result.tied[0]["stored_once"] and [t.name for t in packed if t.data_type == TensorProto.UINT8] == [
         "E_q4b16",  # the packed table, once
@@ -368,6 +373,7 @@ def test_quantized_graph_equals_dequantized_weights(ref_bundle, tmp_path, family
     from onnxlm.quantize import weights as W
 
     out = quantize(ref, tmp_path / "q", recipe, scheme=scheme, accuracy_level=0, progress=False)
+    formats = B.read_manifest(out).quantization["nodes"]
     model = onnx.load(str(ref / B.MODEL))
     inits = {t.name: t for t in model.graph.initializer}
     settings = W.Settings(scheme=scheme, accuracy_level=0)
@@ -375,7 +381,7 @@ def test_quantized_graph_equals_dequantized_weights(ref_bundle, tmp_path, family
         site = group[0]
         w = onnx.numpy_helper.to_array(inits[site.weight])
         w_nk = np.ascontiguousarray(w.T if site.stored_kn else w)
-        bits = 8 if recipe == "int8" else 4
+        bits = 8 if formats[site.node] == "int8" else 4  # int4 under min: the head at 8 bits
         p = W.pack_group(w_nk, bits, settings, group, {}, W.Result())
         d = p.dequantize()
         inits[site.weight].CopyFrom(onnx.numpy_helper.from_array(d.T if site.stored_kn else d, site.weight))
@@ -503,7 +509,8 @@ def test_gptq_and_hqq_bundles(tiny_llama_bundle, tmp_path):
     out = quantize(tiny_llama_bundle, tmp_path / "h", "int4", algorithm="hqq", progress=False)
     model = load_graph(out)
     # HQQ's float zero points are served as scheme min, folded: integer zero points and remainders
-    assert all(len(n.input) == 4 for n in model.graph.node if n.op_type == "MatMulNBits")
+    four = [n for n in model.graph.node if n.op_type == "MatMulNBits" and attrs(n)["bits"] == 4]
+    assert four and all(len(n.input) == 4 for n in four)
     names = {t.name for t in model.graph.initializer}
     assert (  # the embedding gathers the exact minimums (as offsets), not an RTN fallback
         any(n.endswith("_offsets") for n in names)

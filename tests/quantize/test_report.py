@@ -67,7 +67,8 @@ def test_report_is_stored_and_printed(fp32, tmp_path):
 
 
 def test_budget_failure_writes_nothing(fp32, tmp_path, fake_eval):
-    with pytest.raises(QuantizeError, match=r"\+10\.00%.*over the budget of \+5"):
+    # int4's nodes but the head (at 8 bits under scheme min) are 4-bit: a change of 10% x that share
+    with pytest.raises(QuantizeError, match=r"rose \+[6-9]\.\d\d%.*over the budget of \+5"):
         R.quantize_with_report(fp32, tmp_path / "int4", "int4", max_ppl_increase=5.0, progress=False)
     assert list(tmp_path.iterdir()) == []
 
