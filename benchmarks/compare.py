@@ -5,10 +5,11 @@
         --contexts 100,2000 --new-tokens 128 --rounds 3 --memory --baseline "genai int4" --out results/
 
 Every engine gets the same prompt token ids, the same thread count, greedy decoding with the end of
-sequence ignored (exactly --new-tokens tokens), and runs are interleaved round by round so drift hits
-all alike; medians are reported, and with --baseline NAME every engine's decode speed over NAME's in
-the same round (per round and the median: this kind of machine moves more between rounds than the
-engines differ). A peer whose package is missing is reported as skipped, not faked.
+sequence ignored (exactly --new-tokens tokens), and runs are interleaved round by round, each round's
+order rotated by one (who runs after whom moves an engine's speed by up to ~6%), so that drift and
+order hit all alike; medians are reported, and with --baseline NAME every engine's decode speed over
+NAME's in the same round (per round and the median: this kind of machine moves more between rounds
+than the engines differ). A peer whose package is missing is reported as skipped, not faked.
 With --memory, each engine then runs once more alone in a fresh process (load, generate --new-tokens
 at the first context) to measure its peak RSS and what it holds resident afterwards.
 Writes compare.json, compare.md and compare.png (tokens/s by engine and context) into --out.
@@ -243,6 +244,15 @@ def prompt_ids(tokenizer_json: str, n: int) -> list[int]:
     return (ids * (n // len(ids) + 1))[:n]
 
 
+def rotated(names: list[str], r: int) -> list[str]:
+    """Round r's engine order: the list rotated by r. An engine run right after another one measured
+    up to ~6% slower than run after itself (benchmarks/README.md, eighth session): with a fixed order
+    the same engine would open every round (after the last one's run) and, of two, the same one would
+    always go second."""
+    k = r % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 def paired_ratios(
     samples: dict[tuple[str, int], list[tuple[float, float]]],
     baselines: list[str],
@@ -328,10 +338,13 @@ def main() -> None:
     if unknown:  # before the rounds: a misspelt name should not cost a whole run
         raise SystemExit(f"--baseline {unknown[0]!r}: not an engine that runs here ({', '.join(engines)})")
     samples: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    orders = []
     for r in range(args.rounds):
+        order = rotated(list(engines), r)
+        orders.append(order)
         for c in contexts:
-            for name, run in engines.items():
-                ttft, tps = run(prompts[c], args.new_tokens)
+            for name in order:
+                ttft, tps = engines[name](prompts[c], args.new_tokens)
                 samples.setdefault((name, c), []).append((ttft, tps))
                 print(
                     f"round {r + 1} ctx {c:5d} {name:22s} ttft {ttft * 1000:8.0f} ms  decode {tps:6.1f} tok/s",
@@ -384,6 +397,7 @@ def main() -> None:
         "versions": versions,
         "new_tokens": args.new_tokens,
         "rounds": args.rounds,
+        "orders": orders,
         "rows": rows,
         "memory": memory,
         "skipped": skipped,

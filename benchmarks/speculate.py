@@ -6,7 +6,7 @@ prompts (summarise, extract from or rewrite a document given in the prompt) and 
 
 Every engine gets the same prompt token ids (onnxlm's chat template over benchmarks/prompts/), greedy
 decoding of exactly --new-tokens tokens (the end of sequence ignored, as compare.py does, so every
-engine decodes as many), and runs are interleaved prompt by prompt and round by round. Each onnxlm bundle runs plain, with n-gram drafts (`ngram`) and, given --draft NAME=BUNDLE,
+engine decodes as many), and runs are interleaved prompt by prompt and round by round (the engines' order rotated by one each prompt, as compare.py does). Each onnxlm bundle runs plain, with n-gram drafts (`ngram`) and, given --draft NAME=BUNDLE,
 drafted by that bundle (`+draft`: the bundle's drafts or prompt lookup's, whichever a round is worth
 more, as `Engine.load(draft=...)` does; `+draft model only`: the bundle's alone; the markdown says
 what share of drafts came from lookup); their tokens are checked equal to the plain run's (a mismatch is reported,
@@ -245,10 +245,12 @@ def main() -> None:
     for set_name in a.sets.split(","):
         prompts = sets[set_name]
         runs: dict[str, dict[str, list[dict]]] = {e: {p: [] for p, _ in prompts} for e in engines}
+        labels = list(engines)
         for r in range(a.rounds):
-            for pname, ids in prompts:
-                for label, (run, _) in engines.items():
-                    out = run(ids, a.new_tokens)
+            for i, (pname, ids) in enumerate(prompts):
+                k = (r * len(prompts) + i) % len(labels)  # each prompt's order rotated (compare.rotated)
+                for label in labels[k:] + labels[:k]:
+                    out = engines[label][0](ids, a.new_tokens)
                     runs[label][pname].append(out)
                     print(
                         f"[{set_name} r{r}] {pname} ({len(ids)} tok) {label}: {out['tps']:.1f} tok/s",

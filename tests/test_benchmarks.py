@@ -120,6 +120,8 @@ def test_compare_pairs_each_round_against_a_baseline(tiny_llama_bundle, tmp_path
         for a, b in zip(rows["onnxlm a"], rows["onnxlm b"], strict=True)
     ]
     assert pair["rounds"]["8"] == pytest.approx(want) and len(want) == 3
+    # each round's order rotated: no engine always runs after the same neighbour
+    assert result["orders"] == [["onnxlm a", "onnxlm b"], ["onnxlm b", "onnxlm a"], ["onnxlm a", "onnxlm b"]]
     assert pair["median"]["8"] == pytest.approx(sorted(want)[1])
     assert f"| onnxlm b | onnxlm a | {sorted(want)[1]:.2f}x" in (out / "compare.md").read_text()
 
