@@ -80,10 +80,12 @@ def quantize_with_report(
     _check_out(src, out, overwrite)
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
-    attempts = range(1, len(AUTO_GROUPS) + 1) if recipe == "auto" else [None]
+    auto = recipe == "auto"
+    # auto tries the int4 recipe itself first: with its head at 8 bits it may already hold the budget
+    attempts = range(0, len(AUTO_GROUPS) + 1) if auto else [None]
     try:
         for groups in attempts:
-            rec = auto_recipe(groups) if groups else recipe
+            rec = auto_recipe(groups) if auto else recipe
             shutil.rmtree(staging, ignore_errors=True)
             if rec == "gguf":  # the source GGUF's own blocks, not a recipe over float weights
                 from .gguf_blocks import keep_blocks
@@ -107,19 +109,18 @@ def quantize_with_report(
             result = evaluate(candidate, text, against=src, max_tokens=eval_tokens, progress=progress)
             del candidate
             change = result["worst"]["ppl_change_pct"]
-            if groups:
-                log(
-                    f"auto: int8 for {groups} group(s) ({AUTO_GROUPS[groups - 1][0]}): perplexity {change:+.2f}%"
-                )
+            if auto:
+                raised = f"int8 for {groups} group(s) ({AUTO_GROUPS[groups - 1][0]})" if groups else "int4"
+                log(f"auto: {raised}: perplexity {change:+.2f}%")
             if max_ppl_increase is None or change <= max_ppl_increase:
                 break
-            if not groups or groups == len(AUTO_GROUPS):
+            if not auto or groups == len(AUTO_GROUPS):
                 raise QuantizeError(
                     f"perplexity rose {change:+.2f}% (worst text), over the budget of +{max_ppl_increase}%; "
                     "no bundle written (try --recipe auto, int4-mixed or int8)"
                 )
         extra: dict[str, Any] = {}
-        if recipe == "auto":
+        if auto:
             extra["auto_raised_to_int8"] = [what for what, _ in AUTO_GROUPS[:groups]]
         if max_ppl_increase is not None:
             extra["max_ppl_increase_pct"] = max_ppl_increase

@@ -82,15 +82,30 @@ def test_auto_raises_groups_until_the_budget_holds(fp32, tmp_path, fake_eval):
     assert raised == [g for g, _ in R.AUTO_GROUPS[: len(raised)]]
     assert report["worst"]["ppl_change_pct"] <= 5.0
     assert 0 < int4_share(out) <= 0.5  # stopped as soon as the budget held, not at all-int8
-    fewer = R.auto_recipe(len(raised) - 1)  # one group less would not have held
-    assert len(raised) == 1 or 10.0 * _share_with(fp32, tmp_path, fewer) > 5.0
+    fewer = R.auto_recipe(len(raised) - 1)  # one group less (none: the int4 recipe) would not have held
+    assert raised and 10.0 * _share_with(fp32, tmp_path, fewer) > 5.0
     assert m.quantization["max_ppl_increase_pct"] == 5.0
 
 
-def _share_with(fp32, tmp_path, recipe) -> float:
+def test_auto_keeps_int4_itself_when_it_holds_the_budget(fp32, tmp_path, fake_eval):
+    """auto tries the int4 recipe first (its head at 8 bits), and raises nothing it does not need."""
+    out, report = R.quantize_with_report(
+        fp32, tmp_path / "auto", "auto", max_ppl_increase=9.5, progress=False
+    )
+    q = B.read_manifest(out).quantization
+    plain = B.read_manifest(_quantized(fp32, tmp_path, "int4")).quantization
+    assert q["auto_raised_to_int8"] == [] and report["worst"]["ppl_change_pct"] <= 9.5
+    assert q["nodes"] == plain["nodes"] and 0.5 < int4_share(out) < 1.0
+
+
+def _quantized(fp32, tmp_path, recipe):
     from onnxlm.quantize import quantize
 
-    return int4_share(quantize(fp32, tmp_path / "fewer", recipe, progress=False))
+    return quantize(fp32, tmp_path / "fewer", recipe, progress=False, overwrite=True)
+
+
+def _share_with(fp32, tmp_path, recipe) -> float:
+    return int4_share(_quantized(fp32, tmp_path, recipe))
 
 
 def test_auto_needs_a_budget(fp32, tmp_path):
