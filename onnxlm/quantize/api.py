@@ -178,11 +178,11 @@ def _check_loads(model_path: Path) -> None:
 def _integer(model, sites, rec, src, manifest, settings, text, bar) -> dict:
     from . import weights as W
 
-    formats = W.plan(sites, lambda site: rec.choose(site, settings.scheme))
+    formats = W.plan(sites, lambda site: rec.choose(site, settings.scheme, settings.accuracy_level))
     record: dict[str, Any] = {
         "recipe": rec.name,
         "summary": rec.summary,
-        "rules": rec.describe(settings.scheme),
+        "rules": rec.describe(settings.scheme, settings.accuracy_level),
         "algorithm": settings.algorithm,
         "algorithm_scope": "4-bit weights (gptq: those with a MatMul input to calibrate on); 8-bit weights use rtn",
         "block_size": settings.block_size,

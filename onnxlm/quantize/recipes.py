@@ -8,8 +8,9 @@ quant_predicate, as data). The rules are written into the manifest with the per-
     recipe = RECIPES["int4-mixed"]
     recipe.choose(site)   # -> "int8" for the head, "int4" for most MatMuls
 
-A rule may hold only under some 4-bit schemes (`schemes`): the choice is made with the scheme the
-4-bit weights are packed in (`recipe.choose(site, scheme)`).
+A rule may hold only under some 4-bit schemes or MatMulNBits accuracy levels (`schemes`,
+`accuracy_levels`): the choice is made with the settings the weights are packed for
+(`recipe.choose(site, scheme, accuracy_level)`).
 """
 
 from __future__ import annotations
@@ -72,6 +73,12 @@ class Rule:
     when: Callable[[Site], bool]
     becomes: str
     schemes: tuple[str, ...] | None = None  # the 4-bit schemes under which the rule holds (None: all)
+    accuracy_levels: tuple[int, ...] | None = None  # the accuracy levels under which it holds (None: all)
+
+    def holds(self, scheme: str, accuracy_level: int) -> bool:
+        return (self.schemes is None or scheme in self.schemes) and (
+            self.accuracy_levels is None or accuracy_level in self.accuracy_levels
+        )
 
 
 @dataclass(frozen=True)
@@ -82,16 +89,16 @@ class Recipe:
     rules: tuple[Rule, ...] = ()
     dtype: str = "int4"  # manifest.dtype of the result
 
-    def choose(self, site: Site, scheme: str = "min") -> str:
-        """The format of `site` when 4-bit weights are packed in `scheme`."""
+    def choose(self, site: Site, scheme: str = "min", accuracy_level: int = 4) -> str:
+        """The format of `site` when 4-bit weights are packed in `scheme` for `accuracy_level`."""
         for rule in self.rules:
-            if (rule.schemes is None or scheme in rule.schemes) and rule.when(site):
+            if rule.holds(scheme, accuracy_level) and rule.when(site):
                 return rule.becomes
         return self.default
 
-    def describe(self, scheme: str = "min") -> list[dict[str, str]]:
-        """The rules that hold under `scheme`, as the manifest records them."""
-        held = [r for r in self.rules if r.schemes is None or scheme in r.schemes]
+    def describe(self, scheme: str = "min", accuracy_level: int = 4) -> list[dict[str, str]]:
+        """The rules that hold under these settings, as the manifest records them."""
+        held = [r for r in self.rules if r.holds(scheme, accuracy_level)]
         return [{"what": r.what, "becomes": r.becomes} for r in held] + [
             {"what": "every other weight", "becomes": self.default}
         ]
@@ -128,19 +135,22 @@ RECIPES: dict[str, Recipe] = {
         # 110.6 MB, 245 MB; decode the same within noise (time a token 8-bit / coded: 0.92-1.10, median
         # 0.97, over 12 processes each running one bundle; 1.02-1.04 interleaved in one process).
         # Schemes sym and asym keep a 4-bit block-32 head: there 8 bits cost ~1.8x its bytes and time,
-        # for little of what those schemes lose (their body's rounding).
+        # for little of what those schemes lose (their body's rounding). So do accuracy levels below 4:
+        # onnxruntime has no fast float-compute 8-bit kernel (SmolLM2's head at level 0 or 1: 109 ms a
+        # call at 8 bits against 1.1 ms at 4; at level 4 0.46 against 0.43 ms).
         Recipe(
             "int4",
-            "4-bit weight-only MatMulNBits (the output head at 8 bits with scheme min), embedding via "
-            "GatherBlockQuantized",
+            "4-bit weight-only MatMulNBits (the output head at 8 bits with scheme min at accuracy level 4), "
+            "embedding via GatherBlockQuantized",
             default="int4",
             dtype="int4",
             rules=(
                 Rule(
-                    "output head (a tied embedding follows it), with 4-bit scheme min",
+                    "output head (a tied embedding follows it), with 4-bit scheme min at accuracy level 4",
                     lambda s: s.role == "head",
                     "int8",
                     schemes=("min",),
+                    accuracy_levels=(4,),
                 ),
             ),
         ),
