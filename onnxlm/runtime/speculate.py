@@ -70,6 +70,9 @@ class Costs:
 
     seconds: dict[int, float] = field(default_factory=dict)
     draft_step: float = 0.0  # seconds of one draft-model step (0 for n-gram drafts)
+    # seconds a draft-model call spends per token it feeds beyond the first (a catch-up on the tokens
+    # a lookup round emitted; 0: not measured)
+    draft_token: float = 0.0
     draft_ratio: float = 0.0  # a draft step over a target step, timed at load (step_ratio; 0: unknown)
     draft_position: float = 0.0  # seconds of one position of the draft's prefill (0: not measured yet)
     warm: set[int] = field(default_factory=set)  # widths whose first (warm-up) call has been seen
@@ -86,6 +89,25 @@ class Costs:
 
     def observe_draft(self, secs: float) -> None:
         self.draft_step = secs if not self.draft_step else (1 - EMA) * self.draft_step + EMA * secs
+
+    def observe_draft_call(self, width: int, secs: float) -> None:
+        """A draft-model call that fed `width` tokens a row (width > 2: a catch-up after lookup
+        rounds): its seconds beyond a draft step, per extra token."""
+        if width > 2 and self.draft_step:
+            tok = max(secs - self.draft_step, 0.0) / (width - 1)
+            self.draft_token = tok if not self.draft_token else (1 - EMA) * self.draft_token + EMA * tok
+
+    def lookup_value(self, worth: float, k: int, rows: int) -> float:
+        """A lookup round's value (expected tokens per one-token step's time, `worth` as
+        Speculator.best gives it for k drafts over `rows` rows) once it is also charged the draft
+        model's later catch-up on the tokens it emits: a lookup round's drafts cost no model step
+        now, but the draft model feeds them in a wider call when it next drafts."""
+        base = self.seconds.get(1)
+        if not base or not self.draft_token or k <= 0:
+            return worth
+        rel = self.relative(k, drafting=False)
+        emitted = worth * rel / rows  # tokens a row is expected to emit this round
+        return worth * rel / (rel + self.draft_token * emitted / base)
 
     def relative(self, k: int, drafting: bool = True) -> float:
         """Cost of a round with k drafts (verify, plus the draft model's steps when `drafting`) in
@@ -322,7 +344,8 @@ class ModelDrafter(Speculator):
 
     lookup: a round where prompt lookup (NgramDrafter's n-gram drafts, which cost no model step) is
     worth more than the draft model, by each source's own acceptance estimate and the measured costs,
-    takes the lookup's drafts instead; the draft model catches up on those tokens when it next drafts.
+    takes the lookup's drafts instead; the draft model catches up on those tokens when it next drafts,
+    and that wider call is charged to the lookup (Costs.lookup_value).
     Text that copies its input (summaries, extraction) then speculates at the lookup's pace and the
     rest at the draft model's.
 
@@ -482,6 +505,8 @@ class ModelDrafter(Speculator):
             found = look.drafts(seqs)
             if any(found):
                 k_look, worth, _ = look.best([len(d) for d in found], drafting=False)
+                if ready:  # the draft model will feed this round's tokens later
+                    worth = self.costs.lookup_value(worth, k_look, len(seqs))
                 if k_look and worth >= value:
                     self.looked, self.source = True, self.source or "lookup"
                     return [d[:k_look] for d in found]
@@ -493,15 +518,20 @@ class ModelDrafter(Speculator):
         pending = [ctx[len(fed) :] for ctx, fed in zip(contexts, self.fed, strict=True)]
         drafts: list[list[int]] = [[] for _ in seqs]
         tokens = pending
-        # seconds of the calls that fed at most ROUTINE tokens a row: a round's catch-up after the
-        # target kept a whole draft (2 tokens) or a lookup round's draft (up to 9) is part of what
-        # drafting with the model costs; one after a stretch of plain rounds is a one-off
+        # a draft step's seconds from the calls that fed at most 2 tokens a row (the catch-up after the
+        # target kept a whole draft, then single steps); a wider catch-up, after lookup rounds (up to
+        # ROUTINE tokens), is the lookup's cost (Costs.lookup_value): counted as the model's it priced
+        # model rounds up until speculation with a 97%-accepting draft turned itself off. One after a
+        # stretch of plain rounds is a one-off.
         steps = []
         for i in range(k):
             t0 = time.perf_counter()
             logits = self.rows.decode(tokens)  # (batch, K, vocab)
-            if max(len(t) for t in tokens) <= ROUTINE:
-                steps.append(time.perf_counter() - t0)
+            width, secs = max(len(t) for t in tokens), time.perf_counter() - t0
+            if width <= 2:
+                steps.append(secs)
+            elif width <= ROUTINE and self.draft_grown:
+                self.costs.observe_draft_call(width, secs)
             last = np.array([len(t) - 1 for t in tokens])
             nxt = logits[np.arange(len(tokens)), last].argmax(-1)
             for b, t in enumerate(tokens):

@@ -534,6 +534,25 @@ def test_costs_are_relative_to_a_one_token_step():
     assert c.relative(4) == pytest.approx(4.0)
 
 
+def test_a_lookup_round_is_charged_the_draft_models_later_catch_up():
+    """A draft model feeds a lookup round's tokens in a wider call when it next drafts: that call's
+    extra seconds per token are measured (not taken into a draft step's cost) and a lookup round's
+    value pays for the tokens it is expected to emit."""
+    c = Costs()
+    c.seconds = {1: 0.020, 5: 0.030}  # a verify of 4 drafts: 1.5 steps
+    assert c.lookup_value(2.0, 4, 1) == 2.0  # nothing measured: unchanged
+    c.observe_draft_call(6, 0.010)  # before a draft step is known: not taken
+    assert c.draft_token == 0.0
+    c.observe_draft(0.004)
+    c.observe_draft_call(2, 0.009)  # a routine call (2 tokens) is a step, not a catch-up
+    assert c.draft_token == 0.0
+    c.observe_draft_call(6, 0.014)  # 10 ms beyond a step over 5 extra tokens
+    assert c.draft_token == pytest.approx(0.002)
+    # 2.0 tokens a step at 1.5 steps: 3 tokens emitted, each 0.002 s of catch-up = 0.3 steps more
+    assert c.lookup_value(2.0, 4, 1) == pytest.approx(3.0 / 1.8)
+    assert c.lookup_value(4.0, 4, 2) == pytest.approx(6.0 / 1.8)  # two rows: per row the same
+
+
 def test_acceptance_estimate_counts_only_checked_positions():
     """Drafts of 6 whose positions are each kept with probability 0.8 once those before were: the
     estimate settles near 0.8 (accepted / drafted would say ~0.55)."""
