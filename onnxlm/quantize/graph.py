@@ -201,22 +201,21 @@ class PackedNames:
         onnxruntime folds at load; returns the float32 name."""
         coded = (self.packed.coded or {}).get(key)
         if coded is None:
-            self._add(name + "16", array.astype(np.float16))
-            self.nodes.append(
-                helper.make_node("Cast", [name + "16"], [name], name=name, to=TensorProto.FLOAT)
-            )
-            return name
+            return self._half(name, array)
         self._add(name + "_codes", coded.codes)
-        self._add(name + "_lo16", coded.lo)
-        self._add(name + "_step16", coded.step)
-        codesf, lo, step, scaled = (name + x for x in ("_codesf", "_lo", "_step", "_scaled"))
+        lo, step = self._half(name + "_lo", coded.lo), self._half(name + "_step", coded.step)
+        codesf, scaled = name + "_codesf", name + "_scaled"
         self.nodes += [
             helper.make_node("Cast", [name + "_codes"], [codesf], name=codesf, to=TensorProto.FLOAT),
-            helper.make_node("Cast", [name + "_lo16"], [lo], name=lo, to=TensorProto.FLOAT),
-            helper.make_node("Cast", [name + "_step16"], [step], name=step, to=TensorProto.FLOAT),
             helper.make_node("Mul", [codesf, step], [scaled], name=scaled),
             helper.make_node("Add", [scaled, lo], [name], name=name),
         ]
+        return name
+
+    def _half(self, name: str, array: np.ndarray) -> str:
+        """Store `array` as float16 under name + "16"; return the name of its float32 Cast."""
+        self._add(name + "16", array.astype(np.float16))
+        self.nodes.append(helper.make_node("Cast", [name + "16"], [name], name=name, to=TensorProto.FLOAT))
         return name
 
     def _values(self, array: np.ndarray, key: str) -> np.ndarray:
