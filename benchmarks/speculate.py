@@ -242,14 +242,15 @@ def main() -> None:
         "skipped": skipped,
         "sets": {},
     }
+    sys.path.insert(0, str(THIS.parent))
+    from compare import rotated
+
     for set_name in a.sets.split(","):
         prompts = sets[set_name]
         runs: dict[str, dict[str, list[dict]]] = {e: {p: [] for p, _ in prompts} for e in engines}
-        labels = list(engines)
         for r in range(a.rounds):
             for i, (pname, ids) in enumerate(prompts):
-                k = (r * len(prompts) + i) % len(labels)  # each prompt's order rotated (compare.rotated)
-                for label in labels[k:] + labels[:k]:
+                for label in rotated(list(engines), r * len(prompts) + i):  # each prompt's order rotated
                     out = engines[label][0](ids, a.new_tokens)
                     runs[label][pname].append(out)
                     print(
