@@ -151,7 +151,6 @@ def load_model(
     release_free_heap()  # the JSON parse's leftovers stay out of the peak the session adds to
     with releasing_mapped_files(root):  # the build's peak: the mapped file resident beside its packing
         session = make_session(root / MODEL, providers=providers, threads=threads, idle_spin=idle_spin)
-    release_free_heap()
     release_mapped_files(root)  # weights packed at load are held once, not also as mapped file pages
     return Model(session, manifest, io_binding=io_binding)
 

@@ -11,6 +11,7 @@ import ctypes.util
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -103,15 +104,20 @@ def make_session(
     idle_spin: bool = True,
 ) -> ort.InferenceSession:
     """An InferenceSession over `model_path` (external data resolved beside it); idle_spin as in
-    session_options."""
+    session_options. The memory the build filled (packed weights) is then backed by huge pages
+    (collapse_to_huge_pages) unless ONNXLM_HUGE_PAGES=0."""
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
     chosen = choose_providers(providers)
+    before = heap_mappings() if huge_pages_wanted() else None
     session = ort.InferenceSession(
         str(path), sess_options=session_options(threads, idle_spin), providers=chosen
     )
     log.info("onnxruntime session on %s", ", ".join(session.get_providers()))
+    release_free_heap()  # what the build freed goes back first: only memory in use is collapsed
+    if before is not None:
+        collapse_to_huge_pages(before)
     return session
 
 
@@ -142,28 +148,35 @@ def release_free_heap() -> bool:
 MADV_DONTNEED = 4  # Linux: drop the range's pages from this process; a clean file page comes back on touch
 
 
-def file_mappings(directory: str | os.PathLike) -> list[dict]:
-    """This process's memory mappings of files under `directory` (Linux /proc/self/smaps): start,
-    end, path, and the kB resident and the kB copied on write (its pages this process wrote to,
-    which no longer match the file). Empty where there is no /proc."""
-    root = os.path.realpath(directory) + os.sep
+_SMAPS_FIELDS = {"Rss:": "rss_kb", "Anonymous:": "written_kb", "AnonHugePages:": "huge_kb"}
+
+
+def mappings() -> list[dict]:
+    """This process's memory mappings (Linux /proc/self/smaps): start, end, path ("" for anonymous
+    memory), perms ("rw-p"), and the kB resident, the kB anonymous (for a file: the pages this process
+    wrote to, which no longer match the file) and the kB on huge pages. Empty where there is no /proc."""
     found, current = [], None
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
                 head = line.split(None, 5)
                 if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
+                    start, end = (int(x, 16) for x in head[0].split("-"))
                     path = head[5].strip() if len(head) == 6 else ""
-                    current = None
-                    if path.startswith(root):
-                        start, end = (int(x, 16) for x in head[0].split("-"))
-                        current = {"start": start, "end": end, "path": path, "rss_kb": 0, "written_kb": 0}
-                        found.append(current)
-                elif current is not None and head[0] in ("Rss:", "Anonymous:"):
-                    current["rss_kb" if head[0] == "Rss:" else "written_kb"] = int(head[1])
-    except OSError:
+                    current = {"start": start, "end": end, "path": path, "perms": head[1]}
+                    current.update(rss_kb=0, written_kb=0, huge_kb=0)
+                    found.append(current)
+                elif current is not None and head[0] in _SMAPS_FIELDS:
+                    current[_SMAPS_FIELDS[head[0]]] = int(head[1])
+    except (OSError, ValueError, IndexError):
         return []
     return found
+
+
+def file_mappings(directory: str | os.PathLike) -> list[dict]:
+    """`mappings()` of files under `directory`."""
+    root = os.path.realpath(directory) + os.sep
+    return [m for m in mappings() if m["path"].startswith(root)]
 
 
 def release_mapped_files(directory: str | os.PathLike) -> int:
@@ -227,6 +240,88 @@ def releasing_mapped_files(
         stop.set()
         if worker is not None:
             worker.join()
+
+
+HUGE_PAGE = 2 << 20  # x86-64 and most arm64 kernels
+MADV_COLLAPSE = 25  # Linux 6.1+: back the range with huge pages now (copying), whatever the THP mode
+HUGE_PAGES_ENV = "ONNXLM_HUGE_PAGES"  # "0": leave the session's memory on small pages
+HUGE_PAGES_BUDGET_S = 2.0
+
+
+def huge_pages_wanted() -> bool:
+    return os.environ.get(HUGE_PAGES_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def heap_mappings() -> list[tuple[int, int]]:
+    """The (start, end) of this process's writable anonymous mappings (the C heap, mmap'd chunks),
+    sorted; from /proc/self/maps, which costs no page walk (smaps does: tens of ms in a large process).
+    Empty where there is no /proc."""
+    found = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                head = line.split(None, 5)
+                path = head[5].strip() if len(head) == 6 else ""
+                if path in ("", "[heap]") and "w" in head[1]:
+                    start, end = (int(x, 16) for x in head[0].split("-"))
+                    found.append((start, end))
+    except (OSError, ValueError, IndexError):
+        return []
+    return sorted(found)
+
+
+def _new_ranges(start: int, end: int, before: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [start, end) outside every range in `before` (sorted): a mapping that grew (the
+    heap's top) or merged with a new neighbour yields only what was added."""
+    out, at = [], start
+    for s, e in before:
+        if e <= at or s >= end:
+            continue
+        if s > at:
+            out.append((at, s))
+        at = max(at, e)
+    if at < end:
+        out.append((at, end))
+    return out
+
+
+def collapse_to_huge_pages(
+    before: Sequence[tuple[int, int]], min_resident: float = 0.9, budget_s: float = HUGE_PAGES_BUDGET_S
+) -> int:
+    """Back the memory in use in writable anonymous mappings, where they are new since `before` (a
+    heap_mappings() taken before a session was built: a grown heap counts from its old top), with
+    2 MiB pages (madvise MADV_COLLAPSE); returns the bytes
+    collapsed. A decode step streams every packed weight once: on 4 KiB pages that is ~28,000 TLB
+    entries for SmolLM2's int4, and the page walks cost 5-10% of the step (benchmarks/README.md).
+    Only 2 MiB ranges at least `min_resident` resident (mincore) are collapsed, so nothing is
+    committed that was not in use (a calloc'd buffer stays lazy); contents are unchanged. Linux with
+    transparent huge pages not "never" only; elsewhere nothing changes. Stops after `budget_s`
+    (collapsing may compact memory first)."""
+    madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
+    mincore = _libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p])
+    if madvise is None or mincore is None:
+        return 0
+    pages = HUGE_PAGE // os.sysconf("SC_PAGE_SIZE")
+    vec = ctypes.create_string_buffer(pages)
+    resident = np.frombuffer(vec, np.uint8, count=pages)  # a view of what mincore writes
+    done = failed = 0
+    t0 = time.perf_counter()
+    ranges = [r for start, end in heap_mappings() for r in _new_ranges(start, end, before)]
+    for start, end in ranges:
+        for at in range(-(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE, HUGE_PAGE):
+            if mincore(at, HUGE_PAGE, vec) != 0 or int(np.count_nonzero(resident & 1)) < min_resident * pages:
+                continue
+            if madvise(at, HUGE_PAGE, MADV_COLLAPSE) == 0:
+                done += HUGE_PAGE
+            else:
+                failed += 1
+                if failed >= 4 and not done:  # no THP here (EINVAL), or none to be had
+                    return 0
+            if time.perf_counter() - t0 > budget_s:
+                log.info("huge pages: stopped after %.1f s (%d MiB)", budget_s, done >> 20)
+                return done
+    log.debug("huge pages: %d MiB in %.2f s", done >> 20, time.perf_counter() - t0)
+    return done
 
 
 def kv_device(session: ort.InferenceSession) -> str:

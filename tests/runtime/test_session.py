@@ -195,3 +195,92 @@ def test_releasing_mapped_files_without_madvise_runs_the_body(tmp_path, monkeypa
     with S.releasing_mapped_files(tmp_path):
         ran.append(True)
     assert ran == [True]
+
+
+def _thp_mode() -> str | None:
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text.split("[")[1].split("]")[0] if "[" in text else None
+
+
+def _resident_pages(a: np.ndarray) -> int:
+    import ctypes
+
+    mincore = S._libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p])
+    page = os.sysconf("SC_PAGE_SIZE")
+    start = a.ctypes.data // page * page
+    n = -(-(a.ctypes.data + a.nbytes - start) // page)
+    vec = ctypes.create_string_buffer(n)
+    assert mincore(start, n * page, vec) == 0
+    return sum(c & 1 for c in vec.raw)
+
+
+def _mapping_of(address: int) -> dict:
+    (m,) = [m for m in S.mappings() if m["start"] <= address < m["end"]]
+    return m
+
+
+def _anonymous(nbytes: int, fill: bool) -> np.ndarray:
+    """A fresh private anonymous mapping, as the C heap's large chunks are (numpy's own large arrays
+    ask for huge pages themselves)."""
+    import mmap
+
+    region = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    a = np.frombuffer(region, np.float32)
+    if fill:
+        a[:] = np.arange(a.size, dtype=np.float32)
+    return a
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_collapse_to_huge_pages_backs_new_resident_memory_and_keeps_its_contents():
+    before = S.heap_mappings()
+    filled = _anonymous(24 * 2**20, fill=True)  # resident
+    lazy = _anonymous(96 * 2**20, fill=False)  # mapped, none of it resident
+    expected = float(filled.sum(dtype=np.float64))
+    if _mapping_of(filled.ctypes.data)["huge_kb"]:
+        pytest.skip("huge pages already back every new mapping here (transparent_hugepage: always)")
+
+    done = S.collapse_to_huge_pages(before)
+
+    if _thp_mode() in (None, "never") or not done:
+        pytest.skip(f"no huge pages to be had here (transparent_hugepage: {_thp_mode()})")
+    assert done >= 20 * 2**20  # the whole 2 MiB-aligned part of the filled buffer, at least
+    assert _mapping_of(filled.ctypes.data)["huge_kb"] >= 20 * 1024
+    assert float(filled.sum(dtype=np.float64)) == expected
+    assert _resident_pages(lazy) < 64  # nothing committed that was not in use
+    assert not lazy[:: 2**18].any()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_collapse_leaves_mappings_that_existed_before_alone():
+    filled = _anonymous(24 * 2**20, fill=True)
+    had = _mapping_of(filled.ctypes.data)["huge_kb"]
+    assert S.collapse_to_huge_pages(S.heap_mappings()) == 0
+    assert _mapping_of(filled.ctypes.data)["huge_kb"] == had
+
+
+def test_make_session_collapses_unless_told_not_to(monkeypatch):
+    from tests.bundles import tiny_bundle
+
+    model = tiny_bundle("fused").path / "model.onnx"
+    calls = []
+    monkeypatch.setattr(S, "collapse_to_huge_pages", lambda before: calls.append(before) or 0)
+    monkeypatch.delenv(S.HUGE_PAGES_ENV, raising=False)
+    S.make_session(model)
+    assert len(calls) == 1 and isinstance(calls[0], list)
+    for off in ("0", "off", "false"):
+        monkeypatch.setenv(S.HUGE_PAGES_ENV, off)
+        S.make_session(model)
+    assert len(calls) == 1
+
+
+def test_new_ranges_are_what_a_mapping_added():
+    before = [(100, 200), (300, 400)]
+    assert S._new_ranges(100, 200, before) == []  # unchanged
+    assert S._new_ranges(100, 260, before) == [(200, 260)]  # grew at its top (the heap)
+    assert S._new_ranges(40, 200, before) == [(40, 100)]  # a new neighbour merged below
+    assert S._new_ranges(150, 450, before) == [(200, 300), (400, 450)]
+    assert S._new_ranges(500, 600, before) == [(500, 600)]  # new
