@@ -238,24 +238,87 @@ def _half32(x: np.ndarray) -> np.ndarray:
     return np.asarray(x).astype(np.float16).astype(np.float32)
 
 
+# for BlockSums.rank: ops whose first output has as many axes as the largest of their inputs, and ops
+# whose first output has as many as their first input
+_ELEMENTWISE = frozenset("Add Sub Mul Div Pow Max Min Where".split())
+_FIRST_INPUT_RANK = frozenset(
+    "Relu Sigmoid Tanh Gelu FastGelu QuickGelu BiasGelu Softmax Cast Identity Erf Neg Sqrt "
+    "SimplifiedLayerNormalization SkipSimplifiedLayerNormalization LayerNormalization "
+    "SkipLayerNormalization GroupQueryAttention MultiHeadAttention MatMulNBits Split Slice Transpose "
+    "Concat".split()
+)
+
+
 class BlockSums:
-    """Per-block sums of a MatMul input, one node per (input, block size), shared by every weight
-    that reads that input (q|k|v, gate and up); the summing matrix is one per (K, block size)."""
+    """Per-block sums of a MatMul input, one node group per (input, block size), shared by every weight
+    that reads that input (q|k|v, gate and up). Where K is a whole number of blocks the sums are a
+    Reshape and a ReduceSum (no weights read); otherwise a MatMul with a 0/1 summing matrix, one per
+    (K, block size). The summing MatMul read its K x blocks table every call: SmolLM2's tables for
+    K = 576 and 1,536 are 147 and 786 KB, ~37 MB a decode step from the cache beside the weights
+    (the ReduceSum form measured 2-4% faster a step, benchmarks/README.md)."""
 
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.made = {o for n in model.graph.node for o in n.output if "_blocksums" in o}  # earlier passes
         self.made |= {t.name for t in model.graph.initializer if t.name.startswith("blocksums_")}
+        self._ranks: dict[str, int | None] | None = None  # per value, made by rank() on first use
+
+    def rank(self, name: str) -> int | None:
+        """How many axes the value `name` has, where the graph says: a graph input, an initializer or
+        value_info with a shape, else carried forward (one pass in the graph's order) through the ops
+        whose output has their inputs' rank (element-wise: the largest; norms, activations and
+        attention: their first input's; MatMul: the larger). None where unknown: the summing-matrix
+        form then, which takes any rank."""
+        if self._ranks is None:
+            g = self.model.graph
+            ranks: dict[str, int | None] = {t.name: len(t.dims) for t in g.initializer}
+            for v in [*g.input, *g.value_info]:
+                if v.type.tensor_type.HasField("shape"):
+                    ranks[v.name] = len(v.type.tensor_type.shape.dim)
+            for n in g.node:
+                if not n.output or all(o in ranks for o in n.output):
+                    continue
+                known = [ranks.get(i) for i in n.input if i]
+                if n.op_type in _ELEMENTWISE or n.op_type == "MatMul":
+                    r = max(known) if known and None not in known else None
+                elif n.op_type in _FIRST_INPUT_RANK:
+                    r = known[0] if known else None
+                elif n.op_type == "Gather" and len(known) == 2 and None not in known:
+                    r = known[0] + known[1] - 1  # a table's rows at the indices' places
+                elif n.op_type == "GatherBlockQuantized" and len(known) >= 2 and known[1] is not None:
+                    r = known[1] + 1  # rows of a (packed) 2-D table
+                else:
+                    continue
+                for o in n.output if n.op_type == "Split" else n.output[:1]:
+                    ranks.setdefault(o, r)
+            self._ranks = ranks
+        return self._ranks.get(name)
 
     def __call__(self, x: str, k: int, block_size: int) -> tuple[str, list]:
         name, ones = f"{x}_blocksums{block_size}", f"blocksums_{k}x{block_size}"
         if name in self.made:
             return name, []
+        self.made.add(name)
+        rank = self.rank(x)
+        if k % block_size == 0 and rank:
+            return name, self._reduce(x, k, block_size, rank, name)
         made = []
         if ones not in self.made:
             made, self.made = self._table(ones, k, block_size), self.made | {ones}
-        self.made.add(name)
         return name, made + [helper.make_node("MatMul", [x, ones], [name], name=name)]
+
+    def _reduce(self, x: str, k: int, block_size: int, rank: int, out: str) -> list:
+        """x (..., K) of `rank` axes -> its block sums (..., K / block_size): a Reshape to (..., blocks,
+        block_size) and a ReduceSum."""
+        shape, axis = f"blocksums_{k}x{block_size}_rank{rank}", "blocksums_last_axis"
+        for key, value in ((shape, [0] * (rank - 1) + [k // block_size, block_size]), (axis, [-1])):
+            if key not in self.made:
+                self.model.graph.initializer.append(numpy_helper.from_array(np.array(value, np.int64), key))
+                self.made.add(key)
+        return [
+            helper.make_node("Reshape", [x, shape], [out + "_blocks"], name=out + "_blocks"),
+            helper.make_node("ReduceSum", [out + "_blocks", axis], [out], name=out, keepdims=0),
+        ]
 
     def appended(self, x: str, f) -> tuple[str, list]:
         """x with its block sums appended where a folded weight (pack.Folded) reads them: zeros up to
@@ -266,17 +329,23 @@ class BlockSums:
         if name in self.made:
             return name, []
         made = []
-        if table not in self.made:
-            region = f.extra // f.digits * bs
-            shifts = [f.k_blocks * bs - k + i * region for i in range(f.digits)]
-            made = self._table(table, k, bs, shifts, width)
-            self.made.add(table)
-        self.made.add(name)
+        region = f.extra // f.digits * bs
+        pad = f.k_blocks * bs - k
         sums = f"{x}_blocksums{bs}_w{width}"
-        return name, made + [
-            helper.make_node("MatMul", [x, table], [sums], name=sums),
-            helper.make_node("Concat", [x, sums], [name], name=name, axis=-1),
-        ]
+        if k % bs == 0 and self.rank(x):  # the sums themselves, then a (blocks, width) placing matrix
+            placed, blocks = self(x, k, bs)
+            place = f"blocksums_{k // bs}x1_placed{width}"
+            if place not in self.made:
+                made += self._table(place, k // bs, 1, [pad + i * region for i in range(f.digits)], width)
+                self.made.add(place)
+            made += blocks + [helper.make_node("MatMul", [placed, place], [sums], name=sums)]
+        else:
+            if table not in self.made:
+                made = self._table(table, k, bs, [pad + i * region for i in range(f.digits)], width)
+                self.made.add(table)
+            made.append(helper.make_node("MatMul", [x, table], [sums], name=sums))
+        self.made.add(name)
+        return name, made + [helper.make_node("Concat", [x, sums], [name], name=name, axis=-1)]
 
     def _table(
         self, name: str, k: int, block_size: int, shifts: list[int] = (0,), width: int | None = None

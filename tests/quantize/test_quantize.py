@@ -506,6 +506,54 @@ def test_folded_min_is_one_kernel_call_on_the_blocks_and_their_remainders(k):
     np.testing.assert_allclose(got, x @ served.T, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("through", ["input", "activation", "reshape"])
+def test_block_sums_are_a_reduce_sum_where_the_input_rank_is_known(through):
+    """Scheme min's block sums: a Reshape and a ReduceSum where the graph tells the input's rank (a
+    graph input, or carried through rank-keeping ops); a 0/1 summing matrix where it does not (after
+    a Reshape). Either way the graph computes the folded weights."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from onnxlm.quantize import graph as G
+    from onnxlm.quantize import weights as W
+
+    rng = np.random.default_rng(5)
+    n, k = 48, 96
+    w = rng.standard_normal((n, k)).astype(np.float32) + rng.uniform(-1, 1, (n, 1)).astype(np.float32)
+    served = fold_min(rtn(w, 4, 32, "min")).dequantize()
+    nodes, x, inits = [], "x", [numpy_helper.from_array(np.ascontiguousarray(w.T), "W")]
+    if through == "activation":
+        nodes.append(helper.make_node("Sigmoid", ["x"], ["xs"]))
+        x = "xs"
+    elif through == "reshape":
+        inits.append(numpy_helper.from_array(np.array([2, 3, k], np.int64), "shape"))
+        nodes.append(helper.make_node("Reshape", ["x", "shape"], ["xr"]))
+        x = "xr"
+    nodes.append(helper.make_node("MatMul", [x, "W"], ["y"], name="/layers.0/down_proj/MatMul"))
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3, n])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    sites = G.find_sites(model, num_layers=1, hidden_size=n, vocab_size=10_000)
+    W.apply(model, sites, W.plan(sites, RECIPES["int4"].choose), W.Settings(accuracy_level=0))
+    ops = Counter(x.op_type for x in model.graph.node if not x.output[0].startswith("blocksums_"))
+    tables = {t for node in model.graph.node if node.op_type == "MatMul" for t in node.input[1:]}
+    if through == "reshape":
+        assert ops["ReduceSum"] == 0 and f"blocksums_{k}x32_appended64" in tables
+    else:
+        assert ops["ReduceSum"] == 1 and not any(t.startswith(f"blocksums_{k}x") for t in tables)
+    assert ops["MatMulNBits"] == 1
+    xv = rng.standard_normal((2, 3, k)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": xv}
+    )[0]
+    xin = 1 / (1 + np.exp(-xv)) if through == "activation" else xv
+    np.testing.assert_allclose(got, xin @ served.T, rtol=1e-4, atol=1e-4)
+
+
 def test_gptq_and_hqq_bundles(tiny_llama_bundle, tmp_path):
     text = " ".join(CORPUS * 6)
     out = quantize(
