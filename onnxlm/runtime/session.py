@@ -290,8 +290,7 @@ def collapse_to_huge_pages(
 ) -> int:
     """Back the memory in use in writable anonymous mappings, where they are new since `before` (a
     heap_mappings() taken before a session was built: a grown heap counts from its old top), with
-    2 MiB pages (madvise MADV_COLLAPSE); returns the bytes
-    collapsed. A decode step streams every packed weight once: on 4 KiB pages that is ~28,000 TLB
+    2 MiB pages (madvise MADV_COLLAPSE); returns the bytes collapsed. A decode step streams every packed weight once: on 4 KiB pages that is ~28,000 TLB
     entries for SmolLM2's int4, and the page walks cost 5-10% of the step (benchmarks/README.md).
     Only 2 MiB ranges at least `min_resident` resident (mincore) are collapsed, so nothing is
     committed that was not in use (a calloc'd buffer stays lazy); contents are unchanged. Linux with
