@@ -106,6 +106,13 @@ def test_ngram_draft_copies_what_followed_the_latest_match():
     assert ngram_draft(np.array([5]), 4) == []
 
 
+def test_ngram_draft_by_default_prefers_a_match_longer_than_four_tokens():
+    """An earlier occurrence matching 6 tokens wins over a later one matching 4 (NGRAM_MAX = 8)."""
+    ctx = np.array([9, 1, 2, 3, 4, 5, 6, 70, 71, 8, 3, 4, 5, 6, 80, 81, 1, 2, 3, 4, 5, 6])
+    assert ngram_draft(ctx, 2) == [70, 71]
+    assert ngram_draft(ctx, 2, n_max=4) == [80, 81]  # capped at 4: the latest 4-token match
+
+
 def test_ngram_draft_matches_a_search_of_every_window():
     rng = np.random.default_rng(3)
     for _ in range(300):
