@@ -330,18 +330,18 @@ class BlockSums:
             return name, []
         made = []
         region = f.extra // f.digits * bs
-        pad = f.k_blocks * bs - k
+        shifts = [f.k_blocks * bs - k + i * region for i in range(f.digits)]  # where each region starts
         sums = f"{x}_blocksums{bs}_w{width}"
         if k % bs == 0 and self.rank(x):  # the sums themselves, then a (blocks, width) placing matrix
             placed, blocks = self(x, k, bs)
             place = f"blocksums_{k // bs}x1_placed{width}"
             if place not in self.made:
-                made += self._table(place, k // bs, 1, [pad + i * region for i in range(f.digits)], width)
+                made += self._table(place, k // bs, 1, shifts, width)
                 self.made.add(place)
             made += blocks + [helper.make_node("MatMul", [placed, place], [sums], name=sums)]
         else:
             if table not in self.made:
-                made = self._table(table, k, bs, [pad + i * region for i in range(f.digits)], width)
+                made = self._table(table, k, bs, shifts, width)
                 self.made.add(table)
             made.append(helper.make_node("MatMul", [x, table], [sums], name=sums))
         self.made.add(name)

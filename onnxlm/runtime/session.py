@@ -151,6 +151,14 @@ MADV_DONTNEED = 4  # Linux: drop the range's pages from this process; a clean fi
 _SMAPS_FIELDS = {"Rss:": "rss_kb", "Anonymous:": "written_kb", "AnonHugePages:": "huge_kb"}
 
 
+def _mapping_header(line: str) -> tuple[int, int, str, str]:
+    """(start, end, perms, path) of a /proc/self/maps line (smaps' header lines are the same; path ""
+    for anonymous memory)."""
+    head = line.split(None, 5)
+    start, end = (int(x, 16) for x in head[0].split("-"))
+    return start, end, head[1], head[5].strip() if len(head) == 6 else ""
+
+
 def mappings() -> list[dict]:
     """This process's memory mappings (Linux /proc/self/smaps): start, end, path ("" for anonymous
     memory), perms ("rw-p"), and the kB resident, the kB anonymous (for a file: the pages this process
@@ -159,11 +167,10 @@ def mappings() -> list[dict]:
     try:
         with open("/proc/self/smaps") as f:
             for line in f:
-                head = line.split(None, 5)
+                head = line.split(None, 2)
                 if "-" in head[0] and not head[0].endswith(":"):  # a mapping's header line
-                    start, end = (int(x, 16) for x in head[0].split("-"))
-                    path = head[5].strip() if len(head) == 6 else ""
-                    current = {"start": start, "end": end, "path": path, "perms": head[1]}
+                    start, end, perms, path = _mapping_header(line)
+                    current = {"start": start, "end": end, "path": path, "perms": perms}
                     current.update(rss_kb=0, written_kb=0, huge_kb=0)
                     found.append(current)
                 elif current is not None and head[0] in _SMAPS_FIELDS:
@@ -260,10 +267,8 @@ def heap_mappings() -> list[tuple[int, int]]:
     try:
         with open("/proc/self/maps") as f:
             for line in f:
-                head = line.split(None, 5)
-                path = head[5].strip() if len(head) == 6 else ""
-                if path in ("", "[heap]") and "w" in head[1]:
-                    start, end = (int(x, 16) for x in head[0].split("-"))
+                start, end, perms, path = _mapping_header(line)
+                if path in ("", "[heap]") and "w" in perms:
                     found.append((start, end))
     except (OSError, ValueError, IndexError):
         return []
