@@ -189,6 +189,21 @@ def test_releasing_mapped_files_reclaims_while_the_body_runs_and_keeps_writes(tm
     assert _mapped_kb(tmp_path / "w")[0] > 15 * 1024
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_file_ranges_are_the_mappings_of_the_folder_without_a_page_walk(tmp_path):
+    (tmp_path / "w").mkdir()
+    np.arange(1 << 20, dtype=np.float32).tofile(tmp_path / "w" / "a.data")
+    np.arange(1 << 20, dtype=np.float32).tofile(tmp_path / "b.data")
+    inside = np.memmap(tmp_path / "w" / "a.data", np.float32, mode="c")
+    outside = np.memmap(tmp_path / "b.data", np.float32, mode="c")
+    ranges = S.file_ranges(tmp_path / "w")
+    assert len(ranges) == 1 and ranges[0][1] - ranges[0][0] >= inside.nbytes
+    assert ranges == [(m["start"], m["end"]) for m in S.file_mappings(tmp_path / "w")]
+    assert len(S.file_ranges(tmp_path)) == 2  # the folder above holds both
+    del inside, outside
+    assert S.file_ranges(tmp_path) == []
+
+
 def test_releasing_mapped_files_without_madvise_runs_the_body(tmp_path, monkeypatch):
     monkeypatch.setattr(S, "_libc_function", lambda name, argtypes, restype=None: None)
     ran = []
