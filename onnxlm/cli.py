@@ -151,7 +151,7 @@ def draft_options(fn):
             is_flag=True,
             help="Speculate even on such a bundle: greedy output may then differ from plain decoding "
             "where the two most likely tokens are within the gap it reports (a bundle quantized with "
-            "--kv-cache int8 speculates exactly).",
+            "--kv-cache int8, the int4 recipe's default, speculates exactly).",
         ),
         click.option(
             "--prefix-cache-mb",
@@ -388,12 +388,13 @@ def info(bundle, as_json, verify) -> None:
 )
 @click.option(
     "--kv-cache",
-    type=click.Choice(quantize_api.KV_CACHES),
-    default="float32",
+    type=click.Choice(quantize_api.KV_CHOICES),
+    default="auto",
     show_default=True,
     help="KV cache type of the fused graph: float16 halves it (memory only: slower on CPU), int8 quarters "
-    "it and decodes faster at long contexts (scales calibrated on --calibration-text, else the built-in "
-    "texts). Not with --recipe fp16 or gguf.",
+    "it and decodes faster, most at long contexts (scales calibrated on --calibration-text, else the "
+    "built-in texts). auto: int8 for --recipe int4 over the fused graph, float32 otherwise. Not with "
+    "--recipe fp16 or gguf.",
 )
 @click.option(
     "--max-ppl-increase",

@@ -106,7 +106,7 @@ def quantize_bundle(
     from .runtime.eval import format_report, read_text
 
     if recipe == "gguf":  # quantize_with_report refuses a kv_cache here
-        options = {"gguf": gguf or default_gguf(bundle), "kv_cache": options.get("kv_cache", "float32")}
+        options = {"gguf": gguf or default_gguf(bundle), "kv_cache": options.get("kv_cache", "auto")}
     else:
         accuracy_level = 4 if accuracy_level is None else accuracy_level
         options["calibration_text"] = read_text(calibration_text) if calibration_text else None

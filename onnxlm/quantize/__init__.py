@@ -13,7 +13,7 @@ bundle's manifest (`quantization`). kv_cache (kv.py) gives the fused graph a flo
 from __future__ import annotations
 
 from .api import ALGORITHMS, BLOCK_SIZES, QuantizeError, quantize
-from .recipes import KV_CACHES, RECIPES, SCHEMES, Recipe, Rule, Site
+from .recipes import KV_CACHES, KV_CHOICES, RECIPES, SCHEMES, Recipe, Rule, Site
 
 CHOICES = (*RECIPES, "auto", "gguf")  # every recipe name quantize_with_report (and the CLI) takes
 
@@ -29,4 +29,5 @@ __all__ = [
     "BLOCK_SIZES",
     "SCHEMES",
     "KV_CACHES",
+    "KV_CHOICES",
 ]

@@ -110,6 +110,7 @@ def widest(formats: list[str]) -> str:
 
 
 KV_CACHES = ("float32", "float16", "int8")  # the fused graph's cache types (kv.py)
+KV_CHOICES = ("auto", *KV_CACHES)  # what quantize takes: auto picks per recipe (api.auto_kv_cache)
 SCHEMES = ("min", "sym", "asym")  # 4-bit block forms (pack.py): scale + float minimum, scale, scale + zero
 
 RECIPES: dict[str, Recipe] = {

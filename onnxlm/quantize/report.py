@@ -75,7 +75,7 @@ def quantize_with_report(
         raise QuantizeError("max_ppl_increase needs the report and a non-negative percentage")
     if recipe == "auto" and max_ppl_increase is None:
         raise QuantizeError("recipe 'auto' needs max_ppl_increase: the budget it raises weights to meet")
-    if recipe == "gguf" and options.get("kv_cache", "float32") != "float32":
+    if recipe == "gguf" and options.get("kv_cache", "auto") not in ("auto", "float32"):
         raise QuantizeError("kv_cache applies to the int8 / int4 / int4-mixed recipes, not gguf")
     _check_out(src, out, overwrite)
     staging = out.parent / f".{out.name}.staging"

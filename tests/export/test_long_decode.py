@@ -155,13 +155,15 @@ def test_new_family_attention_matches_gqa_alone(model_type, overrides, tmp_path)
 
 def test_quantized_bundles_keep_the_switch_and_float16_drops_it(pair, tmp_path, info):
     wrapped, plain = pair
-    q = quantize(wrapped, tmp_path / "int4", "int4", progress=False)
+    q = quantize(
+        wrapped, tmp_path / "int4", "int4", kv_cache="float32", progress=False
+    )  # the switch reads it
     assert B.read_manifest(q).io.long_decode_from == FROM and _ops(q)["If"] > 0
     graph = onnx.load(str(q / B.MODEL), load_external_data=False)
     assert any(
         t.name.startswith(PREFIX) for t in graph.graph.initializer
     )  # read only inside the branches: kept
-    ref = load(quantize(plain, tmp_path / "int4-gqa", "int4", progress=False), threads=1)
+    ref = load(quantize(plain, tmp_path / "int4-gqa", "int4", kv_cache="float32", progress=False), threads=1)
     ids = list(range(5, 40))
     np.testing.assert_allclose(load(q, threads=1).model.logits(ids), ref.model.logits(ids), atol=1e-4)
     assert len(load(q, threads=1).generate(ids, max_new_tokens=8, ignore_eos=True).token_ids) == 8
@@ -170,6 +172,8 @@ def test_quantized_bundles_keep_the_switch_and_float16_drops_it(pair, tmp_path, 
         f"MatMul/Softmax from {FROM} tokens held" in shown
         and "recipe int4; scheme min folded; block size 32" in shown
     )
+    auto = quantize(wrapped, tmp_path / "int4-auto", "int4", progress=False)  # an int8 cache: no switch
+    assert B.read_manifest(auto).io.long_decode_from is None and B.read_manifest(auto).io.kv_dtype == "int8"
     half = quantize(wrapped, tmp_path / "fp16", "fp16", progress=False)
     assert B.read_manifest(half).io.long_decode_from is None and _ops(half)["If"] == 0
     assert _ops(half)["GroupQueryAttention"] == B.read_manifest(half).model.num_layers

@@ -184,7 +184,9 @@ def test_int8_scales_calibrated_once_per_source_and_text(kv, tmp_path, monkeypat
 
 def test_refused_with_one_line(conditioned, kv, tmp_path):
     src, _ = kv
-    with pytest.raises(QuantizeError, match="kv_cache must be one of float32, float16, int8; got 'fp8'"):
+    with pytest.raises(
+        QuantizeError, match="kv_cache must be one of auto, float32, float16, int8; got 'fp8'"
+    ):
         quantize(src, tmp_path / "o", kv_cache="fp8")
     with pytest.raises(QuantizeError, match="fp16 recipe's KV cache is float16 already"):
         quantize(src, tmp_path / "o", "fp16", kv_cache="int8")
@@ -203,6 +205,29 @@ def test_refused_with_one_line(conditioned, kv, tmp_path):
     with pytest.raises(QuantizeError, match=gguf_refusal):
         quantize_with_report(src, tmp_path / "o", "gguf", kv_cache="float16", progress=False)
     assert not (tmp_path / "o").exists()
+
+
+def test_auto_gives_the_int4_recipe_an_int8_cache_where_the_graph_takes_one(conditioned, kv, tmp_path):
+    src, _ = kv
+    text = "Leave requests go to your manager first. " * 40  # calibration: quick, and not the default's
+    four = quantize(src, tmp_path / "int4", "int4", calibration_text=text, progress=False)
+    m = B.read_manifest(four)
+    assert m.io.kv_dtype == "int8" and m.quantization["kv_cache"]["dtype"] == "int8"
+    kept = quantize(src, tmp_path / "int4-f32", "int4", kv_cache="float32", progress=False)
+    assert (
+        B.read_manifest(kept).io.kv_dtype == "float32"
+        and "kv_cache" not in B.read_manifest(kept).quantization
+    )
+    eight = quantize(src, tmp_path / "int8", "int8", progress=False)  # the other recipes: float32
+    assert B.read_manifest(eight).io.kv_dtype == "float32"
+    plain = conditioned("llama", graph="plain")  # no fused graph: float32, not a refusal
+    assert (
+        B.read_manifest(quantize(plain, tmp_path / "plain", "int4", progress=False)).io.kv_dtype == "float32"
+    )
+    # its verify calls compute what its decode steps do: it speculates without --draft-inexact
+    spec, alone = onnxlm.load(four, threads=1, draft="ngram"), onnxlm.load(four, threads=1)
+    assert greedy(spec, PROMPTS[1]) == greedy(alone, PROMPTS[1])
+    assert "--kv-cache [auto|float32|float16|int8]" in CliRunner().invoke(cli, ["quantize", "--help"]).output
 
 
 def test_cli(kv, tmp_path):

@@ -386,7 +386,9 @@ def test_quantized_graph_equals_dequantized_weights(ref_bundle, tmp_path, family
     ref = ref_bundle(family, graph)
     from onnxlm.quantize import weights as W
 
-    out = quantize(ref, tmp_path / "q", recipe, scheme=scheme, accuracy_level=0, progress=False)
+    out = quantize(  # the weights alone: a float32 cache, as the reference's
+        ref, tmp_path / "q", recipe, scheme=scheme, accuracy_level=0, kv_cache="float32", progress=False
+    )
     formats = B.read_manifest(out).quantization["nodes"]
     model = onnx.load(str(ref / B.MODEL))
     inits = {t.name: t for t in model.graph.initializer}
@@ -600,7 +602,9 @@ def test_bad_requests(tiny_llama_bundle, tmp_path):
     with pytest.raises(QuantizeError, match="gptq' needs calibration_text"):
         quantize(src, tmp_path / "o", algorithm="gptq")
     with pytest.raises(QuantizeError, match="only used by algorithm 'gptq'"):
-        quantize(src, tmp_path / "o", calibration_text="hello")
+        quantize(src, tmp_path / "o", kv_cache="float32", calibration_text="hello")
+    with pytest.raises(QuantizeError, match="only used by algorithm 'gptq'"):  # auto: a float32 cache
+        quantize(src, tmp_path / "o", "int8", calibration_text="hello", progress=False)
     with pytest.raises(QuantizeError, match="applies to the 4-bit recipes"):
         quantize(src, tmp_path / "o", "int8", algorithm="hqq")
     with pytest.raises(QuantizeError, match="scheme must be one of min, sym, asym; got 'q4_1'"):
