@@ -116,3 +116,74 @@ def test_log_softmax():
     np.testing.assert_allclose(np.exp(out), PROBS[None, :], rtol=1e-12)
     big = np.array([[1000.0, 0.0]])
     assert np.isfinite(log_softmax(big)).all()
+
+
+def _nucleus_by_full_sort(probs: np.ndarray, top_p: float) -> np.ndarray:
+    """The nucleus as a stable sort of the whole vocabulary defines it (the form nucleus() replaces)."""
+    order = np.argsort(-probs, kind="stable")
+    sorted_p = probs[order]
+    drop_sorted = (np.cumsum(sorted_p) - sorted_p) >= top_p
+    drop = np.zeros_like(drop_sorted)
+    drop[order] = drop_sorted
+    return np.where(drop, 0.0, probs)
+
+
+@pytest.mark.parametrize("shape", ["peaked", "flat", "ties", "masked", "one-hot"])
+@pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999999])
+def test_nucleus_equals_a_full_stable_sort(shape, top_p):
+    from onnxlm.runtime.sampling import nucleus
+
+    rng = np.random.default_rng(7)
+    vocab = 49152
+    for _ in range(3):
+        x = rng.normal(0, 3.0 if shape == "peaked" else 0.05, vocab)  # flat: the nucleus spans thousands
+        if shape == "ties":  # equal probabilities across the candidates' edge
+            x = np.round(x * 4) / 4
+        if shape == "masked":  # top_k's -inf: zeros past the 100 most likely
+            x[np.argsort(x)[:-100]] = -np.inf
+        if shape == "one-hot":
+            x = np.full(vocab, -np.inf)
+            x[123] = 0.0
+        p = np.exp(x - x.max())
+        p /= p.sum()
+        kept = np.zeros_like(p)
+        kept[nucleus(p, top_p)] = p[nucleus(p, top_p)]
+        assert np.array_equal(kept, _nucleus_by_full_sort(p, top_p))
+
+
+def _sampler_before(temperature, top_k, top_p, min_p, seed):
+    """The sampler as written before its buffers and partial sort (every step a fresh array)."""
+    rng = np.random.default_rng(seed)
+
+    def sample(logits):
+        x = np.asarray(logits, dtype=np.float64) / temperature
+        if 0 < top_k < x.shape[-1]:
+            kth = np.partition(x, -top_k, axis=-1)[:, -top_k, None]
+            x = np.where(x < kth, -np.inf, x)
+        probs = np.exp(x - x.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        if top_p < 1.0:
+            probs = np.stack([_nucleus_by_full_sort(row, top_p) for row in probs])
+        if min_p > 0.0:
+            probs = np.where(probs < min_p * probs.max(axis=-1, keepdims=True), 0.0, probs)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        cdf = np.cumsum(probs, axis=-1)
+        u = rng.random((probs.shape[0], 1)) * cdf[:, -1:]
+        return np.minimum((cdf <= u).sum(axis=-1), probs.shape[-1] - 1)
+
+    return sample
+
+
+@pytest.mark.parametrize(
+    "params",
+    [(0.8, 0, 0.9, 0.0), (1.0, 0, 1.0, 0.0), (0.7, 50, 1.0, 0.0), (1.3, 40, 0.95, 0.05), (0.5, 0, 0.5, 0.1)],
+)
+def test_seeded_draws_are_the_same_as_before_the_buffers_and_partial_sort(params):
+    temperature, top_k, top_p, min_p = params
+    rng = np.random.default_rng(3)
+    fast = make_sampler(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=11)
+    slow = _sampler_before(temperature, top_k, top_p, min_p, seed=11)
+    for scale, shape in ((2.0, (2, 4096)), (0.05, (1, 49152)), (4.0, (3, 49152))):
+        logits = rng.normal(0, scale, shape).astype(np.float32)
+        for _ in range(20):
+            assert fast(logits).tolist() == slow(logits).tolist()
