@@ -128,7 +128,7 @@ def _nucleus_by_full_sort(probs: np.ndarray, top_p: float) -> np.ndarray:
     return np.where(drop, 0.0, probs)
 
 
-@pytest.mark.parametrize("shape", ["peaked", "flat", "ties", "masked", "one-hot"])
+@pytest.mark.parametrize("shape", ["peaked", "flat", "ties", "peaked-ties", "masked", "one-hot"])
 @pytest.mark.parametrize("top_p", [0.05, 0.5, 0.9, 0.999999])
 def test_nucleus_equals_a_full_stable_sort(shape, top_p):
     from onnxlm.runtime.sampling import nucleus
@@ -137,8 +137,10 @@ def test_nucleus_equals_a_full_stable_sort(shape, top_p):
     vocab = 49152
     for _ in range(3):
         x = rng.normal(0, 3.0 if shape == "peaked" else 0.05, vocab)  # flat: the nucleus spans thousands
-        if shape == "ties":  # equal probabilities across the candidates' edge
+        if shape == "ties":  # a flat distribution of a few distinct values: the full sort
             x = np.round(x * 4) / 4
+        if shape == "peaked-ties":  # a peaked one with equal values at the cut, inside the candidates
+            x = np.round(rng.normal(0, 3.0, vocab) * 2) / 2
         if shape == "masked":  # top_k's -inf: zeros past the 100 most likely
             x[np.argsort(x)[:-100]] = -np.inf
         if shape == "one-hot":
@@ -187,3 +189,17 @@ def test_seeded_draws_are_the_same_as_before_the_buffers_and_partial_sort(params
         logits = rng.normal(0, scale, shape).astype(np.float32)
         for _ in range(20):
             assert fast(logits).tolist() == slow(logits).tolist()
+
+
+@pytest.mark.parametrize("spread", [0.05, 3.0, 100.0])  # 100: fewer than k within either margin
+@pytest.mark.parametrize("k", [1, 40, 5000])
+def test_kth_largest_is_a_partition_of_the_whole(spread, k):
+    from onnxlm.runtime.sampling import kth_largest
+
+    rng = np.random.default_rng(5)
+    for ties in (False, True):
+        x = rng.normal(0, spread, 49152)
+        if ties:
+            x = np.round(x)
+        x[:10] = -np.inf  # masked logits stay out of the way
+        assert kth_largest(x, k, np.empty_like(x)) == np.partition(x, len(x) - k)[len(x) - k]
