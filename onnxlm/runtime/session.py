@@ -12,7 +12,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -186,21 +186,27 @@ def file_mappings(directory: str | os.PathLike) -> list[dict]:
     return [m for m in mappings() if m["path"].startswith(root)]
 
 
-def file_ranges(directory: str | os.PathLike) -> list[tuple[int, int]]:
-    """The (start, end) of this process's mappings of files under `directory`, from /proc/self/maps:
-    what `file_mappings` finds without its page walk (a twentieth of the cost), for callers that poll.
-    Empty where there is no /proc."""
-    root = os.path.realpath(directory) + os.sep
+def _map_ranges(keep: Callable[[str, str], bool]) -> list[tuple[int, int]]:
+    """The (start, end) of this process's mappings whose (perms, path) `keep` accepts, in
+    /proc/self/maps order: no page walk (smaps does one, tens of ms in a large process). Empty where
+    there is no /proc."""
     found = []
     try:
         with open("/proc/self/maps") as f:
             for line in f:
-                start, end, _, path = _mapping_header(line)
-                if path.startswith(root):
+                start, end, perms, path = _mapping_header(line)
+                if keep(perms, path):
                     found.append((start, end))
     except (OSError, ValueError, IndexError):
         return []
     return found
+
+
+def file_ranges(directory: str | os.PathLike) -> list[tuple[int, int]]:
+    """The (start, end) of this process's mappings of files under `directory`: what `file_mappings`
+    finds without its page walk (a twentieth of the cost), for callers that poll."""
+    root = os.path.realpath(directory) + os.sep
+    return _map_ranges(lambda perms, path: path.startswith(root))
 
 
 def release_mapped_files(directory: str | os.PathLike) -> int:
@@ -278,18 +284,8 @@ def huge_pages_wanted() -> bool:
 
 def heap_mappings() -> list[tuple[int, int]]:
     """The (start, end) of this process's writable anonymous mappings (the C heap, mmap'd chunks),
-    sorted; from /proc/self/maps, which costs no page walk (smaps does: tens of ms in a large process).
-    Empty where there is no /proc."""
-    found = []
-    try:
-        with open("/proc/self/maps") as f:
-            for line in f:
-                start, end, perms, path = _mapping_header(line)
-                if path in ("", "[heap]") and "w" in perms:
-                    found.append((start, end))
-    except (OSError, ValueError, IndexError):
-        return []
-    return sorted(found)
+    sorted (`_map_ranges`)."""
+    return sorted(_map_ranges(lambda perms, path: path in ("", "[heap]") and "w" in perms))
 
 
 def _new_ranges(start: int, end: int, before: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
