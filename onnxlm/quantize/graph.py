@@ -299,13 +299,18 @@ class BlockSums:
         if name in self.made:
             return name, []
         self.made.add(name)
-        rank = self.rank(x)
-        if k % block_size == 0 and rank:
+        rank = self._reducible(x, k, block_size)
+        if rank:
             return name, self._reduce(x, k, block_size, rank, name)
         made = []
         if ones not in self.made:
             made, self.made = self._table(ones, k, block_size), self.made | {ones}
         return name, made + [helper.make_node("MatMul", [x, ones], [name], name=name)]
+
+    def _reducible(self, x: str, k: int, block_size: int) -> int | None:
+        """x's rank where its block sums can be a Reshape and a ReduceSum (K a whole number of blocks,
+        the rank known), else None: the summing-matrix form."""
+        return self.rank(x) if k % block_size == 0 else None
 
     def _reduce(self, x: str, k: int, block_size: int, rank: int, out: str) -> list:
         """x (..., K) of `rank` axes -> its block sums (..., K / block_size): a Reshape to (..., blocks,
@@ -332,7 +337,7 @@ class BlockSums:
         region = f.extra // f.digits * bs
         shifts = [f.k_blocks * bs - k + i * region for i in range(f.digits)]  # where each region starts
         sums = f"{x}_blocksums{bs}_w{width}"
-        if k % bs == 0 and self.rank(x):  # the sums themselves, then a (blocks, width) placing matrix
+        if self._reducible(x, k, bs):  # the sums themselves, then a (blocks, width) placing matrix
             placed, blocks = self(x, k, bs)
             place = f"blocksums_{k // bs}x1_placed{width}"
             if place not in self.made:
