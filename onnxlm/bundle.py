@@ -389,20 +389,21 @@ _OUTLINE = {  # message: (field, number, type: a message of this table, "string"
     "ValueInfoProto": [("name", 1, "string")],
     "StringStringEntryProto": [("key", 1, "string"), ("value", 2, "string")],
 }
-_outline_class = None
+_outline_classes: dict[str, Any] = {}
 
 
-def _outline_model_class():
-    """The ModelProto class of the subset above, built once from a descriptor made here."""
-    global _outline_class
-    if _outline_class is None:
+def outline_class(table: dict[str, list[tuple[str, int, str]]], package: str):
+    """The ModelProto class of a subset of onnx.proto given as `table` (message: [(field, number,
+    type)], types "string", "int32", "int64" or a message of the table, "*" for repeated), built once
+    per `package` from a descriptor made here. Fields outside the subset are kept as unknown bytes
+    and written back as they were."""
+    if package not in _outline_classes:
         from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 
         F = descriptor_pb2.FieldDescriptorProto
-        scalars = {"string": F.TYPE_STRING, "int32": F.TYPE_INT32}
-        package = "onnxlm.outline"
-        fd = descriptor_pb2.FileDescriptorProto(name="onnxlm_outline.proto", package=package, syntax="proto2")
-        for message, fields in _OUTLINE.items():
+        scalars = {"string": F.TYPE_STRING, "int32": F.TYPE_INT32, "int64": F.TYPE_INT64}
+        fd = descriptor_pb2.FileDescriptorProto(name=f"{package}.proto", package=package, syntax="proto2")
+        for message, fields in table.items():
             m = fd.message_type.add(name=message)
             for name, number, kind in fields:
                 f = m.field.add(name=name, number=number)
@@ -414,8 +415,15 @@ def _outline_model_class():
                     f.type, f.type_name = F.TYPE_MESSAGE, f".{package}.{kind}"
         pool = descriptor_pool.DescriptorPool()
         pool.Add(fd)
-        _outline_class = message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{package}.ModelProto"))
-    return _outline_class
+        _outline_classes[package] = message_factory.GetMessageClass(
+            pool.FindMessageTypeByName(f"{package}.ModelProto")
+        )
+    return _outline_classes[package]
+
+
+def _outline_model_class():
+    """The ModelProto class of the subset above."""
+    return outline_class(_OUTLINE, "onnxlm.outline")
 
 
 def load_graph_outline(model_path: Path):

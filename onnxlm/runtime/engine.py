@@ -39,6 +39,7 @@ from .session import (
     release_mapped_files,
     releasing_mapped_files,
     spins_when_idle,
+    split_wanted,
 )
 from .speculate import Costs, ModelDrafter, NgramDrafter, step_ratio, verify_gap
 from .tokenizer import Tokenizer
@@ -145,12 +146,21 @@ def load_model(
     verify_hashes: bool = False,
     io_binding: bool = True,
     idle_spin: bool = True,
+    split_forms: bool | None = None,
 ) -> Model:
-    """A bundle's checked manifest and graph, in a session (idle_spin: see session_options)."""
+    """A bundle's checked manifest and graph, in a session (idle_spin: see session_options;
+    split_forms: an int8 cache's graph as two graphs without Ifs, see session.split_wanted)."""
     manifest = check_bundle(root, verify_hashes=verify_hashes)
     release_free_heap()  # the JSON parse's leftovers stay out of the peak the session adds to
     with releasing_mapped_files(root):  # the build's peak: the mapped file resident beside its packing
-        session = make_session(root / MODEL, providers=providers, threads=threads, idle_spin=idle_spin)
+        session = make_session(
+            root / MODEL,
+            providers=providers,
+            threads=threads,
+            idle_spin=idle_spin,
+            split_above=manifest.io.float_prefill_above if split_wanted(split_forms) else None,
+            query_input=manifest.io.query_seqlens,
+        )
     release_mapped_files(root)  # weights packed at load are held once, not also as mapped file pages
     return Model(session, manifest, io_binding=io_binding)
 
@@ -212,16 +222,29 @@ class Engine:
         draft: str | os.PathLike | None = None,
         prefix_cache_mb: float = 256,
         draft_inexact: bool = False,
+        split_forms: bool | None = None,
     ) -> Engine:
         """Check the bundle (sizes; hashes on request), open a session and the tokenizer; `draft` is
-        "ngram", a draft bundle's folder, or None (see the class; draft_inexact: see use_draft)."""
+        "ngram", a draft bundle's folder, or None (see the class; draft_inexact: see use_draft).
+        split_forms: run an int8 cache's graph as its two forms, sharing packed weights, instead of
+        with an If per layer (default: ONNXLM_SPLIT=1 in the environment; see session.split_wanted)."""
         root = Path(bundle_dir)
         manifest = check_bundle(root, verify_hashes=verify_hashes)
         tokenizer = Tokenizer.from_bundle(root, manifest)
         paired = draft is not None and draft != "ngram"  # two sessions taking turns: no idle spinning
-        model = load_model(root, providers, threads, verify_hashes, io_binding, idle_spin=not paired)
+        model = load_model(
+            root, providers, threads, verify_hashes, io_binding, idle_spin=not paired, split_forms=split_forms
+        )
         if paired:
-            draft = load_model(Path(draft), providers, threads, verify_hashes, io_binding, idle_spin=False)
+            draft = load_model(
+                Path(draft),
+                providers,
+                threads,
+                verify_hashes,
+                io_binding,
+                idle_spin=False,
+                split_forms=split_forms,
+            )
         return cls(
             model,
             tokenizer,

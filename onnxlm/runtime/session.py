@@ -91,10 +91,21 @@ def session_options(threads: int | None = None, idle_spin: bool = True) -> ort.S
 
 def spins_when_idle(session: ort.InferenceSession) -> bool:
     """Whether the session's threads keep spinning after a run (see session_options)."""
+    if hasattr(session, "idle_spin"):  # a SplitSession
+        return bool(session.idle_spin)
     try:
         return session.get_session_options().get_session_config_entry(STOP_SPINNING) != "1"
     except RuntimeError:  # the key was never set (onnxruntime raises for a missing key)
         return True
+
+
+def split_wanted(requested: bool | None = None) -> bool:
+    """Whether an int8-cache graph runs as two graphs sharing packed weights (split.SplitSession):
+    `requested`, or where that is None, ONNXLM_SPLIT=1 in the environment. Off by default: it saves
+    ~5% of a decode step and costs ~20 MB more resident memory (benchmarks/README.md)."""
+    if requested is not None:
+        return bool(requested)
+    return os.environ.get("ONNXLM_SPLIT", "0") == "1"
 
 
 def make_session(
@@ -102,18 +113,36 @@ def make_session(
     providers: Sequence[str] | str | None = None,
     threads: int | None = None,
     idle_spin: bool = True,
+    split_above: int | None = None,
+    query_input: str | None = "query_seqlens",
 ) -> ort.InferenceSession:
     """An InferenceSession over `model_path` (external data resolved beside it); idle_spin as in
     session_options. The memory the build filled (packed weights) is then backed by huge pages
-    (collapse_to_huge_pages) unless ONNXLM_HUGE_PAGES=0."""
+    (collapse_to_huge_pages) unless ONNXLM_HUGE_PAGES=0.
+
+    split_above: the graph's int8-cache layers take their float32 form for calls bringing more than
+    this many tokens to a row (query_input): run it as a split.SplitSession (its two forms, no Ifs),
+    which stands in for the InferenceSession, where the CPU provider is the only one chosen."""
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
     chosen = choose_providers(providers)
     before = heap_mappings() if huge_pages_wanted() else None
-    session = ort.InferenceSession(
-        str(path), sess_options=session_options(threads, idle_spin), providers=chosen
-    )
+    session = None
+    if split_above is not None and query_input and chosen == [CPU]:
+        from . import ortc
+        from .split import SplitSession
+
+        try:
+            session = SplitSession(path, split_above, query_input, threads or cpu_count(), idle_spin)
+        except ortc.OrtError as e:  # no usable C library: the graph runs with its Ifs
+            log.warning("running %s with its Ifs: onnxruntime's C API is not usable here (%s)", path.name, e)
+    if session is None:
+        session = ort.InferenceSession(
+            str(path), sess_options=session_options(threads, idle_spin), providers=chosen
+        )
     log.info("onnxruntime session on %s", ", ".join(session.get_providers()))
     release_free_heap()  # what the build freed goes back first: only memory in use is collapsed
     if before is not None:

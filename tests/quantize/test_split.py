@@ -1,0 +1,176 @@
+"""An int8 cache's graph run as its two forms (runtime/split.py) over onnxruntime's C API (runtime/ortc.py):
+every output is the If graph's, on every driver path, and both forms use the same weights."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import pytest
+
+import onnxlm
+from onnxlm import bundle as B
+from onnxlm.quantize import quantize
+from onnxlm.quantize.kv import FLOAT_PREFILL_FROM
+from onnxlm.runtime import ortc, split
+from onnxlm.runtime import session as S
+
+pytestmark = pytest.mark.skipif(not ortc.available(), reason="no onnxruntime C library in this wheel")
+
+PROMPTS = [
+    "Our HR team answers",
+    "Leave requests go to your manager first; HR answers questions about pay, leave and benefits.",
+    "客服回答问题",
+]
+
+
+@pytest.fixture(scope="module")
+def int8(conditioned, tmp_path_factory):
+    """An int4-recipe bundle of the conditioned tiny llama with an int8 cache (an If per layer)."""
+    return quantize(
+        conditioned("llama"), tmp_path_factory.mktemp("split") / "q", "int4", kv_cache="int8", progress=False
+    )
+
+
+def greedy(engine, prompt, n=24):
+    return engine.generate(prompt, max_new_tokens=n, temperature=0, ignore_eos=True).token_ids
+
+
+def ops(graph: bytes) -> list[str]:
+    return [n.op_type for n in onnx.load_from_string(graph).graph.node]
+
+
+def test_forms_have_no_if_and_one_attention_per_layer(int8):
+    layers = B.read_manifest(int8).model.num_layers
+    model = split.read_graph(int8 / B.MODEL)
+    assert split.splits(model)
+    for branch in (split.DECODE, split.PREFILL):
+        form = onnx.load_from_string(split.cut(model, branch).SerializeToString())
+        kinds = [n.op_type for n in form.graph.node]
+        assert "If" not in kinds and kinds.count("GroupQueryAttention") == layers
+        int8_nodes = [
+            n for n in form.graph.node if any(a.name == "kv_cache_bit_width" for a in n.attribute)
+        ]  # the decode form keeps the int8 node, the prefill form's attention is float32
+        assert len(int8_nodes) == (layers if branch == split.DECODE else 0)
+        names = {t.name for t in form.graph.initializer}
+        assert {i for n in form.graph.node for i in n.input if i in names} == names  # none left unread
+
+
+def test_split_gives_the_if_graphs_outputs(int8):
+    plain, forms = onnxlm.load(int8), onnxlm.load(int8, split_forms=True)
+    assert isinstance(forms.model.session, split.SplitSession)
+    assert not isinstance(plain.model.session, split.SplitSession)
+    a, b = plain.model, forms.model
+    n = FLOAT_PREFILL_FROM + 9  # the prefill form
+    ids = np.array([[a.facts.bos_token_id or 1, *range(30, 30 + n - 1)]])
+    caches = [m.new_cache(1, capacity=n + 8) for m in (a, b)]
+    every = np.arange(n)[None]
+    np.testing.assert_array_equal(
+        a.step(ids, np.array([n]), every, caches[0]), b.step(ids, np.array([n]), every, caches[1])
+    )
+    for token in (42, 7, 99):  # decode steps on what the prefill stored
+        steps = [
+            m.step(np.array([[token]]), np.array([1]), np.array([[0]]), c)
+            for m, c in zip((a, b), caches, strict=True)
+        ]
+        np.testing.assert_array_equal(*steps)
+    for x, y in zip(caches[0].read(0), caches[1].read(0), strict=True):
+        np.testing.assert_array_equal(x, y)
+    assert [greedy(forms, p) for p in PROMPTS] == [greedy(plain, p) for p in PROMPTS]
+
+
+def test_every_driver_path_on_the_split_forms(int8):
+    """Batches (a long and short prompts in one call: the prefill form for all), speculation (verifies
+    stay on the decode form), prefix reuse and the numpy path give the If graph's tokens."""
+    plain = onnxlm.load(int8)
+    singles = [greedy(plain, p) for p in PROMPTS]
+    forms = onnxlm.load(int8, split_forms=True)
+    batch = forms.generate_batch(PROMPTS, max_new_tokens=24, temperature=0, ignore_eos=True)
+    assert [c.token_ids for c in batch] == singles
+    spec = onnxlm.load(int8, draft="ngram", split_forms=True)
+    assert [greedy(spec, p) for p in PROMPTS] == singles
+    numpy_path = onnxlm.load(int8, io_binding=False, split_forms=True)
+    assert isinstance(numpy_path.model.session, split.SplitSession)
+    assert [greedy(numpy_path, p) for p in PROMPTS] == singles
+    chat = [{"role": "user", "content": "Our HR team answers questions about leave and pay."}]
+    first = forms.chat(chat, max_new_tokens=8, temperature=0, ignore_eos=True)
+    turn2 = chat + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And pay?"}]
+    again = forms.chat(turn2, max_new_tokens=12, temperature=0, ignore_eos=True)
+    assert again.usage.cached_tokens > 0
+    assert again.token_ids == plain.chat(turn2, max_new_tokens=12, temperature=0, ignore_eos=True).token_ids
+
+
+def test_both_forms_use_one_copy_of_the_weights(int8):
+    session = onnxlm.load(int8, split_forms=True).model.session
+    external = {
+        t.name
+        for form in (split.cut(split.read_graph(int8 / B.MODEL), b) for b in (split.DECODE, split.PREFILL))
+        for t in form.graph.initializer
+        if t.data_location == B.EXTERNAL
+    }
+    assert set(session.initializers) == external  # every weight handed to both sessions, mapped once
+    assert session.decode.initializers is session.prefill.initializers
+    assert session.decode.container is session.prefill.container
+    ranges = S.file_ranges(int8)  # views of one read-only mapping of the data file, not copies
+    inside = [
+        [i for i, (start, end) in enumerate(ranges) if start <= v.keep.ctypes.data < end]
+        for v in session.initializers.values()
+    ]
+    assert all(len(found) == 1 for found in inside) and len({found[0] for found in inside}) == 1
+
+
+def test_large_weights_are_cut_into_column_slices(int8, monkeypatch):
+    """A MatMulNBits over more than SLICE_BYTES becomes slices joined by a Concat, over the same bytes
+    of the file. The logits stay within rounding: the kernel tiles a slice's columns its own way
+    (slices this small have ragged tiles; SmolLM2's head slices give the whole head's logits exactly)."""
+    monkeypatch.setattr(split, "SLICE_BYTES", 2048)
+    model = split.read_graph(int8 / B.MODEL)
+    before = [n.op_type for n in model.graph.node].count("MatMulNBits")
+    form = split.cut(model, split.DECODE)
+    kinds = ops(form.SerializeToString())
+    assert kinds.count("MatMulNBits") > before and "Concat" in kinds
+    pieces = [t for t in form.graph.initializer if "/columns" in t.name]
+    assert pieces and all(t.data_location == B.EXTERNAL for t in pieces)
+    plain, forms = onnxlm.load(int8), onnxlm.load(int8, split_forms=True)
+    assert any("/columns" in name for name in forms.model.session.initializers)
+    assert [greedy(forms, p) for p in PROMPTS] == [greedy(plain, p) for p in PROMPTS]
+    a, b = plain.model, forms.model
+    ids = np.array([[1, *range(40, 60)]])
+    caches = [m.new_cache(1, capacity=32) for m in (a, b)]
+    sliced, whole = (
+        m.step(ids, np.array([21]), np.arange(21)[None], c) for m, c in zip((b, a), caches[::-1], strict=True)
+    )
+    np.testing.assert_allclose(sliced, whole, rtol=0, atol=1e-5)  # the kernel tiles columns otherwise
+
+
+def test_off_by_default_on_by_environment_and_only_where_there_are_ifs(int8, conditioned, monkeypatch):
+    monkeypatch.delenv("ONNXLM_SPLIT", raising=False)
+    assert not isinstance(onnxlm.load(int8).model.session, split.SplitSession)
+    monkeypatch.setenv("ONNXLM_SPLIT", "1")
+    assert isinstance(onnxlm.load(int8).model.session, split.SplitSession)
+    assert not isinstance(onnxlm.load(int8, split_forms=False).model.session, split.SplitSession)
+    fp32 = conditioned("llama")  # a float32 cache: no Ifs, nothing to split
+    assert not isinstance(onnxlm.load(fp32, split_forms=True).model.session, split.SplitSession)
+
+
+def test_without_the_c_library_the_if_graph_runs_and_says_why(int8, monkeypatch, caplog):
+    def missing():
+        raise ortc.OrtError("no library here")
+
+    monkeypatch.setattr(ortc, "api", missing)
+    with caplog.at_level(logging.WARNING, logger="onnxlm.runtime"):
+        engine = onnxlm.load(int8, split_forms=True)
+    assert not isinstance(engine.model.session, split.SplitSession)
+    assert "no library here" in caplog.text and "Ifs" in caplog.text
+    assert len(greedy(engine, PROMPTS[0], 4)) == 4
+
+
+def test_c_api_errors_carry_onnxruntimes_message(int8):
+    with pytest.raises(ortc.OrtError, match=r"(?i)protobuf|parse|load"):
+        ortc.Session(b"not a graph", 1, {}, ortc.Container())
+    values = ortc.Value.of(np.arange(6, dtype=np.int64).reshape(2, 3))
+    assert values.shape == (2, 3) and values.dtype == np.int64
+    with pytest.raises(ValueError, match="contiguous"):
+        ortc.Value.of(np.zeros((4, 4), np.float32)[:, ::2])
+    assert S.split_wanted(True) and not S.split_wanted(False)
