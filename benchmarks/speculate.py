@@ -12,7 +12,8 @@ more, as `Engine.load(draft=...)` does; `+draft model only`: the bundle's alone;
 what share of drafts came from lookup); their tokens are checked equal to the plain run's (a mismatch is reported,
 not hidden). llama.cpp runs plain and with llama-cpp-python's prompt-lookup drafting. Decode tokens/s
 is (tokens - 1) / (time after the first token); medians over rounds, then the geometric mean over
-prompts. Writes speculate.json and speculate.md into --out.
+prompts. --onnxlm-split NAME=BUNDLE runs a bundle plain and with n-gram drafts as
+`Engine.load(split_forms=True)` loads it. Writes speculate.json and speculate.md into --out.
 """
 
 from __future__ import annotations
@@ -33,13 +34,18 @@ PROMPTS = THIS.parent / "prompts"
 Run = Callable[[list[int], int], dict]  # (prompt ids, max new tokens) -> {ttft, tps, tokens, ...}
 
 
-def onnxlm_run(bundle: str, threads: int, draft: str | None, lookup: bool = True) -> Run:
-    """lookup=False: a draft bundle's own drafts only (no prompt-lookup rounds)."""
+def onnxlm_run(
+    bundle: str, threads: int, draft: str | None, lookup: bool = True, split_forms: bool = False
+) -> Run:
+    """lookup=False: a draft bundle's own drafts only (no prompt-lookup rounds); split_forms: see
+    onnxlm/runtime/split.py."""
     import onnxlm
 
     # draft_inexact: a bundle whose verifies compute differently from single steps (int4 over a float32
     # cache) is measured too; its "tokens = plain" column then says whether greedy output moved
-    engine = onnxlm.load(bundle, threads=threads, draft=draft, prefix_cache_mb=0, draft_inexact=True)
+    engine = onnxlm.load(
+        bundle, threads=threads, draft=draft, prefix_cache_mb=0, draft_inexact=True, split_forms=split_forms
+    )
 
     def run(ids, n):
         spec = engine.speculator()
@@ -195,6 +201,13 @@ def main() -> None:
     ap.add_argument(
         "--draft", action="append", default=[], metavar="NAME=DRAFT_BUNDLE", help="a draft for --onnxlm NAME"
     )
+    ap.add_argument(
+        "--onnxlm-split",
+        action="append",
+        default=[],
+        metavar="NAME=BUNDLE",
+        help="a bundle loaded with split_forms=True (plain and +ngram)",
+    )
     ap.add_argument("--genai", action="append", default=[], metavar="NAME=FOLDER")
     ap.add_argument("--gguf", action="append", default=[], metavar="NAME=FILE")
     ap.add_argument("--new-tokens", type=int, default=128)
@@ -222,6 +235,12 @@ def main() -> None:
                 onnxlm_run(path, a.threads, drafts[name], lookup=False),
                 f"onnxlm {name}",
             )
+    for name, path in pairs(a.onnxlm_split, "--onnxlm-split"):
+        engines[f"onnxlm {name}"] = (onnxlm_run(path, a.threads, None, split_forms=True), None)
+        engines[f"onnxlm {name} +ngram"] = (
+            onnxlm_run(path, a.threads, "ngram", split_forms=True),
+            f"onnxlm {name}",
+        )
     skipped = []
     for name, path in pairs(a.genai, "--genai"):
         try:
