@@ -143,7 +143,11 @@ def make_session(
         session = ort.InferenceSession(
             str(path), sess_options=session_options(threads, idle_spin), providers=chosen
         )
-    log.info("onnxruntime session on %s", ", ".join(session.get_providers()))
+    log.info(
+        "onnxruntime session on %s%s",
+        ", ".join(session.get_providers()),
+        "" if isinstance(session, ort.InferenceSession) else " (two forms sharing packed weights)",
+    )
     release_free_heap()  # what the build freed goes back first: only memory in use is collapsed
     if before is not None:
         collapse_to_huge_pages(before)
