@@ -139,6 +139,8 @@ def make_session(
             session = SplitSession(path, split_above, query_input, threads or cpu_count(), idle_spin)
         except ortc.OrtError as e:  # no usable C library: the graph runs with its Ifs
             log.warning("running %s with its Ifs: onnxruntime's C API is not usable here (%s)", path.name, e)
+        except ValueError as e:  # the manifest promises Ifs the graph lacks: run the graph as it is
+            log.warning("running %s as one graph: %s", path.name, e)
     if session is None:
         session = ort.InferenceSession(
             str(path), sess_options=session_options(threads, idle_spin), providers=chosen

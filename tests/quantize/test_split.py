@@ -166,6 +166,14 @@ def test_without_the_c_library_the_if_graph_runs_and_says_why(int8, monkeypatch,
     assert len(greedy(engine, PROMPTS[0], 4)) == 4
 
 
+def test_a_manifest_promising_ifs_the_graph_lacks_runs_the_graph_as_it_is(int8, monkeypatch, caplog):
+    monkeypatch.setattr(split, "splits", lambda model: False)
+    with caplog.at_level(logging.WARNING, logger="onnxlm.runtime"):
+        engine = onnxlm.load(int8, split_forms=True)
+    assert not isinstance(engine.model.session, split.SplitSession)
+    assert "no int8-cache Ifs to split" in caplog.text
+
+
 def test_c_api_errors_carry_onnxruntimes_message(int8):
     with pytest.raises(ortc.OrtError, match=r"(?i)protobuf|parse|load"):
         ortc.Session(b"not a graph", 1, {}, ortc.Container())
