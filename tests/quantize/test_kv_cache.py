@@ -17,6 +17,8 @@ from onnxlm.quantize import KV_CACHES, QuantizeError, quantize
 from onnxlm.quantize.kv import FLOAT_PREFILL_FROM, layer_nodes
 from onnxlm.quantize.report import quantize_with_report
 from onnxlm.rewrites import rotary_dim
+from onnxlm.runtime import ortc
+from onnxlm.runtime.split import SplitSession
 
 PROMPTS = ["Our HR team answers", "the the cat sat on the mat and the cat sat", "客服回答问题"]
 # with a prompt of more than FLOAT_PREFILL_FROM tokens, an int8 batch's prefill takes the float32 form
@@ -257,7 +259,8 @@ def test_int8_prefill_across_families(conditioned, tmp_path, model_type):
     the node (qwen3), a layer without rotary (smollm3), a soft cap (gemma2), a custom scale (granite)
     its prefill stays as close to the float32 cache as the int8 node's does, and one call equals two."""
     src = conditioned(model_type)
-    q = onnxlm.load(quantize(src, tmp_path / "q", "int8", kv_cache="int8", progress=False)).model
+    bundle = quantize(src, tmp_path / "q", "int8", kv_cache="int8", progress=False)
+    q = onnxlm.load(bundle).model
     flat = onnxlm.load(quantize(src, tmp_path / "f", "int8", progress=False)).model
     half = FLOAT_PREFILL_FROM + 5
     n = 2 * half
@@ -278,3 +281,17 @@ def test_int8_prefill_across_families(conditioned, tmp_path, model_type):
     )
     f = flat.step(ids, np.array([n]), every, exact)[0]  # the same weights with a float32 cache
     assert np.abs(a - f).max() <= max(2 * np.abs(c - f).max(), 1e-3)
+    if ortc.available():  # the graph as its two forms (runtime/split.py): the If graph's outputs
+        s = onnxlm.load(bundle, split_forms=True).model
+        assert isinstance(s.session, SplitSession)
+        wide, narrow = (s.new_cache(1, capacity=n + 8) for _ in range(2))
+        np.testing.assert_array_equal(s.step(ids, np.array([n]), every, wide)[0], a)
+        np.testing.assert_array_equal(
+            s.step(
+                ids[:, :FLOAT_PREFILL_FROM],
+                np.array([FLOAT_PREFILL_FROM]),
+                every[:, :FLOAT_PREFILL_FROM],
+                narrow,
+            )[0],
+            c[:FLOAT_PREFILL_FROM],
+        )
