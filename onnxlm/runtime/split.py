@@ -102,9 +102,10 @@ def splits(model) -> bool:
 
 
 def cut(model, branch: str):
-    """The graph with each layer's If replaced by its `branch` (DECODE or PREFILL), serialized. A
-    branch's constants join the graph's initializers; nodes left with no reader (the If's condition)
-    go."""
+    """A copy of the graph with each layer's If replaced by its `branch` (DECODE or PREFILL): the
+    branch's nodes, writing the If's outputs under the If's names, and its constants join the graph;
+    nodes left with no reader (the If's condition) go. ValueError if two branches name a value alike
+    (it would be written twice)."""
     out = _model_class()()
     out.CopyFrom(model)
     g = out.graph
@@ -118,13 +119,18 @@ def cut(model, branch: str):
         for m in body.node:
             copy = type(m)()
             copy.CopyFrom(m)
-            for i, o in enumerate(copy.output):
-                copy.output[i] = rename.get(o, o)
+            for names in (copy.input, copy.output):
+                for i, name in enumerate(names):
+                    names[i] = rename.get(name, name)
             nodes.append(copy)
         for t in body.initializer:
             if t.name not in have:
                 g.initializer.append(t)
                 have.add(t.name)
+    written = [o for n in nodes for o in n.output if o]
+    if len(set(written)) != len(written):
+        twice = sorted({o for o in written if written.count(o) > 1})[:3]
+        raise ValueError(f"the {branch} form would write {', '.join(twice)} more than once")
     nodes = _slice_large_matmuls(nodes, g)
     needed = {o.name for o in g.output}
     kept = []
@@ -135,8 +141,7 @@ def cut(model, branch: str):
             needed.update(_subgraph_reads(n))
     del g.node[:]
     g.node.extend(reversed(kept))
-    used = needed
-    keep = [t for t in g.initializer if t.name in used]
+    keep = [t for t in g.initializer if t.name in needed]
     del g.initializer[:]
     g.initializer.extend(keep)
     return out
@@ -145,7 +150,8 @@ def cut(model, branch: str):
 # A weight packed by both sessions is packed twice while the second is built (onnxruntime packs, then
 # finds the same bytes in the container and frees its copy): that copy of SmolLM2's tied 8-bit head
 # (~35 MB) was the process's peak. A MatMulNBits whose weight is larger than this is cut into column
-# slices of about this size (a Concat joins their outputs; each column's arithmetic is unchanged).
+# slices of about this size, a Concat joining their outputs (the kernel tiles a slice's columns its own
+# way: SmolLM2's 8-bit head moves a logit by up to 4e-6, its 4-bit head not at all).
 SLICE_BYTES = 4 << 20
 _ROWS_OF = (1, 2, 3, 5)  # MatMulNBits inputs with one entry per output column: B, scales, zero points, bias
 _ATTR_INT, _ATTR_N = 2, "N"
@@ -157,17 +163,14 @@ def _slice_large_matmuls(nodes: list, graph) -> list:
     for n in nodes:
         attrs = {a.name: a for a in n.attribute}
         weight = inits.get(n.input[1]) if n.op_type == "MatMulNBits" and len(n.input) > 1 else None
-        if weight is None or weight.data_location != EXTERNAL or _ATTR_N not in attrs:
+        if weight is None or _external(weight) is None or _ATTR_N not in attrs:
             out.append(n)
             continue
         columns = attrs[_ATTR_N].i
-        size = _external(weight)[2]
-        parts = -(-size // SLICE_BYTES)
+        parts = -(-_external(weight)[2] // SLICE_BYTES)
         step = -(-columns // parts)
         sliced = [inits.get(name) if i in _ROWS_OF else None for i, name in enumerate(n.input)]
-        if parts < 2 or any(
-            t is not None and (t.data_location != EXTERNAL or _external(t)[2] % columns) for t in sliced
-        ):
+        if parts < 2 or not all(t is None or _per_column(t, columns) for t in sliced):
             out.append(n)
             continue
         outputs = []
@@ -196,10 +199,20 @@ def _slice_large_matmuls(nodes: list, graph) -> list:
     return out
 
 
-def _external(t) -> tuple[str, int, int]:
-    """(location, offset, length) of an external tensor."""
+def _external(t) -> tuple[str, int, int] | None:
+    """(location, offset, length) of an external tensor; None for any other, or one whose length is
+    not written (it runs to the end of the file)."""
     info = {e.key: e.value for e in t.external_data}
+    if t.data_location != EXTERNAL or "location" not in info or "length" not in info:
+        return None
     return info["location"], int(info.get("offset", 0)), int(info["length"])
+
+
+def _per_column(t, columns: int) -> bool:
+    """Whether external tensor `t` leads with `columns` equal runs of bytes (MatMulNBits' B, scales,
+    zero points and bias all lead with N), so that a range of columns is a range of its bytes."""
+    where = _external(t)
+    return where is not None and bool(t.dims) and t.dims[0] % columns == 0 and where[2] % columns == 0
 
 
 def _rows(t, columns: int, first: int, width: int, name: str):
@@ -237,13 +250,12 @@ def shared_initializers(models: Sequence[Any], root: Path) -> dict[str, ortc.Val
     maps: dict[str, np.memmap] = {}
     values = {}
     for t in (t for model in models for t in model.graph.initializer):
-        if t.name in values or t.data_location != EXTERNAL or t.data_type not in ortc.DTYPES:
-            continue
-        info = {e.key: e.value for e in t.external_data}
-        location = info["location"]
+        where = _external(t)
+        if t.name in values or where is None or t.data_type not in ortc.DTYPES:
+            continue  # left to onnxruntime (each session then loads its own)
+        location, start, length = where
         if location not in maps:
             maps[location] = np.memmap(root / location, dtype=np.uint8, mode="r")
-        start, length = int(info.get("offset", 0)), int(info["length"])
         dtype = np.dtype(ortc.DTYPES[t.data_type])
         if length != int(np.prod(t.dims, dtype=np.int64)) * dtype.itemsize or start % dtype.itemsize:
             continue  # not a plain tensor of its dims: left to onnxruntime
