@@ -24,10 +24,9 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnxruntime as ort
 
 from ..bundle import MODEL, TOKENIZER, BundleError, Manifest, check_bundle
 from .batch import generate_steps
@@ -44,6 +43,9 @@ from .session import (
 from .speculate import Costs, ModelDrafter, NgramDrafter, step_ratio, verify_gap
 from .tokenizer import Tokenizer
 from .tools import ToolCall, parse_tool_calls, prepare_chat
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger("onnxlm.runtime")
 Prompt = str | Sequence[int]

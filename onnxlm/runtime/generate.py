@@ -15,18 +15,21 @@ import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from ..bundle import Manifest
 from . import constraints
 from .driver import long_rows, window_feeds
 from .kv_cache import KVCache
 from .sampling import ParamError, apply_processors, check_logit_bias, make_logits_processors, make_sampler
-from .session import BoundBuffers, kv_device, run_bound, run_numpy
+from .session import BoundBuffers, binds_arrays, kv_device, run_bound, run_numpy
 from .shared_kv import SharedKVCache
 from .tokenizer import Detokenizer, Tokenizer
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger("onnxlm.generate")
 
@@ -132,7 +135,9 @@ class Model:
         """The cache the manifest's kv_layout calls for; a shared buffer holds `capacity` positions per
         row (default: the context window)."""
         if self.io.shared:
-            return SharedKVCache.from_manifest(self.manifest, batch, capacity, device=self.device)
+            return SharedKVCache.from_manifest(
+                self.manifest, batch, capacity, device=self.device, plain=binds_arrays(self.session)
+            )
         return KVCache.from_manifest(self.manifest, batch=batch, device=self.device)
 
     def forward(

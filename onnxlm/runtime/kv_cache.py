@@ -12,22 +12,30 @@ no numpy round trip and no copy. Without it (numpy fallback) the arrays simply c
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 
 from ..bundle import GraphIO, Manifest
 
-Tensor = np.ndarray | ort.OrtValue
+Tensor = Any  # np.ndarray | onnxruntime.OrtValue
+
+
+def is_ortvalue(t: Any) -> bool:
+    """Whether `t` is an onnxruntime OrtValue, without importing onnxruntime's Python binding: a
+    process that runs its sessions through the C API alone (runtime/split.py) never loads it."""
+    ort = sys.modules.get("onnxruntime")
+    return ort is not None and isinstance(t, ort.OrtValue)
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
-    return tuple(t.shape()) if isinstance(t, ort.OrtValue) else tuple(t.shape)
+    return tuple(t.shape()) if is_ortvalue(t) else tuple(t.shape)
 
 
 def _numpy(t: Tensor) -> np.ndarray:
-    return t.numpy() if isinstance(t, ort.OrtValue) else t
+    return t.numpy() if is_ortvalue(t) else t
 
 
 class KVCache:
@@ -138,6 +146,8 @@ class KVCache:
         arr = np.ascontiguousarray(arr)
         if self.device == "cpu":
             return arr
+        import onnxruntime as ort
+
         return ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0)
 
     def trim(self, n: int) -> int:

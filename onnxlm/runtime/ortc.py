@@ -44,6 +44,8 @@ _SLOTS = {  # OrtApi function pointer index
     "ReleaseValue": 96,
     "ReleaseTensorTypeAndShapeInfo": 99,
     "ReleaseSessionOptions": 100,
+    "GetAvailableProviders": 125,
+    "ReleaseAvailableProviders": 126,
     "AddSessionConfigEntry": 130,
     "RunWithBinding": 133,
     "CreateIoBinding": 134,
@@ -98,6 +100,8 @@ _SIGNATURES = {  # name: (return type, argument types); None returns: Release* f
     "ReleaseValue": (None, [_P]),
     "ReleaseTensorTypeAndShapeInfo": (None, [_P]),
     "ReleaseSessionOptions": (None, [_P]),
+    "GetAvailableProviders": (_P, [C.POINTER(C.POINTER(C.c_char_p)), C.POINTER(C.c_int)]),
+    "ReleaseAvailableProviders": (_P, [C.POINTER(C.c_char_p), C.c_int]),
     "AddSessionConfigEntry": (_P, [_P, C.c_char_p, C.c_char_p]),
     "RunWithBinding": (_P, [_P, _P, _P]),
     "CreateIoBinding": (_P, [_P, _PP]),
@@ -164,10 +168,14 @@ _lock = threading.Lock()
 
 
 def library_path() -> Path | None:
-    """The onnxruntime shared library the installed wheel ships beside its Python binding, if any."""
-    import onnxruntime
+    """The onnxruntime shared library the installed wheel ships beside its Python binding, if any
+    (found without importing the binding)."""
+    import importlib.util
 
-    capi = Path(onnxruntime.__file__).parent / "capi"
+    spec = importlib.util.find_spec("onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    capi = Path(next(iter(spec.submodule_search_locations))) / "capi"
     for pattern in ("libonnxruntime.so*", "libonnxruntime*.dylib", "onnxruntime.dll"):
         found = sorted(capi.glob(pattern))
         if found:
@@ -190,6 +198,18 @@ def api() -> _Api:
         if _api is None:
             raise OrtError(_api_error or "onnxruntime's C API is not available")
         return _api
+
+
+def available_providers() -> list[str]:
+    """The execution providers this onnxruntime build has (what the Python binding's
+    get_available_providers says)."""
+    a = api()
+    names, count = C.POINTER(C.c_char_p)(), C.c_int()
+    a.check(a.GetAvailableProviders(C.byref(names), C.byref(count)))
+    try:
+        return [names[i].decode() for i in range(count.value)]
+    finally:
+        a.check(a.ReleaseAvailableProviders(names, count))
 
 
 def available() -> bool:

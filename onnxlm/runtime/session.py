@@ -15,9 +15,14 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
+
+from .kv_cache import is_ortvalue
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger("onnxlm.runtime")
 
@@ -30,8 +35,25 @@ PREFERENCE = (TENSORRT, CUDA, CPU)
 ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "gpu": CUDA, "cpu": CPU}
 
 
-def available_providers() -> list[str]:
-    return list(ort.get_available_providers())
+def _binding():
+    """onnxruntime's Python binding, imported where it is used: a process whose sessions all run
+    through the C API (split.SplitSession) never loads it (~20 MB resident beside the C library)."""
+    import onnxruntime
+
+    return onnxruntime
+
+
+def available_providers(c_api: bool = False) -> list[str]:
+    """The execution providers onnxruntime has here. c_api: ask its C library (split.SplitSession's),
+    where the wheel ships one and the Python binding is not loaded yet, so as not to load the binding
+    for a process that may never need it; otherwise, and by default, the binding."""
+    import sys
+
+    from . import ortc
+
+    if c_api and "onnxruntime" not in sys.modules and ortc.available():
+        return ortc.available_providers()
+    return list(_binding().get_available_providers())
 
 
 def cpu_count() -> int:
@@ -42,9 +64,10 @@ def cpu_count() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def choose_providers(requested: Sequence[str] | str | None = None) -> list[str]:
-    """The providers to use, best first; missing ones are logged and skipped, CPU always ends the list."""
-    available = set(available_providers())
+def choose_providers(requested: Sequence[str] | str | None = None, c_api: bool = False) -> list[str]:
+    """The providers to use, best first; missing ones are logged and skipped, CPU always ends the list
+    (c_api: see available_providers)."""
+    available = set(available_providers(c_api))
     if requested is None:
         wanted = list(PREFERENCE)
         quiet = True  # the default list is a wish list: skipping silently is expected
@@ -79,6 +102,7 @@ def session_options(threads: int | None = None, idle_spin: bool = True) -> ort.S
     decode step), so it is the default."""
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    ort = _binding()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or cpu_count()
     opts.inter_op_num_threads = 1  # one graph at a time; parallelism lives inside the ops
@@ -128,27 +152,28 @@ def make_session(
         raise FileNotFoundError(f"{path}: no such model file")
     if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
         raise ValueError(f"threads must be a positive integer, got {threads!r}")
-    chosen = choose_providers(providers)
+    chosen = choose_providers(providers, c_api=split_above is not None)
     before = heap_mappings() if huge_pages_wanted() else None
-    session = None
+    session, forms = None, False
     if split_above is not None and query_input and chosen == [CPU]:
         from . import ortc
         from .split import SplitSession
 
         try:
             session = SplitSession(path, split_above, query_input, threads or cpu_count(), idle_spin)
+            forms = True
         except ortc.OrtError as e:  # no usable C library: the graph runs with its Ifs
             log.warning("running %s with its Ifs: onnxruntime's C API is not usable here (%s)", path.name, e)
         except ValueError as e:  # the manifest promises Ifs the graph lacks: run the graph as it is
             log.warning("running %s as one graph: %s", path.name, e)
     if session is None:
-        session = ort.InferenceSession(
+        session = _binding().InferenceSession(
             str(path), sess_options=session_options(threads, idle_spin), providers=chosen
         )
     log.info(
         "onnxruntime session on %s%s",
         ", ".join(session.get_providers()),
-        "" if isinstance(session, ort.InferenceSession) else " (two forms sharing packed weights)",
+        " (two forms sharing packed weights)" if forms else "",
     )
     release_free_heap()  # what the build freed goes back first: only memory in use is collapsed
     if before is not None:
@@ -376,6 +401,12 @@ def collapse_to_huge_pages(
     return done
 
 
+def binds_arrays(session: ort.InferenceSession) -> bool:
+    """Whether the session's binding takes host arrays as they are (split.SplitSession), so that no
+    OrtValue of the Python binding need be made for it."""
+    return bool(getattr(session, "binds_arrays", False))
+
+
 def kv_device(session: ort.InferenceSession) -> str:
     """Where the KV cache should live: on the GPU for CUDA/TensorRT sessions, else in host memory."""
     first = session.get_providers()[0]
@@ -395,7 +426,7 @@ def run_bound(
     `bound_outputs` are written into the given OrtValues (a shared KV buffer: the same one as an input)."""
     binding = session.io_binding()
     for name, value in inputs.items():
-        if isinstance(value, ort.OrtValue):
+        if is_ortvalue(value):
             binding.bind_ortvalue_input(name, value)
         else:
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -413,7 +444,7 @@ def run_numpy(
     session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
 ) -> dict[str, np.ndarray]:
     """The plain path: numpy in, numpy out (every step copies the cache; for debugging and parity)."""
-    feeds = {k: v.numpy() if isinstance(v, ort.OrtValue) else v for k, v in inputs.items()}
+    feeds = {k: v.numpy() if is_ortvalue(v) else v for k, v in inputs.items()}
     return dict(zip(output_names, session.run(list(output_names), feeds), strict=True))
 
 
@@ -430,6 +461,7 @@ class BoundBuffers:
         logits_dtype: str = "float32",
     ):
         self.session = session
+        self.plain = binds_arrays(session)
         self.logits_name = logits
         self.dtype = np.dtype(logits_dtype)
         self.binding = session.io_binding()
@@ -445,6 +477,7 @@ class BoundBuffers:
             self.binding.bind_cpu_input(name, value)
         if self.logits is None or self.logits.shape != tuple(logits_shape):
             self.logits = np.empty(logits_shape, self.dtype)
-            self.binding.bind_ortvalue_output(self.logits_name, ort.OrtValue.ortvalue_from_numpy(self.logits))
+            out = self.logits if self.plain else _binding().OrtValue.ortvalue_from_numpy(self.logits)
+            self.binding.bind_ortvalue_output(self.logits_name, out)
         self.session.run_with_iobinding(self.binding)
         return self.logits

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-import onnxruntime as ort
 
 from ..bundle import GraphIO, Manifest
-from .kv_cache import Tensor, _numpy
+from .kv_cache import Tensor, _numpy, is_ortvalue
 
 
 class SharedKVCache:
@@ -37,6 +36,7 @@ class SharedKVCache:
         io: GraphIO | None = None,
         dtype: str | np.dtype = "float32",
         device: str = "cpu",
+        plain: bool = False,
     ):
         if min(num_layers, kv_heads, head_dim, batch, capacity) < 1:
             raise ValueError(
@@ -52,6 +52,9 @@ class SharedKVCache:
             raise ValueError(f"SharedKVCache needs a shared_buffer graph, not kv_layout {self.io.kv_layout}")
         self.dtype = np.dtype(dtype)
         self.device = device
+        # plain: host buffers are bound as the arrays themselves (a runner over onnxruntime's C API,
+        # runtime/split.py), not as OrtValues of the Python binding, which such a process never loads
+        self.plain = plain and device == "cpu"
         self._batch = batch
         self.lengths = np.zeros(batch, np.int32)  # tokens held per row
         self._pending: np.ndarray | None = None  # the query lengths of the step in flight
@@ -67,20 +70,24 @@ class SharedKVCache:
         ]
         self._arrays: list[np.ndarray] | None = None  # host buffers (cpu), key and value per layer
         self._bases: list[np.ndarray] | None = None  # what _arrays view (cpu): room for rows to join
-        self._values: list[ort.OrtValue] | None = None  # what is bound; on cpu they wrap _arrays
+        self._values: list[Tensor] | None = None  # what is bound; on cpu they are or wrap _arrays
         self.binding: object | None = (
             None  # what a runner keeps bound to the buffers; dropped when they change
         )
 
     @classmethod
     def from_manifest(
-        cls, manifest: Manifest, batch: int = 1, capacity: int | None = None, device: str = "cpu"
+        cls,
+        manifest: Manifest,
+        batch: int = 1,
+        capacity: int | None = None,
+        device: str = "cpu",
+        plain: bool = False,
     ) -> SharedKVCache:
         m = manifest.model
         cap = capacity or m.context_length
-        return cls(
-            m.num_layers, m.num_kv_heads, m.head_dim, batch, cap, manifest.io, manifest.io.kv_dtype, device
-        )
+        io = manifest.io
+        return cls(m.num_layers, m.num_kv_heads, m.head_dim, batch, cap, io, io.kv_dtype, device, plain)
 
     # --- state ---------------------------------------------------------------------------------
     @property
@@ -106,13 +113,18 @@ class SharedKVCache:
             shape = self._shape(max(room, self._batch))
             self._bases = [np.zeros(shape, self.dtype) for _ in self._past_names]
             self._arrays = [b[: self._batch] for b in self._bases]  # contiguous views
-            self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+            self._values = [self._wrap(a) for a in self._arrays]
         else:
             self._arrays = None
+            ort = _binding()
             self._values = [
                 ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
                 for _ in self._past_names
             ]
+
+    def _wrap(self, array: np.ndarray) -> Tensor:
+        """What is bound for a host buffer: the array itself (plain) or an OrtValue over it."""
+        return array if self.plain else _binding().OrtValue.ortvalue_from_numpy(array)
 
     def free(self) -> None:
         """Drop the buffers; the cache is empty and allocates again (same batch) on its next step."""
@@ -156,13 +168,13 @@ class SharedKVCache:
     def output_names(self) -> list[str]:
         return list(self._present_names)
 
-    def bound_outputs(self) -> dict[str, ort.OrtValue]:
+    def bound_outputs(self) -> dict[str, Tensor]:
         """Present name -> the very buffer bound as past: the graph writes into it."""
         if self._values is None:
             self._allocate()
         return dict(zip(self._present_names, self._values, strict=True))
 
-    def buffers(self) -> list[tuple[str, str, ort.OrtValue]]:
+    def buffers(self) -> list[tuple[str, str, Tensor]]:
         """(past name, present name, buffer) of every layer's key and value, to bind once and keep."""
         if self._values is None:
             self._allocate()
@@ -186,7 +198,7 @@ class SharedKVCache:
                 got = outputs[name]
             except KeyError:
                 raise KeyError(f"SharedKVCache.update: the step's outputs have no {name!r}") from None
-            if isinstance(got, ort.OrtValue) and got.data_ptr() == value.data_ptr():
+            if _address(got) is not None and _address(got) == _address(value):
                 continue
             arr = _numpy(got)
             if arr.shape != self._shape(self._batch):
@@ -232,10 +244,10 @@ class SharedKVCache:
                     else:
                         arr[:n] = arr[rows]
                     self._arrays[j] = arr[:n]  # a contiguous view of the same memory
-                self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+                self._values = [self._wrap(a) for a in self._arrays]
             else:  # device buffers: a round trip through host memory (rare)
                 hosts = [v.numpy()[rows] for v in self._values]
-                self._values = [ort.OrtValue.ortvalue_from_numpy(h, self.device, 0) for h in hosts]
+                self._values = [_binding().OrtValue.ortvalue_from_numpy(h, self.device, 0) for h in hosts]
         self.lengths = self.lengths[rows]
         self._batch = n
 
@@ -261,7 +273,7 @@ class SharedKVCache:
             for b, (src, r, n) in enumerate(sources):
                 arr[b, :, :n] = src[j][r, :, :n]
         if self.device != "cpu":
-            self._values = [ort.OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in dst]
+            self._values = [_binding().OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in dst]
         self.lengths = lengths
         self._pending = None
         self.binding = None
@@ -353,7 +365,7 @@ class SharedKVCache:
         for j, base in enumerate(self._bases):
             base[self._batch : batch, :, :n] = src[j][:, :, :n]
         self._arrays = [b[:batch] for b in self._bases]
-        self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+        self._values = [self._wrap(a) for a in self._arrays]
         self.binding = None
         self.lengths = np.concatenate([self.lengths, other.lengths]).astype(np.int32)
         self._batch = batch
@@ -378,7 +390,7 @@ class SharedKVCache:
             for arr in self._arrays:
                 arr[row, :, :n] = arr[last, :, :n]
         self._arrays = [a[:last] for a in self._arrays]
-        self._values = [ort.OrtValue.ortvalue_from_numpy(a) for a in self._arrays]
+        self._values = [self._wrap(a) for a in self._arrays]
         self.binding = None
         self._swap_lengths(row)
         return last if row != last else None
@@ -411,3 +423,17 @@ class SharedKVCache:
             f"capacity={self.capacity}, lengths={self.lengths.tolist()}, head_dim={self.head_dim}, "
             f"dtype={self.dtype}, device={self.device})"
         )
+
+
+def _binding():
+    """onnxruntime's Python binding, imported only where an OrtValue is made."""
+    import onnxruntime
+
+    return onnxruntime
+
+
+def _address(t: Tensor) -> int | None:
+    """Where a buffer's data starts: an OrtValue's, or a host array's (the plain binding's)."""
+    if is_ortvalue(t):
+        return t.data_ptr()
+    return t.__array_interface__["data"][0] if isinstance(t, np.ndarray) else None

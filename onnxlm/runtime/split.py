@@ -275,7 +275,11 @@ class SplitSession:
     """An int8-cache graph as its decode and prefill forms (see the module's doc): a call that brings
     more than `above` tokens to some row (`query_input`) runs the prefill form, any other the decode
     form. idle_spin: the decode form's threads keep spinning between runs (session_options); the
-    prefill form's never do (a prefill is long, and its spinning would slow the decode steps after)."""
+    prefill form's never do (a prefill is long, and its spinning would slow the decode steps after).
+    Its binding takes host arrays as they are (binds_arrays): a process running it needs nothing of
+    onnxruntime's Python binding."""
+
+    binds_arrays = True
 
     def __init__(
         self,

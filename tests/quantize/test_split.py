@@ -4,6 +4,10 @@ every output is the If graph's, on every driver path, and both forms use the sam
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -18,6 +22,7 @@ from onnxlm.runtime import session as S
 
 pytestmark = pytest.mark.skipif(not ortc.available(), reason="no onnxruntime C library in this wheel")
 
+ROOT = Path(__file__).resolve().parents[2]
 PROMPTS = [
     "Our HR team answers",
     "Leave requests go to your manager first; HR answers questions about pay, leave and benefits.",
@@ -142,6 +147,23 @@ def test_large_weights_are_cut_into_column_slices(int8, monkeypatch):
         m.step(ids, np.array([21]), np.arange(21)[None], c) for m, c in zip((b, a), caches[::-1], strict=True)
     )
     np.testing.assert_allclose(sliced, whole, rtol=0, atol=1e-5)  # the kernel tiles columns otherwise
+
+
+def test_a_split_process_never_loads_onnxruntimes_python_binding(int8):
+    """Its sessions, buffers and provider list all go through the C library: the binding's ~20 MB
+    beside it would be held for nothing."""
+    code = (
+        "import sys, onnxlm\n"
+        f"e = onnxlm.load({str(int8)!r}, split_forms=True)\n"
+        "assert type(e.model.session).__name__ == 'SplitSession'\n"
+        "e.generate('Our HR team answers questions about leave and pay.', max_new_tokens=4)\n"
+        "e.generate_batch(['a', 'Our HR team answers questions about leave and pay.'], max_new_tokens=3)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'onnxruntime'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
 
 
 def test_off_by_default_on_by_environment_and_only_where_there_are_ifs(int8, conditioned, monkeypatch):

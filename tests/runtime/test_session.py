@@ -25,7 +25,7 @@ def test_default_providers_follow_preference_and_end_with_cpu():
 
 
 def test_missing_requested_provider_is_skipped_with_one_log_line(caplog, monkeypatch):
-    monkeypatch.setattr(S, "available_providers", lambda: [S.CPU])
+    monkeypatch.setattr(S, "available_providers", lambda c_api=False: [S.CPU])
     with caplog.at_level(logging.WARNING, logger="onnxlm.runtime"):
         chosen = S.choose_providers(["TensorrtExecutionProvider", "cuda", "cpu"])
     assert chosen == [S.CPU]
@@ -38,7 +38,7 @@ def test_missing_requested_provider_is_skipped_with_one_log_line(caplog, monkeyp
 
 
 def test_provider_preference_with_fake_gpu_build(monkeypatch):
-    monkeypatch.setattr(S, "available_providers", lambda: [S.CPU, S.CUDA, S.TENSORRT])
+    monkeypatch.setattr(S, "available_providers", lambda c_api=False: [S.CPU, S.CUDA, S.TENSORRT])
     assert S.choose_providers() == [S.TENSORRT, S.CUDA, S.CPU]
     assert S.choose_providers("cuda") == [S.CUDA, S.CPU]
 
