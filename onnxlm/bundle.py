@@ -266,17 +266,55 @@ def _short(text: str, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
+_validator = None
+
+
+def _manifest_validator():
+    """The schema compiled once (fastjsonschema)."""
+    global _validator
+    if _validator is None:
+        import fastjsonschema
+
+        _validator = fastjsonschema.compile(manifest_schema())
+    return _validator
+
+
+def _where(raw: Any, name: str | None) -> list:
+    """The path (keys and indices) of fastjsonschema's dotted name ("data.files.model.onnx",
+    "data.model.eos_token_ids[0]") in the document `raw`: a key holding a dot is found by trying the
+    longest run of parts that is a key at each level."""
+    parts = (name or "data").replace("[", ".[").split(".")[1:]  # after "data", the document's root
+    out, node, i = [], raw, 0
+    while i < len(parts):
+        if parts[i].startswith("[") and parts[i].endswith("]") and parts[i][1:-1].isdigit():
+            out.append(int(parts[i][1:-1]))
+            node = node[out[-1]] if isinstance(node, list) and out[-1] < len(node) else None
+            i += 1
+            continue
+        for j in range(len(parts), i, -1):
+            key = ".".join(parts[i:j])
+            if isinstance(node, dict) and key in node:
+                break
+        else:  # not in the document (a missing key): the rest as one name
+            key, j = ".".join(parts[i:]), len(parts)
+        out.append(key)
+        node = node.get(key) if isinstance(node, dict) else None
+        i = j
+    return out
+
+
 def validate_manifest(raw: Any, path: Path | str) -> None:
     """Check a parsed manifest against the schema and the facts that tie fields together; the first
     violation is a one-line BundleError naming the file and the field."""
-    import jsonschema
+    import fastjsonschema
 
-    validator = jsonschema.Draft202012Validator(manifest_schema())
-    errors = sorted(validator.iter_errors(raw), key=lambda e: (list(map(str, e.absolute_path)), e.message))
-    if errors:
-        first = errors[0]
-        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise BundleError(f"{path}: field {_field(first.absolute_path)}: {_short(first.message)}{more}")
+    try:
+        _manifest_validator()(raw)
+    except fastjsonschema.JsonSchemaValueException as e:
+        message = e.message
+        if e.name and message.startswith(e.name + " "):  # "data.model.x must be ..." -> "must be ..."
+            message = message[len(e.name) + 1 :]
+        raise BundleError(f"{path}: field {_field(_where(raw, e.name))}: {_short(message)}") from None
     facts = raw["model"]
     ids = [
         ("model.bos_token_id", facts.get("bos_token_id")),
