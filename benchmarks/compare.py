@@ -12,8 +12,9 @@ NAME's in the same round (per round and the median: this kind of machine moves m
 than the engines differ). A peer whose package is missing is reported as skipped, not faked.
 With --memory, each engine then runs once more alone in a fresh process (load, generate --new-tokens
 at the first context) to measure its peak RSS and what it holds resident afterwards.
---onnxlm-split NAME=BUNDLE loads a bundle with split_forms=True (an int8 cache's graph as its two
-forms sharing packed weights, no Ifs: onnxlm/runtime/split.py), to compare with the same bundle as is.
+--onnxlm-ifs NAME=BUNDLE loads a bundle with split_forms=False: an int8 cache's graph in one session
+with its Ifs, to compare with the two forms sharing packed weights that onnxlm runs by default
+(onnxlm/runtime/split.py).
 Writes compare.json, compare.md and compare.png (tokens/s by engine and context) into --out.
 """
 
@@ -37,7 +38,7 @@ THIS = Path(__file__).resolve()
 Run = Callable[[list[int], int], tuple[float, float]]  # (prompt ids, new tokens) -> (ttft s, decode tok/s)
 
 
-def onnxlm_engine(bundle: str, threads: int, split_forms: bool = False) -> Run:
+def onnxlm_engine(bundle: str, threads: int, split_forms: bool | None = None) -> Run:
     import onnxlm
 
     engine = onnxlm.load(bundle, threads=threads, split_forms=split_forms)
@@ -177,8 +178,8 @@ def set_genai_threads(folder: str, threads: int) -> None:
 
 
 def make_engine(kind: str, path: str, threads: int, n_ctx: int) -> Run:
-    if kind in ("onnxlm", "onnxlm-split"):
-        return onnxlm_engine(path, threads, split_forms=kind == "onnxlm-split")
+    if kind in ("onnxlm", "onnxlm-ifs"):
+        return onnxlm_engine(path, threads, split_forms=False if kind == "onnxlm-ifs" else None)
     if kind == "hf":
         return torch_engine(path, threads)
     if kind == "optimum":
@@ -282,10 +283,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--onnxlm", action="append", default=[], help="NAME=BUNDLE")
     ap.add_argument(
-        "--onnxlm-split",
+        "--onnxlm-ifs",
         action="append",
         default=[],
-        help="NAME=BUNDLE loaded with split_forms=True (an int8 cache's graph as two graphs, no Ifs)",
+        help="NAME=BUNDLE loaded with split_forms=False (an int8 cache's graph in one session, its Ifs)",
     )
     ap.add_argument("--hf", default=None, help="HF folder for PyTorch eager")
     ap.add_argument("--optimum", default=None, help="optimum-exported folder (ORTModelForCausalLM)")
@@ -317,9 +318,9 @@ def main() -> None:
     for v in args.onnxlm:
         name, path = v.split("=", 1)
         specs.append((f"onnxlm {name}", "onnxlm", path))
-    for v in args.onnxlm_split:
+    for v in args.onnxlm_ifs:
         name, path = v.split("=", 1)
-        specs.append((f"onnxlm {name}", "onnxlm-split", path))
+        specs.append((f"onnxlm {name}", "onnxlm-ifs", path))
     if args.hf:
         specs.append(("PyTorch eager fp32", "hf", args.hf))
     if args.optimum:

@@ -12,8 +12,9 @@ more, as `Engine.load(draft=...)` does; `+draft model only`: the bundle's alone;
 what share of drafts came from lookup); their tokens are checked equal to the plain run's (a mismatch is reported,
 not hidden). llama.cpp runs plain and with llama-cpp-python's prompt-lookup drafting. Decode tokens/s
 is (tokens - 1) / (time after the first token); medians over rounds, then the geometric mean over
-prompts. --onnxlm-split NAME=BUNDLE runs a bundle plain and with n-gram drafts as
-`Engine.load(split_forms=True)` loads it. Writes speculate.json and speculate.md into --out.
+prompts. --onnxlm-ifs NAME=BUNDLE runs a bundle plain and with n-gram drafts as
+`Engine.load(split_forms=False)` loads it (an int8 cache's graph in one session, with its Ifs).
+Writes speculate.json and speculate.md into --out.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ Run = Callable[[list[int], int], dict]  # (prompt ids, max new tokens) -> {ttft,
 
 
 def onnxlm_run(
-    bundle: str, threads: int, draft: str | None, lookup: bool = True, split_forms: bool = False
+    bundle: str, threads: int, draft: str | None, lookup: bool = True, split_forms: bool | None = None
 ) -> Run:
     """lookup=False: a draft bundle's own drafts only (no prompt-lookup rounds); split_forms: see
     onnxlm/runtime/split.py."""
@@ -202,11 +203,11 @@ def main() -> None:
         "--draft", action="append", default=[], metavar="NAME=DRAFT_BUNDLE", help="a draft for --onnxlm NAME"
     )
     ap.add_argument(
-        "--onnxlm-split",
+        "--onnxlm-ifs",
         action="append",
         default=[],
         metavar="NAME=BUNDLE",
-        help="a bundle loaded with split_forms=True (plain and +ngram)",
+        help="a bundle loaded with split_forms=False (plain and +ngram)",
     )
     ap.add_argument("--genai", action="append", default=[], metavar="NAME=FOLDER")
     ap.add_argument("--gguf", action="append", default=[], metavar="NAME=FILE")
@@ -235,10 +236,10 @@ def main() -> None:
                 onnxlm_run(path, a.threads, drafts[name], lookup=False),
                 f"onnxlm {name}",
             )
-    for name, path in pairs(a.onnxlm_split, "--onnxlm-split"):
-        engines[f"onnxlm {name}"] = (onnxlm_run(path, a.threads, None, split_forms=True), None)
+    for name, path in pairs(a.onnxlm_ifs, "--onnxlm-ifs"):
+        engines[f"onnxlm {name}"] = (onnxlm_run(path, a.threads, None, split_forms=False), None)
         engines[f"onnxlm {name} +ngram"] = (
-            onnxlm_run(path, a.threads, "ngram", split_forms=True),
+            onnxlm_run(path, a.threads, "ngram", split_forms=False),
             f"onnxlm {name}",
         )
     skipped = []

@@ -229,7 +229,7 @@ class Engine:
         """Check the bundle (sizes; hashes on request), open a session and the tokenizer; `draft` is
         "ngram", a draft bundle's folder, or None (see the class; draft_inexact: see use_draft).
         split_forms: run an int8 cache's graph as its two forms, sharing packed weights, instead of
-        with an If per layer (default: ONNXLM_SPLIT=1 in the environment; see session.split_wanted)."""
+        with an If per layer (default: yes, unless ONNXLM_SPLIT=0; see session.split_wanted)."""
         root = Path(bundle_dir)
         manifest = check_bundle(root, verify_hashes=verify_hashes)
         tokenizer = Tokenizer.from_bundle(root, manifest)

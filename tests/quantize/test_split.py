@@ -63,7 +63,7 @@ def test_forms_have_no_if_and_one_attention_per_layer(int8):
 
 
 def test_split_gives_the_if_graphs_outputs(int8):
-    plain, forms = onnxlm.load(int8), onnxlm.load(int8, split_forms=True)
+    plain, forms = onnxlm.load(int8, split_forms=False), onnxlm.load(int8, split_forms=True)
     assert isinstance(forms.model.session, split.SplitSession)
     assert not isinstance(plain.model.session, split.SplitSession)
     a, b = plain.model, forms.model
@@ -88,7 +88,7 @@ def test_split_gives_the_if_graphs_outputs(int8):
 def test_every_driver_path_on_the_split_forms(int8):
     """Batches (a long and short prompts in one call: the prefill form for all), speculation (verifies
     stay on the decode form), prefix reuse and the numpy path give the If graph's tokens."""
-    plain = onnxlm.load(int8)
+    plain = onnxlm.load(int8, split_forms=False)
     singles = [greedy(plain, p) for p in PROMPTS]
     forms = onnxlm.load(int8, split_forms=True)
     batch = forms.generate_batch(PROMPTS, max_new_tokens=24, temperature=0, ignore_eos=True)
@@ -137,7 +137,7 @@ def test_large_weights_are_cut_into_column_slices(int8, monkeypatch):
     assert kinds.count("MatMulNBits") > before and "Concat" in kinds
     pieces = [t for t in form.graph.initializer if "/columns" in t.name]
     assert pieces and all(t.data_location == B.EXTERNAL for t in pieces)
-    plain, forms = onnxlm.load(int8), onnxlm.load(int8, split_forms=True)
+    plain, forms = onnxlm.load(int8, split_forms=False), onnxlm.load(int8, split_forms=True)
     assert any("/columns" in name for name in forms.model.session.initializers)
     assert [greedy(forms, p) for p in PROMPTS] == [greedy(plain, p) for p in PROMPTS]
     a, b = plain.model, forms.model
@@ -166,12 +166,13 @@ def test_a_split_process_never_loads_onnxruntimes_python_binding(int8):
     assert r.stdout.strip() == "[]"
 
 
-def test_off_by_default_on_by_environment_and_only_where_there_are_ifs(int8, conditioned, monkeypatch):
+def test_on_by_default_off_by_environment_and_only_where_there_are_ifs(int8, conditioned, monkeypatch):
     monkeypatch.delenv("ONNXLM_SPLIT", raising=False)
-    assert not isinstance(onnxlm.load(int8).model.session, split.SplitSession)
-    monkeypatch.setenv("ONNXLM_SPLIT", "1")
     assert isinstance(onnxlm.load(int8).model.session, split.SplitSession)
     assert not isinstance(onnxlm.load(int8, split_forms=False).model.session, split.SplitSession)
+    monkeypatch.setenv("ONNXLM_SPLIT", "0")
+    assert not isinstance(onnxlm.load(int8).model.session, split.SplitSession)
+    assert isinstance(onnxlm.load(int8, split_forms=True).model.session, split.SplitSession)
     fp32 = conditioned("llama")  # a float32 cache: no Ifs, nothing to split
     assert not isinstance(onnxlm.load(fp32, split_forms=True).model.session, split.SplitSession)
 
