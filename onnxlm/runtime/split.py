@@ -11,9 +11,12 @@ with one prepacked-weights container whose weights the caller supplies (`ortc`).
 `SplitSession` does that: at load it cuts the bundle's graph into its decode form (the int8 branches)
 and its prefill form (the float32 branches), maps the bundle's external data once and hands the same
 tensors to both sessions, and runs each call on the form the If would have chosen, so every output is
-what the If graph gives. It stands in for the InferenceSession a Model holds (the calls a Model
-makes: get_inputs / get_outputs / get_providers, run, io_binding / run_with_iobinding). The graph is
-read with protobuf alone (bundle.outline_class): onnx stays unimported in a serving process.
+what the If graph gives (to rounding where a large weight is cut into column slices, below). It
+stands in for the InferenceSession a Model holds (the calls a Model makes: get_inputs / get_outputs /
+get_providers, run, io_binding / run_with_iobinding), and binds host arrays as they are, so a process
+running it never loads onnxruntime's Python binding. The graph is read with protobuf alone
+(bundle.outline_class): onnx stays unimported in a serving process. It is the default on the CPU
+provider (session.split_wanted).
 """
 
 from __future__ import annotations
