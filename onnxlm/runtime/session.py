@@ -94,14 +94,18 @@ def choose_providers(requested: Sequence[str] | str | None = None, c_api: bool =
 STOP_SPINNING = "session.force_spinning_stop"
 
 
+def _check_threads(threads: int | None) -> None:
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+
+
 def session_options(threads: int | None = None, idle_spin: bool = True) -> ort.SessionOptions:
     """idle_spin=False: the session's threads stop spinning when a run ends (they still spin inside
     it). For sessions that take turns (a target and its draft model): each one's idle spinning
     threads would otherwise hold the cores the other is running on (a verify after draft steps
     measured 2x its cost alone, a draft step 1.7x). Alone, spinning between runs pays (5-10% of a
     decode step), so it is the default."""
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    _check_threads(threads)
     ort = _binding()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or cpu_count()
@@ -150,8 +154,7 @@ def make_session(
     path = Path(model_path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such model file")
-    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
-        raise ValueError(f"threads must be a positive integer, got {threads!r}")
+    _check_threads(threads)
     chosen = choose_providers(providers, c_api=split_above is not None)
     before = heap_mappings() if huge_pages_wanted() else None
     session, forms = None, False
