@@ -23,6 +23,15 @@ from ..bundle import GraphIO, Manifest
 Tensor = Any  # np.ndarray | onnxruntime.OrtValue
 
 
+def ort_module():
+    """onnxruntime's Python binding, imported where an OrtValue or InferenceSession is made: a process
+    whose sessions all run through the C API (split.SplitSession) never loads it (~20 MB resident
+    beside the C library)."""
+    import onnxruntime
+
+    return onnxruntime
+
+
 def is_ortvalue(t: Any) -> bool:
     """Whether `t` is an onnxruntime OrtValue, without importing onnxruntime's Python binding: a
     process that runs its sessions through the C API alone (runtime/split.py) never loads it."""
@@ -146,9 +155,7 @@ class KVCache:
         arr = np.ascontiguousarray(arr)
         if self.device == "cpu":
             return arr
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(arr, self.device, 0)
+        return ort_module().OrtValue.ortvalue_from_numpy(arr, self.device, 0)
 
     def trim(self, n: int) -> int:
         """Forget the last `n` positions (e.g. rejected draft tokens); returns how many were dropped."""

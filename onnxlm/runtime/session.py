@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .kv_cache import is_ortvalue
+from .kv_cache import is_ortvalue, ort_module
 
 if TYPE_CHECKING:
     import onnxruntime as ort
@@ -35,14 +35,6 @@ PREFERENCE = (TENSORRT, CUDA, CPU)
 ALIASES = {"tensorrt": TENSORRT, "trt": TENSORRT, "cuda": CUDA, "gpu": CUDA, "cpu": CPU}
 
 
-def _binding():
-    """onnxruntime's Python binding, imported where it is used: a process whose sessions all run
-    through the C API (split.SplitSession) never loads it (~20 MB resident beside the C library)."""
-    import onnxruntime
-
-    return onnxruntime
-
-
 def available_providers(c_api: bool = False) -> list[str]:
     """The execution providers onnxruntime has here. c_api: ask its C library (split.SplitSession's),
     where the wheel ships one and the Python binding is not loaded yet, so as not to load the binding
@@ -53,7 +45,7 @@ def available_providers(c_api: bool = False) -> list[str]:
 
     if c_api and "onnxruntime" not in sys.modules and ortc.available():
         return ortc.available_providers()
-    return list(_binding().get_available_providers())
+    return list(ort_module().get_available_providers())
 
 
 def cpu_count() -> int:
@@ -106,7 +98,7 @@ def session_options(threads: int | None = None, idle_spin: bool = True) -> ort.S
     measured 2x its cost alone, a draft step 1.7x). Alone, spinning between runs pays (5-10% of a
     decode step), so it is the default."""
     _check_threads(threads)
-    ort = _binding()
+    ort = ort_module()
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or cpu_count()
     opts.inter_op_num_threads = 1  # one graph at a time; parallelism lives inside the ops
@@ -170,7 +162,7 @@ def make_session(
         except ValueError as e:  # the manifest promises Ifs the graph lacks: run the graph as it is
             log.warning("running %s as one graph: %s", path.name, e)
     if session is None:
-        session = _binding().InferenceSession(
+        session = ort_module().InferenceSession(
             str(path), sess_options=session_options(threads, idle_spin), providers=chosen
         )
     log.info(
@@ -480,7 +472,7 @@ class BoundBuffers:
             self.binding.bind_cpu_input(name, value)
         if self.logits is None or self.logits.shape != tuple(logits_shape):
             self.logits = np.empty(logits_shape, self.dtype)
-            out = self.logits if self.plain else _binding().OrtValue.ortvalue_from_numpy(self.logits)
+            out = self.logits if self.plain else ort_module().OrtValue.ortvalue_from_numpy(self.logits)
             self.binding.bind_ortvalue_output(self.logits_name, out)
         self.session.run_with_iobinding(self.binding)
         return self.logits

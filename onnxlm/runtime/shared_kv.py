@@ -8,7 +8,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 
 from ..bundle import GraphIO, Manifest
-from .kv_cache import Tensor, _numpy, is_ortvalue
+from .kv_cache import Tensor, _numpy, is_ortvalue, ort_module
 
 
 class SharedKVCache:
@@ -116,7 +116,7 @@ class SharedKVCache:
             self._values = [self._wrap(a) for a in self._arrays]
         else:
             self._arrays = None
-            ort = _binding()
+            ort = ort_module()
             self._values = [
                 ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, 0)
                 for _ in self._past_names
@@ -124,7 +124,7 @@ class SharedKVCache:
 
     def _wrap(self, array: np.ndarray) -> Tensor:
         """What is bound for a host buffer: the array itself (plain) or an OrtValue over it."""
-        return array if self.plain else _binding().OrtValue.ortvalue_from_numpy(array)
+        return array if self.plain else ort_module().OrtValue.ortvalue_from_numpy(array)
 
     def free(self) -> None:
         """Drop the buffers; the cache is empty and allocates again (same batch) on its next step."""
@@ -247,7 +247,7 @@ class SharedKVCache:
                 self._values = [self._wrap(a) for a in self._arrays]
             else:  # device buffers: a round trip through host memory (rare)
                 hosts = [v.numpy()[rows] for v in self._values]
-                self._values = [_binding().OrtValue.ortvalue_from_numpy(h, self.device, 0) for h in hosts]
+                self._values = [ort_module().OrtValue.ortvalue_from_numpy(h, self.device, 0) for h in hosts]
         self.lengths = self.lengths[rows]
         self._batch = n
 
@@ -273,7 +273,7 @@ class SharedKVCache:
             for b, (src, r, n) in enumerate(sources):
                 arr[b, :, :n] = src[j][r, :, :n]
         if self.device != "cpu":
-            self._values = [_binding().OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in dst]
+            self._values = [ort_module().OrtValue.ortvalue_from_numpy(a, self.device, 0) for a in dst]
         self.lengths = lengths
         self._pending = None
         self.binding = None
@@ -423,13 +423,6 @@ class SharedKVCache:
             f"capacity={self.capacity}, lengths={self.lengths.tolist()}, head_dim={self.head_dim}, "
             f"dtype={self.dtype}, device={self.device})"
         )
-
-
-def _binding():
-    """onnxruntime's Python binding, imported only where an OrtValue is made."""
-    import onnxruntime
-
-    return onnxruntime
 
 
 def _address(t: Tensor) -> int | None:
