@@ -220,10 +220,23 @@ def available() -> bool:
     return True
 
 
-class Value:
+class _Owned:
+    """An object the C API made (`ptr`), released with the function named `_release` when it goes."""
+
+    __slots__ = ()
+    _release = ""
+
+    def __del__(self):
+        ptr, self.ptr = getattr(self, "ptr", None), None
+        if ptr:
+            getattr(self._api, self._release)(ptr)
+
+
+class Value(_Owned):
     """An OrtValue over a host array's memory (no copy); `keep` holds whatever owns that memory."""
 
     __slots__ = ("ptr", "shape", "dtype", "keep", "_api")
+    _release = "ReleaseValue"
 
     def __init__(self, address: int, shape: Sequence[int], dtype, keep: object):
         a = api()
@@ -247,16 +260,14 @@ class Value:
             raise ValueError("ortc.Value needs a C-contiguous array")
         return cls(array.ctypes.data, array.shape, array.dtype, array)
 
-    def __del__(self):
-        ptr, self.ptr = getattr(self, "ptr", None), None
-        if ptr:
-            self._api.ReleaseValue(ptr)
 
-
-class Session:
+class Session(_Owned):
     """One graph's session, built from the graph's bytes. `initializers` (name -> Value) are used as
     they are instead of the graph's own weights; sessions given the same `container` keep one packed
     copy of each weight they pack alike. `config`: session config entries (onnxruntime's keys)."""
+
+    __slots__ = ("ptr", "initializers", "container", "_api")
+    _release = "ReleaseSession"
 
     def __init__(
         self,
@@ -322,14 +333,12 @@ class Session:
             C.memmove(array.ctypes.data, data, array.nbytes)
         return array
 
-    def __del__(self):
-        ptr, self.ptr = getattr(self, "ptr", None), None
-        if ptr:
-            self._api.ReleaseSession(ptr)
 
-
-class Binding:
+class Binding(_Owned):
     """An IO binding of one Session; the values bound stay referenced until rebound."""
+
+    __slots__ = ("ptr", "session", "bound", "_api")
+    _release = "ReleaseIoBinding"
 
     def __init__(self, session: Session):
         a = self._api = api()
@@ -345,20 +354,13 @@ class Binding:
     def run(self) -> None:
         self._api.check(self._api.RunWithBinding(self.session.ptr, None, self.ptr))
 
-    def __del__(self):
-        ptr, self.ptr = getattr(self, "ptr", None), None
-        if ptr:
-            self._api.ReleaseIoBinding(ptr)
 
-
-class Container:
+class Container(_Owned):
     """A prepacked-weights container: sessions built with it share the weights they pack alike."""
+
+    __slots__ = ("ptr", "_api")
+    _release = "ReleasePrepackedWeightsContainer"
 
     def __init__(self):
         self._api = api()
         self.ptr = self._api.out(self._api.CreatePrepackedWeightsContainer)
-
-    def __del__(self):
-        ptr, self.ptr = getattr(self, "ptr", None), None
-        if ptr:
-            self._api.ReleasePrepackedWeightsContainer(ptr)

@@ -30,7 +30,6 @@ import numpy as np
 
 from ..bundle import EXTERNAL, outline_class
 from . import ortc
-from .session import release_free_heap
 
 IF_SUFFIX = "/float_prefill"  # the name quantize/kv.py gives each layer's If
 DECODE, PREFILL = "else_branch", "then_branch"
@@ -311,7 +310,6 @@ class SplitSession:
             self.container,
             {**base, **({} if idle_spin else {STOP_SPINNING: "1"})},
         )
-        release_free_heap()  # what the first build freed goes back before the second adds its own
         self.prefill = ortc.Session(
             prefill.SerializeToString(),
             threads,
@@ -352,15 +350,15 @@ class SplitBinding:
 
     def __init__(self, session: SplitSession):
         self.session = session
-        self.forms = {id(s): ortc.Binding(s) for s in (session.decode, session.prefill)}
+        # per form: its binding, and the (name, output) keys bound since it last ran
+        self.forms = {s: (ortc.Binding(s), set()) for s in (session.decode, session.prefill)}
         self.values: dict[tuple[str, bool], ortc.Value] = {}
-        self.stale: dict[int, set[tuple[str, bool]]] = {k: set() for k in self.forms}
         self.small: dict[str, np.ndarray] = {}  # the host arrays bind_cpu_input copies into
         self.query: np.ndarray | None = None
 
     def _set(self, key: tuple[str, bool], value: ortc.Value) -> None:
         self.values[key] = value
-        for stale in self.stale.values():
+        for _, stale in self.forms.values():
             stale.add(key)
 
     def bind_cpu_input(self, name: str, array: np.ndarray) -> None:
@@ -384,9 +382,7 @@ class SplitBinding:
     def run(self) -> None:
         if self.query is None:
             raise ValueError(f"SplitBinding.run: {self.session.query_input!r} was never bound")
-        session = self.session.form(self.query)
-        binding = self.forms[id(session)]
-        stale = self.stale[id(session)]
+        binding, stale = self.forms[self.session.form(self.query)]
         for key in stale:
             binding.bind(key[0], self.values[key], output=key[1])
         stale.clear()
