@@ -116,13 +116,24 @@ class Costs:
         emitted = worth * rel / rows  # tokens a row is expected to emit this round
         return worth * rel / (rel + self.draft_token * emitted / base)
 
+    def verify_seconds(self, width: int) -> float | None:
+        """A call of `width` tokens' seconds: its own measurement, or a wider call's where that is less
+        (a call that brings fewer tokens does no more work; each width is re-measured only when it is
+        chosen, so one slow reading, kept, priced a draft length out for good: SmolLM2 int4 at ~1,000
+        tokens kept 2.5 steps for a verify of 2 drafts, more than the 2.2 it measured for 3, and took
+        one draft a round at 98% acceptance). None if neither is measured."""
+        own = self.seconds.get(width)
+        if own is None:
+            return None  # unmeasured: relative's optimistic guess, so that it gets tried
+        return min([own, *(secs for w, secs in self.seconds.items() if w > width)])
+
     def relative(self, k: int, drafting: bool = True) -> float:
         """Cost of a round with k drafts (verify, plus the draft model's steps when `drafting`) in
         one-token steps."""
         base = self.seconds.get(1)
         if k == 0:
             return 1.0
-        verify = self.seconds.get(k + 1)
+        verify = self.verify_seconds(k + 1)
         if base is None or verify is None:
             verify_rel = 1.0 + 0.05 * k  # optimistic until measured, so that every k gets tried
         else:
@@ -174,7 +185,7 @@ class Speculator:
         if not self.measuring():
             return 0
         best_k, _, top_k = self.best(avail)
-        return self.retry(best_k, top_k)
+        return self.retry(best_k, top_k, avail)
 
     def realized(self, source: str) -> bool:
         """Whether rounds drafted by `source` have emitted tokens at least as fast as plain rounds, by
@@ -213,12 +224,16 @@ class Speculator:
                 best_k, best = k, value
         return best_k, best, top_k
 
-    def retry(self, best_k: int, top_k: int) -> int:
+    def retry(self, best_k: int, top_k: int, avail: Sequence[int]) -> int:
         """Now and then the most promising draft length even where plain decoding looks better:
         costs move with the context and a row's acceptance with its text, and estimates that only
         speculation updates go stale."""
-        if best_k == 0 and self.rounds % REMEASURE == REMEASURE // 2:
-            return top_k
+        if self.rounds % REMEASURE == REMEASURE // 2:
+            if best_k == 0:
+                return top_k
+            if best_k < max(avail, default=0):
+                # the next longer draft too: its cost is otherwise re-measured only when chosen
+                return best_k + 1
         return best_k
 
     def limit(self, seq) -> int:
@@ -497,7 +512,7 @@ class ModelDrafter(Speculator):
         k, value, top = self.best(limits)
         if not self.realized("model"):
             k, value = 0, float(len(seqs))
-        k = self.retry(k, top)
+        k = self.retry(k, top, limits)
         # the draft drafts once it holds every row; new rows are prefilled a chunk a round while it is
         # worth drafting and the prefill pays back; meanwhile a round is the lookup's or plain
         ready = not self.unfed

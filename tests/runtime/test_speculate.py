@@ -595,6 +595,35 @@ def test_a_stale_cost_does_not_keep_speculation_off():
     assert spec.choose([4]) >= 3
 
 
+def test_a_shorter_verify_is_never_priced_above_a_longer_one():
+    """Each width is re-measured only when chosen: one slow reading of a verify of 2 drafts, dearer
+    than the 3-draft one measured since, must not keep the choice at one draft where two pay."""
+    spec = Speculator(k_max=4)
+    spec.join([None], None)
+    spec.evidence = [[0.98, 1.0]]
+    spec.costs.seconds = {1: 1.0, 2: 1.3, 3: 2.5, 4: 1.6}  # the 3-token call read slow once
+    assert spec.costs.relative(2, drafting=False) == pytest.approx(1.6)
+    assert spec.costs.relative(1, drafting=False) == pytest.approx(1.3)
+    assert spec.costs.verify_seconds(5) is None  # unmeasured widths keep the optimistic guess
+    assert spec.best([2])[0] == 2
+
+
+def test_a_speculating_row_tries_the_next_longer_draft_now_and_then():
+    """While one length is chosen, the next longer one is tried once in REMEASURE rounds (its cost
+    is otherwise never measured again), within what the rows can draft."""
+    spec = Speculator(k_max=4)
+    spec.join([None], None)
+    spec.evidence = [[0.9, 1.0]]
+    spec.costs.seconds = {1: 1.0, 2: 1.2, 3: 2.5, 4: 3.5, 5: 4.5}  # one draft is best
+    chosen = []
+    for _ in range(REMEASURE):
+        chosen.append(spec.choose([4]))
+        spec.rounds += 1
+    assert sorted(set(chosen)) == [0, 1, 2] and chosen.count(2) == 1 and chosen.count(0) == 1
+    spec.rounds = REMEASURE // 2
+    assert spec.choose([1]) == 1  # no longer draft to try
+
+
 def test_draft_model_rounds_that_emit_slower_than_plain_ones_stop(engine):
     """The cost model counts a draft model's timed calls; a round also catches up, samples and keeps
     books. Where the model's rounds have emitted tokens more slowly (wall time per token) than plain
