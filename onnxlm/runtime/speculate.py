@@ -39,7 +39,10 @@ from .driver import make_rows
 
 PRIOR = 0.5  # acceptance assumed for a row before any of its drafts are checked
 EMA = 0.3  # weight of the newest observation in the cost estimates
-ROUND_EMA = 0.1  # the same for a whole round's wall time per emitted token (Speculator.realized)
+# per round of a source, the weight its earlier rounds keep in its wall time per emitted token, and
+# the rounds it is given before that time is held against it (Speculator.realized)
+ROUND_KEEP = 0.9
+TRIAL_ROUNDS = 3
 ROUTINE = 9  # tokens a row's draft-model catch-up call feeds in steady speculation, at most
 KEEP = 0.7  # per round, the weight a row's earlier checked draft positions keep in its estimate
 PSEUDO = 2.0  # checked positions the prior counts as
@@ -154,9 +157,10 @@ class Speculator:
         self.drafted = self.accepted = self.rounds = self.speculated = 0
         self.grown = False  # whether the round after the latest join (which grows KV buffers) is past
         self.source: str | None = None  # what drafted this round (None: nothing; see observe_round)
-        # wall seconds per emitted token of whole rounds (drafting, verify, sampling) since rows last
-        # joined (a batch's rows and contexts set them), by what drafted them (None: plain rounds)
-        self.round_spt: dict[str | None, float] = {}
+        # whole rounds (drafting, verify, sampling) since rows last joined (a batch's rows and contexts
+        # set their cost), by what drafted them (None: plain rounds): decayed [wall seconds, emitted
+        # tokens], and how many rounds
+        self.round_time: dict[str | None, list[float]] = {}
         self.timed = False  # whether this round's wall time counts (not the one after a join)
         self.exact_until: int | None = None  # a bundle's io.dynamic_rope_from (see limits)
 
@@ -164,7 +168,7 @@ class Speculator:
     def join(self, seqs: Sequence, rows) -> None:
         self.evidence += [[PRIOR * PSEUDO, PSEUDO] for _ in seqs]
         self.grown = False
-        self.round_spt = {}
+        self.round_time = {}
 
     def drop(self, row: int) -> None:
         self.evidence[row] = self.evidence[-1]
@@ -190,20 +194,32 @@ class Speculator:
     def realized(self, source: str) -> bool:
         """Whether rounds drafted by `source` have emitted tokens at least as fast as plain rounds, by
         their whole wall time (drafting, verify, sampling, bookkeeping: what the cost model's model
-        calls leave out); true until both are measured. ModelDrafter's draft model, whose rounds the
-        cost model can misjudge (a draft step's calls beyond the one timed), drafts only where they
-        have, and in retry rounds."""
-        mine, plain = self.round_spt.get(source), self.round_spt.get(None)
-        return mine is None or plain is None or mine <= plain
+        calls leave out); true until plain rounds are measured and the source has had TRIAL_ROUNDS.
+        ModelDrafter's draft model, whose rounds the cost model can misjudge (a draft step's calls
+        beyond the one timed), drafts only where they have, and in retry rounds."""
+        mine, plain = self.round_time.get(source), self.round_time.get(None)
+        if mine is None or plain is None or mine[2] < TRIAL_ROUNDS:
+            return True
+        return mine[0] / mine[1] <= plain[0] / plain[1]
+
+    @property
+    def round_spt(self) -> dict[str | None, float]:
+        """Wall seconds per emitted token by source (see realized)."""
+        return {source: t[0] / t[1] for source, t in self.round_time.items()}
 
     def observe_round(self, secs: float, emitted: int) -> None:
-        """A whole round's wall seconds and the tokens it emitted, under this round's source (slowly
-        decayed: one round's luck with its drafts should not decide)."""
+        """A whole round's wall seconds and the tokens it emitted, under this round's source. A source's
+        time is the ratio of its decayed sums, so that its first round weighs as much as the next: a
+        moving average of per-round values started at the first, with that first round one whose drafts
+        were soon rejected (60-110 ms for 1-2 tokens, plain rounds ~15 ms a token), kept SmolLM2's int4
+        draft for its fp32 off for the rest of a generation (the retries, one in REMEASURE rounds, each
+        moved it by a tenth)."""
         if not self.timed or not emitted or self.source == PREFILLING:
             return
-        spt, v = self.round_spt, secs / emitted
-        old = spt.get(self.source)
-        spt[self.source] = v if old is None else (1 - ROUND_EMA) * old + ROUND_EMA * v
+        t = self.round_time.setdefault(self.source, [0.0, 0.0, 0])
+        t[0] = ROUND_KEEP * t[0] + secs
+        t[1] = ROUND_KEEP * t[1] + emitted
+        t[2] += 1
 
     def measuring(self) -> bool:
         """False on the rounds that must be plain: before a one-token step's cost is known and every
@@ -532,7 +548,7 @@ class ModelDrafter(Speculator):
                 if k_look and worth >= value:
                     self.looked, self.source = True, self.source or "lookup"
                     return [d[:k_look] for d in found]
-        if k == 0 or (self.grown and None not in self.round_spt):
+        if k == 0 or (self.grown and None not in self.round_time):
             return [[] for _ in seqs]  # (a plain round's whole time measured first, for realized)
         self.source = self.source or "model"
         # catch up on the tokens the draft has not seen (at least the last sampled one), then k - 1

@@ -16,6 +16,7 @@ from onnxlm.runtime.generate import GenerationParams, new_seq
 from onnxlm.runtime.prefix import PrefixCache
 from onnxlm.runtime.speculate import (
     REMEASURE,
+    TRIAL_ROUNDS,
     Costs,
     ModelDrafter,
     NgramDrafter,
@@ -639,7 +640,9 @@ def test_draft_model_rounds_that_emit_slower_than_plain_ones_stop(engine):
 
             def join(seqs, rows, join=spec.join, spec=spec):
                 join(seqs, rows)
-                spec.round_spt.update({None: 0.020, "model": 0.030})
+                spec.round_time.update(
+                    {None: [0.020, 1.0, TRIAL_ROUNDS], "model": [0.030, 1.0, TRIAL_ROUNDS]}
+                )
 
             spec.join = join
         got = tokens(generate_steps(engine.model, engine.tokenizer, [ids], params, speculator=spec))
@@ -656,10 +659,18 @@ def test_round_wall_time_per_token_is_kept_by_source():
     spec.timed, spec.source = True, None
     spec.observe_round(0.020, 1)  # a plain round
     spec.source = "model"
-    spec.observe_round(0.090, 3)  # a drafted round: 30 ms a token
-    assert not spec.realized("model") and spec.realized("lookup")  # each source on its own rounds
-    for _ in range(30):
-        spec.observe_round(0.030, 3)  # then 10 ms a token: slowly, it is worth it again
+    spec.observe_round(0.090, 1)  # a drafted round whose draft was rejected at once: 90 ms a token
+    assert spec.realized("model")  # one round does not decide: a source has TRIAL_ROUNDS
+    for _ in range(TRIAL_ROUNDS - 1):
+        spec.observe_round(0.024, 3)  # then 8 ms a token
+    # the first round weighs as the others: (90 + 2 x 24 ms, decayed) over (1 + 2 x 3 tokens, decayed)
+    assert spec.round_spt["model"] == pytest.approx((0.09 * 0.81 + 0.024 * 0.9 + 0.024) / (0.81 + 2.7 + 3))
+    assert spec.realized("model") and spec.realized("lookup")  # each source on its own rounds
+    for _ in range(5):
+        spec.observe_round(0.090, 3)  # 30 ms a token: slower than plain rounds
+    assert not spec.realized("model")
+    for _ in range(10):
+        spec.observe_round(0.030, 3)  # 10 ms a token again: worth it once more
     assert spec.realized("model")
     spec.timed = False  # the round after rows join grows their buffers: not timed
     before = dict(spec.round_spt)
