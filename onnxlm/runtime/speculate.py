@@ -38,6 +38,10 @@ import numpy as np
 from .driver import make_rows
 
 PRIOR = 0.5  # acceptance assumed for a row before any of its drafts are checked
+# A draft model's acceptance is the pair's more than the text's: a row it joins starts from what its
+# earlier rows kept (positions weighed by PAIR_KEEP a position), once PAIR_EVIDENCE positions are checked
+PAIR_KEEP = 0.98
+PAIR_EVIDENCE = 8.0
 EMA = 0.3  # weight of the newest observation in the cost estimates
 # per round of a source, the weight its earlier rounds keep in its wall time per emitted token, and
 # the rounds it is given before that time is held against it (Speculator.realized)
@@ -85,6 +89,9 @@ class Costs:
     draft_token: float = 0.0
     draft_ratio: float = 0.0  # a draft step over a target step, timed at load (step_ratio; 0: unknown)
     draft_position: float = 0.0  # seconds of one position of the draft's prefill (0: not measured yet)
+    # the draft model's decayed [kept, checked] draft positions over every row it drafted for
+    # (ModelDrafter.prior)
+    draft_kept: list[float] = field(default_factory=lambda: [0.0, 0.0])
     warm: set[int] = field(default_factory=set)  # widths whose first (warm-up) call has been seen
 
     def observe(self, width: int, secs: float) -> None:
@@ -166,7 +173,8 @@ class Speculator:
 
     # rows join and leave as the driver's do
     def join(self, seqs: Sequence, rows) -> None:
-        self.evidence += [[PRIOR * PSEUDO, PSEUDO] for _ in seqs]
+        prior = self.prior()
+        self.evidence += [[prior * PSEUDO, PSEUDO] for _ in seqs]
         self.grown = False
         self.round_time = {}
 
@@ -176,6 +184,10 @@ class Speculator:
 
     def free(self) -> None:
         self.evidence = []
+
+    def prior(self) -> float:
+        """The acceptance a row starts from (and drifts back to while it does not draft)."""
+        return PRIOR
 
     @property
     def accept(self) -> list[float]:
@@ -286,7 +298,7 @@ class Speculator:
             self.drafted += drafted
             self.accepted += accepted
         else:  # drift back toward the prior, so a row that stopped drafting is tried again later
-            ev[0] = 0.98 * ev[0] + 0.02 * PRIOR * PSEUDO
+            ev[0] = 0.98 * ev[0] + 0.02 * self.prior() * PSEUDO
             ev[1] = 0.98 * ev[1] + 0.02 * PSEUDO
 
     def observe(self, width: int, secs: float) -> None:
@@ -500,6 +512,10 @@ class ModelDrafter(Speculator):
         generation)."""
         if not self.looked:
             super().feedback(row, drafted, accepted)
+            if drafted:
+                pair = self.costs.draft_kept
+                pair[0] = PAIR_KEEP**drafted * pair[0] + accepted
+                pair[1] = PAIR_KEEP**drafted * pair[1] + accepted + (accepted < drafted)
             if self.lookup is not None:
                 self.lookup.feedback(row, 0, 0)
             return
@@ -507,6 +523,13 @@ class ModelDrafter(Speculator):
         super().feedback(row, 0, 0)
         self.drafted += drafted
         self.accepted += accepted
+
+    def prior(self) -> float:
+        """What the draft model's earlier rows kept, once enough is checked: with the fixed prior a new
+        row started where plain decoding looked better (SmolLM2's int4 draft for its fp32, kept at
+        ~90% on open prompts, drafted in only the retry rounds of some generations)."""
+        kept, checked = self.costs.draft_kept
+        return kept / checked if checked >= PAIR_EVIDENCE else PRIOR
 
     def stats(self) -> dict[str, float]:
         out = super().stats()

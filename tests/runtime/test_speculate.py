@@ -15,6 +15,7 @@ from onnxlm.runtime.driver import GROWTH, MIN_ROOM, SharedRows
 from onnxlm.runtime.generate import GenerationParams, new_seq
 from onnxlm.runtime.prefix import PrefixCache
 from onnxlm.runtime.speculate import (
+    PRIOR,
     REMEASURE,
     TRIAL_ROUNDS,
     Costs,
@@ -341,6 +342,29 @@ def test_a_draft_model_skips_a_prefill_that_would_not_pay_back(engine):
             assert bool(started) == prefills, (new_tokens, lookup, spec.stats())
             if lookup and not prefills:  # the echo prompt's continuation is in it: the lookup drafts
                 assert spec.stats()["lookup_drafted"] > 0
+
+
+def test_a_draft_models_new_rows_start_from_what_its_earlier_rows_kept(engine):
+    """A draft model's acceptance belongs to the pair more than to the text: rows joining later (the
+    next request, sharing the Engine's costs) start from what earlier rows kept, not from PRIOR."""
+    first = ModelDrafter(engine.model, k_max=4, lookup=False)
+    assert first.prior() == PRIOR
+    first.join([None], None)
+    first.feedback(0, 4, 3)  # 3 kept, the 4th rejected: 4 positions checked, not yet enough
+    assert first.prior() == PRIOR
+    for _ in range(4):
+        first.feedback(0, 4, 3)
+    assert first.prior() == pytest.approx(0.75, abs=0.01)
+    later = ModelDrafter(engine.model, k_max=4, lookup=False)
+    later.costs = first.costs  # as Engine.speculator hands each its costs
+    later.join([None, None], None)
+    assert later.accept == pytest.approx([first.prior()] * 2)
+    lookup = NgramDrafter()
+    lookup.costs = first.costs
+    lookup.join([None], None)
+    assert lookup.accept == [PRIOR]  # prompt lookup's acceptance is the text's
+    first.free()
+    later.free()
 
 
 def test_a_draft_model_takes_the_lookups_drafts_where_they_are_worth_more(engine):
