@@ -293,8 +293,7 @@ class Speculator:
         the order of the events inside a round as a per-event moving average would."""
         ev = self.evidence[row]
         if drafted:
-            ev[0] = KEEP * ev[0] + accepted
-            ev[1] = KEEP * ev[1] + accepted + (accepted < drafted)
+            _count_checked(ev, KEEP, drafted, accepted)
             self.drafted += drafted
             self.accepted += accepted
         else:  # drift back toward the prior, so a row that stopped drafting is tried again later
@@ -319,6 +318,13 @@ class Speculator:
             "rounds": self.rounds,
             "speculated_rounds": self.speculated,
         }
+
+
+def _count_checked(counts: list[float], keep: float, drafted: int, accepted: int) -> None:
+    """Decayed [kept, checked] draft positions after a verify of `drafted`: `accepted` were kept, one
+    was rejected when accepted < drafted, and the rest were never checked (Speculator.feedback)."""
+    counts[0] = keep * counts[0] + accepted
+    counts[1] = keep * counts[1] + accepted + (accepted < drafted)
 
 
 def ngram_draft(context: np.ndarray, k: int, n_max: int = NGRAM_MAX, n_min: int = NGRAM_MIN) -> list[int]:
@@ -513,9 +519,7 @@ class ModelDrafter(Speculator):
         if not self.looked:
             super().feedback(row, drafted, accepted)
             if drafted:
-                pair = self.costs.draft_kept
-                pair[0] = PAIR_KEEP**drafted * pair[0] + accepted
-                pair[1] = PAIR_KEEP**drafted * pair[1] + accepted + (accepted < drafted)
+                _count_checked(self.costs.draft_kept, PAIR_KEEP**drafted, drafted, accepted)
             if self.lookup is not None:
                 self.lookup.feedback(row, 0, 0)
             return
