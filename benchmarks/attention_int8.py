@@ -30,18 +30,13 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+from attention import _opset_model, rotary_caches  # benchmarks/attention.py, beside this script
 from onnx import TensorProto as T
-from onnx import helper
+from onnx import helper, numpy_helper
 
 HEADS, KV_HEADS, HEAD_DIM = 9, 3, 64
 GROUP = HEADS // KV_HEADS
 FORMS = ("gqa-int8", "int-qk", "int-qk-pv")
-
-
-def _model(nodes, inputs, outputs, inits):
-    graph = helper.make_graph(nodes, "attention", inputs, outputs, inits)
-    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
-    return helper.make_model(graph, opset_imports=opsets)
 
 
 def _scales(rng, shape):
@@ -49,12 +44,12 @@ def _scales(rng, shape):
 
 
 def gqa_int8(capacity: int, rng) -> bytes:
-    angles = rng.random((capacity + 16, HEAD_DIM // 2))
+    cos, sin = rotary_caches(capacity + 16, HEAD_DIM)
     inits = [
         helper.make_tensor("ks", T.FLOAT, [KV_HEADS * HEAD_DIM], _scales(rng, [KV_HEADS * HEAD_DIM]).ravel()),
         helper.make_tensor("vs", T.FLOAT, [KV_HEADS * HEAD_DIM], _scales(rng, [KV_HEADS * HEAD_DIM]).ravel()),
-        helper.make_tensor("cos", T.FLOAT, list(angles.shape), np.cos(angles).astype(np.float32).ravel()),
-        helper.make_tensor("sin", T.FLOAT, list(angles.shape), np.sin(angles).astype(np.float32).ravel()),
+        numpy_helper.from_array(cos, "cos"),
+        numpy_helper.from_array(sin, "sin"),
     ]
     node = helper.make_node(
         "GroupQueryAttention",
@@ -81,7 +76,7 @@ def gqa_int8(capacity: int, rng) -> bytes:
         helper.make_tensor_value_info(n, t, None)
         for n, t in (("out", T.FLOAT), ("present_k", T.INT8), ("present_v", T.INT8))
     ]
-    return _model([node], inputs, outputs, inits).SerializeToString()
+    return _opset_model([node], inputs, outputs, inits).SerializeToString()
 
 
 def integer_matmuls(capacity: int, rng, int_pv: bool) -> bytes:
@@ -132,7 +127,7 @@ def integer_matmuls(capacity: int, rng, int_pv: bool) -> bytes:
         helper.make_tensor_value_info("values", T.INT8, cache),
         helper.make_tensor_value_info("mask", T.FLOAT, [1, 1, "rows", capacity]),
     ]
-    return _model(
+    return _opset_model(
         nodes, inputs, [helper.make_tensor_value_info("out", T.FLOAT, None)], inits
     ).SerializeToString()
 
