@@ -196,7 +196,10 @@ def tool_grammar(tools: list[dict[str, Any]], choice: str, parallel: bool = True
 
 def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
     """(the text outside calls or None, the calls) of a finished answer. A block that is not a JSON
-    object with a name stays text."""
+    object with a name stays text. A call cut off by max_tokens is read as the stream reads it
+    (ToolCallStream): once its name is complete it is a call whose arguments are what arrived (as
+    OpenAI returns a call cut by `length`); before that it is dropped after other calls and stays
+    text when there are none. Either way no half-written `<tool_call>` is left in the content."""
     calls, rest, at = [], [], 0
     for m in re.finditer(r"<tool_call>\s*(.*?)\s*</tool_call>", text, re.S):
         try:
@@ -211,7 +214,15 @@ def parse_tool_calls(text: str) -> tuple[str | None, list[ToolCall]]:
         )
         rest.append(text[at : m.start()])
         at = m.end()
-    rest.append(text[at:])
+    tail = text[at:]
+    cut = tail.find(OPEN)
+    if cut >= 0 and CLOSE not in tail[cut:]:  # a call max_tokens cut off
+        head = _HEADER.match(tail, cut)
+        if head:
+            calls.append(ToolCall(json.loads(f'"{head.group(1)}"'), tail[head.end() :]))
+        if calls:
+            tail = tail[:cut]
+    rest.append(tail)
     content = "".join(rest).strip() if calls else text
     return (content or None), calls
 

@@ -120,6 +120,31 @@ def test_parse_tool_calls():
     assert T.parse_tool_calls("<tool_call>not json</tool_call>") == ("<tool_call>not json</tool_call>", [])
 
 
+def test_a_call_cut_off_by_max_tokens_reads_as_the_stream_reads_it():
+    whole = T.call_text("add", '{"a": 1}')
+    for cut_in, name, args in [
+        ('\n<tool_call>\n{"name": "x", "arguments": {"b": [1, ', "x", '{"b": [1, '),  # name complete
+        ('\n<tool_call>\n{"name": "x", "argu', None, None),  # name not yet complete
+    ]:
+        text = whole + cut_in  # the grammar lets an answer be text or calls, not both
+        content, calls = T.parse_tool_calls(text)
+        assert content is None and calls[0].name == "add" and json.loads(calls[0].arguments) == {"a": 1}
+        assert [(c.name, c.arguments) for c in calls[1:]] == ([(name, args)] if name else [])
+        s = T.ToolCallStream()
+        events = s.push(text) + s.finish()
+        streamed = [e["function"]["name"] for kind, e in events if kind == "call"]
+        assert streamed == [c.name for c in calls] and all(kind != "content" for kind, _ in events)
+        args_streamed = [""] * len(streamed)
+        for kind, e in events:
+            if kind == "args":
+                args_streamed[e["index"]] += e["function"]["arguments"]
+        assert args_streamed == [c.arguments for c in calls]
+    # with no complete call, a call cut before its name stays text; after it, it is a call
+    assert T.parse_tool_calls('<tool_call>\n{"na') == ('<tool_call>\n{"na', [])
+    content, calls = T.parse_tool_calls('<tool_call>\n{"name": "x", "arguments": {"b"')
+    assert content is None and [(c.name, c.arguments) for c in calls] == [("x", '{"b"')]
+
+
 def test_stream_deltas_rebuild_the_calls():
     text = (
         T.call_text("add", '{"a": 1, "b": {"c": "}"}}') + "\n" + T.call_text("get_weather", '{"city": "P"}')
