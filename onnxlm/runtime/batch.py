@@ -91,13 +91,16 @@ class Batch:
         if self.prefix_cache is not None:
             reuse = [self.prefix_cache.lookup(s.prompt, self.rows.kv_kind(len(s.prompt))) for s in seqs]
             for s, r in zip(seqs, reuse, strict=True):
-                s.cached_tokens = 0 if r is None else r[0]
+                s.cached_tokens = 0 if r is None else r.n
         return Admission(self, list(seqs), keys, reuse)
 
     def join(self, adm: Admission) -> list[SeqOutput]:
         """The prefilled sequences join the batch; returns their first tokens (same order)."""
         assert adm.logits is not None, "join an admission whose prefill has finished"
         t0 = time.perf_counter()
+        if self.prefix_cache is not None:  # kept with the row's KV when it leaves (PrefixCache.store's ends)
+            for i, s in enumerate(adm.seqs):
+                s.prompt_logits = adm.logits[i].copy()
         outs = [
             sample_next(s, k, adm.logits[i]) for i, (s, k) in enumerate(zip(adm.seqs, adm.keys, strict=True))
         ]
@@ -160,7 +163,8 @@ class Batch:
         held = self.rows.held(row)
         context = (seq.prompt + seq.tokens)[:held]
         if held >= self.prefix_cache.min_tokens:
-            self.prefix_cache.store(context, self.rows.read(row), self.rows.kv_kind(held))
+            ends = {} if seq.prompt_logits is None else {len(seq.prompt): seq.prompt_logits}
+            self.prefix_cache.store(context, self.rows.read(row), self.rows.kv_kind(held), ends)
 
     def free(self) -> None:
         self.rows.free()

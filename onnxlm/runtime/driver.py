@@ -273,33 +273,45 @@ class RowsBase:
 # --- shared-buffer graphs -----------------------------------------------------------------------------
 class SharedPrefill(Prefill):
     """New rows' prompts through a shared-buffer graph, `chunk` positions per call, in a buffer of
-    their own; a row may start from reused KV (a cached prefix), then only the rest is prefilled."""
+    their own; a row may start from reused KV (a cached prefix, prefix.Hit), then only the rest is
+    prefilled; a row whose whole prompt is reused with the logits that followed it runs nothing."""
 
     def __init__(self, rows: SharedRows, prompts: Sequence[Sequence[int]], reuse=None):
         self._setup(rows, prompts)
         reuse = list(reuse or [None] * len(prompts))
-        held = [0 if r is None else r[0] for r in reuse]  # tokens each row starts with
+        held = [0 if r is None else r.n for r in reuse]  # tokens each row starts with
         self.rest = [list(p[n:]) for p, n in zip(prompts, held, strict=True)]
-        if any(not r for r in self.rest):
-            raise ValueError("a prefill must bring at least one new token per row")
+        self.given = {row: r.logits for row, r in enumerate(reuse) if r is not None and r.logits is not None}
+        if any(not r and row not in self.given for row, r in enumerate(self.rest)):
+            raise ValueError("a prefill must bring at least one new token per row, or its logits")
         self.cache = self.model.new_cache(len(prompts), capacity=max(len(p) for p in prompts))
         assert isinstance(self.cache, SharedKVCache)
         for row, r in enumerate(reuse):
             if r is not None:
-                self.cache.write(row, r[1], r[0])
+                self.cache.write(row, r.kv, r.n)
         self.ids, self.lengths = right_pad(self.rest, rows.pad)
         self.start = 0
         self.last: np.ndarray | None = None  # (k, vocab)
 
+    def _given(self, vocab: int, dtype) -> np.ndarray:
+        last = np.empty((len(self.rest), vocab), dtype)
+        for row, logits in self.given.items():
+            last[row] = logits
+        return last
+
     def step(self) -> np.ndarray | None:
         """Run the next chunk; the last-token logits (k, vocab) once the whole prompt is in."""
         seq = self.ids.shape[1]
+        if seq == 0:  # every row's prompt and logits were reused
+            logits = next(iter(self.given.values()))
+            self.last = self._given(len(logits), logits.dtype)
+            return self.last
         start, end = self.start, min(seq, self.start + (self.chunk or seq))
         q = np.clip(self.lengths - start, 0, end - start)  # (k,) real tokens in this chunk
         index = np.maximum(q - 1, 0)[:, None]
         logits = self.model.step(self.ids[:, start:end], q, index, self.cache, self.long)[:, 0]
         if self.last is None:
-            self.last = np.empty_like(logits)  # (k, vocab)
+            self.last = self._given(logits.shape[1], logits.dtype)  # (k, vocab)
         ends = (self.lengths > start) & (self.lengths <= end)  # rows whose last token is in this chunk
         self.last[ends] = logits[ends]
         self.start = end

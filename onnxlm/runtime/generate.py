@@ -333,6 +333,7 @@ class SeqState:
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prompt_logits: np.ndarray | None = None  # the logits after the prompt (kept for the prefix cache)
     constraint: constraints.Constraint | None = None  # the grammar the output must follow
 
 

@@ -3,12 +3,20 @@ recently used out. A new prompt that starts with one of them (a system prompt, t
 chat) copies those positions into its row and prefills only the rest.
 
     cache = PrefixCache(max_bytes=256 << 20)
-    hit = cache.lookup(prompt_ids)            # (tokens reused, per-layer KV arrays) or None
-    cache.store(context_ids, kv_arrays)       # after a sequence: its tokens and their keys/values
+    hit = cache.lookup(prompt_ids)            # Hit(tokens reused, per-layer KV arrays, logits) or None
+    cache.store(context_ids, kv_arrays, ends={len(prompt): prompt_logits})  # after a sequence
 
 Keys and values are per layer (kv_heads, positions, head_dim) arrays in the order the cache's buffers
 are bound (layer 0 key, layer 0 value, layer 1 key, ...). Entries are only ever read whole-prefix,
-so a later entry that extends an earlier one replaces it.
+so a later entry that extends an earlier one replaces it (and takes over its `ends`).
+
+A prompt met again whole is the one case a prefix cannot answer by itself: its last token must still
+run to give the logits of the first new token, and that call (one token, the decode form) computes
+them a little differently from the prefill that ran it the first time (a chunk, on an int8 cache
+the float32 form), enough to turn a near tie the other way at temperature 0. So an entry also keeps
+the logits that followed each prompt it served (`ends`, by prompt length): the same request again
+reuses every position and those logits, runs nothing before its first token, and samples from
+exactly what the first one sampled from.
 """
 
 from __future__ import annotations
@@ -16,7 +24,8 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -27,6 +36,16 @@ class Entry:
     kv: list[np.ndarray]  # per layer key, value: (kv_heads, n, head_dim)
     nbytes: int
     kind: int = 0  # what the KV was computed with (driver.kv_kind): only a prompt of the same kind reuses it
+    ends: dict[int, np.ndarray] = field(default_factory=dict)  # prompt length -> the logits after it
+
+
+class Hit(NamedTuple):
+    """What a prompt reuses: its first n positions' KV; with logits, n is the whole prompt (met
+    before) and they are the logits that followed it."""
+
+    n: int
+    kv: list[np.ndarray]
+    logits: np.ndarray | None = None
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -53,16 +72,22 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def lookup(self, prompt: Sequence[int], kind: int = 0) -> tuple[int, list[np.ndarray]] | None:
-        """The longest cached prefix of `prompt` among entries of `kind`, leaving at least one token to
-        prefill: (n, kv) with kv sliced to n positions, or None when no entry shares min_tokens with it."""
+    def lookup(self, prompt: Sequence[int], kind: int = 0) -> Hit | None:
+        """The longest cached prefix of `prompt` among entries of `kind`, with kv sliced to its n
+        positions: the whole prompt with the logits that followed it where an entry served this very
+        prompt before, else leaving at least one token to prefill. None when no entry shares
+        min_tokens with it."""
         ids = np.asarray(prompt, np.int64)
         with self._lock:
-            best, best_n = None, 0
+            best, best_n, whole = None, 0, False
             for key, e in self._entries.items():
                 if e.kind != kind:
                     continue
-                n = min(common_prefix(e.tokens, ids), len(ids) - 1)
+                shared = common_prefix(e.tokens, ids)
+                if shared == len(ids) and len(ids) in e.ends:
+                    best, best_n, whole = key, len(ids), True
+                    break
+                n = min(shared, len(ids) - 1)
                 if n > best_n:
                     best, best_n = key, n
             if best is None or best_n < self.min_tokens:
@@ -72,13 +97,21 @@ class PrefixCache:
             entry = self._entries[best]
             self.hits += 1
             self.reused_tokens += best_n
-        return best_n, [a[:, :best_n] for a in entry.kv]
+        return Hit(best_n, [a[:, :best_n] for a in entry.kv], entry.ends[best_n] if whole else None)
 
-    def store(self, tokens: Sequence[int], kv: list[np.ndarray], kind: int = 0) -> bool:
+    def store(
+        self,
+        tokens: Sequence[int],
+        kv: list[np.ndarray],
+        kind: int = 0,
+        ends: dict[int, np.ndarray] | None = None,
+    ) -> bool:
         """Keep `tokens`' keys and values (they are not copied: give arrays no one else writes), computed
-        as `kind` says. Entries of that kind that are prefixes of it go; least recently used entries go
-        until the total fits."""
+        as `kind` says, and `ends`: for a prompt of length p that `tokens` starts with, the logits that
+        followed it. Entries of that kind that are prefixes of it go, their ends kept in the new one;
+        least recently used entries go until the total fits."""
         ids = np.asarray(tokens, np.int64)
+        ends = {p: v for p, v in (ends or {}).items() if 0 < p <= len(ids)}
         nbytes = sum(a.nbytes for a in kv)
         if len(ids) < self.min_tokens or nbytes > self.max_bytes or not kv:
             return False
@@ -90,9 +123,11 @@ class PrefixCache:
                 for k, e in self._entries.items()
                 if e.kind == kind and common_prefix(e.tokens, ids) == len(e.tokens)
             ]:
+                ends = {**self._entries[key].ends, **ends}
                 self.nbytes -= self._entries.pop(key).nbytes
+            nbytes += sum(v.nbytes for v in ends.values())
             self._ids += 1
-            self._entries[self._ids] = Entry(ids, kv, nbytes, kind)
+            self._entries[self._ids] = Entry(ids, kv, nbytes, kind, ends)
             self.nbytes += nbytes
             while self.nbytes > self.max_bytes:
                 _, old = self._entries.popitem(last=False)

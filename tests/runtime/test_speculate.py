@@ -168,10 +168,10 @@ def test_prefix_cache_lookup_store_and_bounds():
     cache = PrefixCache(max_bytes=4 * 2 * 40 * 4 * 4, min_tokens=4)
     assert cache.lookup(list(range(30))) is None
     assert cache.store(list(range(20)), kv(20))
-    n, got = cache.lookup(list(range(25)) + [99])
+    n, got, _ = cache.lookup(list(range(25)) + [99])
     assert n == 20 and got[0].shape == (2, 20, 4)
-    n, _ = cache.lookup(list(range(20)))  # the whole prompt cached: one token is left to prefill
-    assert n == 19
+    n, _, logits = cache.lookup(list(range(20)))  # the whole prompt cached: one token is left to prefill
+    assert n == 19 and logits is None  # (no entry kept the logits after this prompt)
     assert cache.lookup([0, 1, 2, 5, 6]) is None  # shares fewer than min_tokens
     assert cache.store(list(range(30)), kv(30, 2.0))  # extends the first: replaces it
     assert len(cache) == 1 and cache.nbytes == sum(a.nbytes for a in kv(30))
@@ -183,6 +183,25 @@ def test_prefix_cache_lookup_store_and_bounds():
         cache.store(list(range(10)), kv(9))
 
 
+def test_prefix_cache_keeps_the_logits_after_a_prompt():
+    """A prompt met again whole reuses every position and the logits that followed it; an entry that
+    extends another takes over its ends; the logits count in the byte budget."""
+    kv = lambda n: [np.full((2, n, 4), 1.0, np.float32) for _ in range(4)]  # noqa: E731
+    after = np.arange(10, dtype=np.float32)
+    cache = PrefixCache(max_bytes=1 << 20, min_tokens=4)
+    assert cache.store(list(range(30)), kv(30), ends={20: after, 31: after})  # 31: past the tokens, dropped
+    assert cache.nbytes == sum(a.nbytes for a in kv(30)) + after.nbytes
+    hit = cache.lookup(list(range(20)))
+    assert hit.n == 20 and hit.kv[0].shape == (2, 20, 4) and np.array_equal(hit.logits, after)
+    hit = cache.lookup(list(range(21)))  # a prompt no entry served whole: one token is left to run
+    assert hit.n == 20 and hit.logits is None
+    later = np.ones(10, np.float32)
+    assert cache.store(list(range(40)), kv(40), ends={30: later})  # the next turn: replaces the first
+    assert len(cache) == 1
+    assert np.array_equal(cache.lookup(list(range(20))).logits, after)
+    assert np.array_equal(cache.lookup(list(range(30))).logits, later)
+
+
 def test_prefix_cache_keeps_kinds_apart():
     """KV computed with a longrope graph's long factors (kind 1) is never reused by a short prompt
     (kind 0), and the other way round; storing one kind leaves the other's entry in place."""
@@ -192,9 +211,9 @@ def test_prefix_cache_keeps_kinds_apart():
     assert cache.lookup(list(range(25)), kind=1) is None
     assert cache.store(list(range(30)), kv(30, 2.0), kind=1)  # a prefix of another kind is no duplicate
     assert len(cache) == 2
-    n, got = cache.lookup(list(range(35)), kind=0)
+    n, got, _ = cache.lookup(list(range(35)), kind=0)
     assert n == 20 and got[0][0, 0, 0] == 1.0
-    n, got = cache.lookup(list(range(35)), kind=1)
+    n, got, _ = cache.lookup(list(range(35)), kind=1)
     assert n == 30 and got[0][0, 0, 0] == 2.0
 
 
@@ -471,6 +490,25 @@ def test_chat_reuses_the_earlier_turns(engine):
     assert cold.prefix_cache is None
     again = cold.chat(history, max_new_tokens=10, ignore_eos=True)
     assert again.token_ids == second.token_ids and again.usage.cached_tokens == 0
+
+
+def test_the_same_chat_again_runs_nothing_before_its_first_token(engine, monkeypatch):
+    """A request met before whole (a retry, the same question again) reuses every prompt position and
+    the logits that followed the prompt: no model call before its first token, the same tokens at
+    temperature 0 and the same first-token logprob to the bit."""
+    ask = [{"role": "user", "content": "Name three colours of the rainbow, please."}]
+    first = engine.chat(ask, max_new_tokens=6, ignore_eos=True, logprobs=True)
+    if not engine.model.io.shared:
+        return  # the concat graph keeps no prefix (test_chat_reuses_the_earlier_turns)
+    calls = []
+    step = engine.model.step
+    monkeypatch.setattr(engine.model, "step", lambda *a, **k: calls.append(a[0].shape) or step(*a, **k))
+    again = engine.chat(ask, max_new_tokens=6, ignore_eos=True, logprobs=True)
+    assert again.usage.cached_tokens == first.usage.prompt_tokens
+    assert again.token_ids == first.token_ids and again.logprobs[0] == first.logprobs[0]
+    assert len(calls) == 5  # the five decode steps after the first token, no prefill
+    more = engine.chat([*ask, {"role": "assistant", "content": first.text}], max_new_tokens=2)
+    assert 0 < more.usage.cached_tokens < more.usage.prompt_tokens  # a longer prompt still prefills its rest
 
 
 # --- KV that follows use ----------------------------------------------------------------------------

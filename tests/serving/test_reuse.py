@@ -72,6 +72,29 @@ def test_second_turn_reuses_the_first_and_says_so(server, client):
     assert cached and float(cached[0].split()[1]) > 0
 
 
+def test_the_same_request_again_reuses_its_whole_prompt(client):
+    """A retry reuses every prompt position and the logits after them: cached_tokens is the whole
+    prompt and the answer is the first one's (streamed or not)."""
+    ask = [{"role": "user", "content": "Describe the refund policy in two sentences."}]
+    runs = [
+        client.chat.completions.create(
+            model="tiny", messages=ask, max_tokens=12, temperature=0, logprobs=True
+        )
+        for _ in range(2)
+    ]
+    assert runs[1].usage.prompt_tokens_details.cached_tokens == runs[1].usage.prompt_tokens
+    assert runs[1].choices[0].message.content == runs[0].choices[0].message.content
+    first = [r.choices[0].logprobs.content[0].logprob for r in runs]
+    assert first[1] == first[0]  # sampled from the very logits the first request sampled from
+    chunks = client.chat.completions.create(
+        model="tiny", messages=ask, max_tokens=12, temperature=0, stream=True
+    )
+    assert (
+        "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        == runs[0].choices[0].message.content
+    )
+
+
 def test_long_prompt_is_prefilled_between_running_rounds(engine):
     """With a small prefill chunk, a long prompt arriving while a stream runs takes several chunks,
     and the running stream gets tokens in between (it is not frozen until the prefill ends). The long
