@@ -52,7 +52,7 @@ def quantize(
     manifest = B.check_bundle(src, verify_hashes=True)  # hashes: provenance names what we really read
     if manifest.dtype != "float32" or manifest.quantization:
         raise QuantizeError(
-            f"{src}: is already a {manifest.dtype} bundle; quantize the float32 bundle it was made from"
+            f"{src}: is already quantized ({manifest.dtype}); quantize the float32 bundle it was made from"
         )
     _check_out(src, Path(out_dir), overwrite)
     writer = B.BundleWriter(out_dir, overwrite=overwrite, staging=staging)

@@ -633,7 +633,7 @@ def test_existing_out(tiny_llama_bundle, tmp_path):
     quantize(tiny_llama_bundle, out, "int4", overwrite=True, progress=False)
     assert B.check_bundle(out).quantization["recipe"] == "int4"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["q"]
-    with pytest.raises(QuantizeError, match="already a int4 bundle"):
+    with pytest.raises(QuantizeError, match="already quantized \\(int4\\)"):
         quantize(out, tmp_path / "again")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
