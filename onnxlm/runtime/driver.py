@@ -290,6 +290,11 @@ class SharedPrefill(Prefill):
             if r is not None:
                 self.cache.write(row, r.kv, r.n)
         self.ids, self.lengths = right_pad(self.rest, rows.pad)
+        # An int8 cache computes a call of more than io.float_prefill_above tokens a row in its float32
+        # form. A prompt longer than that takes it in every chunk, its last short one included, so
+        # that how the prompt is chunked (the server sizes chunks by its load) changes no logit.
+        above = getattr(self.model.io, "float_prefill_above", None)
+        self.float_form = above is not None and int(self.lengths.max(initial=0)) > above
         self.start = 0
         self.last: np.ndarray | None = None  # (k, vocab)
 
@@ -309,7 +314,11 @@ class SharedPrefill(Prefill):
         start, end = self.start, min(seq, self.start + (self.chunk or seq))
         q = np.clip(self.lengths - start, 0, end - start)  # (k,) real tokens in this chunk
         index = np.maximum(q - 1, 0)[:, None]
-        logits = self.model.step(self.ids[:, start:end], q, index, self.cache, self.long)[:, 0]
+        chunk = self.ids[:, start:end]
+        if self.float_form:
+            logits = self.model.step(chunk, q, index, self.cache, self.long, prefill=True)[:, 0]
+        else:
+            logits = self.model.step(chunk, q, index, self.cache, self.long)[:, 0]
         if self.last is None:
             self.last = self._given(logits.shape[1], logits.dtype)  # (k, vocab)
         ends = (self.lengths > start) & (self.lengths <= end)  # rows whose last token is in this chunk

@@ -199,11 +199,13 @@ class Model:
         logits_index: np.ndarray,
         cache: SharedKVCache,
         long_rope: np.ndarray | None = None,
+        prefill: bool = False,
     ) -> np.ndarray:
         """One call of a shared-buffer graph. input_ids (batch, seq), right-padded: row b brings its first
         query_lens[b] tokens; logits_index (batch, n): the chunk positions whose logits to return;
-        long_rope as in forward. Returns logits (batch, n, vocab) float32; the graph has written the new
-        keys/values in place."""
+        long_rope as in forward; prefill: the call is a chunk of prompts longer than the int8 cache's
+        io.float_prefill_above (they take its float32 form however short the chunk; see SharedPrefill).
+        Returns logits (batch, n, vocab) float32; the graph has written the new keys/values in place."""
         io = self.io
         inputs = {
             io.input_ids: input_ids.astype(self._int[io.input_ids], copy=False),
@@ -221,12 +223,12 @@ class Model:
                     self.session, cache.buffers(), io.logits, io.logits_dtype
                 )
             shape = (*logits_index.shape, self.facts.vocab_size)  # (batch, n, vocab)
-            logits = bound.run({**inputs, **cache.step_inputs(query_lens)}, shape)
+            logits = bound.run({**inputs, **cache.step_inputs(query_lens)}, shape, prefill)
             cache.advance()
             return np.array(logits, dtype=np.float32)  # a copy: the array is the next step's output too
         # numpy path: the presents come back as new arrays and are copied into the buffer (debugging)
         out = run_numpy(
-            self.session, {**inputs, **cache.feeds(query_lens)}, [io.logits, *cache.output_names()]
+            self.session, {**inputs, **cache.feeds(query_lens)}, [io.logits, *cache.output_names()], prefill
         )
         cache.update(out)
         return np.asarray(out[io.logits], dtype=np.float32)

@@ -436,11 +436,21 @@ def run_bound(
 
 
 def run_numpy(
-    session: ort.InferenceSession, inputs: Mapping[str, np.ndarray], output_names: Sequence[str]
+    session: ort.InferenceSession,
+    inputs: Mapping[str, np.ndarray],
+    output_names: Sequence[str],
+    prefill: bool = False,
 ) -> dict[str, np.ndarray]:
-    """The plain path: numpy in, numpy out (every step copies the cache; for debugging and parity)."""
+    """The plain path: numpy in, numpy out (every step copies the cache; for debugging and parity).
+    prefill: the call is part of a prompt's prefill (a split session's form; see split.SplitSession)."""
     feeds = {k: v.numpy() if is_ortvalue(v) else v for k, v in inputs.items()}
-    return dict(zip(output_names, session.run(list(output_names), feeds), strict=True))
+    extra = {"prefill": True} if prefill and splits_forms(session) else {}
+    return dict(zip(output_names, session.run(list(output_names), feeds, **extra), strict=True))
+
+
+def splits_forms(session) -> bool:
+    """Whether `session` runs an int8 cache's forms apart and takes a call's `prefill` flag."""
+    return bool(getattr(session, "takes_prefill", False))
 
 
 class BoundBuffers:
@@ -465,8 +475,11 @@ class BoundBuffers:
             self.binding.bind_ortvalue_output(present, value)
         self.logits: np.ndarray | None = None
 
-    def run(self, inputs: Mapping[str, np.ndarray], logits_shape: tuple[int, ...]) -> np.ndarray:
-        """Bind `inputs` (host arrays), run, and return the logits array (reused: copy to keep it)."""
+    def run(
+        self, inputs: Mapping[str, np.ndarray], logits_shape: tuple[int, ...], prefill: bool = False
+    ) -> np.ndarray:
+        """Bind `inputs` (host arrays), run, and return the logits array (reused: copy to keep it).
+        prefill: as run_numpy's."""
         held = {name: np.ascontiguousarray(value) for name, value in inputs.items()}  # alive through the run
         for name, value in held.items():
             self.binding.bind_cpu_input(name, value)
@@ -474,5 +487,8 @@ class BoundBuffers:
             self.logits = np.empty(logits_shape, self.dtype)
             out = self.logits if self.plain else ort_module().OrtValue.ortvalue_from_numpy(self.logits)
             self.binding.bind_ortvalue_output(self.logits_name, out)
-        self.session.run_with_iobinding(self.binding)
+        if prefill and splits_forms(self.session):
+            self.session.run_with_iobinding(self.binding, prefill=True)
+        else:
+            self.session.run_with_iobinding(self.binding)
         return self.logits

@@ -276,12 +276,14 @@ class Arg(NamedTuple):
 class SplitSession:
     """An int8-cache graph as its decode and prefill forms (see the module's doc): a call that brings
     more than `above` tokens to some row (`query_input`) runs the prefill form, any other the decode
-    form. idle_spin: the decode form's threads keep spinning between runs (session_options); the
+    form, unless the caller says the call is part of a prefill longer than that (`prefill=True`: a
+    prompt's last short chunk then takes the form its other chunks took). idle_spin: the decode form's threads keep spinning between runs (session_options); the
     prefill form's never do (a prefill is long, and its spinning would slow the decode steps after).
     Its binding takes host arrays as they are (binds_arrays): a process running it needs nothing of
     onnxruntime's Python binding."""
 
     binds_arrays = True
+    takes_prefill = True
 
     def __init__(
         self,
@@ -328,19 +330,22 @@ class SplitSession:
     def get_providers(self) -> list[str]:
         return [CPU]
 
-    def form(self, query_lens: np.ndarray) -> ortc.Session:
-        """The session the If graph's condition would pick for these query lengths."""
-        return self.prefill if int(np.max(query_lens)) > self.above else self.decode
+    def form(self, query_lens: np.ndarray, prefill: bool = False) -> ortc.Session:
+        """The session the If graph's condition would pick for these query lengths (with prefill: the
+        prefill form whatever the lengths)."""
+        return self.prefill if prefill or int(np.max(query_lens)) > self.above else self.decode
 
-    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    def run(
+        self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray], prefill: bool = False
+    ) -> list[np.ndarray]:
         names = [o.name for o in self._outputs] if output_names is None else list(output_names)
-        return self.form(feeds[self.query_input]).run(feeds, names)
+        return self.form(feeds[self.query_input], prefill).run(feeds, names)
 
     def io_binding(self) -> SplitBinding:
         return SplitBinding(self)
 
-    def run_with_iobinding(self, binding: SplitBinding) -> None:
-        binding.run()
+    def run_with_iobinding(self, binding: SplitBinding, prefill: bool = False) -> None:
+        binding.run(prefill)
 
 
 class SplitBinding:
@@ -379,10 +384,10 @@ class SplitBinding:
     def bind_ortvalue_output(self, name: str, value: Any) -> None:
         self._set((name, True), _wrap(value))
 
-    def run(self) -> None:
+    def run(self, prefill: bool = False) -> None:
         if self.query is None:
             raise ValueError(f"SplitBinding.run: {self.session.query_input!r} was never bound")
-        binding, stale = self.forms[self.session.form(self.query)]
+        binding, stale = self.forms[self.session.form(self.query, prefill)]
         for key in stale:
             binding.bind(key[0], self.values[key], output=key[1])
         stale.clear()

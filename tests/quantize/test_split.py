@@ -106,6 +106,30 @@ def test_every_driver_path_on_the_split_forms(int8):
     assert again.token_ids == plain.chat(turn2, max_new_tokens=12, temperature=0, ignore_eos=True).token_ids
 
 
+def test_a_prompts_logits_do_not_depend_on_its_chunks(int8):
+    """A prompt longer than float_prefill_above takes the float32 form in every chunk, a last chunk of a
+    few tokens included: the server sizes chunks by its load, and a load must not change an answer.
+    Prompts of at most that many tokens stay on the decode form."""
+    from onnxlm.runtime.driver import SharedRows
+
+    engine = onnxlm.load(int8, split_forms=True)
+    above = engine.manifest.io.float_prefill_above
+    prompt = list(range(40, 40 + 3 * above + 5))
+
+    def last_logits(chunk, prompts=(prompt,)):
+        job = SharedRows(engine.model, chunk=chunk).start(list(prompts))
+        try:
+            return job.run().copy(), job.float_form
+        finally:
+            job.free()
+
+    whole, forced = last_logits(None)
+    assert forced
+    for chunk in (len(prompt) - 3, 2 * above, above + 1):  # last chunks of 3, above + 5 and 2 tokens
+        np.testing.assert_array_equal(last_logits(chunk)[0], whole)
+    assert not last_logits(None, [prompt[:above]])[1]
+
+
 def test_both_forms_use_one_copy_of_the_weights(int8):
     session = onnxlm.load(int8, split_forms=True).model.session
     external = {
