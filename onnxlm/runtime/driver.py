@@ -333,6 +333,61 @@ class SharedPrefill(Prefill):
         self.seqs = [self.seqs[r] for r in rows]
 
 
+class SplitPrefill(Prefill):
+    """Prompts of both kinds an int8 cache tells apart (io.float_prefill_above): those bringing at most
+    that many new tokens (the int8 form) and longer ones (the float32 form), each kind prefilled as a
+    SharedPrefill of its own, the short first, then put back in the given order. Run in one call, a
+    short prompt would take the float32 form because of a longer batchmate, and its logits would
+    depend on who it arrived with."""
+
+    def __init__(self, rows: SharedRows, prompts: Sequence[Sequence[int]], reuse, kinds: list[bool]):
+        self.model, self.seqs = rows.model, [list(p) for p in prompts]
+        reuse = list(reuse or [None] * len(prompts))
+        self.groups = [[i for i, k in enumerate(kinds) if k == kind] for kind in (False, True)]
+        self.parts = [
+            SharedPrefill(rows, [prompts[i] for i in g], [reuse[i] for i in g]) for g in self.groups
+        ]
+        self.cache: SharedKVCache | None = None  # both parts' rows, in the given order, once run
+        self.last: np.ndarray | None = None
+
+    @property
+    def tokens(self) -> int:
+        return sum(p.tokens for p in self.parts)
+
+    @property
+    def chunk(self) -> int | None:
+        return self.parts[-1].chunk
+
+    @chunk.setter
+    def chunk(self, value: int | None) -> None:
+        for p in self.parts:
+            p.chunk = value
+
+    def step(self) -> np.ndarray | None:
+        part = next(p for p in self.parts if p.last is None or p.tokens)
+        if part.step() is None or part is not self.parts[-1]:
+            return None
+        order = np.argsort(np.concatenate(self.groups), kind="stable")  # given row -> row of the parts
+        self.last = np.concatenate([p.last for p in self.parts])[order]
+        self.cache = self.parts[0].cache
+        self.cache.append(self.parts[1].cache)
+        self.parts[1].free()
+        self.cache.repeat(order.tolist())
+        return self.last
+
+    def expand(self, rows: Sequence[int]) -> None:
+        assert self.cache is not None, "expand a prefill that has run"
+        self.cache.repeat(rows)
+        self.seqs = [self.seqs[r] for r in rows]
+
+    def free(self) -> None:
+        if self.cache is not None:
+            self.cache.free()
+        else:
+            for p in self.parts:
+                p.free()
+
+
 class SharedRows(RowsBase):
     """Rows of any lengths in one buffer per layer (seqlens_k per row); joiners are prefilled in a
     buffer of their own and copied in."""
@@ -352,10 +407,16 @@ class SharedRows(RowsBase):
         assert self.cache is not None
         return int(self.cache.lengths[row])
 
-    def start(self, prompts: Sequence[Sequence[int]], reuse=None) -> SharedPrefill:
+    def start(self, prompts: Sequence[Sequence[int]], reuse=None) -> SharedPrefill | SplitPrefill:
+        above = getattr(self.model.io, "float_prefill_above", None)
+        if above is not None and len(prompts) > 1:
+            held = [0 if r is None else r.n for r in (reuse or [None] * len(prompts))]
+            kinds = [len(p) - n > above for p, n in zip(prompts, held, strict=True)]
+            if any(kinds) and not all(kinds):
+                return SplitPrefill(self, prompts, reuse, kinds)
         return SharedPrefill(self, prompts, reuse)
 
-    def _join(self, job: SharedPrefill) -> None:
+    def _join(self, job: SharedPrefill | SplitPrefill) -> None:
         if self.cache is None:
             self.cache = job.cache
         else:

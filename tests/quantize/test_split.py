@@ -130,6 +130,33 @@ def test_a_prompts_logits_do_not_depend_on_its_chunks(int8):
     assert not last_logits(None, [prompt[:above]])[1]
 
 
+def test_a_short_prompts_logits_do_not_depend_on_its_batchmates(int8):
+    """Prompts of at most float_prefill_above new tokens and longer ones admitted together are
+    prefilled apart, each kind on its own form, and come back in the given order: every row's logits
+    and KV are what it gets alone."""
+    from onnxlm.runtime.driver import SharedRows, SplitPrefill
+
+    engine = onnxlm.load(int8, split_forms=True)
+    above = engine.manifest.io.float_prefill_above
+    prompts = [list(range(50, 50 + 2 * above)), [7, 8, 9], list(range(90, 90 + above + 3)), [11] * above]
+
+    def run(batch):
+        job = SharedRows(engine.model, chunk=above + 4).start(batch)
+        return job, job.run().copy()
+
+    job, together = run(prompts)
+    assert isinstance(job, SplitPrefill)
+    for row, p in enumerate(prompts):
+        alone, logits = run([p])
+        np.testing.assert_array_equal(together[row], logits[0])
+        for x, y in zip(job.cache.read(row), alone.cache.read(0), strict=True):
+            np.testing.assert_array_equal(x, y)
+        alone.free()
+    job.free()
+    batch = engine.generate_batch([PROMPTS[0], PROMPTS[1]], max_new_tokens=8, temperature=0)
+    assert [c.token_ids for c in batch] == [greedy(engine, p, 8) for p in PROMPTS[:2]]
+
+
 def test_both_forms_use_one_copy_of_the_weights(int8):
     session = onnxlm.load(int8, split_forms=True).model.session
     external = {
