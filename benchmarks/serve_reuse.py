@@ -5,7 +5,8 @@ of long requests whose clients leave, and the KV memory rows hold.
     python benchmarks/serve_reuse.py BUNDLE [--threads 2] [--out results/]
 
 1. chat: a ~1,500-token history (a handbook as the system message, earlier turns), turn after turn;
-   time to first token of each turn and `usage.prompt_tokens_details.cached_tokens`.
+   time to first token of each turn and `usage.prompt_tokens_details.cached_tokens`; then each turn's
+   request once more (a retry), with its time to first token and whether the answer is the first's.
 2. prefill: four streams decoding; a ~2,000-token prompt arrives; the streams' inter-token gaps over
    the whole prefill (median, p99).
 3. abandoned: 20 streamed requests with max_tokens 10000 read their first token and disconnect; then
@@ -69,6 +70,7 @@ class Server:
         )
         r = c.getresponse()
         usage, n = {}, 0
+        self.text = ""  # the answer's content, for the caller to compare
         for raw in r:
             line = raw.decode().strip()
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -78,6 +80,7 @@ class Server:
                 usage = event["usage"]
             for ch in event.get("choices", []):
                 if ch.get("delta", {}).get("content"):
+                    self.text += ch["delta"]["content"]
                     n += 1
                     on_token(time.perf_counter())
             if stop_after is not None and n >= stop_after:
@@ -110,24 +113,31 @@ def chat_turns(srv: Server, turns: int = 4) -> list[dict]:
         "How long is partner leave?",
         "Can I take a sabbatical?",
     ]
-    out = []
-    for q in questions[:turns]:
-        history.append({"role": "user", "content": q})
-        t0, first, _pieces = time.perf_counter(), [], []
+    out, requests = [], []
+
+    def ask(messages: list[dict]) -> dict:
+        t0, first = time.perf_counter(), []
         usage = srv.stream(
-            {"messages": history, "max_tokens": 48, "temperature": 0},
+            {"messages": messages, "max_tokens": 48, "temperature": 0},
             lambda t, first=first: first.append(t) if not first else None,
         )
-        out.append(
-            {
-                "ttft_s": first[0] - t0 if first else float("nan"),
-                "prompt_tokens": usage.get("prompt_tokens"),
-                "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens"),
-            }
-        )
+        return {
+            "ttft_s": first[0] - t0 if first else float("nan"),
+            "prompt_tokens": usage.get("prompt_tokens"),
+            "cached_tokens": usage.get("prompt_tokens_details", {}).get("cached_tokens"),
+            "text": srv.text,
+        }
+
+    for q in questions[:turns]:
+        history.append({"role": "user", "content": q})
+        requests.append(list(history))
+        out.append(ask(history))
         history.append(
             {"role": "assistant", "content": "(answer)"}
         )  # a short stand-in keeps turns comparable
+    for turn, messages in enumerate(requests):  # each request again, as a client's retry
+        again = ask(messages)
+        out.append({**again, "retry_of": turn + 1, "same_answer": again["text"] == out[turn]["text"]})
     return out
 
 
@@ -252,8 +262,11 @@ def main() -> None:
     (out / "serve_reuse.json").write_text(json.dumps(results, indent=2))
     md = [f"serve_reuse.py on {a.bundle}, {a.threads} threads", ""]
     for turn, t in enumerate(results.get("chat", []), 1):
+        what = f"turn {turn}" if "retry_of" not in t else f"turn {t['retry_of']} again"
+        same = "" if "retry_of" not in t else f", same answer: {'yes' if t['same_answer'] else 'no'}"
         md.append(
-            f"- chat turn {turn}: TTFT {t['ttft_s'] * 1000:.0f} ms, prompt {t['prompt_tokens']}, cached {t['cached_tokens']}"
+            f"- chat {what}: TTFT {t['ttft_s'] * 1000:.0f} ms, prompt {t['prompt_tokens']}, "
+            f"cached {t['cached_tokens']}{same}"
         )
     for key in ("prefill", "abandoned", "memory"):
         if key in results:
