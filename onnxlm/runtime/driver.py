@@ -286,6 +286,7 @@ class SharedPrefill(Prefill):
             raise ValueError("a prefill must bring at least one new token per row, or its logits")
         self.cache = self.model.new_cache(len(prompts), capacity=max(len(p) for p in prompts))
         assert isinstance(self.cache, SharedKVCache)
+        self.ceiling = rows.ceiling
         for row, r in enumerate(reuse):
             if r is not None:
                 self.cache.write(row, r.kv, r.n)
@@ -311,7 +312,18 @@ class SharedPrefill(Prefill):
             logits = next(iter(self.given.values()))
             self.last = self._given(len(logits), logits.dtype)
             return self.last
-        start, end = self.start, min(seq, self.start + (self.chunk or seq))
+        # Every row, a finished one bringing nothing included, needs room for the padded chunk after
+        # what it holds (GroupQueryAttention checks it): a long prompt mostly reused from the prefix
+        # cache is done after one chunk while a shorter new one goes on.
+        held = int(self.cache.lengths.max())
+        start = self.start
+        end = min(seq, start + (self.chunk or seq), start + self.ceiling - held)
+        if end <= start:
+            raise ValueError(
+                f"a row holds the whole context ({self.ceiling} tokens) while another brings more"
+            )
+        if held + end - start > self.cache.capacity:
+            self.cache.reserve(held + end - start)
         q = np.clip(self.lengths - start, 0, end - start)  # (k,) real tokens in this chunk
         index = np.maximum(q - 1, 0)[:, None]
         chunk = self.ids[:, start:end]

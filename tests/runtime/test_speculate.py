@@ -13,7 +13,7 @@ from onnxlm.runtime import load
 from onnxlm.runtime.batch import Batch, generate_steps
 from onnxlm.runtime.driver import GROWTH, MIN_ROOM, SharedRows
 from onnxlm.runtime.generate import GenerationParams, new_seq
-from onnxlm.runtime.prefix import PrefixCache
+from onnxlm.runtime.prefix import Hit, PrefixCache
 from onnxlm.runtime.speculate import (
     PRIOR,
     REMEASURE,
@@ -509,6 +509,24 @@ def test_the_same_chat_again_runs_nothing_before_its_first_token(engine, monkeyp
     assert len(calls) == 5  # the five decode steps after the first token, no prefill
     more = engine.chat([*ask, {"role": "assistant", "content": first.text}], max_new_tokens=2)
     assert 0 < more.usage.cached_tokens < more.usage.prompt_tokens  # a longer prompt still prefills its rest
+
+
+def test_a_prefill_keeps_room_after_a_row_it_finished(engine):
+    """A long prompt mostly or wholly reused from the prefix cache is done after its first chunk while a
+    shorter new one goes on; each later chunk still pads the finished row, which needs room after
+    what it holds (the job's buffer was sized to the longest prompt: GroupQueryAttention refused)."""
+    if not engine.model.io.shared:
+        return  # the concat graph reuses nothing
+    long, short = list(range(40, 100)), list(range(200, 230))
+    alone = SharedRows(engine.model, chunk=None).start([long])
+    logits, kv = alone.run()[0].copy(), alone.cache.read(0)
+    alone.free()
+    for hit in (Hit(len(long) - 2, [a[:, :-2] for a in kv]), Hit(len(long), kv, logits)):
+        job = SharedRows(engine.model, chunk=8).start([long, short], [hit, None])
+        last = job.run()
+        np.testing.assert_allclose(last[0], logits, atol=1e-4)
+        assert [int(n) for n in job.cache.lengths] == [len(long), len(short)]
+        job.free()
 
 
 # --- KV that follows use ----------------------------------------------------------------------------
