@@ -10,6 +10,7 @@ import pytest
 
 from onnxlm.runtime import load
 from onnxlm.runtime.generate import GenerationParams
+from onnxlm.runtime.prefix import PrefixCache
 from onnxlm.runtime.scheduler import Scheduler
 from onnxlm.runtime.serving.app import create_app
 from tests.bundles import tiny_bundle
@@ -120,6 +121,50 @@ def test_long_prompt_is_prefilled_between_running_rounds(engine):
         first_late = events.index("late")
         during = events[:first_late].count("run") - 3
         assert during >= 5  # 100 tokens in chunks of 16: a round ran between each two chunks
+    finally:
+        sched.close()
+
+
+def test_a_next_turn_and_a_new_prompt_admitted_together(engine):
+    """A prompt mostly reused from the prefix cache (a chat's next turn) and a new one with more tokens
+    to run, admitted together and prefilled in small chunks: both answer (the reused row, done after
+    its first chunk, still needs room for the later padded chunks), each as it would alone."""
+    sched = Scheduler(
+        engine.model, engine.tokenizer, max_batch=4, max_queue=8, prefill_chunk=8, prefix_cache=PrefixCache()
+    )
+    history, fresh = list(range(40, 100)), list(range(200, 230))
+    params = GenerationParams(max_new_tokens=4, ignore_eos=True)
+    outs: dict[str, list] = {"turn": [], "new": []}
+    done = {k: threading.Event() for k in outs}
+
+    def collect(key):
+        def on(out):
+            outs[key].append(out)
+            if isinstance(out, BaseException) or out.finish_reason:
+                done[key].set()
+
+        return on
+
+    sent = []
+
+    def running(out):
+        if not sent:  # both queued from the running stream's callback: one admission
+            sent.append(True)
+            sched.submit(history + [1, 2], params, collect("turn"))
+            sched.submit(fresh, params, collect("new"))
+
+    try:
+        first = threading.Event()
+        sched.submit(history, GenerationParams(max_new_tokens=1), lambda o: first.set())
+        assert first.wait(30)
+        sched.submit([5, 6, 7], GenerationParams(max_new_tokens=30, ignore_eos=True), running)
+        assert done["turn"].wait(60) and done["new"].wait(60)
+        for key in outs:
+            assert not any(isinstance(o, BaseException) for o in outs[key]), outs[key]
+        alone = load(engine.bundle_dir, threads=1, prefix_cache_mb=0)
+        for key, prompt in (("turn", history + [1, 2]), ("new", fresh)):
+            want = alone.generate(prompt, max_new_tokens=4, ignore_eos=True).token_ids
+            assert [o.token_id for o in outs[key]] == want
     finally:
         sched.close()
 
