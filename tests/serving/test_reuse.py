@@ -169,6 +169,59 @@ def test_a_next_turn_and_a_new_prompt_admitted_together(engine):
         sched.close()
 
 
+def test_a_mixed_burst_answers_every_request_as_alone(engine, serve):
+    """Two dozen requests at once, of the kinds a chat service gets (next turns over a shared system
+    prompt, new chats, plain completions, streams, n=2): none fails, and each greedy answer is the
+    one the same request gets alone afterwards, whoever it was admitted and prefilled with."""
+    srv = serve(create_app(engine, model_name="tiny", max_batch=4, max_queue=64))
+    client = openai.OpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0, timeout=120)
+    system = {"role": "system", "content": "You answer questions about the weather. " * 2}
+    greedy = {"max_tokens": 6, "temperature": 0}
+
+    def request(i: int):
+        kind = i % 4
+        if kind == 0:  # a next turn: the system prompt and an earlier turn again
+            turn = [system, {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]
+            msgs = [*turn, {"role": "user", "content": f"Rain on day {i}?"}]
+            return "chat", msgs, client.chat.completions.create(model="tiny", messages=msgs, **greedy)
+        if kind == 1:  # a new chat
+            msgs = [{"role": "user", "content": f"Wind {i}"}]
+            return "chat", msgs, client.chat.completions.create(model="tiny", messages=msgs, **greedy)
+        if kind == 2:  # a plain completion, long or short
+            prompt = "one two three " * (1 + 3 * (i % 3))
+            return "text", prompt, client.completions.create(model="tiny", prompt=prompt, **greedy)
+        stream = client.chat.completions.create(
+            model="tiny",
+            messages=[system, {"role": "user", "content": "Sun?"}],
+            max_tokens=6,
+            n=2,
+            stream=True,
+        )
+        return "stream", None, [c for c in stream]
+
+    results, failures = [None] * 24, []
+
+    def run(i):
+        try:
+            results[i] = request(i)
+        except Exception as e:  # noqa: BLE001 - reported below
+            failures.append((i, repr(e)))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(results))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures
+    for kind, sent, got in results:
+        if kind == "chat":
+            alone = client.chat.completions.create(model="tiny", messages=sent, **greedy)
+            assert got.choices[0].message.content == alone.choices[0].message.content
+        elif kind == "text":
+            alone = client.completions.create(model="tiny", prompt=sent, **greedy)
+            assert got.choices[0].text == alone.choices[0].text
+
+
 def test_abandoned_long_requests_hold_only_what_they_used(engine):
     """Requests asking for far more tokens than they get to generate hold KV for what they hold, and
     when their clients leave the rows go at once and a new request is answered."""
