@@ -2,9 +2,11 @@
 reuse across chat turns reported in usage and /metrics, long prompts prefilled between the running
 streams' rounds, and abandoned long requests that hold no KV they did not use."""
 
+import asyncio
 import threading
 import time
 
+import httpx
 import openai
 import pytest
 
@@ -254,3 +256,67 @@ def test_abandoned_long_requests_hold_only_what_they_used(engine):
         assert sched.active == 0 and sched._batch.rows.cache is None
     finally:
         sched.close()
+
+
+class _SlowStream:
+    """A stream whose outputs come after `delay` seconds (a request waiting in the queue)."""
+
+    def __init__(self, outs, delay: float):
+        self.outs, self.delay, self.cancelled = list(outs), delay, False
+
+    def __aiter__(self):
+        return self._run()
+
+    async def _run(self):
+        await asyncio.sleep(self.delay)
+        for out in self.outs:
+            yield out
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def test_a_waiting_stream_gets_keepalives():
+    """While no output comes for `keepalive` seconds, merged() beats and events() sends an SSE comment;
+    without keepalive (the non-streamed path) nothing extra comes."""
+    from onnxlm.runtime.serving.choices import merged
+
+    async def gather(keepalive):
+        return [item async for item in merged({0: _SlowStream(["a", "b"], 0.25)}, keepalive)]
+
+    got = asyncio.run(gather(0.04))
+    assert got[-2:] == [(0, "a"), (0, "b")] and len(got) >= 4  # beats while it waited
+    assert all(item == (None, None) for item in got[:-2])
+    assert asyncio.run(gather(None)) == [(0, "a"), (0, "b")]
+
+
+def test_streams_read_the_same_with_keepalives(engine, serve, monkeypatch):
+    """With a keepalive shorter than a step, the comments reach the client between events, and the
+    OpenAI client's streamed text is still the answer."""
+    from onnxlm.runtime.serving import app as A
+
+    monkeypatch.setattr(A, "KEEPALIVE_S", 0.002)
+    step = engine.model.step
+
+    def slow_step(*args, **kwargs):  # steps of at least 10 ms: silences longer than the keepalive
+        time.sleep(0.01)
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(engine.model, "step", slow_step)
+    srv = serve(create_app(engine, model_name="tiny", max_batch=2, max_queue=8))
+    body = {
+        "model": "tiny",
+        "prompt": "one two three",
+        "max_tokens": 24,
+        "temperature": 0,
+        "ignore_eos": True,
+    }
+    want = http("POST", srv.base + "/v1/completions", json=body).json()["choices"][0]["text"]
+    with httpx.stream("POST", srv.base + "/v1/completions", json={**body, "stream": True}, timeout=60) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert ": keepalive" in lines
+    assert all(line.startswith("data: ") or line == ": keepalive" for line in lines)
+    client = openai.OpenAI(base_url=srv.base + "/v1", api_key="none", max_retries=0, timeout=60)
+    plain = {k: v for k, v in body.items() if k != "ignore_eos"}
+    chunks = client.completions.create(**plain, stream=True, extra_body={"ignore_eos": True})
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == want

@@ -316,13 +316,18 @@ async def _on_disconnect(request: Request, streams: dict) -> None:
             return
 
 
+# A stream silent this long (queued, behind a long prefill) gets an SSE comment (choices.events).
+KEEPALIVE_S = 15.0
+
+
 async def _events(
     svc: Service, req: GenRequest, streams: dict, echoes: dict, track: _Track, rid: str, name: str
 ) -> AsyncIterator[str]:
     """Server-sent events (choices.events), counted into the metrics with how they ended."""
     status = "200"
+    source = events(req, streams, svc.text, echoes, rid, name, int(time.time()), track.token, KEEPALIVE_S)
     try:
-        async for event in events(req, streams, svc.text, echoes, rid, name, int(time.time()), track.token):
+        async for event in source:
             if event.startswith('data: {"error"'):
                 status = "503"
             yield event

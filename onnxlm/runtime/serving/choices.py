@@ -34,9 +34,24 @@ def cancel(streams: dict[int, Stream]) -> None:
         s.cancel()
 
 
-async def merged(streams: dict[int, Stream]) -> AsyncIterator[tuple[int, SeqOutput]]:
-    """(choice index, output) from every stream as they come; the first error ends it (and the rest)."""
+async def merged(
+    streams: dict[int, Stream], keepalive: float | None = None
+) -> AsyncIterator[tuple[int | None, SeqOutput | None]]:
+    """(choice index, output) from every stream as they come; the first error ends it (and the rest).
+    With `keepalive`: (None, None) after each `keepalive` seconds in which no output came."""
     queue: asyncio.Queue = asyncio.Queue()
+    beat: asyncio.TimerHandle | None = None
+    quiet = [True]  # no output since the last beat
+
+    def tick() -> None:
+        nonlocal beat
+        if quiet[0]:
+            queue.put_nowait((None, None))
+        quiet[0] = True
+        beat = asyncio.get_running_loop().call_later(keepalive, tick)
+
+    if keepalive:
+        beat = asyncio.get_running_loop().call_later(keepalive, tick)
 
     async def pump(index: int, stream: Stream) -> None:
         try:
@@ -52,13 +67,18 @@ async def merged(streams: dict[int, Stream]) -> AsyncIterator[tuple[int, SeqOutp
     try:
         while remaining:
             index, item = await queue.get()
-            if item is None:
+            if index is None:
+                yield None, None  # a keepalive beat
+            elif item is None:
                 remaining -= 1
             elif isinstance(item, BaseException):
                 raise item
             else:
+                quiet[0] = False
                 yield index, item
     finally:
+        if beat is not None:
+            beat.cancel()
         cancel(streams)
         for t in tasks:
             t.cancel()
@@ -87,9 +107,13 @@ async def events(
     model: str,
     created: int,
     on_token: Callable[[], None],
+    keepalive: float | None = None,
 ) -> AsyncIterator[str]:
     """Server-sent events for every choice: its start (role, or the echoed prompt), its deltas, its
-    finish reason; usage when asked; then [DONE]. A server-side abort sends an error event first."""
+    finish reason; usage when asked; then [DONE]. A server-side abort sends an error event first.
+    With `keepalive`: an SSE comment (which clients skip) after each `keepalive` seconds without
+    output, so that a stream waiting in the queue or behind a long prefill is not dropped by a proxy
+    or client read timeout (nginx's default is 60 s)."""
     states = {index: ChoiceStream(req, index, text) for index, _, _ in req.choices()}
 
     def send(choice: dict[str, Any] | None, u: dict | None = None) -> str:
@@ -100,7 +124,10 @@ async def events(
         for choice in state.start(req.prompt_texts[prompt] if req.echo else "", echoes.get(prompt)):
             yield send(choice)
     try:
-        async for index, out in merged(streams):
+        async for index, out in merged(streams, keepalive):
+            if index is None:
+                yield ": keepalive\n\n"
+                continue
             on_token()
             for choice in states[index].push(out):
                 yield send(choice)
