@@ -223,12 +223,16 @@ class Model:
                     self.session, cache.buffers(), io.logits, io.logits_dtype
                 )
             shape = (*logits_index.shape, self.facts.vocab_size)  # (batch, n, vocab)
-            logits = bound.run({**inputs, **cache.step_inputs(query_lens)}, shape, prefill)
+            width = input_ids.shape[1]
+            logits = bound.run({**inputs, **cache.step_inputs(query_lens, width)}, shape, prefill)
             cache.advance()
             return np.array(logits, dtype=np.float32)  # a copy: the array is the next step's output too
         # numpy path: the presents come back as new arrays and are copied into the buffer (debugging)
         out = run_numpy(
-            self.session, {**inputs, **cache.feeds(query_lens)}, [io.logits, *cache.output_names()], prefill
+            self.session,
+            {**inputs, **cache.feeds(query_lens, input_ids.shape[1])},
+            [io.logits, *cache.output_names()],
+            prefill,
         )
         cache.update(out)
         return np.asarray(out[io.logits], dtype=np.float32)

@@ -134,26 +134,39 @@ class SharedKVCache:
         self._pending = None
 
     # --- one step ------------------------------------------------------------------------------
-    def feeds(self, query_lens: Sequence[int] | np.ndarray | None = None) -> dict[str, Tensor]:
+    def feeds(
+        self, query_lens: Sequence[int] | np.ndarray | None = None, width: int | None = None
+    ) -> dict[str, Tensor]:
         """The buffers and the length inputs for a step that brings `query_lens[b]` real tokens to row b
-        (default: one each). Rows bringing none must already hold tokens (they idle this step)."""
-        lengths = self.step_inputs(query_lens)
+        (default: one each) in a chunk `width` wide (default: the most any row brings). Rows bringing
+        none must already hold tokens (they idle this step)."""
+        lengths = self.step_inputs(query_lens, width)
         assert self._values is not None
         return {**dict(zip(self._past_names, self._values, strict=True)), **lengths}
 
-    def step_inputs(self, query_lens: Sequence[int] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def step_inputs(
+        self, query_lens: Sequence[int] | np.ndarray | None = None, width: int | None = None
+    ) -> dict[str, np.ndarray]:
         """Only the length inputs of a step (seqlens_k, total_sequence_length, query_seqlens), for a
-        runner that keeps the buffers bound; `feeds` is these and the buffers."""
+        runner that keeps the buffers bound; `feeds` is these and the buffers.
+
+        GroupQueryAttention places every row's padded chunk (`width` positions) after what the row
+        holds, within total_sequence_length positions (a float32 form's present) or the buffer: so the
+        total is the fullest row's length plus the width, not the longest row after the step (a row
+        bringing fewer tokens than another, still holding more, would not fit)."""
         q = np.ones(self._batch, np.int32) if query_lens is None else np.asarray(query_lens, np.int32)
         ql = q.tolist()  # checked as Python ints: fewer numpy calls in the decode loop
         if q.shape != (self._batch,) or min(ql) < 0:
             raise ValueError(f"SharedKVCache.feeds: query_lens {ql} for a batch of {self._batch}")
-        after = [h + n for h, n in zip(self.lengths.tolist(), ql, strict=True)]  # tokens held after the step
+        held = self.lengths.tolist()
+        after = [h + n for h, n in zip(held, ql, strict=True)]  # tokens held after the step
         if min(after) < 1:
             raise ValueError("SharedKVCache.feeds: a row with no tokens must bring at least one")
-        if max(after) > self.capacity:
+        total = max(held) + max(max(ql), width or 0)
+        if total > self.capacity:
             raise ValueError(
-                f"SharedKVCache.feeds: {max(after)} tokens do not fit the buffer's {self.capacity} positions"
+                f"SharedKVCache.feeds: {total} tokens (the fullest row and a chunk {max(ql)} wide) do not "
+                f"fit the buffer's {self.capacity} positions"
             )
         if self._values is None:
             self._allocate()
@@ -161,7 +174,7 @@ class SharedKVCache:
         io = self.io
         return {
             io.seqlens_k: np.array([a - 1 for a in after], np.int32),
-            io.total_sequence_length: np.array(max(after), np.int32),
+            io.total_sequence_length: np.array(total, np.int32),
             io.query_seqlens: q,
         }
 

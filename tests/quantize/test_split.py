@@ -157,6 +157,35 @@ def test_a_short_prompts_logits_do_not_depend_on_its_batchmates(int8):
     assert [c.token_ids for c in batch] == [greedy(engine, p, 8) for p in PROMPTS[:2]]
 
 
+def test_a_row_bringing_fewer_tokens_fits_the_float_form(int8):
+    """One float32-form call, a row holding much and bringing a few tokens (a next turn) beside a row
+    bringing more (a new prompt): the float32 GroupQueryAttention keeps total_sequence_length
+    positions for every row's padded chunk, so the total is the fullest row plus the chunk's width
+    (it was the longest row after the call, and the kernel refused)."""
+    from onnxlm.runtime.driver import SharedRows
+    from onnxlm.runtime.prefix import Hit
+
+    engine = onnxlm.load(int8, split_forms=True)
+    above = engine.manifest.io.float_prefill_above
+    long, new = list(range(30, 30 + 3 * above + 10)), list(range(200, 200 + 2 * above + 5))
+
+    def alone(prompt):
+        job = SharedRows(engine.model, chunk=None).start([prompt])
+        try:
+            return job.run()[0].copy(), job.cache.read(0)
+        finally:
+            job.free()
+
+    (want_long, kv), (want_new, _) = alone(long), alone(new)
+    n = len(long) - above - 2  # the next turn brings above + 2 tokens, the new prompt more
+    job = SharedRows(engine.model, chunk=None).start([long, new], [Hit(n, [a[:, :n] for a in kv]), None])
+    assert job.float_form
+    last = job.run()
+    np.testing.assert_array_equal(last[0], want_long)
+    np.testing.assert_array_equal(last[1], want_new)
+    job.free()
+
+
 def test_both_forms_use_one_copy_of_the_weights(int8):
     session = onnxlm.load(int8, split_forms=True).model.session
     external = {

@@ -184,7 +184,11 @@ def test_shared_refuses_overflow_empty_rows_and_update_without_step():
     cache.update(cache.bound_outputs())
     with pytest.raises(ValueError, match="do not fit"):
         cache.feeds()  # row 0 is full
-    assert cache.feeds([0, 1])["seqlens_k"].tolist() == [3, 1]  # row 0 idles, row 1 goes on
+    with pytest.raises(ValueError, match="do not fit"):
+        cache.feeds([0, 1])  # idle, a full row still needs room for the chunk after it (the kernel's check)
+    cache.reserve(5)
+    lengths = cache.feeds([0, 1])  # row 0 idles, row 1 goes on
+    assert lengths["seqlens_k"].tolist() == [3, 1] and int(lengths["total_sequence_length"]) == 5
     with pytest.raises(ValueError, match="kv_layout"):
         SharedKVCache(L, H, D, capacity=4, io=GraphIO())
 
