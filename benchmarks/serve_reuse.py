@@ -35,11 +35,15 @@ PROMPTS = THIS.parent / "prompts"
 
 
 class Server:
-    def __init__(self, bundle: str, threads: int, port: int):
+    """`onnxlm serve BUNDLE` on loopback (batch 8, queue 64 unless `extra` says otherwise); its log
+    goes to `log` (a file: a pipe nobody reads would fill and stall a server that logs much)."""
+
+    def __init__(self, bundle: str, threads: int, port: int, extra: list[str] | None = None, log=None):
         self.port = port
         cmd = [sys.executable, "-m", "onnxlm", "serve", bundle, "--port", str(port), "--max-batch", "8"]
-        cmd += ["--threads", str(threads), "--max-queue", "64"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        cmd += ["--threads", str(threads), "--max-queue", "64", *(extra or [])]
+        self.log = open(log, "w") if log else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
@@ -48,7 +52,7 @@ class Server:
             except OSError:
                 time.sleep(0.2)
         self.stop()
-        raise SystemExit("the server did not start: " + (self.proc.stderr.read() if self.proc.stderr else ""))
+        raise SystemExit(f"the server did not start (its log: {log})")
 
     def conn(self) -> http.client.HTTPConnection:
         return http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
@@ -101,6 +105,8 @@ class Server:
             self.proc.wait(30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        if self.log is not subprocess.DEVNULL:
+            self.log.close()
 
 
 def chat_turns(srv: Server, turns: int = 4) -> list[dict]:
@@ -245,7 +251,8 @@ def main() -> None:
     a = ap.parse_args()
     parts = a.parts.split(",")
     results: dict = {"bundle": a.bundle, "python": platform.python_version(), "cpus": os.cpu_count()}
-    srv = Server(a.bundle, a.threads, a.port)
+    Path(a.out).mkdir(parents=True, exist_ok=True)
+    srv = Server(a.bundle, a.threads, a.port, log=Path(a.out) / "serve_reuse.log")
     try:
         if "chat" in parts:
             results["chat"] = chat_turns(srv)
