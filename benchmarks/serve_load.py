@@ -87,17 +87,20 @@ def body_for(kind: str, i: int, handbook: str) -> tuple[str, dict]:
     return "/v1/chat/completions", {"messages": msgs, "max_tokens": 4000, "stream": True}
 
 
-def send(srv: Server, path: str, body: dict, leave_after: int | None = None) -> tuple[int, str]:
-    """(HTTP status, the answer's text: content, or the streamed deltas joined)."""
+def send(srv: Server, path: str, body: dict, leave_after: int | None = None) -> tuple[int, str, int | None]:
+    """(HTTP status, the answer's text: content, or the streamed deltas joined, the prompt tokens the
+    prefix cache gave it: a non-streamed answer's usage says)."""
     c = srv.conn()
     c.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
     r = c.getresponse()
     if r.status != 200 or not body.get("stream"):
         raw = r.read().decode()
         if r.status != 200:
-            return r.status, raw[:300]
-        choice = json.loads(raw)["choices"][0]
-        return 200, choice.get("text") or (choice.get("message") or {}).get("content") or ""
+            return r.status, raw[:300], None
+        answer = json.loads(raw)
+        choice = answer["choices"][0]
+        cached = ((answer.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+        return 200, choice.get("text") or (choice.get("message") or {}).get("content") or "", cached
     text, events = "", 0
     for line in r:
         line = line.decode().strip()
@@ -105,14 +108,14 @@ def send(srv: Server, path: str, body: dict, leave_after: int | None = None) -> 
             continue
         event = json.loads(line[6:])
         if "error" in event:
-            return 503, json.dumps(event)[:300]
+            return 503, json.dumps(event)[:300], None
         events += 1
         for ch in event.get("choices", []):
             text += (ch.get("delta") or {}).get("content") or ""
         if leave_after is not None and events >= leave_after:
             c.close()  # the client leaves
             break
-    return 200, text
+    return 200, text, None
 
 
 def main() -> None:
@@ -130,7 +133,7 @@ def main() -> None:
     handbook = (PROMPTS / "leave_policy.txt").read_text()[:2500]
     rng = random.Random(a.seed)
     plan = [(KINDS[i % len(KINDS)], i) for i in range(a.requests)]
-    results: list[tuple[str, int, int, str] | None] = [None] * len(plan)
+    results: list[tuple[str, int, int, str, int | None] | None] = [None] * len(plan)
     extra = ["--max-queue", str(4 * a.requests)] + (["--draft", a.draft] if a.draft else [])
     srv = Server(a.bundle, a.threads, a.port, extra, log=out / "serve_load.log")
     try:
@@ -138,10 +141,10 @@ def main() -> None:
         def run(slot: int, kind: str, i: int) -> None:
             path, body = body_for(kind, i, handbook)
             try:
-                status, text = send(srv, path, body, leave_after=3 if kind == "leave" else None)
+                status, text, cached = send(srv, path, body, leave_after=3 if kind == "leave" else None)
             except OSError as e:
-                status, text = 0, repr(e)
-            results[slot] = (kind, i, status, text)
+                status, text, cached = 0, repr(e), None
+            results[slot] = (kind, i, status, text, cached)
 
         t0 = time.perf_counter()
         threads = [threading.Thread(target=run, args=(s, k, i)) for s, (k, i) in enumerate(plan)]
@@ -151,16 +154,21 @@ def main() -> None:
         for t in threads:
             t.join()
         wall = time.perf_counter() - t0
-        same = Counter()
-        for kind, i, status, text in (r for r in results if r is not None):
+        same, differed = Counter(), []
+        for kind, i, status, text, cached in (r for r in results if r is not None):
             if kind in GREEDY and status == 200:
                 path, body = body_for(kind, i, handbook)
-                same[kind, send(srv, path, body)[1] == text] += 1
+                _, alone, cached_alone = send(srv, path, body)
+                same[kind, alone == text] += 1
+                if alone != text:  # how much of its prompt each run took from the prefix cache
+                    differed.append(
+                        {"kind": kind, "i": i, "cached_under_load": cached, "cached_alone": cached_alone}
+                    )
     finally:
         srv.stop()
     import onnxruntime
 
-    done = [r for r in results if r is not None]
+    done = [r[:4] for r in results if r is not None]
     report = {
         "bundle": a.bundle,
         "draft": a.draft,
@@ -171,6 +179,7 @@ def main() -> None:
         "failed": [{"kind": k, "i": i, "status": s, "text": t} for k, i, s, t in done if s not in (200, 429)],
         "greedy_same_as_alone": {k: same[k, True] for k in GREEDY},
         "greedy_different": {k: same[k, False] for k in GREEDY},
+        "differed": differed,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "versions": {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__},
     }
@@ -183,6 +192,11 @@ def main() -> None:
         f"- busy (429): {report['busy_429']}; failed: {len(report['failed'])}",
         f"- greedy answers under load equal to alone: {report['greedy_same_as_alone']}, "
         f"different: {report['greedy_different']}",
+    ]
+    md += [
+        f"  - {d['kind']} {d['i']} differed: prompt tokens from the prefix cache {d['cached_under_load']} "
+        f"under load, {d['cached_alone']} alone"
+        for d in differed
     ]
     md += [f"  - failed {f['kind']} {f['i']}: {f['status']} {f['text'][:160]}" for f in report["failed"][:10]]
     (out / "serve_load.md").write_text("\n".join(md) + "\n")
