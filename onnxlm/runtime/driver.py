@@ -96,6 +96,25 @@ def window_feeds(io, facts, ids: Sequence[int], every_position: bool = False) ->
     return feed
 
 
+def chunk_end(start: int, want: int | None, lengths: Sequence[int], limit: int | None = None) -> int:
+    """Where a prefill call from `start` over rows of these prompt lengths ends: after `want`
+    positions (all when None) and at most at `limit`, except that no call brings a row exactly one
+    token while it has more than that in all. onnxruntime computes a row's one-token call by other
+    kernels (its GEMV; GroupQueryAttention's one-query path) whose keys, values and logits differ
+    from those of the same token computed in a wider call (by ~1e-5 in float32, by up to ~0.7 in a
+    logit once an int4 graph's 8-bit activations round the other way). So a row never ends on a
+    call of one token or takes one token a call, and how a prompt is chunked (the server sizes
+    chunks by its load) changes nothing."""
+    seq = max(lengths, default=0)
+    top = seq if limit is None else min(seq, limit)
+    end = min(top, seq if want is None else start + max(want, 2))
+    lone = {n - 1 for n in lengths if n - 1 > start}  # ends that would leave a row one token
+    for e in [*range(end, start + 1, -1), *range(end + 1, top + 1)]:
+        if e not in lone:
+            return e
+    return end
+
+
 def _token_lists(tokens) -> list[list[int]]:
     arr = np.asarray(tokens) if not isinstance(tokens, list) else None
     if arr is not None and arr.ndim == 1:
@@ -317,7 +336,7 @@ class SharedPrefill(Prefill):
         # cache is done after one chunk while a shorter new one goes on.
         held = int(self.cache.lengths.max())
         start = self.start
-        end = min(seq, start + (self.chunk or seq), start + self.ceiling - held)
+        end = chunk_end(start, self.chunk, self.lengths.tolist(), start + self.ceiling - held)
         if end <= start:
             raise ValueError(
                 f"a row holds the whole context ({self.ceiling} tokens) while another brings more"
@@ -517,7 +536,8 @@ class ConcatPrefill(Prefill):
 
     def step(self) -> np.ndarray | None:
         seq = self.ids.shape[1]
-        start, end = self.start, min(seq, self.start + (self.chunk or seq))
+        start = self.start
+        end = chunk_end(start, self.chunk, [seq])  # left-padded: every row ends at the last column
         logits = self.model.forward(
             self.ids[:, start:end],
             self.mask[:, :end],

@@ -125,9 +125,15 @@ def test_a_prompts_logits_do_not_depend_on_its_chunks(int8):
 
     whole, forced = last_logits(None)
     assert forced
-    for chunk in (len(prompt) - 3, 2 * above, above + 1):  # last chunks of 3, above + 5 and 2 tokens
+    # last chunks of 3, above + 5, 2 and 1 token(s), and chunks of 1: onnxruntime computes a row's call
+    # of one token by other kernels, so no call brings a row a single token (driver.chunk_end)
+    for chunk in (len(prompt) - 3, 2 * above, above + 1, len(prompt) - 1, 1):
         np.testing.assert_array_equal(last_logits(chunk)[0], whole)
     assert not last_logits(None, [prompt[:above]])[1]
+    other = list(range(300, 300 + 2 * above))  # a batchmate at whose chunk end `prompt` has one left
+    pair, _ = last_logits(len(prompt) - 1, [other, prompt])
+    np.testing.assert_array_equal(pair[1], whole[0])
+    np.testing.assert_array_equal(pair[0], last_logits(None, [other])[0][0])
 
 
 def test_a_short_prompts_logits_do_not_depend_on_its_batchmates(int8):
