@@ -311,10 +311,11 @@ class SharedPrefill(Prefill):
                 self.cache.write(row, r.kv, r.n)
         self.ids, self.lengths = right_pad(self.rest, rows.pad)
         # An int8 cache computes a call of more than io.float_prefill_above tokens a row in its float32
-        # form. A prompt longer than that takes it in every chunk, its last short one included, so
-        # that how the prompt is chunked (the server sizes chunks by its load) changes no logit.
+        # form. A prompt longer than that takes it in every call, a last short chunk included, and so
+        # does the rest of such a prompt after a cached prefix: how the prompt is chunked (the server
+        # sizes chunks by its load) and how much of it the prefix cache held change no logit.
         above = getattr(self.model.io, "float_prefill_above", None)
-        self.float_form = above is not None and int(self.lengths.max(initial=0)) > above
+        self.float_form = above is not None and max(len(p) for p in prompts) > above
         self.start = 0
         self.last: np.ndarray | None = None  # (k, vocab)
 
@@ -365,8 +366,8 @@ class SharedPrefill(Prefill):
 
 
 class SplitPrefill(Prefill):
-    """Prompts of both kinds an int8 cache tells apart (io.float_prefill_above): those bringing at most
-    that many new tokens (the int8 form) and longer ones (the float32 form), each kind prefilled as a
+    """Prompts of both kinds an int8 cache tells apart (io.float_prefill_above): those of at most that
+    many tokens (the int8 form) and longer ones (the float32 form), each kind prefilled as a
     SharedPrefill of its own, the short first, then put back in the given order. Run in one call, a
     short prompt would take the float32 form because of a longer batchmate, and its logits would
     depend on who it arrived with."""
@@ -441,8 +442,7 @@ class SharedRows(RowsBase):
     def start(self, prompts: Sequence[Sequence[int]], reuse=None) -> SharedPrefill | SplitPrefill:
         above = getattr(self.model.io, "float_prefill_above", None)
         if above is not None and len(prompts) > 1:
-            held = [0 if r is None else r.n for r in (reuse or [None] * len(prompts))]
-            kinds = [len(p) - n > above for p, n in zip(prompts, held, strict=True)]
+            kinds = [len(p) > above for p in prompts]
             if any(kinds) and not all(kinds):
                 return SplitPrefill(self, prompts, reuse, kinds)
         return SharedPrefill(self, prompts, reuse)

@@ -75,7 +75,8 @@ class PrefixCache:
     def lookup(self, prompt: Sequence[int], kind: int = 0) -> Hit | None:
         """The longest cached prefix of `prompt` among entries of `kind`, with kv sliced to its n
         positions: the whole prompt with the logits that followed it where an entry served this very
-        prompt before, else leaving at least one token to prefill. None when no entry shares
+        prompt before, else leaving at least two tokens to prefill (driver.chunk_end says why). None
+        when no entry shares
         min_tokens with it."""
         ids = np.asarray(prompt, np.int64)
         with self._lock:
@@ -87,7 +88,7 @@ class PrefixCache:
                 if shared == len(ids) and len(ids) in e.ends:
                     best, best_n, whole = key, len(ids), True
                     break
-                n = min(shared, len(ids) - 1)
+                n = min(shared, len(ids) - 2)  # a prefill call of one token computes differently
                 if n > best_n:
                     best, best_n = key, n
             if best is None or best_n < self.min_tokens:

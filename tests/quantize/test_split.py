@@ -137,7 +137,7 @@ def test_a_prompts_logits_do_not_depend_on_its_chunks(int8):
 
 
 def test_a_short_prompts_logits_do_not_depend_on_its_batchmates(int8):
-    """Prompts of at most float_prefill_above new tokens and longer ones admitted together are
+    """Prompts of at most float_prefill_above tokens and longer ones admitted together are
     prefilled apart, each kind on its own form, and come back in the given order: every row's logits
     and KV are what it gets alone."""
     from onnxlm.runtime.driver import SharedRows, SplitPrefill
@@ -190,6 +190,36 @@ def test_a_row_bringing_fewer_tokens_fits_the_float_form(int8):
     np.testing.assert_array_equal(last[0], want_long)
     np.testing.assert_array_equal(last[1], want_new)
     job.free()
+
+
+def test_a_partial_hit_gives_what_a_cold_prefill_gives(int8):
+    """The rest of a prompt longer than float_prefill_above after a cached prefix takes the float32
+    form however few tokens it brings (a next turn of a chat, a shared system prompt), as the cold
+    prefill did: how much of a prompt the prefix cache held changes no logit. It took the decode form
+    when at most float_prefill_above tokens were left."""
+    from onnxlm.runtime.driver import SharedRows
+    from onnxlm.runtime.prefix import Hit, PrefixCache
+
+    engine = onnxlm.load(int8, split_forms=True)
+    above = engine.manifest.io.float_prefill_above
+    prompt = list(range(30, 30 + 3 * above + 10))
+
+    def run(reuse=None):
+        job = SharedRows(engine.model, chunk=above + 3).start([prompt], [reuse])
+        try:
+            return job.run()[0].copy(), job.cache.read(0)
+        finally:
+            job.free()
+
+    cold, kv = run()
+    for left in (2, 5, above, above + 3):
+        n = len(prompt) - left
+        np.testing.assert_array_equal(run(Hit(n, [a[:, :n] for a in kv]))[0], cold)
+    cache = PrefixCache(min_tokens=4)
+    cache.store(prompt[:-1] + [7], [a[:, : len(prompt)] for a in kv])
+    hit = cache.lookup(prompt)  # shares all but the last token: two are left, a call of one would differ
+    assert hit.n == len(prompt) - 2
+    np.testing.assert_array_equal(run(hit)[0], cold)
 
 
 def test_both_forms_use_one_copy_of_the_weights(int8):

@@ -170,8 +170,8 @@ def test_prefix_cache_lookup_store_and_bounds():
     assert cache.store(list(range(20)), kv(20))
     n, got, _ = cache.lookup(list(range(25)) + [99])
     assert n == 20 and got[0].shape == (2, 20, 4)
-    n, _, logits = cache.lookup(list(range(20)))  # the whole prompt cached: one token is left to prefill
-    assert n == 19 and logits is None  # (no entry kept the logits after this prompt)
+    n, _, logits = cache.lookup(list(range(20)))  # the whole prompt cached: two tokens are left to prefill
+    assert n == 18 and logits is None  # (no entry kept the logits after this prompt; see chunk_end)
     assert cache.lookup([0, 1, 2, 5, 6]) is None  # shares fewer than min_tokens
     assert cache.store(list(range(30)), kv(30, 2.0))  # extends the first: replaces it
     assert len(cache) == 1 and cache.nbytes == sum(a.nbytes for a in kv(30))
@@ -193,8 +193,8 @@ def test_prefix_cache_keeps_the_logits_after_a_prompt():
     assert cache.nbytes == sum(a.nbytes for a in kv(30)) + after.nbytes
     hit = cache.lookup(list(range(20)))
     assert hit.n == 20 and hit.kv[0].shape == (2, 20, 4) and np.array_equal(hit.logits, after)
-    hit = cache.lookup(list(range(21)))  # a prompt no entry served whole: one token is left to run
-    assert hit.n == 20 and hit.logits is None
+    hit = cache.lookup(list(range(21)))  # a prompt no entry served whole: two tokens are left to run
+    assert hit.n == 19 and hit.logits is None
     later = np.ones(10, np.float32)
     assert cache.store(list(range(40)), kv(40), ends={30: later})  # the next turn: replaces the first
     assert len(cache) == 1
