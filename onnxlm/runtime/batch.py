@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator, Sequence
 
 from . import constraints
-from .driver import make_rows
+from .driver import exact_after, make_rows
 from .generate import GenerationParams, SeqOutput, SeqState, Step, check_prompts, new_seq, sample_next
 from .prefix import PrefixCache
 from .tokenizer import Tokenizer
@@ -90,8 +90,10 @@ class Batch:
         reuse = [None] * len(seqs)
         if self.prefix_cache is not None:
             reuse = [self.prefix_cache.lookup(s.prompt, self.rows.kv_kind(len(s.prompt))) for s in seqs]
+            above = getattr(self.rows.model.io, "float_prefill_above", None)
             for s, r in zip(seqs, reuse, strict=True):
                 s.cached_tokens = 0 if r is None else r.n
+                s.exact_tokens = exact_after(len(s.prompt), r, above)
         return Admission(self, list(seqs), keys, reuse)
 
     def join(self, adm: Admission) -> list[SeqOutput]:
@@ -164,7 +166,8 @@ class Batch:
         context = (seq.prompt + seq.tokens)[:held]
         if held >= self.prefix_cache.min_tokens:
             ends = {} if seq.prompt_logits is None else {len(seq.prompt): seq.prompt_logits}
-            self.prefix_cache.store(context, self.rows.read(row), self.rows.kv_kind(held), ends)
+            kind, exact = self.rows.kv_kind(held), min(seq.exact_tokens, held)
+            self.prefix_cache.store(context, self.rows.read(row), kind, ends, exact)
 
     def free(self) -> None:
         self.rows.free()

@@ -115,6 +115,31 @@ def chunk_end(start: int, want: int | None, lengths: Sequence[int], limit: int |
     return end
 
 
+def float_rows(prompts: Sequence[Sequence[int]], reuse, above: int | None) -> list[bool]:
+    """Which rows an int8 cache (io.float_prefill_above = above) prefills on its float32 form: a prompt
+    of more than `above` tokens in every call, a last short chunk included, and its rest after a
+    cached prefix that a cold prefill would have computed as it is (Hit.as_cold), so that neither how
+    the prompt is chunked (the server sizes chunks by its load) nor how much of it the prefix cache
+    held changes a logit; and a rest of more than `above` tokens after any prefix. A short rest after
+    a prefix holding generated positions (a chat's follow-up) takes the decode form: it is faster
+    there, and no form would give the cold prefill's logits."""
+    if above is None:
+        return [False] * len(prompts)
+    reuse = list(reuse or [None] * len(prompts))
+    return [
+        len(p) - (0 if r is None else r.n) > above or (len(p) > above and (r is None or r.as_cold))
+        for p, r in zip(prompts, reuse, strict=True)
+    ]
+
+
+def exact_after(prompt_len: int, hit, above: int | None) -> int:
+    """How many leading positions of a prompt just prefilled (after `hit`, a prefix.Hit or None) hold
+    what a cold prefill of a longer prompt starting with it computes there (PrefixCache's `exact`)."""
+    if prompt_len < 2 or (above is not None and prompt_len <= above):
+        return 0  # a one-token call, or the decode form: a longer prompt computes them otherwise
+    return prompt_len if hit is None or hit.as_cold else int(hit.exact)
+
+
 def _token_lists(tokens) -> list[list[int]]:
     arr = np.asarray(tokens) if not isinstance(tokens, list) else None
     if arr is not None and arr.ndim == 1:
@@ -310,12 +335,8 @@ class SharedPrefill(Prefill):
             if r is not None:
                 self.cache.write(row, r.kv, r.n)
         self.ids, self.lengths = right_pad(self.rest, rows.pad)
-        # An int8 cache computes a call of more than io.float_prefill_above tokens a row in its float32
-        # form. A prompt longer than that takes it in every call, a last short chunk included, and so
-        # does the rest of such a prompt after a cached prefix: how the prompt is chunked (the server
-        # sizes chunks by its load) and how much of it the prefix cache held change no logit.
-        above = getattr(self.model.io, "float_prefill_above", None)
-        self.float_form = above is not None and max(len(p) for p in prompts) > above
+        # An int8 cache's float32 form, for the rows float_rows says (SplitPrefill keeps the kinds apart)
+        self.float_form = any(float_rows(prompts, reuse, getattr(self.model.io, "float_prefill_above", None)))
         self.start = 0
         self.last: np.ndarray | None = None  # (k, vocab)
 
@@ -366,8 +387,8 @@ class SharedPrefill(Prefill):
 
 
 class SplitPrefill(Prefill):
-    """Prompts of both kinds an int8 cache tells apart (io.float_prefill_above): those of at most that
-    many tokens (the int8 form) and longer ones (the float32 form), each kind prefilled as a
+    """Prompts of both kinds an int8 cache tells apart (float_rows): those it prefills on the int8 form
+    and those on the float32 form, each kind prefilled as a
     SharedPrefill of its own, the short first, then put back in the given order. Run in one call, a
     short prompt would take the float32 form because of a longer batchmate, and its logits would
     depend on who it arrived with."""
@@ -442,7 +463,7 @@ class SharedRows(RowsBase):
     def start(self, prompts: Sequence[Sequence[int]], reuse=None) -> SharedPrefill | SplitPrefill:
         above = getattr(self.model.io, "float_prefill_above", None)
         if above is not None and len(prompts) > 1:
-            kinds = [len(p) > above for p in prompts]
+            kinds = float_rows(prompts, reuse, above)
             if any(kinds) and not all(kinds):
                 return SplitPrefill(self, prompts, reuse, kinds)
         return SharedPrefill(self, prompts, reuse)

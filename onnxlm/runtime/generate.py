@@ -340,6 +340,7 @@ class SeqState:
     finish_reason: str | None = None
     cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     prompt_logits: np.ndarray | None = None  # the logits after the prompt (kept for the prefix cache)
+    exact_tokens: int = 0  # leading prompt positions as a cold prefill computes them (prefix.Hit.exact)
     constraint: constraints.Constraint | None = None  # the grammar the output must follow
 
 

@@ -3,8 +3,8 @@ recently used out. A new prompt that starts with one of them (a system prompt, t
 chat) copies those positions into its row and prefills only the rest.
 
     cache = PrefixCache(max_bytes=256 << 20)
-    hit = cache.lookup(prompt_ids)            # Hit(tokens reused, per-layer KV arrays, logits) or None
-    cache.store(context_ids, kv_arrays, ends={len(prompt): prompt_logits})  # after a sequence
+    hit = cache.lookup(prompt_ids)       # Hit(n reused, per-layer KV arrays, logits, exact) or None
+    cache.store(context_ids, kv_arrays, ends={len(prompt): prompt_logits}, exact=n)  # after a sequence
 
 Keys and values are per layer (kv_heads, positions, head_dim) arrays in the order the cache's buffers
 are bound (layer 0 key, layer 0 value, layer 1 key, ...). Entries are only ever read whole-prefix,
@@ -37,15 +37,25 @@ class Entry:
     nbytes: int
     kind: int = 0  # what the KV was computed with (driver.kv_kind): only a prompt of the same kind reuses it
     ends: dict[int, np.ndarray] = field(default_factory=dict)  # prompt length -> the logits after it
+    exact: int = 0  # leading positions whose KV is what a cold prefill of them computes (see Hit)
 
 
 class Hit(NamedTuple):
     """What a prompt reuses: its first n positions' KV; with logits, n is the whole prompt (met
-    before) and they are the logits that followed it."""
+    before) and they are the logits that followed it. exact: how many of the n positions hold what a
+    cold prefill of this prompt would have computed there (None: all of them). Prompt positions do,
+    once a prompt prefilled on the same form as a longer one (driver.chunk_end, prefill_forms);
+    generated ones do not, since decode steps computed them (a chat's earlier answers)."""
 
     n: int
     kv: list[np.ndarray]
     logits: np.ndarray | None = None
+    exact: int | None = None
+
+    @property
+    def as_cold(self) -> bool:
+        """Whether every reused position is what a cold prefill computes."""
+        return self.exact is None or self.exact >= self.n
 
 
 def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
@@ -98,7 +108,8 @@ class PrefixCache:
             entry = self._entries[best]
             self.hits += 1
             self.reused_tokens += best_n
-        return Hit(best_n, [a[:, :best_n] for a in entry.kv], entry.ends[best_n] if whole else None)
+        kv = [a[:, :best_n] for a in entry.kv]
+        return Hit(best_n, kv, entry.ends[best_n] if whole else None, min(entry.exact, best_n))
 
     def store(
         self,
@@ -106,11 +117,13 @@ class PrefixCache:
         kv: list[np.ndarray],
         kind: int = 0,
         ends: dict[int, np.ndarray] | None = None,
+        exact: int = 0,
     ) -> bool:
         """Keep `tokens`' keys and values (they are not copied: give arrays no one else writes), computed
         as `kind` says, and `ends`: for a prompt of length p that `tokens` starts with, the logits that
-        followed it. Entries of that kind that are prefixes of it go, their ends kept in the new one;
-        least recently used entries go until the total fits."""
+        followed it; exact: the leading positions a cold prefill would compute as they are (Hit).
+        Entries of that kind that are prefixes of it go, their ends kept in the new one; least
+        recently used entries go until the total fits."""
         ids = np.asarray(tokens, np.int64)
         ends = {p: v for p, v in (ends or {}).items() if 0 < p <= len(ids)}
         nbytes = sum(a.nbytes for a in kv)
@@ -128,7 +141,7 @@ class PrefixCache:
                 self.nbytes -= self._entries.pop(key).nbytes
             nbytes += sum(v.nbytes for v in ends.values())
             self._ids += 1
-            self._entries[self._ids] = Entry(ids, kv, nbytes, kind, ends)
+            self._entries[self._ids] = Entry(ids, kv, nbytes, kind, ends, min(exact, len(ids)))
             self.nbytes += nbytes
             while self.nbytes > self.max_bytes:
                 _, old = self._entries.popitem(last=False)

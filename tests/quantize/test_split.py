@@ -216,10 +216,36 @@ def test_a_partial_hit_gives_what_a_cold_prefill_gives(int8):
         n = len(prompt) - left
         np.testing.assert_array_equal(run(Hit(n, [a[:, :n] for a in kv]))[0], cold)
     cache = PrefixCache(min_tokens=4)
-    cache.store(prompt[:-1] + [7], [a[:, : len(prompt)] for a in kv])
+    cache.store(prompt[:-1] + [7], [a[:, : len(prompt)] for a in kv], exact=len(prompt) - 1)
     hit = cache.lookup(prompt)  # shares all but the last token: two are left, a call of one would differ
-    assert hit.n == len(prompt) - 2
+    assert hit.n == len(prompt) - 2 and hit.as_cold
     np.testing.assert_array_equal(run(hit)[0], cold)
+    # a prefix whose later positions decode steps computed (a chat's answer): a short rest takes the
+    # decode form, faster, since no form would give the cold prefill's logits there
+    n = len(prompt) - 5
+    job = SharedRows(engine.model).start([prompt], [Hit(n, [a[:, :n] for a in kv], exact=n - 10)])
+    assert not job.float_form
+    job.free()
+
+
+def test_a_prompt_answers_alike_whatever_the_prefix_cache_held(int8):
+    """Two requests over one system prompt that differ in their last few tokens: the second reuses the
+    first's prompt positions and answers as it does on a fresh engine, greedy token for token with
+    the same logprobs (the serve_load next turn that answered otherwise alone than under load)."""
+    system = {"role": "system", "content": "Answer from this handbook only. " + PROMPTS[1] * 3}
+
+    def ask(engine, i):
+        msgs = [system, {"role": "user", "content": f"Question {i}"}]
+        c = engine.chat(msgs, max_new_tokens=12, temperature=0, ignore_eos=True, logprobs=True)
+        return c.token_ids, c.logprobs, c.usage.cached_tokens
+
+    fresh = ask(onnxlm.load(int8, split_forms=True), 21)
+    engine = onnxlm.load(int8, split_forms=True)
+    ask(engine, 28)
+    again = ask(engine, 21)
+    prompt = engine.encode_prompt(engine.render_chat([system, {"role": "user", "content": "Question 21"}]))
+    assert 0 < len(prompt) - again[2] <= engine.manifest.io.float_prefill_above  # a short rest
+    assert again[:2] == fresh[:2]
 
 
 def test_both_forms_use_one_copy_of_the_weights(int8):

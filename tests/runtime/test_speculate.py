@@ -168,9 +168,9 @@ def test_prefix_cache_lookup_store_and_bounds():
     cache = PrefixCache(max_bytes=4 * 2 * 40 * 4 * 4, min_tokens=4)
     assert cache.lookup(list(range(30))) is None
     assert cache.store(list(range(20)), kv(20))
-    n, got, _ = cache.lookup(list(range(25)) + [99])
+    n, got, *_ = cache.lookup(list(range(25)) + [99])
     assert n == 20 and got[0].shape == (2, 20, 4)
-    n, _, logits = cache.lookup(list(range(20)))  # the whole prompt cached: two tokens are left to prefill
+    n, _, logits, _ = cache.lookup(list(range(20)))  # the whole prompt cached: two tokens are left to prefill
     assert n == 18 and logits is None  # (no entry kept the logits after this prompt; see chunk_end)
     assert cache.lookup([0, 1, 2, 5, 6]) is None  # shares fewer than min_tokens
     assert cache.store(list(range(30)), kv(30, 2.0))  # extends the first: replaces it
@@ -211,9 +211,9 @@ def test_prefix_cache_keeps_kinds_apart():
     assert cache.lookup(list(range(25)), kind=1) is None
     assert cache.store(list(range(30)), kv(30, 2.0), kind=1)  # a prefix of another kind is no duplicate
     assert len(cache) == 2
-    n, got, _ = cache.lookup(list(range(35)), kind=0)
+    n, got, *_ = cache.lookup(list(range(35)), kind=0)
     assert n == 20 and got[0][0, 0, 0] == 1.0
-    n, got, _ = cache.lookup(list(range(35)), kind=1)
+    n, got, *_ = cache.lookup(list(range(35)), kind=1)
     assert n == 30 and got[0][0, 0, 0] == 2.0
 
 
