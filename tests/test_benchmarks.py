@@ -161,6 +161,18 @@ def test_int4_gemv_checks_both_kernels_before_timing_them(tiny_llama_bundle, tmp
     assert 0 < b["matmuls_ms"] and 0 < b["step_ms"]
 
 
+def test_prefill_exact_finds_every_chunking_and_hit_alike(tiny_llama_bundle, tmp_path):
+    """The shared-buffer driver gives one call's logits bit for bit however a prompt is chunked and
+    from a prefix hit leaving two or more tokens (a hit leaving one runs a one-token call)."""
+    bench = _script("prefill_exact")
+    r = bench.main([str(tiny_llama_bundle), "--tokens", "9,30", "--chunks", "1,2,4", "--threads", "1",
+                    "--out", str(tmp_path)])  # fmt: skip
+    cases = {(row["tokens"], row["case"]): row["max_abs_diff"] for row in r["rows"]}
+    assert (30, "chunks of 1 (last 1)") in cases and (30, "hit of 28, 2 left") in cases
+    assert all(d == 0.0 for (_, case), d in cases.items() if "1 left" not in case), cases
+    assert (tmp_path / "prefill_exact.md").read_text().count("\n| ") == len(cases) + 2  # and the header
+
+
 def test_q4_1_blocks_dequantize_as_the_kernel_reads_them():
     gemv = _script("int4_gemv")
     w = gemv.q4_1_blocks(np.random.default_rng(0), 64, 3)

@@ -99,10 +99,11 @@ def window_feeds(io, facts, ids: Sequence[int], every_position: bool = False) ->
 def chunk_end(start: int, want: int | None, lengths: Sequence[int], limit: int | None = None) -> int:
     """Where a prefill call from `start` over rows of these prompt lengths ends: after `want`
     positions (all when None) and at most at `limit`, except that no call brings a row exactly one
-    token while it has more than that in all. onnxruntime computes a row's one-token call by other
-    kernels (its GEMV; GroupQueryAttention's one-query path) whose keys, values and logits differ
-    from those of the same token computed in a wider call (by ~1e-5 in float32, by up to ~0.7 in a
-    logit once an int4 graph's 8-bit activations round the other way). So a row never ends on a
+    token while it has more than that in all. onnxruntime computes a row that brings one token along
+    other paths than a row bringing several (seen alone and beside a wider row, on float32 and int4
+    graphs): its keys, values and logits differ from those of the same token computed in a wider
+    call, by ~1e-5 in float32 and by up to ~0.7 in a logit once an int4 graph's 8-bit activations
+    round the other way. Calls of two tokens and more agree bit for bit. So a row never ends on a
     call of one token or takes one token a call, and how a prompt is chunked (the server sizes
     chunks by its load) changes nothing."""
     seq = max(lengths, default=0)
