@@ -1,15 +1,16 @@
 """A burst of the requests a chat service gets, all at once, against a real `onnxlm serve` (started
-here on loopback): does every request get its answer, and is each greedy answer the one the same
-request gets alone?
+here on loopback): does every request get its answer, and is each greedy or seeded answer the one
+the same request gets alone?
 
     python benchmarks/serve_load.py BUNDLE [--requests 64] [--draft ngram] [--threads 2] [--out results/]
 
 Kinds, in turn (seeded, started a few ms apart): a next chat turn over a shared ~600-token system
 prompt (greedy), a new short chat (greedy), a completion of 3 to 300 words (greedy), a JSON-schema
-answer, a required tool call, a streamed chat with n=2 (sampled), and a streamed long answer whose
-client leaves after a few events. Reports per kind how many answered and every failure by HTTP status
-(429 is the server's queue saying "later", counted apart), the wall time, and for the greedy kinds how
-many answers under load equal the same request sent alone afterwards. Writes serve_load.json and
+answer (sampled with a seed), a required tool call, a streamed chat with n=2 (sampled with a seed),
+and a streamed long answer whose client leaves after a few events. Reports per kind how many answered
+and every failure by HTTP status (429 is the server's queue saying "later", counted apart), the wall
+time, and for the greedy and seeded kinds how many answers under load equal the same request sent
+alone afterwards. Writes serve_load.json and
 serve_load.md (with the machine and versions).
 """
 
@@ -30,6 +31,7 @@ from serve_reuse import PROMPTS, Server
 
 KINDS = ("turn", "chat", "completion", "json", "tools", "stream_n", "leave")
 GREEDY = ("turn", "chat", "completion")
+SEEDED = ("json", "stream_n")  # sampled with a seed: the same request alone samples the same tokens
 SCHEMA = {
     "type": "object",
     "properties": {"item": {"type": "string"}, "days": {"type": "integer"}},
@@ -101,7 +103,8 @@ def send(srv: Server, path: str, body: dict, leave_after: int | None = None) -> 
         choice = answer["choices"][0]
         cached = ((answer.get("usage") or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
         return 200, choice.get("text") or (choice.get("message") or {}).get("content") or "", cached
-    text, events = "", 0
+    texts: dict[int, str] = {}  # by choice index: n choices' deltas arrive interleaved
+    events = 0
     for line in r:
         line = line.decode().strip()
         if not line.startswith("data: ") or line == "data: [DONE]":
@@ -111,11 +114,11 @@ def send(srv: Server, path: str, body: dict, leave_after: int | None = None) -> 
             return 503, json.dumps(event)[:300], None
         events += 1
         for ch in event.get("choices", []):
-            text += (ch.get("delta") or {}).get("content") or ""
+            texts[ch["index"]] = texts.get(ch["index"], "") + ((ch.get("delta") or {}).get("content") or "")
         if leave_after is not None and events >= leave_after:
             c.close()  # the client leaves
             break
-    return 200, text, None
+    return 200, "\n---\n".join(texts[i] for i in sorted(texts)), None
 
 
 def main() -> None:
@@ -156,7 +159,7 @@ def main() -> None:
         wall = time.perf_counter() - t0
         same, differed = Counter(), []
         for kind, i, status, text, cached in (r for r in results if r is not None):
-            if kind in GREEDY and status == 200:
+            if kind in GREEDY + SEEDED and status == 200:
                 path, body = body_for(kind, i, handbook)
                 _, alone, cached_alone = send(srv, path, body)
                 same[kind, alone == text] += 1
@@ -179,6 +182,8 @@ def main() -> None:
         "failed": [{"kind": k, "i": i, "status": s, "text": t} for k, i, s, t in done if s not in (200, 429)],
         "greedy_same_as_alone": {k: same[k, True] for k in GREEDY},
         "greedy_different": {k: same[k, False] for k in GREEDY},
+        "seeded_same_as_alone": {k: same[k, True] for k in SEEDED},
+        "seeded_different": {k: same[k, False] for k in SEEDED},
         "differed": differed,
         "machine": {"cpus": os.cpu_count(), "processor": platform.processor() or platform.machine()},
         "versions": {"python": platform.python_version(), "onnxruntime": onnxruntime.__version__},
@@ -192,6 +197,8 @@ def main() -> None:
         f"- busy (429): {report['busy_429']}; failed: {len(report['failed'])}",
         f"- greedy answers under load equal to alone: {report['greedy_same_as_alone']}, "
         f"different: {report['greedy_different']}",
+        f"- seeded sampled answers under load equal to alone: {report['seeded_same_as_alone']}, "
+        f"different: {report['seeded_different']}",
     ]
     md += [
         f"  - {d['kind']} {d['i']} differed: prompt tokens from the prefix cache {d['cached_under_load']} "
