@@ -44,7 +44,7 @@ class Hit(NamedTuple):
     """What a prompt reuses: its first n positions' KV; with logits, n is the whole prompt (met
     before) and they are the logits that followed it. exact: how many of the n positions hold what a
     cold prefill of this prompt would have computed there (None: all of them). Prompt positions do,
-    once a prompt prefilled on the same form as a longer one (driver.chunk_end, prefill_forms);
+    once a prompt prefilled on the same form as a longer one (driver.chunk_end, driver.float_rows);
     generated ones do not, since decode steps computed them (a chat's earlier answers)."""
 
     n: int
@@ -86,8 +86,7 @@ class PrefixCache:
         """The longest cached prefix of `prompt` among entries of `kind`, with kv sliced to its n
         positions: the whole prompt with the logits that followed it where an entry served this very
         prompt before, else leaving at least two tokens to prefill (driver.chunk_end says why). None
-        when no entry shares
-        min_tokens with it."""
+        when no entry shares min_tokens with it."""
         ids = np.asarray(prompt, np.int64)
         with self._lock:
             best, best_n, whole = None, 0, False
