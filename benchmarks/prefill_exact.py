@@ -28,7 +28,8 @@ PROMPTS = Path(__file__).resolve().parent / "prompts"
 
 
 def last_logits(model, prompt: list[int], chunk: int | None, hit: Hit | None = None):
-    """(the last position's logits as float64, the first layer's KV, whether the float32 form ran)."""
+    """(the last position's logits as float64, the row's KV per layer or None on the concat layout,
+    whether the float32 form ran)."""
     rows = make_rows(model, chunk)
     job = rows.start([prompt], None if hit is None else [hit])
     try:
@@ -37,6 +38,13 @@ def last_logits(model, prompt: list[int], chunk: int | None, hit: Hit | None = N
         return logits, kv, bool(getattr(job, "float_form", False))
     finally:
         job.free()
+
+
+def against(cold: np.ndarray, model, prompt: list[int], case: str, chunk: int | None, hit=None) -> dict:
+    """One case's report row: its last logits' largest difference from the cold call's."""
+    got, _, form = last_logits(model, prompt, chunk, hit)
+    diff = float(np.abs(got - cold).max())
+    return {"tokens": len(prompt), "case": case, "float_form": form, "max_abs_diff": diff}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -55,21 +63,17 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for n in (int(x) for x in a.tokens.split(",")):
         prompt = ids[:n]
-        cold, kv, form = last_logits(model, prompt, None)
+        cold, kv, _ = last_logits(model, prompt, None)
         chunks = sorted({int(c) for c in a.chunks.split(",")} | {n - 1, n - 2})
         for c in (c for c in chunks if 0 < c < n):
-            got, _, f = last_logits(model, prompt, c)
-            rows.append({"tokens": n, "case": f"chunks of {c} (last {n % c or c})", "float_form": f,
-                         "max_abs_diff": float(np.abs(got - cold).max())})  # fmt: skip
+            rows.append(against(cold, model, prompt, f"chunks of {c} (last {n % c or c})", c))
         if kv is None:
             continue  # the concat layout reuses no prefix
         for left in (int(x) for x in a.left.split(",")):
-            if not 0 < left < n:
-                continue
-            k = n - left
-            got, _, f = last_logits(model, prompt, 512, Hit(k, [x[:, :k] for x in kv]))
-            rows.append({"tokens": n, "case": f"hit of {k}, {left} left", "float_form": f,
-                         "max_abs_diff": float(np.abs(got - cold).max())})  # fmt: skip
+            if 0 < left < n:
+                k = n - left
+                hit = Hit(k, [x[:, :k] for x in kv])
+                rows.append(against(cold, model, prompt, f"hit of {k}, {left} left", 512, hit))
     import onnxruntime
 
     report = {

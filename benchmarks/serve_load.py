@@ -10,8 +10,7 @@ answer (sampled with a seed), a required tool call, a streamed chat with n=2 (sa
 and a streamed long answer whose client leaves after a few events. Reports per kind how many answered
 and every failure by HTTP status (429 is the server's queue saying "later", counted apart), the wall
 time, and for the greedy and seeded kinds how many answers under load equal the same request sent
-alone afterwards. Writes serve_load.json and
-serve_load.md (with the machine and versions).
+alone afterwards. Writes serve_load.json and serve_load.md (with the machine and versions).
 """
 
 from __future__ import annotations

@@ -166,8 +166,8 @@ class Batch:
         context = (seq.prompt + seq.tokens)[:held]
         if held >= self.prefix_cache.min_tokens:
             ends = {} if seq.prompt_logits is None else {len(seq.prompt): seq.prompt_logits}
-            kind, exact = self.rows.kv_kind(held), min(seq.exact_tokens, held)
-            self.prefix_cache.store(context, self.rows.read(row), kind, ends, exact)
+            kind = self.rows.kv_kind(held)
+            self.prefix_cache.store(context, self.rows.read(row), kind, ends, seq.exact_tokens)
 
     def free(self) -> None:
         self.rows.free()
