@@ -286,34 +286,42 @@ def release_mapped_files(directory: str | os.PathLike) -> int:
     return released
 
 
-# Linux 5.4+: reclaim the range's pages. A clean file page is dropped (it reads back from the file on
-# its next touch), one this process wrote to is paged out or left: never lost, so it is safe on a
-# mapping onnxruntime may still be writing to, as MADV_DONTNEED is not.
-MADV_PAGEOUT = 21
 # onnxruntime reads a tied head's 28 MB table (SmolLM2 int4) in ~12 ms at the end of a build: polled
 # every 20 ms, all of it was resident at once and made the process's peak (238 against 215-220 MB)
 LOAD_RELEASE_EVERY_S = 0.002
+
+
+def read_only_file_ranges(directory: str | os.PathLike) -> list[tuple[int, int]]:
+    """`file_ranges` of the mappings this process cannot write to: dropping their pages
+    (MADV_DONTNEED) loses nothing, and leaves them in the page cache."""
+    root = os.path.realpath(directory) + os.sep
+    return _map_ranges(lambda perms, path: "w" not in perms and path.startswith(root))
 
 
 @contextmanager
 def releasing_mapped_files(
     directory: str | os.PathLike, every_s: float = LOAD_RELEASE_EVERY_S
 ) -> Iterator[None]:
-    """While the body runs (onnxruntime building a session from the bundle at `directory`), reclaim
-    the resident pages of the files it maps from there every `every_s` seconds. onnxruntime maps every
-    external tensor, packs most of them into memory of its own and keeps some as mapped (the scales a
-    4-bit kernel packed from, a gather's tables): all of the file is resident at the end of the build
-    unless dropped as it goes, and that end is the process's peak (SmolLM2 int4: 261 MB kept, 248 polled
-    every 20 ms, 238 every 2 ms).
-    A no-op where there is no madvise or MADV_PAGEOUT (not Linux, kernels before 5.4)."""
+    """While the body runs (onnxruntime building a session from the bundle at `directory`), drop this
+    process's resident pages of the read-only mappings of files from there every `every_s` seconds:
+    the bundle's data as split.SplitSession maps it, which the build packs from and would otherwise
+    leave resident whole at its end, the process's peak (SmolLM2 int4: 261 MB kept, 248 polled every
+    20 ms, 238 every 2 ms).
+    The pages stay in the page cache, so the next load of the bundle reads memory, not the disk. (This
+    reclaimed with MADV_PAGEOUT, which also evicts the pages from the page cache: each load of the
+    fp32 bundle left ~200 MB of its file to be read back from disk by the next, 8-15 s instead of 2 s
+    on a slow disk.) The writable private mappings onnxruntime makes of external data itself are left
+    to release_mapped_files after the build: dropping a page of one is safe only if this process never
+    wrote to it, which no check made before the drop can promise while the build runs.
+    A no-op where there is no madvise (not Linux)."""
     madvise = _libc_function("madvise", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int])
     stop = threading.Event()
 
     def reclaim() -> None:
         while not stop.wait(every_s):
-            ranges = file_ranges(directory)  # a page walk (smaps) each time would cost more than it saves
-            failed = sum(madvise(start, end - start, MADV_PAGEOUT) != 0 for start, end in ranges)
-            if ranges and failed == len(ranges):  # no MADV_PAGEOUT on this kernel: nothing to do
+            ranges = read_only_file_ranges(directory)  # no page walk (smaps) each time: it would cost more
+            failed = sum(madvise(start, end - start, MADV_DONTNEED) != 0 for start, end in ranges)
+            if ranges and failed == len(ranges):  # madvise refused: nothing to do
                 return
 
     worker = threading.Thread(target=reclaim, name="onnxlm-release-pages", daemon=True) if madvise else None

@@ -1,6 +1,8 @@
 """Providers, session options, and the runtime's import hygiene."""
 
+import ctypes
 import logging
+import mmap
 import os
 import subprocess
 import sys
@@ -161,32 +163,56 @@ def test_release_mapped_files_without_a_mapping_or_proc(tmp_path, monkeypatch):
     assert S.release_mapped_files(tmp_path) == 0
 
 
+def _cached_pages(path) -> tuple[int, int]:
+    """(pages of the file in the page cache, pages in all): mincore over a fresh mapping, whose own
+    page tables hold nothing yet."""
+    mincore = S._libc_function("mincore", [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p])
+    fresh = np.memmap(path, np.uint8, mode="r")
+    pages = -(-fresh.nbytes // mmap.PAGESIZE)
+    vec = ctypes.create_string_buffer(pages)
+    assert mincore(fresh.ctypes.data, fresh.nbytes, vec) == 0
+    return int(np.count_nonzero(np.frombuffer(vec.raw, np.uint8) & 1)), pages
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
-def test_releasing_mapped_files_reclaims_while_the_body_runs_and_keeps_writes(tmp_path):
+def test_releasing_mapped_files_drops_read_only_pages_while_the_body_runs_and_keeps_the_page_cache(tmp_path):
     data = np.arange(4 * 1024 * 1024, dtype=np.float32)  # 16 MB
     (tmp_path / "w").mkdir()
-    data.tofile(tmp_path / "w" / "model.onnx.data")
+    path = tmp_path / "w" / "model.onnx.data"
+    data.tofile(path)
     data.tofile(tmp_path / "other.bin")
     expected = float(data.sum(dtype=np.float64))
-    mapped = np.memmap(tmp_path / "w" / "model.onnx.data", np.float32, mode="c")
-    elsewhere = np.memmap(tmp_path / "other.bin", np.float32, mode="c")
+    shared = np.memmap(path, np.float32, mode="r")  # read-only, as split.SplitSession maps
+    written = np.memmap(path, np.float32, mode="c")  # private and writable, as onnxruntime maps
+    elsewhere = np.memmap(tmp_path / "other.bin", np.float32, mode="r")
     assert float(elsewhere.sum(dtype=np.float64)) == expected
+    written[:1024] = 7.0
+    with_write = expected - float(data[:1024].sum(dtype=np.float64)) + 7.0 * 1024
     with S.releasing_mapped_files(tmp_path / "w", every_s=0.01):
-        assert float(mapped.sum(dtype=np.float64)) == expected  # all of it resident, for a moment
-        mapped[:1024] = 7.0  # a page written while the reclaimer runs: paged out or kept, never lost
+        assert float(shared.sum(dtype=np.float64)) == expected  # all of it resident, for a moment
+        assert float(written.sum(dtype=np.float64)) == with_write
         deadline = time.monotonic() + 5
-        while _mapped_kb(tmp_path / "w")[0] > 1024 and time.monotonic() < deadline:
+        while _rss_kb(shared) > 1024 and time.monotonic() < deadline:
             time.sleep(0.01)
-        during = _mapped_kb(tmp_path / "w")[0]
-    if during > 1024 and _mapped_kb(tmp_path / "w")[0] > 1024:
-        pytest.skip("this kernel reclaims nothing on MADV_PAGEOUT (before Linux 5.4)")
-    assert during <= 1024, f"{during} kB still resident"
-    assert float(mapped[:1024].sum()) == 7.0 * 1024  # the write survived
-    assert float(mapped[1024:].sum(dtype=np.float64)) == expected - float(data[:1024].sum(dtype=np.float64))
-    assert _mapped_kb(tmp_path)[0] > 15 * 1024  # other.bin lies outside the folder: untouched
-    float(mapped.sum(dtype=np.float64))  # read again after the body: nothing reclaims any more
-    time.sleep(0.05)
-    assert _mapped_kb(tmp_path / "w")[0] > 15 * 1024
+        during_shared, during_written = _rss_kb(shared), _rss_kb(written)
+    assert during_shared <= 1024, f"{during_shared} kB of the read-only mapping still resident"
+    assert during_written > 15 * 1024  # a writable mapping is left alone while the body runs
+    cached, pages = _cached_pages(path)
+    assert cached == pages, f"{pages - cached} of {pages} pages left the page cache"
+    assert float(written.sum(dtype=np.float64)) == with_write  # the write survived
+    assert float(shared.sum(dtype=np.float64)) == expected  # the same bytes, read back
+    assert _rss_kb(elsewhere) > 15 * 1024  # other.bin lies outside the folder: untouched
+    time.sleep(0.05)  # after the body nothing reclaims any more
+    assert _rss_kb(shared) > 15 * 1024
+
+
+def _rss_kb(array: np.memmap) -> int:
+    """kB resident of the mapping that holds `array`."""
+    address = array.ctypes.data
+    for m in S.mappings():
+        if m["start"] <= address < m["end"]:
+            return m["rss_kb"]
+    raise AssertionError("no mapping holds the array")
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
