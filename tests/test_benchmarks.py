@@ -228,3 +228,12 @@ def test_verify_cost_measures_each_width_against_a_step(tiny_llama_bundle, tmp_p
         r = result["bundles"]["tiny"][ctx]
         assert r["step_ms"] > 0 and set(r["ratio"]) == {"2", "3"} and all(v > 0 for v in r["ratio"].values())
     assert "| tiny | 20 |" in (out / "verify_cost.md").read_text()
+
+
+def test_prefill_memory_reports_each_prompt_after_load(tiny_llama_bundle, tmp_path):
+    bench = _script("prefill_memory")
+    r = bench.main([str(tiny_llama_bundle), "--tokens", "9,120,30", "--new-tokens", "2", "--threads", "1",
+                    "--out", str(tmp_path)])  # fmt: skip
+    assert [row["tokens"] for row in r["rows"]] == [9, 120, 30]
+    assert r["rss_after_load_mb"] > 0 and all(row["rss_mb"] > 0 and row["seconds"] > 0 for row in r["rows"])
+    assert (tmp_path / "prefill_memory.md").read_text().count("\n| ") == 3 + 2  # and the header

@@ -22,6 +22,7 @@ from typing import Protocol
 import numpy as np
 
 from .kv_cache import KVCache
+from .session import release_free_heap
 from .shared_kv import SharedKVCache
 
 GROWTH = 1.25  # a full buffer is rebuilt this much larger (at least MIN_ROOM more slots)
@@ -139,6 +140,14 @@ def exact_after(prompt_len: int, hit, above: int | None) -> int:
     if prompt_len < 2 or (above is not None and prompt_len <= above):
         return 0  # a one-token call, or the decode form: a longer prompt computes them otherwise
     return prompt_len if hit is None or hit.as_cold else int(hit.exact)
+
+
+# A long prompt's float32 form (an int8 cache's prefill, split.SplitSession) allocates tens of MB a call
+# (its attention's scores grow with chunk x context) and frees them when the call ends; glibc keeps much
+# of that in its heaps once its mmap threshold has risen (SmolLM2 int8, prompts of 1,000-3,000 tokens
+# after a quantize in the same process: +299 MB). Handing the free pages back (malloc_trim, 10-20 ms)
+# after a prefill of at least this many tokens keeps the process at its size after load.
+TRIM_AFTER = 512
 
 
 def _token_lists(tokens) -> list[list[int]]:
@@ -378,7 +387,11 @@ class SharedPrefill(Prefill):
         ends = (self.lengths > start) & (self.lengths <= end)  # rows whose last token is in this chunk
         self.last[ends] = logits[ends]
         self.start = end
-        return self.last if end >= seq else None
+        if end < seq:
+            return None
+        if self.float_form and seq >= TRIM_AFTER:
+            release_free_heap()
+        return self.last
 
     def expand(self, rows: Sequence[int]) -> None:
         """After the prefill: the cache's rows become `rows` (indices may repeat: prompts shared by

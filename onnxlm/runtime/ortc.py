@@ -28,6 +28,7 @@ _SLOTS = {  # OrtApi function pointer index
     "CreateEnv": 3,
     "Run": 9,
     "CreateSessionOptions": 10,
+    "DisableCpuMemArena": 19,
     "SetSessionLogSeverityLevel": 22,
     "SetSessionGraphOptimizationLevel": 23,
     "SetIntraOpNumThreads": 24,
@@ -82,6 +83,7 @@ _SIGNATURES = {  # name: (return type, argument types); None returns: Release* f
     "CreateEnv": (_P, [C.c_int, C.c_char_p, _PP]),
     "Run": (_P, [_P, _P, C.POINTER(C.c_char_p), _PP, C.c_size_t, C.POINTER(C.c_char_p), C.c_size_t, _PP]),
     "CreateSessionOptions": (_P, [_PP]),
+    "DisableCpuMemArena": (_P, [_P]),
     "SetSessionLogSeverityLevel": (_P, [_P, C.c_int]),
     "SetSessionGraphOptimizationLevel": (_P, [_P, C.c_int]),
     "SetIntraOpNumThreads": (_P, [_P, C.c_int]),
@@ -264,7 +266,9 @@ class Value(_Owned):
 class Session(_Owned):
     """One graph's session, built from the graph's bytes. `initializers` (name -> Value) are used as
     they are instead of the graph's own weights; sessions given the same `container` keep one packed
-    copy of each weight they pack alike. `config`: session config entries (onnxruntime's keys)."""
+    copy of each weight they pack alike. `config`: session config entries (onnxruntime's keys).
+    arena=False: onnxruntime's memory arena off, so what a run allocates goes back when the run ends
+    instead of staying with the session for its next run."""
 
     __slots__ = ("ptr", "initializers", "container", "_api")
     _release = "ReleaseSession"
@@ -276,11 +280,14 @@ class Session(_Owned):
         initializers: Mapping[str, Value],
         container: Container,
         config: Mapping[str, str] = (),
+        arena: bool = True,
     ):
         a = self._api = api()
         self.initializers, self.container = initializers, container  # both outlive the session
         options = a.out(a.CreateSessionOptions)
         try:
+            if not arena:
+                a.check(a.DisableCpuMemArena(options))
             a.check(a.SetIntraOpNumThreads(options, threads))
             a.check(a.SetInterOpNumThreads(options, 1))
             a.check(a.SetSessionGraphOptimizationLevel(options, ORT_ENABLE_ALL))

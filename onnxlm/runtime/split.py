@@ -312,12 +312,19 @@ class SplitSession:
             self.container,
             {**base, **({} if idle_spin else {STOP_SPINNING: "1"})},
         )
+        # The prefill form runs without onnxruntime's arena: a chunk's float32 attention over a long
+        # context allocates tens of MB per call (512 queries x 9 heads x 4,000 keys of scores: 74 MB),
+        # which an arena keeps, growing by powers of two as contexts lengthen. With it, a SmolLM2 int4
+        # process held 574 MB after prompts of up to 4,000 tokens against 228 after load; without it
+        # 303 MB, at the same prefill speed (benchmarks/README.md). The decode form keeps its arena:
+        # its calls are small and many.
         self.prefill = ortc.Session(
             prefill.SerializeToString(),
             threads,
             self.initializers,
             self.container,
             {**base, STOP_SPINNING: "1"},
+            arena=False,
         )
 
     # --- what a Model asks of its session ----------------------------------------------------

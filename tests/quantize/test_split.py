@@ -347,3 +347,20 @@ def test_c_api_errors_carry_onnxruntimes_message(int8):
     with pytest.raises(ValueError, match="contiguous"):
         ortc.Value.of(np.zeros((4, 4), np.float32)[:, ::2])
     assert S.split_wanted(True) and not S.split_wanted(False)
+
+
+def test_a_long_float_prefill_hands_the_heap_back(int8, monkeypatch):
+    """A prefill of at least driver.TRIM_AFTER tokens in the float32 form (which runs without
+    onnxruntime's arena) ends by giving the C heap's free pages back; a short one does not pay for it."""
+    from onnxlm.runtime import driver
+
+    trims = []
+    monkeypatch.setattr(driver, "release_free_heap", lambda: trims.append(True))
+    monkeypatch.setattr(driver, "TRIM_AFTER", 128)  # the tiny model's window is 256 tokens
+    engine = onnxlm.load(int8, prefix_cache_mb=0)
+    ids = engine.tokenizer.encode(" ".join(PROMPTS[:2]) * 20)
+    assert len(ids) >= 128
+    engine.generate(ids[:40], max_new_tokens=2, ignore_eos=True)  # float32 form, below the line
+    assert trims == []
+    engine.generate(ids[:128], max_new_tokens=2, ignore_eos=True)
+    assert trims == [True]

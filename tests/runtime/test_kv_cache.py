@@ -217,6 +217,26 @@ def test_shared_trim_select_free():
     assert cache.feeds([1, 1])["past_key_values.1.value"].shape() == [2, H, 6, D]
 
 
+def test_shared_buffers_go_back_to_the_system_when_large(monkeypatch):
+    from onnxlm.runtime import shared_kv
+
+    trims = []
+    monkeypatch.setattr(shared_kv, "release_free_heap", lambda: trims.append(True))
+    small = SharedKVCache(L, H, D, batch=1, capacity=6)
+    small.feeds([1])
+    small.free()
+    assert trims == []  # a few bytes: left to the allocator
+    # 2 layers x (key, value) x 8 rows x 2 heads x 32,768 slots x 4 dims x 4 bytes = 32 MiB
+    large = SharedKVCache(L, H, D, batch=8, capacity=32768)
+    large.feeds([1] * 8)
+    assert large.nbytes() == 2 * shared_kv.GIVE_BACK_BYTES
+    large.free()
+    assert trims == [True]
+    large.feeds([1] * 8)  # allocates again at the same size
+    assert large.shrink(room=8) and trims == [True, True]  # rebuilt 4,096 times smaller
+    assert not large.shrink(room=8) and trims == [True, True]
+
+
 GQA_D = 8  # GroupQueryAttention wants head sizes in multiples of 8
 
 
