@@ -185,9 +185,9 @@ def test_int8_kv_cache_prefills_in_float32_and_answers(smollm2_kv8):
 
 def test_long_prompts_leave_no_memory_behind(smollm2_kv8):
     """A long prompt's chunks run the split's float32 form, whose attention allocates tens of MB a call
-    (512 queries x 9 heads x 3,000 keys of float32 scores: 55 MB). With onnxruntime's arena on that
-    session the process kept it all, growing as contexts lengthened (~250 MB over these prompts);
-    without it, what a prefill allocates goes back when it ends."""
+    (512 queries x 9 heads x 3,000 keys of float32 scores: 55 MB). onnxruntime's arena on that session
+    kept it all, growing as contexts lengthened (+314 MB over these prompts); with the arena shrunk after
+    long calls and the C heap trimmed after long prefills, what a prefill allocates goes back."""
     import onnxlm
     from onnxlm.runtime.eval import builtin_text
     from onnxlm.runtime.split import SplitSession

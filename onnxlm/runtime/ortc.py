@@ -28,7 +28,7 @@ _SLOTS = {  # OrtApi function pointer index
     "CreateEnv": 3,
     "Run": 9,
     "CreateSessionOptions": 10,
-    "DisableCpuMemArena": 19,
+    "CreateRunOptions": 39,
     "SetSessionLogSeverityLevel": 22,
     "SetSessionGraphOptimizationLevel": 23,
     "SetIntraOpNumThreads": 24,
@@ -43,6 +43,7 @@ _SLOTS = {  # OrtApi function pointer index
     "ReleaseStatus": 93,
     "ReleaseSession": 95,
     "ReleaseValue": 96,
+    "ReleaseRunOptions": 97,
     "ReleaseTensorTypeAndShapeInfo": 99,
     "ReleaseSessionOptions": 100,
     "GetAvailableProviders": 125,
@@ -54,6 +55,7 @@ _SLOTS = {  # OrtApi function pointer index
     "BindInput": 136,
     "BindOutput": 137,
     "AddInitializer": 150,
+    "AddRunConfigEntry": 165,
     "CreatePrepackedWeightsContainer": 166,
     "ReleasePrepackedWeightsContainer": 167,
     "CreateSessionFromArrayWithPrepackedWeightsContainer": 169,
@@ -83,7 +85,9 @@ _SIGNATURES = {  # name: (return type, argument types); None returns: Release* f
     "CreateEnv": (_P, [C.c_int, C.c_char_p, _PP]),
     "Run": (_P, [_P, _P, C.POINTER(C.c_char_p), _PP, C.c_size_t, C.POINTER(C.c_char_p), C.c_size_t, _PP]),
     "CreateSessionOptions": (_P, [_PP]),
-    "DisableCpuMemArena": (_P, [_P]),
+    "CreateRunOptions": (_P, [_PP]),
+    "ReleaseRunOptions": (None, [_P]),
+    "AddRunConfigEntry": (_P, [_P, C.c_char_p, C.c_char_p]),
     "SetSessionLogSeverityLevel": (_P, [_P, C.c_int]),
     "SetSessionGraphOptimizationLevel": (_P, [_P, C.c_int]),
     "SetIntraOpNumThreads": (_P, [_P, C.c_int]),
@@ -266,9 +270,7 @@ class Value(_Owned):
 class Session(_Owned):
     """One graph's session, built from the graph's bytes. `initializers` (name -> Value) are used as
     they are instead of the graph's own weights; sessions given the same `container` keep one packed
-    copy of each weight they pack alike. `config`: session config entries (onnxruntime's keys).
-    arena=False: onnxruntime's memory arena off, so what a run allocates goes back when the run ends
-    instead of staying with the session for its next run."""
+    copy of each weight they pack alike. `config`: session config entries (onnxruntime's keys)."""
 
     __slots__ = ("ptr", "initializers", "container", "_api")
     _release = "ReleaseSession"
@@ -280,14 +282,11 @@ class Session(_Owned):
         initializers: Mapping[str, Value],
         container: Container,
         config: Mapping[str, str] = (),
-        arena: bool = True,
     ):
         a = self._api = api()
         self.initializers, self.container = initializers, container  # both outlive the session
         options = a.out(a.CreateSessionOptions)
         try:
-            if not arena:
-                a.check(a.DisableCpuMemArena(options))
             a.check(a.SetIntraOpNumThreads(options, threads))
             a.check(a.SetInterOpNumThreads(options, 1))
             a.check(a.SetSessionGraphOptimizationLevel(options, ORT_ENABLE_ALL))
@@ -307,7 +306,9 @@ class Session(_Owned):
         finally:
             a.ReleaseSessionOptions(options)
 
-    def run(self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str]) -> list[np.ndarray]:
+    def run(
+        self, feeds: Mapping[str, np.ndarray], output_names: Sequence[str], options: RunOptions | None = None
+    ) -> list[np.ndarray]:
         """Plain run: host arrays in, new host arrays out (onnxruntime allocates, then they are copied)."""
         a = self._api
         inputs = {name: Value.of(np.ascontiguousarray(v)) for name, v in feeds.items()}
@@ -315,7 +316,8 @@ class Session(_Owned):
         in_values = (_P * len(inputs))(*(v.ptr for v in inputs.values()))
         out_names = (C.c_char_p * len(output_names))(*(n.encode() for n in output_names))
         outs = (_P * len(output_names))()
-        a.check(a.Run(self.ptr, None, in_names, in_values, len(inputs), out_names, len(output_names), outs))
+        run = options and options.ptr
+        a.check(a.Run(self.ptr, run, in_names, in_values, len(inputs), out_names, len(output_names), outs))
         try:
             return [self._to_numpy(v) for v in outs]
         finally:
@@ -358,8 +360,21 @@ class Binding(_Owned):
         a.check((a.BindOutput if output else a.BindInput)(self.ptr, name.encode(), value.ptr))
         self.bound[name, output] = value
 
-    def run(self) -> None:
-        self._api.check(self._api.RunWithBinding(self.session.ptr, None, self.ptr))
+    def run(self, options: RunOptions | None = None) -> None:
+        self._api.check(self._api.RunWithBinding(self.session.ptr, options and options.ptr, self.ptr))
+
+
+class RunOptions(_Owned):
+    """Run options holding run config entries (onnxruntime's keys), for Binding.run."""
+
+    __slots__ = ("ptr", "_api")
+    _release = "ReleaseRunOptions"
+
+    def __init__(self, config: Mapping[str, str]):
+        a = self._api = api()
+        self.ptr = a.out(a.CreateRunOptions)
+        for key, value in config.items():
+            a.check(a.AddRunConfigEntry(self.ptr, key.encode(), value.encode()))
 
 
 class Container(_Owned):

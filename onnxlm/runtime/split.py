@@ -37,6 +37,9 @@ CPU = "CPUExecutionProvider"
 # the session config key that resolves external data of a graph built from bytes
 EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 STOP_SPINNING = "session.force_spinning_stop"
+# a run config entry: the arena frees its unused blocks when the run ends
+SHRINK_ARENA = "memory.enable_memory_arena_shrinkage"
+SHRINK_FROM = 256  # tokens a row brings to a prefill-form call that then shrinks its arena
 
 _TABLE = {  # what cutting the graph reads and edits; every other field is kept as it was
     "ModelProto": [("graph", 7, "GraphProto")],
@@ -312,20 +315,22 @@ class SplitSession:
             self.container,
             {**base, **({} if idle_spin else {STOP_SPINNING: "1"})},
         )
-        # The prefill form runs without onnxruntime's arena: a chunk's float32 attention over a long
-        # context allocates tens of MB per call (512 queries x 9 heads x 4,000 keys of scores: 74 MB),
-        # which an arena keeps, growing by powers of two as contexts lengthen. With it, a SmolLM2 int4
-        # process held 574 MB after prompts of up to 4,000 tokens against 228 after load; without it
-        # 303 MB, at the same prefill speed (benchmarks/README.md). The decode form keeps its arena:
-        # its calls are small and many.
         self.prefill = ortc.Session(
             prefill.SerializeToString(),
             threads,
             self.initializers,
             self.container,
             {**base, STOP_SPINNING: "1"},
-            arena=False,
         )
+        # A prefill-form call bringing SHRINK_FROM tokens or more to a row ends by handing its arena's
+        # free blocks back (onnxruntime's arena shrinkage). A chunk's float32 attention over a long
+        # context allocates tens of MB a call (512 queries x 9 heads x 4,000 keys of scores: 74 MB),
+        # which the arena otherwise keeps, growing by powers of two as contexts lengthen: a SmolLM2 int4
+        # process held +328 MB over its size after load after prompts of up to 4,000 tokens
+        # (benchmarks/README.md). Shrinking after every call cost short prompts a few ms (the next call
+        # allocates again), and no arena at all raised a short prefill's peak ~5 MB. The decode form's
+        # calls are small and many: its arena stays as it is.
+        self.shrink = ortc.RunOptions({SHRINK_ARENA: "cpu:0"})
 
     # --- what a Model asks of its session ----------------------------------------------------
     def get_inputs(self) -> list[Arg]:
@@ -346,7 +351,13 @@ class SplitSession:
         self, output_names: Sequence[str] | None, feeds: Mapping[str, np.ndarray], prefill: bool = False
     ) -> list[np.ndarray]:
         names = [o.name for o in self._outputs] if output_names is None else list(output_names)
-        return self.form(feeds[self.query_input], prefill).run(feeds, names)
+        form = self.form(feeds[self.query_input], prefill)
+        return form.run(feeds, names, self.options(form, feeds[self.query_input]))
+
+    def options(self, form: ortc.Session, query_lens: np.ndarray) -> ortc.RunOptions | None:
+        """The run options of a call on `form` bringing `query_lens` tokens to its rows: arena shrinkage
+        for a long prefill-form call (SHRINK_FROM), else none."""
+        return self.shrink if form is self.prefill and int(np.max(query_lens)) >= SHRINK_FROM else None
 
     def io_binding(self) -> SplitBinding:
         return SplitBinding(self)
@@ -394,11 +405,12 @@ class SplitBinding:
     def run(self, prefill: bool = False) -> None:
         if self.query is None:
             raise ValueError(f"SplitBinding.run: {self.session.query_input!r} was never bound")
-        binding, stale = self.forms[self.session.form(self.query, prefill)]
+        form = self.session.form(self.query, prefill)
+        binding, stale = self.forms[form]
         for key in stale:
             binding.bind(key[0], self.values[key], output=key[1])
         stale.clear()
-        binding.run()
+        binding.run(self.session.options(form, self.query))
 
 
 def _wrap(value: Any) -> ortc.Value:

@@ -62,7 +62,10 @@ def test_forms_have_no_if_and_one_attention_per_layer(int8):
         assert {i for n in form.graph.node for i in n.input if i in names} == names  # none left unread
 
 
-def test_split_gives_the_if_graphs_outputs(int8):
+@pytest.mark.parametrize("shrink_from", [split.SHRINK_FROM, 8])
+def test_split_gives_the_if_graphs_outputs(int8, shrink_from, monkeypatch):
+    """(shrink_from 8: the prefill call runs with arena shrinkage, which changes no output.)"""
+    monkeypatch.setattr(split, "SHRINK_FROM", shrink_from)
     plain, forms = onnxlm.load(int8, split_forms=False), onnxlm.load(int8, split_forms=True)
     assert isinstance(forms.model.session, split.SplitSession)
     assert not isinstance(plain.model.session, split.SplitSession)
@@ -350,8 +353,8 @@ def test_c_api_errors_carry_onnxruntimes_message(int8):
 
 
 def test_a_long_float_prefill_hands_the_heap_back(int8, monkeypatch):
-    """A prefill of at least driver.TRIM_AFTER tokens in the float32 form (which runs without
-    onnxruntime's arena) ends by giving the C heap's free pages back; a short one does not pay for it."""
+    """A prefill of at least driver.TRIM_AFTER tokens in the float32 form ends by giving the C heap's
+    free pages back; a short one does not pay for it."""
     from onnxlm.runtime import driver
 
     trims = []
@@ -364,3 +367,10 @@ def test_a_long_float_prefill_hands_the_heap_back(int8, monkeypatch):
     assert trims == []
     engine.generate(ids[:128], max_new_tokens=2, ignore_eos=True)
     assert trims == [True]
+
+
+def test_only_a_long_prefill_form_call_shrinks_its_arena(int8):
+    session = onnxlm.load(int8, split_forms=True).model.session
+    assert session.options(session.prefill, np.array([split.SHRINK_FROM, 3])) is session.shrink
+    assert session.options(session.prefill, np.array([split.SHRINK_FROM - 1])) is None
+    assert session.options(session.decode, np.array([split.SHRINK_FROM])) is None  # (never asked)
