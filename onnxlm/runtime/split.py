@@ -327,9 +327,10 @@ class SplitSession:
         # context allocates tens of MB a call (512 queries x 9 heads x 4,000 keys of scores: 74 MB),
         # which the arena otherwise keeps, growing by powers of two as contexts lengthen: a SmolLM2 int4
         # process held +328 MB over its size after load after prompts of up to 4,000 tokens
-        # (benchmarks/README.md). Shrinking after every call cost short prompts a few ms (the next call
-        # allocates again), and no arena at all raised a short prefill's peak ~5 MB. The decode form's
-        # calls are small and many: its arena stays as it is.
+        # (benchmarks/README.md). Short calls keep their blocks for the next call (what they hold is
+        # small); no arena at all raised a short prefill's peak ~5 MB. The decode form's calls are
+        # small and many: its arena stays as it is. A server under load may cut chunks shorter than
+        # SHRINK_FROM: the arena then keeps at most one such chunk's blocks until a long call shrinks it.
         self.shrink = ortc.RunOptions({SHRINK_ARENA: "cpu:0"})
 
     # --- what a Model asks of its session ----------------------------------------------------
