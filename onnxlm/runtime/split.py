@@ -330,7 +330,7 @@ class SplitSession:
         # (benchmarks/README.md). Short calls keep their blocks for the next call (what they hold is
         # small); no arena at all raised a short prefill's peak ~5 MB. The decode form's calls are
         # small and many: its arena stays as it is. A server under load may cut chunks shorter than
-        # SHRINK_FROM: the arena then keeps at most one such chunk's blocks until a long call shrinks it.
+        # SHRINK_FROM: the arena then keeps what such chunks used until a long call shrinks it.
         self.shrink = ortc.RunOptions({SHRINK_ARENA: "cpu:0"})
 
     # --- what a Model asks of its session ----------------------------------------------------
