@@ -142,8 +142,8 @@ def exact_after(prompt_len: int, hit, above: int | None) -> int:
     return prompt_len if hit is None or hit.as_cold else int(hit.exact)
 
 
-# A long prompt's float32 form (an int8 cache's prefill, split.SplitSession) allocates tens of MB a call
-# (its attention's scores grow with chunk x context) and frees them when the call ends; glibc keeps much
+# A long prompt's prefill allocates tens of MB a call (its attention's scores grow with chunk x context)
+# and frees them when the call ends (or its arena shrinks: session.SHRINK_FROM); glibc keeps much
 # of that in its heaps once its mmap threshold has risen (SmolLM2 int8, prompts of 1,000-3,000 tokens
 # after a quantize in the same process: +299 MB). Handing the free pages back (malloc_trim, 2-20 ms)
 # after a prefill of at least this many tokens keeps the process at its size after load.
@@ -389,7 +389,7 @@ class SharedPrefill(Prefill):
         self.start = end
         if end < seq:
             return None
-        if self.float_form and seq >= TRIM_AFTER:
+        if seq >= TRIM_AFTER:
             release_free_heap()
         return self.last
 

@@ -24,7 +24,7 @@ from . import constraints
 from .driver import long_rows, window_feeds
 from .kv_cache import KVCache
 from .sampling import ParamError, apply_processors, check_logit_bias, make_logits_processors, make_sampler
-from .session import BoundBuffers, binds_arrays, kv_device, run_bound, run_numpy
+from .session import SHRINK_FROM, BoundBuffers, binds_arrays, kv_device, run_bound, run_numpy
 from .shared_kv import SharedKVCache
 from .tokenizer import Detokenizer, Tokenizer
 
@@ -224,7 +224,8 @@ class Model:
                 )
             shape = (*logits_index.shape, self.facts.vocab_size)  # (batch, n, vocab)
             width = input_ids.shape[1]
-            logits = bound.run({**inputs, **cache.step_inputs(query_lens, width)}, shape, prefill)
+            long_call = int(np.max(query_lens)) >= SHRINK_FROM
+            logits = bound.run({**inputs, **cache.step_inputs(query_lens, width)}, shape, prefill, long_call)
             cache.advance()
             return np.array(logits, dtype=np.float32)  # a copy: the array is the next step's output too
         # numpy path: the presents come back as new arrays and are copied into the buffer (debugging)

@@ -109,6 +109,14 @@ def session_options(threads: int | None = None, idle_spin: bool = True) -> ort.S
     return opts
 
 
+# A run config entry: the arena frees its unused blocks when the run ends. A call bringing SHRINK_FROM
+# tokens or more to some row (a long prompt's chunk) runs with it: its attention's scores grow with chunk
+# x context (512 queries x 9 heads x 4,000 keys: 74 MB), and an arena keeps every block it made, growing
+# by powers of two as contexts lengthen (benchmarks/README.md, "Memory a long prompt left behind").
+SHRINK_ARENA = "memory.enable_memory_arena_shrinkage"
+SHRINK_FROM = 256
+
+
 def spins_when_idle(session: ort.InferenceSession) -> bool:
     """Whether the session's threads keep spinning after a run (see session_options)."""
     if hasattr(session, "idle_spin"):  # a SplitSession
@@ -484,10 +492,15 @@ class BoundBuffers:
         self.logits: np.ndarray | None = None
 
     def run(
-        self, inputs: Mapping[str, np.ndarray], logits_shape: tuple[int, ...], prefill: bool = False
+        self,
+        inputs: Mapping[str, np.ndarray],
+        logits_shape: tuple[int, ...],
+        prefill: bool = False,
+        long_call: bool = False,
     ) -> np.ndarray:
         """Bind `inputs` (host arrays), run, and return the logits array (reused: copy to keep it).
-        prefill: as run_numpy's."""
+        prefill: as run_numpy's. long_call: a row brings SHRINK_FROM tokens or more, so the run shrinks
+        onnxruntime's CPU arena when it ends (a split session decides that itself)."""
         held = {name: np.ascontiguousarray(value) for name, value in inputs.items()}  # alive through the run
         for name, value in held.items():
             self.binding.bind_cpu_input(name, value)
@@ -495,8 +508,22 @@ class BoundBuffers:
             self.logits = np.empty(logits_shape, self.dtype)
             out = self.logits if self.plain else ort_module().OrtValue.ortvalue_from_numpy(self.logits)
             self.binding.bind_ortvalue_output(self.logits_name, out)
-        if prefill and splits_forms(self.session):
-            self.session.run_with_iobinding(self.binding, prefill=True)
+        if splits_forms(self.session):
+            self.session.run_with_iobinding(self.binding, prefill=prefill)
+        elif long_call:
+            self.session.run_with_iobinding(self.binding, _shrinking())
         else:
             self.session.run_with_iobinding(self.binding)
         return self.logits
+
+
+_SHRINKING: list = []
+
+
+def _shrinking() -> ort.RunOptions:
+    """Run options that shrink the CPU arena when the run ends (one, made on first use)."""
+    if not _SHRINKING:
+        options = ort_module().RunOptions()
+        options.add_run_config_entry(SHRINK_ARENA, "cpu:0")
+        _SHRINKING.append(options)
+    return _SHRINKING[0]

@@ -30,6 +30,7 @@ import numpy as np
 
 from ..bundle import EXTERNAL, outline_class
 from . import ortc
+from .session import SHRINK_ARENA, SHRINK_FROM
 
 IF_SUFFIX = "/float_prefill"  # the name quantize/kv.py gives each layer's If
 DECODE, PREFILL = "else_branch", "then_branch"
@@ -37,9 +38,6 @@ CPU = "CPUExecutionProvider"
 # the session config key that resolves external data of a graph built from bytes
 EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 STOP_SPINNING = "session.force_spinning_stop"
-# a run config entry: the arena frees its unused blocks when the run ends
-SHRINK_ARENA = "memory.enable_memory_arena_shrinkage"
-SHRINK_FROM = 256  # tokens a row brings to a prefill-form call that then shrinks its arena
 
 _TABLE = {  # what cutting the graph reads and edits; every other field is kept as it was
     "ModelProto": [("graph", 7, "GraphProto")],

@@ -307,6 +307,35 @@ def test_a_prefills_logits_are_the_same_however_it_is_chunked(engine):
     np.testing.assert_array_equal(last(len(prompts[0]) - 1, prompts), last(None, prompts))
 
 
+def test_a_long_call_shrinking_the_arena_changes_no_logit(engine, monkeypatch):
+    """A call bringing session.SHRINK_FROM tokens or more runs with onnxruntime's arena shrinkage (the
+    plain and fused graphs' sessions here); what it computes is the same."""
+    from onnxlm.runtime import generate
+    from onnxlm.runtime.driver import make_rows
+
+    ids = engine.tokenizer.encode(PROMPTS[1])
+
+    def last():
+        job = make_rows(engine.model, None).start([ids])
+        try:
+            return job.run().copy()
+        finally:
+            job.free()
+
+    from onnxlm.runtime import session
+
+    kept = last()
+    used = []
+    shrinking = session._shrinking
+    monkeypatch.setattr(session, "_shrinking", lambda: used.append(True) or shrinking())
+    monkeypatch.setattr(generate, "SHRINK_FROM", 2)
+    np.testing.assert_array_equal(last(), kept)
+    assert bool(used) == engine.model.io.shared  # the shared-buffer graph's calls (the concat one: none)
+    greedy = engine.generate(ids, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids
+    monkeypatch.undo()
+    assert engine.generate(ids, max_new_tokens=6, temperature=0, ignore_eos=True).token_ids == greedy
+
+
 def test_stream_validates_on_the_call(engine, bundle):
     with pytest.raises(ValueError, match="context window"):
         engine.stream([5] * (bundle.context_length + 1))  # no iteration needed
