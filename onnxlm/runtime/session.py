@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import threading
@@ -517,13 +518,9 @@ class BoundBuffers:
         return self.logits
 
 
-_SHRINKING: list = []
-
-
+@functools.cache
 def _shrinking() -> ort.RunOptions:
     """Run options that shrink the CPU arena when the run ends (one, made on first use)."""
-    if not _SHRINKING:
-        options = ort_module().RunOptions()
-        options.add_run_config_entry(SHRINK_ARENA, "cpu:0")
-        _SHRINKING.append(options)
-    return _SHRINKING[0]
+    options = ort_module().RunOptions()
+    options.add_run_config_entry(SHRINK_ARENA, "cpu:0")
+    return options
